@@ -1,0 +1,2 @@
+"""rembgd: a background-removal daemon for photo studios."""
+__version__ = "0.1.0"

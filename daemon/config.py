@@ -1,0 +1,431 @@
+"""Configuration: load config.yaml, validate it strictly, resolve paths.
+
+Every error names the offending key and the file, e.g.
+``config.yaml: watch[0].outbox: must not be inside inbox /srv/in``.
+Relative paths are resolved against the directory of the config file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_IGNORE = (
+    ".*",  # dotfiles, which also covers ._*, .DS_Store and .syncthing.*
+    "._*",
+    ".DS_Store",
+    "Thumbs.db",
+    "desktop.ini",
+    "*.part",
+    "*.tmp",
+    "*.crdownload",
+    "~$*",
+    ".syncthing.*",
+)
+AFTER_SUCCESS = ("keep", "move", "delete")
+OBSERVERS = ("auto", "inotify", "polling")
+POLICIES = ("lru", "lfu")
+BACKENDS = ("sqlite", "redis")
+LOG_FORMATS = ("auto", "json", "text")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as ``<file>: <key>: <what is wrong>``."""
+
+
+@dataclass(frozen=True)
+class AlphaMatting:
+    enabled: bool = False
+    foreground_threshold: int = 240
+    background_threshold: int = 10
+    erode_size: int = 10
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Everything that changes the output pixels or bytes; all of it is in the cache key."""
+
+    model: str = "u2netp"
+    only_mask: bool = False
+    post_process_mask: bool = False
+    alpha_matting: AlphaMatting = field(default_factory=AlphaMatting)
+    bgcolor: tuple[int, int, int, int] | None = None
+    png_compression: int = 1
+
+
+@dataclass(frozen=True)
+class WatchPair:
+    inbox: Path
+    outbox: Path
+    failed_dir: Path
+    done_dir: Path
+    recursive: bool = True
+    after_success: str = "keep"
+    options: OutputOptions = field(default_factory=OutputOptions)
+
+
+@dataclass(frozen=True)
+class MatchThresholds:
+    """Near-duplicate acceptance; calibrated in bench/calibrate.py (see README)."""
+
+    phash_radius: int = 10
+    min_cosine: float = 0.90
+    max_aspect_delta: float = 0.01
+    max_hue_tv: float = 0.10
+    max_lab_delta: float = 6.0
+    max_lab_p95: float = 14.0
+    min_edge_corr: float = 0.80
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    max_bytes: int = 2 * 1024**3
+    max_entries: int = 200_000
+    ttl_days: float = 90.0
+    policy: str = "lru"
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    interval_s: float = 3600.0
+    daily_at: str | None = None  # "HH:MM", local time
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: Path
+    enabled: bool = True
+    store_outputs: bool = True
+    match: MatchThresholds = field(default_factory=MatchThresholds)
+    limits: CacheLimits = field(default_factory=CacheLimits)
+    prune: PruneSchedule = field(default_factory=PruneSchedule)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: str = "sqlite"
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "rembgd"
+    local_lru_entries: int = 2048
+    claim_ttl_s: float = 60.0
+    socket_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    watch: tuple[WatchPair, ...]
+    cache: CacheConfig
+    store: StoreConfig
+    models_dir: Path
+    observer: str = "auto"
+    poll_interval_s: float = 2.0
+    settle_s: float = 1.0
+    rescan_interval_s: float = 300.0
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    workers: int = 2
+    queue_size: int = 256
+    threads: int = 0  # ONNX intra-op threads; 0 = all cores
+    max_image_pixels: int = 100_000_000
+    umask: int = 0o022
+    retry_attempts: int = 5
+    retry_backoff_s: float = 1.0
+    log_level: str = "info"
+    log_format: str = "auto"
+    state_file: Path | None = None
+
+    @property
+    def output_defaults(self) -> OutputOptions:
+        return self.watch[0].options if self.watch else OutputOptions()
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Walks a YAML mapping, type-checks values and rejects unknown keys."""
+
+    def __init__(self, source: Path, data: Any, path: str):
+        self.source, self.path = source, path
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.fail(f"must be a mapping, got {type(data).__name__}")
+        self.data = dict(data)
+        self.seen: set[str] = set()
+
+    def fail(self, message: str, key: str | None = None) -> None:
+        where = f"{self.path}.{key}" if self.path and key else (key or self.path or "<top>")
+        raise ConfigError(f"{self.source}: {where}: {message}")
+
+    def child(self, key: str) -> _Reader:
+        self.seen.add(key)
+        sub = f"{self.path}.{key}" if self.path else key
+        return _Reader(self.source, self.data.get(key), sub)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any, *, choices=None,
+            minimum: float | None = None, maximum: float | None = None) -> Any:
+        self.seen.add(key)
+        if key not in self.data or self.data[key] is None and default is None:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if bool not in kinds and isinstance(value, bool) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            self.fail(f"expected {names}, got {type(value).__name__} {value!r}", key)
+        if choices is not None and value not in choices:
+            self.fail(f"must be one of {', '.join(map(str, choices))}, got {value!r}", key)
+        if minimum is not None and value < minimum:
+            self.fail(f"must be >= {minimum}, got {value!r}", key)
+        if maximum is not None and value > maximum:
+            self.fail(f"must be <= {maximum}, got {value!r}", key)
+        return value
+
+    def path_value(self, key: str, default: Path | None) -> Path | None:
+        raw = self.get(key, str, None)
+        if raw is None:
+            return default
+        return (self.source.parent / os.path.expanduser(raw)).resolve()
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            self.fail(f"unknown key(s): {', '.join(map(str, unknown))}")
+
+
+def _parse_options(r: _Reader, base: OutputOptions) -> OutputOptions:
+    am = r.child("alpha_matting")
+    matting = AlphaMatting(
+        enabled=am.get("enabled", bool, base.alpha_matting.enabled),
+        foreground_threshold=am.get("foreground_threshold", int,
+                                    base.alpha_matting.foreground_threshold, minimum=0, maximum=255),
+        background_threshold=am.get("background_threshold", int,
+                                    base.alpha_matting.background_threshold, minimum=0, maximum=255),
+        erode_size=am.get("erode_size", int, base.alpha_matting.erode_size, minimum=0, maximum=100),
+    )
+    am.done()
+    bgcolor = r.get("bgcolor", list, None)
+    if bgcolor is not None:
+        if len(bgcolor) != 4 or not all(isinstance(c, int) and 0 <= c <= 255 for c in bgcolor):
+            r.fail("must be a list of four integers 0-255 [r, g, b, a]", "bgcolor")
+        bgcolor = tuple(bgcolor)
+    else:
+        bgcolor = base.bgcolor
+    return OutputOptions(
+        model=r.get("model", str, base.model),
+        only_mask=r.get("only_mask", bool, base.only_mask),
+        post_process_mask=r.get("post_process_mask", bool, base.post_process_mask),
+        alpha_matting=matting,
+        bgcolor=bgcolor,
+        png_compression=r.get("png_compression", int, base.png_compression, minimum=0, maximum=9),
+    )
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _parse_watch(r: _Reader, defaults: OutputOptions) -> tuple[WatchPair, ...]:
+    r.seen.add("watch")
+    raw = r.data.get("watch")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.fail("must be a list of {inbox, outbox} pairs", "watch")
+    pairs = []
+    for i, item in enumerate(raw):
+        w = _Reader(r.source, item, f"watch[{i}]")
+        inbox = w.path_value("inbox", None)
+        outbox = w.path_value("outbox", None)
+        if inbox is None:
+            w.fail("is required", "inbox")
+        if outbox is None:
+            w.fail("is required", "outbox")
+        after = w.get("after_success", str, "keep", choices=AFTER_SUCCESS)
+        opts = w.child("options")
+        options = _parse_options(opts, defaults)
+        opts.done()
+        pair = WatchPair(
+            inbox=inbox,
+            outbox=outbox,
+            failed_dir=w.path_value("failed_dir", outbox.parent / "failed"),
+            done_dir=w.path_value("done_dir", inbox.parent / "done"),
+            recursive=w.get("recursive", bool, True),
+            after_success=after,
+            options=options,
+        )
+        w.done()
+        pairs.append(pair)
+    return tuple(pairs)
+
+
+def _check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) -> None:
+    def fail(i: int, key: str, msg: str) -> None:
+        raise ConfigError(f"{source}: watch[{i}].{key}: {msg}")
+
+    for i, p in enumerate(pairs):
+        if not p.inbox.is_dir():
+            fail(i, "inbox", f"folder {p.inbox} does not exist")
+        named = {"outbox": p.outbox, "failed_dir": p.failed_dir, "done_dir": p.done_dir}
+        for key, folder in named.items():
+            if _is_within(folder, p.inbox):
+                fail(i, key, f"{folder} must not be inside inbox {p.inbox}")
+            if _is_within(p.inbox, folder):
+                fail(i, key, f"{folder} must not contain inbox {p.inbox}")
+        if _is_within(cache_dir, p.inbox):
+            fail(i, "inbox", f"cache.dir {cache_dir} must not be inside it")
+        for a, b in (("outbox", "failed_dir"), ("outbox", "done_dir"), ("failed_dir", "done_dir")):
+            if _is_within(named[a], named[b]) or _is_within(named[b], named[a]):
+                fail(i, b, f"{named[b]} overlaps {a} {named[a]}")
+        for j, q in enumerate(pairs[:i]):
+            if _is_within(p.inbox, q.inbox) or _is_within(q.inbox, p.inbox):
+                fail(i, "inbox", f"{p.inbox} overlaps watch[{j}].inbox {q.inbox}")
+            if _is_within(p.inbox, q.outbox) or _is_within(q.outbox, p.inbox):
+                fail(i, "inbox", f"{p.inbox} overlaps watch[{j}].outbox {q.outbox}")
+            if p.outbox == q.outbox:
+                fail(i, "outbox", f"{p.outbox} is also watch[{j}].outbox")
+
+
+def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
+    """Build a validated Config from already-loaded YAML data."""
+    source = Path(source).resolve()
+    r = _Reader(source, data, "")
+    out_r = r.child("output")
+    defaults = _parse_options(out_r, OutputOptions())
+    out_r.done()
+
+    cache_r = r.child("cache")
+    match_r = cache_r.child("match")
+    d = MatchThresholds()
+    match = MatchThresholds(
+        phash_radius=match_r.get("phash_radius", int, d.phash_radius, minimum=0, maximum=15),
+        min_cosine=match_r.get("min_cosine", float, d.min_cosine, minimum=-1, maximum=1),
+        max_aspect_delta=match_r.get("max_aspect_delta", float, d.max_aspect_delta, minimum=0),
+        max_hue_tv=match_r.get("max_hue_tv", float, d.max_hue_tv, minimum=0, maximum=1),
+        max_lab_delta=match_r.get("max_lab_delta", float, d.max_lab_delta, minimum=0),
+        max_lab_p95=match_r.get("max_lab_p95", float, d.max_lab_p95, minimum=0),
+        min_edge_corr=match_r.get("min_edge_corr", float, d.min_edge_corr, minimum=-1, maximum=1),
+    )
+    match_r.done()
+    lim_r = cache_r.child("limits")
+    dl = CacheLimits()
+    limits = CacheLimits(
+        max_bytes=lim_r.get("max_bytes", int, dl.max_bytes, minimum=0),
+        max_entries=lim_r.get("max_entries", int, dl.max_entries, minimum=0),
+        ttl_days=lim_r.get("ttl_days", float, dl.ttl_days, minimum=0),
+        policy=lim_r.get("policy", str, dl.policy, choices=POLICIES),
+    )
+    lim_r.done()
+    prune_r = cache_r.child("prune")
+    daily = prune_r.get("daily_at", str, None)
+    if daily is not None:
+        try:
+            hh, mm = (int(x) for x in daily.split(":"))
+            assert 0 <= hh < 24 and 0 <= mm < 60
+        except (ValueError, AssertionError):
+            prune_r.fail(f"must be HH:MM, got {daily!r}", "daily_at")
+    prune = PruneSchedule(
+        interval_s=prune_r.get("interval_s", float, PruneSchedule.interval_s, minimum=0),
+        daily_at=daily,
+    )
+    prune_r.done()
+    cache = CacheConfig(
+        dir=cache_r.path_value("dir", (source.parent / "var/cache").resolve()),
+        enabled=cache_r.get("enabled", bool, True),
+        store_outputs=cache_r.get("store_outputs", bool, True),
+        match=match,
+        limits=limits,
+        prune=prune,
+    )
+    cache_r.done()
+
+    store_r = r.child("store")
+    ds = StoreConfig()
+    store = StoreConfig(
+        backend=store_r.get("backend", str, ds.backend, choices=BACKENDS),
+        url=store_r.get("url", str, ds.url),
+        prefix=store_r.get("prefix", str, ds.prefix),
+        local_lru_entries=store_r.get("local_lru_entries", int, ds.local_lru_entries, minimum=0),
+        claim_ttl_s=store_r.get("claim_ttl_s", float, ds.claim_ttl_s, minimum=1),
+        socket_timeout_s=store_r.get("socket_timeout_s", float, ds.socket_timeout_s, minimum=0.05),
+    )
+    store_r.done()
+
+    models_r = r.child("models")
+    models_dir = models_r.path_value("dir", default_models_dir())
+    models_r.done()
+    log_r = r.child("logging")
+    log_level = log_r.get("level", str, "info", choices=("debug", "info", "warning", "error"))
+    log_format = log_r.get("format", str, "auto", choices=LOG_FORMATS)
+    log_r.done()
+
+    pairs = _parse_watch(r, defaults)
+    umask_raw = r.get("umask", (int, str), 0o022)
+    try:
+        umask = int(umask_raw, 8) if isinstance(umask_raw, str) else int(umask_raw)
+        if not 0 <= umask <= 0o777:
+            raise ValueError
+    except ValueError:
+        r.fail(f"must be an octal mode like '022', got {umask_raw!r}", "umask")
+    ignore = r.get("ignore", list, list(DEFAULT_IGNORE))
+    if not all(isinstance(p, str) for p in ignore):
+        r.fail("must be a list of glob patterns", "ignore")
+    cfg = Config(
+        source=source,
+        watch=pairs,
+        cache=cache,
+        store=store,
+        models_dir=models_dir,
+        observer=r.get("observer", str, "auto", choices=OBSERVERS),
+        poll_interval_s=r.get("poll_interval_s", float, 2.0, minimum=0.05),
+        settle_s=r.get("settle_s", float, 1.0, minimum=0),
+        rescan_interval_s=r.get("rescan_interval_s", float, 300.0, minimum=0),
+        ignore=tuple(ignore),
+        workers=r.get("workers", int, 2, minimum=1, maximum=64),
+        queue_size=r.get("queue_size", int, 256, minimum=1),
+        threads=r.get("threads", int, 0, minimum=0, maximum=256),
+        max_image_pixels=r.get("max_image_pixels", int, 100_000_000, minimum=1),
+        umask=umask,
+        retry_attempts=r.get("retry_attempts", int, 5, minimum=0),
+        retry_backoff_s=r.get("retry_backoff_s", float, 1.0, minimum=0),
+        log_level=log_level,
+        log_format=log_format,
+        state_file=r.path_value("state_file", None),
+    )
+    r.done()
+    if check_folders:
+        _check_folders(source, pairs, cache.dir)
+    return cfg
+
+
+def default_models_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "rembgd" / "models"
+
+
+def load(path: str | os.PathLike, *, check_folders: bool = True) -> Config:
+    """Read and validate a config file; raises ConfigError with file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    return parse(data, path, check_folders=check_folders)
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    return dataclasses.replace(cfg, **changes)
+
+
+def state_path(cfg: Config) -> Path:
+    return cfg.state_file or cfg.cache.dir / "status.json"

@@ -1,0 +1,60 @@
+"""``rembgd process``: the daemon's pipeline over given files and folders, once."""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import Config, OutputOptions
+from .fsutil import output_name
+from .pipeline import Job, Pipeline, Result
+from .scan import is_ignored
+
+TIER_ORDER = ("exact", "pixel", "near", "miss", "failed")
+
+
+def plan(paths: list[Path], out_dir: Path, options: OutputOptions,
+         ignore: tuple[str, ...]) -> list[Job]:
+    """One job per file; folders are walked and their subfolders mirrored."""
+    jobs: list[Job] = []
+    for given in paths:
+        given = Path(given)
+        if given.is_dir() and not given.is_symlink():
+            for src in sorted(given.rglob("*")):
+                rel = src.relative_to(given)
+                if any(is_ignored(part, ignore) for part in rel.parts):
+                    continue
+                if src.is_file() and not src.is_symlink():
+                    jobs.append(Job(src, rel, out_dir / output_name(rel), options))
+        else:
+            rel = Path(given.name)
+            jobs.append(Job(given, rel, out_dir / output_name(rel), options))
+    return jobs
+
+
+def run(cfg: Config, pipeline: Pipeline, paths: list[Path], out_dir: Path,
+        options: OutputOptions) -> int:
+    jobs = plan(paths, out_dir, options, cfg.ignore)
+    counts: Counter[str] = Counter()
+    failures: list[Result] = []
+    bar = tqdm(total=len(jobs), unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
+    for job in jobs:
+        res = pipeline.handle(job)
+        if res.outcome == "retry":
+            res = pipeline.handle(job)  # one more try for a transient error, then report
+        outcome = "failed" if res.outcome == "retry" else res.outcome
+        counts[outcome] += 1
+        if outcome == "failed":
+            failures.append(res)
+        bar.set_postfix({k: counts[k] for k in TIER_ORDER if counts[k]}, refresh=False)
+        bar.update(1)
+    bar.close()
+    if pipeline.store is not None:
+        pipeline.store.flush()
+    for res in failures:
+        print(f"failed: {res.job.src}: {res.error}", file=sys.stderr)
+    summary = ", ".join(f"{k} {counts[k]}" for k in TIER_ORDER)
+    print(f"{len(jobs)} files: {summary}")
+    return 1 if failures else 0

@@ -1,0 +1,101 @@
+"""The storage Protocol every backend implements, and the values it trades in."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from ..fingerprint import Fingerprint, Thumbs
+
+TIERS = ("exact", "pixel", "near", "miss")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cached result: fingerprints, the mask blob and (optionally) the output blob."""
+
+    id: str
+    key: str
+    model: str
+    fp: Fingerprint
+    mask_digest: str
+    output_digest: str | None
+    nbytes: int  # mask + output blob sizes
+    created: float
+    last_hit: float
+    hits: int
+    origin: str | None = None  # None: inferred here; else the entry whose mask it reuses
+
+
+class StoreUnavailable(RuntimeError):
+    """The backend cannot be reached right now; callers degrade to no-cache."""
+
+
+class Store(Protocol):
+    """Index + blobs + locks. Reads that find nothing usable return None, never raise."""
+
+    def find_exact(self, key: str, sha256: str) -> Entry | None: ...
+
+    def find_pixel(self, key: str, pixel_hash: str) -> Entry | None: ...
+
+    def find_near(self, key: str, phash: bytes, radius: int) -> list[Entry]:
+        """Inferred (non-alias) entries within ``radius`` Hamming bits, nearest first."""
+
+    def get_blob(self, digest: str) -> bytes | None:
+        """Blob bytes after a checksum check; None when missing or corrupt."""
+
+    def put(self, key: str, model: str, fp: Fingerprint, mask_png: bytes,
+            output_png: bytes | None, origin: str | None = None) -> Entry:
+        """Write blobs first, then the row, so a crash never leaves a dangling row."""
+
+    def record(self, entry_id: str | None, tier: str) -> None:
+        """Count a lookup outcome; hit metadata updates are coalesced."""
+
+    def flush(self) -> None: ...
+
+    def delete(self, ids: list[str]) -> int: ...
+
+    def entries(self) -> Iterator[Entry]: ...
+
+    def tier_counts(self, since: float) -> dict[str, int]: ...
+
+    def total_bytes(self) -> int: ...
+
+    def count(self) -> int: ...
+
+    # blob maintenance (cache verify / export / import)
+    def put_blob(self, data: bytes) -> str: ...
+
+    def blob_digests(self) -> Iterator[str]: ...
+
+    def delete_blob(self, digest: str) -> None: ...
+
+    def restore(self, entry: Entry) -> None:
+        """Insert ``entry`` as-is (id, times, hits); its blobs must already be stored."""
+
+    def try_lock(self, name: str, ttl: float) -> str | None:
+        """Non-blocking; a token when acquired, None when someone else holds it."""
+
+    def refresh_lock(self, name: str, token: str, ttl: float) -> bool: ...
+
+    def unlock(self, name: str, token: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def embedding_bytes(vec: np.ndarray | None) -> bytes:
+    return b"" if vec is None else np.asarray(vec, np.float16).tobytes()
+
+
+def embedding_from(raw: bytes | None) -> np.ndarray | None:
+    if not raw:
+        return None
+    return np.frombuffer(raw, np.float16).astype(np.float32)
+
+
+def fingerprint_from(sha256: str, pixel_hash: str, phash: bytes, width: int, height: int,
+                     thumbs: bytes, embedding: bytes | None) -> Fingerprint:
+    return Fingerprint(sha256=sha256, pixel_hash=pixel_hash, phash=bytes(phash), width=width,
+                       height=height, thumbs=Thumbs.from_bytes(bytes(thumbs)),
+                       embedding=embedding_from(embedding))
