@@ -19,7 +19,7 @@ import structlog
 
 from . import fingerprint as fpmod
 from .config import Config, OutputOptions
-from .decode import DecodeError, decode
+from .decode import DecodeError, TruncatedImage, decode
 from .engine import Engines
 from .fsutil import atomic_write_bytes, is_transient, move_file, output_mode, write_failure
 from .locks import waiting_lease
@@ -53,6 +53,7 @@ class Job:
     failed_dir: Path | None = None  # None: report only (one-shot mode)
     done_dir: Path | None = None
     after_success: str = "keep"
+    grace_s: float = 0.0  # a truncated file modified this recently may still be being written
 
 
 @dataclass
@@ -248,6 +249,8 @@ class Pipeline:
             return done(rendered.tier)
         except (DecodeError, InputError) as exc:
             reason = getattr(exc, "reason", "undecodable")
+            if isinstance(exc, TruncatedImage) and _modified_within(job.src, job.grace_s):
+                return done("retry", error=str(exc), reason="incomplete", exc=exc)
             self._fail(job, exc, reason)
             return done("failed", error=str(exc), reason=reason, exc=exc)
         except ModelError:
@@ -286,6 +289,15 @@ class Pipeline:
 
 def _with_embedding(fp: fpmod.Fingerprint, emb: np.ndarray) -> fpmod.Fingerprint:
     return replace(fp, embedding=emb)
+
+
+def _modified_within(path: Path, seconds: float) -> bool:
+    if seconds <= 0:
+        return False
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False
 
 
 def read_regular_file(path: Path) -> bytes:

@@ -1,0 +1,66 @@
+"""The live status file that `rembgd status` reads (JSON, written atomically)."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from .fsutil import atomic_write_bytes
+
+
+class Counters:
+    """Thread-safe counters for the status file, logs and sd_notify STATUS= lines."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._c: Counter[str] = Counter()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._c[name] += n
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self._c[name]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._c)
+
+
+def status_line(state: str, c: dict[str, int], queued: int) -> str:
+    hits = c.get("exact", 0) + c.get("pixel", 0) + c.get("near", 0)
+    text = f"{state}, {hits} hits / {c.get('miss', 0)} misses"
+    if queued:
+        text += f", {queued} queued"
+    if c.get("failed"):
+        text += f", {c['failed']} failed"
+    return text
+
+
+def write_status(path: Path, data: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_status(path: Path) -> dict | None:
+    """The status, with ``running`` checked against the recorded pid."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = data.get("pid")
+    alive = False
+    if isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+    data["running"] = alive and data.get("state") != "stopped"
+    data["age_s"] = round(time.time() - data.get("updated", 0), 1)
+    return data

@@ -1,0 +1,217 @@
+"""Watching inboxes: watchdog observers, event filtering and the settle scheduler.
+
+Only events that can mean "a file's content is (being) written" count:
+created, modified, closed-after-write and moved-in. ``opened`` and
+``closed_no_write`` (our own reads) are ignored, and so is anything under an
+ignored name, a temp name, or outside the inbox. A path is handed to the
+workers only once its size and mtime have stayed unchanged for ``settle_s``.
+A closed-after-write or moved-in event on inotify skips the wait: the writer
+has said it is done.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+                             FileModifiedEvent, FileMovedEvent, FileSystemEvent,
+                             FileSystemEventHandler)
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from .scan import ignored_path
+
+NETWORK_FS = {"cifs", "smb3", "smbfs", "nfs", "nfs4", "fuse.sshfs", "9p", "afs", "ceph",
+              "glusterfs", "fuse.glusterfs", "davfs", "fuse.rclone", "lustre", "beegfs",
+              "fuse.s3fs", "fuse.gcsfuse", "virtiofs"}
+
+
+def fs_type(path: Path) -> str:
+    """File system type of the mount holding ``path`` (longest matching mount point)."""
+    best, kind = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def choose_observer(mode: str, inboxes: list[Path]) -> str:
+    """``auto``: polling if any inbox is on a network file system, else inotify."""
+    if mode != "auto":
+        return mode
+    return "polling" if any(fs_type(p) in NETWORK_FS for p in inboxes) else "inotify"
+
+
+@dataclass(order=True)
+class _Due:
+    when: float
+    seq: int
+    pair: int
+    path: Path
+    kind: str  # "settle" | "retry"
+    attempt: int = 0
+
+
+class Scheduler:
+    """Settles paths and delays retries; feeds ready items to ``submit``.
+
+    A single thread sleeps until the next due time (no polling when idle).
+    ``submit`` may block (bounded queue): that is the back-pressure.
+    """
+
+    def __init__(self, settle_s: float, submit: Callable[[int, Path, int], None]):
+        self.settle_s = settle_s
+        self.submit = submit
+        self._heap: list[_Due] = []
+        self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, since)
+        self._pending: set[Path] = set()
+        self._cv = threading.Condition()
+        self._seq = itertools.count()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="settle", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    def settle(self, pair: int, path: Path, *, complete: bool = False) -> None:
+        """Check ``path`` soon; ``complete`` (close-after-write, moved-in) skips the wait."""
+        with self._cv:
+            if complete:
+                self._seen.pop(path, None)
+            elif path in self._pending:
+                return  # already scheduled; its stability check covers this event
+            self._pending.add(path)
+            delay = 0.0 if complete else min(self.settle_s, 0.25)
+            heapq.heappush(self._heap, _Due(time.monotonic() + delay, next(self._seq), pair, path,
+                                            "complete" if complete else "settle"))
+            self._cv.notify()
+
+    def retry(self, pair: int, path: Path, attempt: int, delay: float) -> None:
+        with self._cv:
+            self._pending.add(path)
+            heapq.heappush(self._heap, _Due(time.monotonic() + delay, next(self._seq), pair, path,
+                                            "retry", attempt))
+            self._cv.notify()
+
+    def forget(self, path: Path) -> None:
+        with self._cv:
+            self._pending.discard(path)
+            self._seen.pop(path, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and (not self._heap or self._heap[0].when > time.monotonic()):
+                    timeout = self._heap[0].when - time.monotonic() if self._heap else None
+                    self._cv.wait(timeout)
+                if self._stop:
+                    return
+                item = heapq.heappop(self._heap)
+            ready = self._check(item)
+            if ready:
+                self.submit(item.pair, item.path, item.attempt)
+
+    def _check(self, item: _Due) -> bool:
+        """True when the item should go to the workers now."""
+        if item.kind == "retry":
+            with self._cv:
+                self._pending.discard(item.path)
+            return True
+        try:
+            st = item.path.lstat()
+        except FileNotFoundError:
+            self.forget(item.path)
+            return False
+        now = time.monotonic()
+        sig = (st.st_size, st.st_mtime_ns)
+        with self._cv:
+            prev = self._seen.get(item.path)
+            if item.kind == "complete" or (prev and prev[:2] == sig and now - prev[2] >= self.settle_s):
+                self._pending.discard(item.path)
+                self._seen.pop(item.path, None)
+                return True
+            if prev is None or prev[:2] != sig:
+                self._seen[item.path] = (*sig, now)
+                wait = self.settle_s
+            else:
+                wait = self.settle_s - (now - prev[2])
+            heapq.heappush(self._heap, _Due(now + max(wait, 0.05), next(self._seq), item.pair,
+                                            item.path, "settle"))
+        return False
+
+
+class InboxHandler(FileSystemEventHandler):
+    """Turns watchdog events for one inbox into settle requests."""
+
+    def __init__(self, pair: int, inbox: Path, recursive: bool, ignore: tuple[str, ...],
+                 scheduler: Scheduler, on_dir: Callable[[int, Path], None]):
+        self.pair, self.inbox, self.recursive, self.ignore = pair, inbox, recursive, ignore
+        self.scheduler, self.on_dir = scheduler, on_dir
+        self.events = 0  # every event watchdog delivered (for the event-storm bound)
+
+    def _relevant(self, path: str) -> Path | None:
+        p = Path(path)
+        try:
+            rel = p.relative_to(self.inbox)
+        except ValueError:
+            return None
+        if not rel.parts or ignored_path(rel, self.ignore):
+            return None
+        if not self.recursive and len(rel.parts) > 1:
+            return None
+        return p
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.events += 1
+        if isinstance(event, (DirCreatedEvent, DirMovedEvent)):
+            target = self._relevant(getattr(event, "dest_path", "") or event.src_path)
+            if target is not None and self.recursive:
+                self.on_dir(self.pair, target)  # a folder moved or copied in: scan it
+            return
+        if isinstance(event, FileMovedEvent):
+            self.scheduler.forget(Path(event.src_path))
+            target = self._relevant(event.dest_path)
+            if target is not None:
+                self.scheduler.settle(self.pair, target, complete=True)
+            return
+        if isinstance(event, FileClosedEvent):
+            target = self._relevant(event.src_path)
+            if target is not None:
+                self.scheduler.settle(self.pair, target, complete=True)
+            return
+        if isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+            target = self._relevant(event.src_path)
+            if target is not None:
+                self.scheduler.settle(self.pair, target)
+        # opened, closed_no_write, deleted: nothing to do
+
+
+def make_observer(kind: str, poll_interval: float):
+    if kind == "polling":
+        return PollingObserver(timeout=poll_interval)
+    return Observer()

@@ -1,0 +1,110 @@
+"""Shared fixtures: provisioned models, real photos, configs, Redis."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS_DIR = Path(os.environ.get("REMBGD_TEST_MODELS", ROOT / "var" / "models"))
+REDIS_URL = os.environ.get("REMBGD_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+# Real photos shipped inside the scikit-image wheel.
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "cat", "hubble_deep_field",
+          "immunohistochemistry", "coins", "camera")
+
+
+def photo(name: str) -> np.ndarray:
+    """RGB uint8 array of a scikit-image sample photo (grey ones are stacked to RGB)."""
+    import skimage.data
+
+    arr = getattr(skimage.data, name)()
+    if arr.ndim == 2:
+        arr = np.dstack([arr] * 3)
+    return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    if not (MODELS_DIR / "u2netp.onnx").is_file() or not (MODELS_DIR / "efficientnet-lite0.onnx").is_file():
+        cfg = MODELS_DIR.parent / "models-install.yaml"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(yaml.safe_dump({"models": {"dir": str(MODELS_DIR)}}))
+        subprocess.run([sys.executable, "-m", "daemon", "-c", str(cfg), "models", "install"], check=True)
+    return MODELS_DIR
+
+
+def write_config(tmp_path: Path, models_dir: Path, **overrides) -> Path:
+    """A config with inbox/outbox/cache under tmp_path; ``overrides`` merge at top level."""
+    for d in ("inbox", "outbox"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    data = {
+        "watch": [{"inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox")}],
+        "models": {"dir": str(models_dir)},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "settle_s": 0.3,
+        "poll_interval_s": 0.2,
+        "threads": 2,
+        "logging": {"format": "json"},
+    }
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k] = {**data[k], **v}
+        else:
+            data[k] = v
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def config_path(tmp_path, models_dir) -> Path:
+    return write_config(tmp_path, models_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_engines(models_dir):
+    from daemon.engine import Engines
+
+    return Engines(models_dir, threads=2)
+
+
+def _redis_client():
+    import redis
+
+    return redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+
+
+@pytest.fixture
+def redis_prefix():
+    """A unique key prefix on the real Redis; removed afterwards.
+
+    Under CI=true a missing Redis is a failure, never a skip.
+    """
+    import redis
+
+    client = _redis_client()
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis is required under CI but is not reachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    prefix = f"rembgd-test-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        client.delete(key)
