@@ -20,18 +20,29 @@ $(STAMP): pyproject.toml
 models: $(MODELS)
 
 $(MODELS): $(STAMP)
-	$(BIN)/rembgd models install --config $(CONFIG)
+	$(BIN)/rembgd --config $(CONFIG) models install
 	touch $@
 
 run: models
-	$(BIN)/rembgd run --config $(CONFIG)
+	mkdir -p var/inbox var/outbox
+	$(BIN)/rembgd --config $(CONFIG) run
 
 test: models
 	$(BIN)/python tests/ensure_redis.py
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: models
-	$(BIN)/python bench/run.py
+# Benchmarks: every script in BENCHES runs in turn, with BENCH_ARGS (e.g. BENCH_ARGS=--quick).
+# rembg's CLI extra (gradio, fastapi...) is for the comparison only: not in the test install.
+BENCHES     ?= bench/run.py
+BENCH_ARGS  ?=
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]' 'rembg[cli]==2.0.86'
+	touch $@
+
+bench: models $(BENCH_STAMP)
+	@set -e; for b in $(BENCHES); do echo "== $$b $(BENCH_ARGS)"; $(BIN)/python $$b $(BENCH_ARGS); done
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let rembg download a model that is not in the registry")
     chk = msub.add_parser("check", help="verify the installed models")
     chk.add_argument("-c", "--config", dest="config_sub", help=argparse.SUPPRESS)
+    chk.add_argument("--model", action="append", help="model name (default: those in config)")
 
     cache = sub.add_parser("cache", help="inspect and maintain the mask cache")
     csub = cache.add_subparsers(dest="cache_command", required=True)

@@ -7,6 +7,7 @@ Relative paths are resolved against the directory of the config file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ DEFAULT_IGNORE = (
 )
 AFTER_SUCCESS = ("keep", "move", "delete")
 OBSERVERS = ("auto", "inotify", "polling")
-POLICIES = ("lru", "lfu")
+POLICIES = ("lru", "lfu", "lfu-decay")  # daemon/prune.py; bench/prune_policy.md
 BACKENDS = ("sqlite", "redis")
 LOG_FORMATS = ("auto", "json", "text")
 
@@ -72,27 +73,30 @@ class WatchPair:
 class MatchThresholds:
     """Near-duplicate acceptance; calibrated in bench/calibrate.py (see README)."""
 
-    phash_radius: int = 10
-    min_cosine: float = 0.90
+    phash_radius: int = 12
+    min_cosine: float = 0.60
     max_aspect_delta: float = 0.01
-    max_hue_tv: float = 0.10
-    max_lab_delta: float = 6.0
-    max_lab_p95: float = 14.0
-    min_edge_corr: float = 0.80
+    min_edge_corr: float = 0.94
+    max_luma_delta: float = 6.0
+    max_colour_delta: float = 8.0
 
 
 @dataclass(frozen=True)
 class CacheLimits:
-    max_bytes: int = 2 * 1024**3
+    """Applied by ``daemon.prune``; 0 disables a limit."""
+
+    max_bytes: int = 2 * 1024**3  # distinct blobs + index
     max_entries: int = 200_000
-    ttl_days: float = 90.0
+    ttl_days: float = 90.0  # since the last hit
     policy: str = "lru"
+    low_water: float = 0.9  # a crossed size limit is pruned down to this fraction of it
 
 
 @dataclass(frozen=True)
 class PruneSchedule:
-    interval_s: float = 3600.0
+    interval_s: float = 3600.0  # 0: no periodic run
     daily_at: str | None = None  # "HH:MM", local time
+    limit_check_s: float = 60.0  # how often the cheap "limit crossed" check may run
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class StoreConfig:
     local_lru_entries: int = 2048
     claim_ttl_s: float = 60.0
     socket_timeout_s: float = 2.0
+    retry_s: float = 10.0  # how often an unavailable cache (store) is re-opened
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class Config:
     poll_interval_s: float = 2.0
     settle_s: float = 1.0
     rescan_interval_s: float = 300.0
+    progress_interval_s: float = 10.0
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     workers: int = 2
     queue_size: int = 256
@@ -137,10 +143,12 @@ class Config:
     log_level: str = "info"
     log_format: str = "auto"
     state_file: Path | None = None
+    output: OutputOptions = field(default_factory=OutputOptions)  # the `output:` section
 
     @property
     def output_defaults(self) -> OutputOptions:
-        return self.watch[0].options if self.watch else OutputOptions()
+        """The `output:` section (what `rembgd process` uses), without per-pair overrides."""
+        return self.output
 
 
 # ---------------------------------------------------------------- parsing
@@ -194,9 +202,14 @@ class _Reader:
         return (self.source.parent / os.path.expanduser(raw)).resolve()
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
+        unknown = sorted(map(str, set(self.data) - self.seen))
         if unknown:
-            self.fail(f"unknown key(s): {', '.join(map(str, unknown))}")
+            key = unknown[0]
+            close = difflib.get_close_matches(key, sorted(self.seen), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            more = f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+            self.fail(f"unknown key; {hint}known keys here: {', '.join(sorted(self.seen))}{more}",
+                      key)
 
 
 def _parse_options(r: _Reader, base: OutputOptions) -> OutputOptions:
@@ -269,9 +282,13 @@ def _check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) 
     def fail(i: int, key: str, msg: str) -> None:
         raise ConfigError(f"{source}: watch[{i}].{key}: {msg}")
 
+    if not pairs:
+        raise ConfigError(f"{source}: watch: at least one {{inbox, outbox}} pair is required")
     for i, p in enumerate(pairs):
-        if not p.inbox.is_dir():
+        if not p.inbox.exists():
             fail(i, "inbox", f"folder {p.inbox} does not exist")
+        if not p.inbox.is_dir():
+            fail(i, "inbox", f"{p.inbox} is not a folder")
         named = {"outbox": p.outbox, "failed_dir": p.failed_dir, "done_dir": p.done_dir}
         for key, folder in named.items():
             if _is_within(folder, p.inbox):
@@ -286,10 +303,16 @@ def _check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) 
         for j, q in enumerate(pairs[:i]):
             if _is_within(p.inbox, q.inbox) or _is_within(q.inbox, p.inbox):
                 fail(i, "inbox", f"{p.inbox} overlaps watch[{j}].inbox {q.inbox}")
-            if _is_within(p.inbox, q.outbox) or _is_within(q.outbox, p.inbox):
-                fail(i, "inbox", f"{p.inbox} overlaps watch[{j}].outbox {q.outbox}")
             if p.outbox == q.outbox:
                 fail(i, "outbox", f"{p.outbox} is also watch[{j}].outbox")
+    for i, p in enumerate(pairs):  # nothing a pair writes may land in another pair's inbox
+        for j, q in enumerate(pairs):
+            if j == i:
+                continue
+            for key in ("outbox", "failed_dir", "done_dir"):
+                folder = getattr(p, key)
+                if _is_within(folder, q.inbox) or _is_within(q.inbox, folder):
+                    fail(i, key, f"{folder} overlaps watch[{j}].inbox {q.inbox}")
 
 
 def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
@@ -307,10 +330,9 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
         phash_radius=match_r.get("phash_radius", int, d.phash_radius, minimum=0, maximum=15),
         min_cosine=match_r.get("min_cosine", float, d.min_cosine, minimum=-1, maximum=1),
         max_aspect_delta=match_r.get("max_aspect_delta", float, d.max_aspect_delta, minimum=0),
-        max_hue_tv=match_r.get("max_hue_tv", float, d.max_hue_tv, minimum=0, maximum=1),
-        max_lab_delta=match_r.get("max_lab_delta", float, d.max_lab_delta, minimum=0),
-        max_lab_p95=match_r.get("max_lab_p95", float, d.max_lab_p95, minimum=0),
         min_edge_corr=match_r.get("min_edge_corr", float, d.min_edge_corr, minimum=-1, maximum=1),
+        max_luma_delta=match_r.get("max_luma_delta", float, d.max_luma_delta, minimum=0),
+        max_colour_delta=match_r.get("max_colour_delta", float, d.max_colour_delta, minimum=0),
     )
     match_r.done()
     lim_r = cache_r.child("limits")
@@ -320,19 +342,24 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
         max_entries=lim_r.get("max_entries", int, dl.max_entries, minimum=0),
         ttl_days=lim_r.get("ttl_days", float, dl.ttl_days, minimum=0),
         policy=lim_r.get("policy", str, dl.policy, choices=POLICIES),
+        low_water=lim_r.get("low_water", float, dl.low_water, minimum=0.5, maximum=1),
     )
     lim_r.done()
     prune_r = cache_r.child("prune")
-    daily = prune_r.get("daily_at", str, None)
+    daily = prune_r.get("daily_at", (str, int), None)
+    if isinstance(daily, int) and 0 <= daily < 24 * 60:
+        daily = f"{daily // 60:02d}:{daily % 60:02d}"  # YAML 1.1 reads unquoted 03:30 as 210
     if daily is not None:
-        try:
-            hh, mm = (int(x) for x in daily.split(":"))
-            assert 0 <= hh < 24 and 0 <= mm < 60
-        except (ValueError, AssertionError):
-            prune_r.fail(f"must be HH:MM, got {daily!r}", "daily_at")
+        daily = str(daily)
+        parts = daily.split(":")
+        if not (len(parts) == 2 and all(p.isdigit() and len(p) == 2 for p in parts)
+                and int(parts[0]) < 24 and int(parts[1]) < 60):
+            prune_r.fail(f"must be HH:MM (24-hour, local time), got {daily!r}", "daily_at")
+    dp = PruneSchedule()
     prune = PruneSchedule(
-        interval_s=prune_r.get("interval_s", float, PruneSchedule.interval_s, minimum=0),
+        interval_s=prune_r.get("interval_s", float, dp.interval_s, minimum=0),
         daily_at=daily,
+        limit_check_s=prune_r.get("limit_check_s", float, dp.limit_check_s, minimum=1),
     )
     prune_r.done()
     cache = CacheConfig(
@@ -354,6 +381,7 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
         local_lru_entries=store_r.get("local_lru_entries", int, ds.local_lru_entries, minimum=0),
         claim_ttl_s=store_r.get("claim_ttl_s", float, ds.claim_ttl_s, minimum=1),
         socket_timeout_s=store_r.get("socket_timeout_s", float, ds.socket_timeout_s, minimum=0.05),
+        retry_s=store_r.get("retry_s", float, ds.retry_s, minimum=0.1),
     )
     store_r.done()
 
@@ -386,6 +414,7 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
         poll_interval_s=r.get("poll_interval_s", float, 2.0, minimum=0.05),
         settle_s=r.get("settle_s", float, 1.0, minimum=0),
         rescan_interval_s=r.get("rescan_interval_s", float, 300.0, minimum=0),
+        progress_interval_s=r.get("progress_interval_s", float, 10.0, minimum=0.1),
         ignore=tuple(ignore),
         workers=r.get("workers", int, 2, minimum=1, maximum=64),
         queue_size=r.get("queue_size", int, 256, minimum=1),
@@ -397,6 +426,7 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
         log_level=log_level,
         log_format=log_format,
         state_file=r.path_value("state_file", None),
+        output=defaults,
     )
     r.done()
     if check_folders:
@@ -419,7 +449,10 @@ def load(path: str | os.PathLike, *, check_folders: bool = True) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: invalid YAML{where}: {' '.join(str(what).split())}") from exc
     return parse(data, path, check_folders=check_folders)
 
 

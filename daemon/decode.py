@@ -6,6 +6,7 @@ Pillow's decompression-bomb guard stays on, with our own pinned limit.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +18,10 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey half-image
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+# decode() enforces the limit itself and maps Pillow's errors; the warnings are noise.
+# Module-level filters, because warnings.catch_warnings() is not thread-safe (workers).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module="PIL.TiffImagePlugin")  # EXIF
 
 
 class DecodeError(ValueError):
@@ -59,6 +64,43 @@ def set_max_pixels(limit: int) -> None:
     Image.MAX_IMAGE_PIXELS = int(limit)
 
 
+# Magic bytes of the accepted formats: a file that starts like one of them but
+# cannot even be opened is a cut-off (or mangled) header, not "some other format".
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)  # BMP's two-byte "BM" is too weak a signature to tell a cut-off file from text
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def _riff_shortfall(data: bytes) -> int:
+    """Bytes missing from a RIFF (WebP) file, from the size in its own header."""
+    if len(data) < 12 or data[:4] != b"RIFF":
+        return 0
+    declared = int.from_bytes(data[4:8], "little") + 8
+    return max(0, declared - len(data))
+
+
+def _exif_transpose(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a corrupt EXIF block means "as stored", never a failure."""
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error):
+        return img
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
@@ -81,31 +123,39 @@ def decode(data: bytes, *, max_pixels: int | None = None) -> Decoded:
         raise UnsupportedImage("empty file (0 bytes)")
     limit = int(max_pixels or Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-            w, h = img.size
-            if w * h > limit:
-                raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}")
-            if w < 1 or h < 1:
-                raise UnsupportedImage(f"degenerate size {w}x{h}")
-            fmt = img.format or "unknown"
-            img.seek(0)  # animated images: first frame
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb(img)
-            arr = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        w, h = img.size
+        if w * h > limit:
+            raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}")
+        if w < 1 or h < 1:
+            raise UnsupportedImage(f"degenerate size {w}x{h}")
+        fmt = img.format or "unknown"
+        img.seek(0)  # animated images: first frame
+        img.load()
+        img = _exif_transpose(img)
+        rgb = _to_rgb(img)
+        arr = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from exc
+        raise ImageTooLarge(f"exceeds the limit of {limit} pixels "
+                            f"(decompression-bomb guard): {exc}") from exc
     except UnidentifiedImageError as exc:
+        sniffed = _sniff(data)
+        if sniffed is not None:
+            raise TruncatedImage(f"starts like a {sniffed} file but its header is incomplete "
+                                 f"or corrupt ({len(data)} bytes)") from exc
         raise UnsupportedImage(
             f"not a supported image (accepted: {', '.join(ACCEPTED_FORMATS)})") from exc
     except (OSError, SyntaxError, EOFError) as exc:
         text = str(exc)
-        if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:
+        low = text.lower()
+        if "truncated" in low or isinstance(exc, EOFError) or "broken data stream" in low:
             raise TruncatedImage(f"truncated or incomplete image data: {text}") from exc
+        missing = _riff_shortfall(data)
+        if missing:
+            raise TruncatedImage(f"truncated or incomplete image data: {missing} bytes missing "
+                                 f"of the {len(data) + missing} its header declares") from exc
         raise DecodeError(f"corrupt image data: {text}") from exc
     except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, MemoryError) as exc:
         raise DecodeError(f"corrupt image data: {type(exc).__name__}: {exc}") from exc

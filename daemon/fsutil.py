@@ -7,6 +7,7 @@ appear complete or not at all.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 TMP_MARK = ".rembgd-"
 OUTPUT_SUFFIX = ".png"
 ERROR_SUFFIX = ".error.json"
+NAME_MAX = 255  # bytes per path component on Linux file systems (ext4, xfs, tmpfs, NFS, SMB)
 
 # errno values that are worth retrying rather than failing the file for good
 TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT,
@@ -40,18 +42,54 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def name_bytes(name: str) -> int:
+    return len(os.fsencode(name))
+
+
+def clip_name(name: str, limit: int) -> str:
+    """At most ``limit`` bytes of ``name``, cut on a character boundary (not ``name[:n]``:
+    80 four-byte characters are 320 bytes, more than a file name may have)."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
+
+
+def fit_name(name: str, suffix: str = "") -> str:
+    """``name + suffix``, shortened (with a hash of the full name) to fit NAME_MAX."""
+    if name_bytes(name + suffix) <= NAME_MAX:
+        return name + suffix
+    tag = "~" + hashlib.sha1(os.fsencode(name)).hexdigest()[:10]
+    return clip_name(name, NAME_MAX - name_bytes(tag + suffix)) + tag + suffix
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask() is racy across threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync dir."""
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync dir.
+
+    ``mode`` defaults to what a plain ``open(path, "wb")`` would give (0o666 minus
+    the umask), not mkstemp's private 0o600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}{TMP_MARK}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{clip_name(path.name, 80)}{TMP_MARK}", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, mode if mode is not None else output_mode(current_umask()))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -89,7 +127,7 @@ def unique_destination(dest: Path) -> Path:
         return dest
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1, 10_000):
-        cand = dest.with_name(f"{dest.stem}.{stamp}-{n}{dest.suffix}")
+        cand = dest.with_name(fit_name(f"{dest.stem}.{stamp}-{n}", dest.suffix))
         if not cand.exists():
             return cand
     raise FileExistsError(dest)
@@ -104,9 +142,16 @@ def move_file(src: Path, dest: Path) -> Path:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        tmp = dest.with_name(f".{dest.name}{TMP_MARK}move")
-        shutil.copy2(src, tmp)
-        os.replace(tmp, dest)
+        tmp = dest.with_name(f".{clip_name(dest.name, 80)}{TMP_MARK}move-{os.getpid()}")
+        try:
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         os.unlink(src)
     fsync_dir(dest.parent)
     return dest
@@ -127,7 +172,7 @@ def write_failure(src: Path, rel: Path, failed_dir: Path, *, reason: str, exc: B
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "unix_time": time.time(),
     }
-    sidecar = dest.with_name(dest.name + ERROR_SUFFIX)
+    sidecar = dest.with_name(fit_name(dest.name, ERROR_SUFFIX))  # even for a 255-byte name
     atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode())
     return sidecar
 

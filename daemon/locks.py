@@ -1,9 +1,14 @@
 """Leases over a store's locks: acquire, keep extending while working, release."""
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
 import threading
 import time
+import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from .store.base import Store
@@ -57,3 +62,60 @@ def waiting_lease(store: Store, name: str, ttl: float, timeout: float,
     finally:
         if lease is not None:
             lease.release()
+
+
+class FileClaims:
+    """Claims as files on the shared file system: the fallback when the store is down.
+
+    ``O_CREAT | O_EXCL`` is atomic on local disks, NFSv3+ and SMB. A claim whose
+    file has not been touched for ``ttl`` seconds was left by a dead daemon and
+    may be broken. Implements the lock part of the Store Protocol.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / (hashlib.sha1(name.encode()).hexdigest() + ".claim")
+
+    def try_lock(self, name: str, ttl: float) -> str | None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(name)
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    stale = time.time() - path.stat().st_mtime > ttl
+                except FileNotFoundError:
+                    continue
+                if not stale:
+                    return None
+                try:
+                    path.unlink()  # a dead daemon's claim
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token)
+            return token
+        return None
+
+    def refresh_lock(self, name: str, token: str, ttl: float) -> bool:
+        path = self._path(name)
+        try:
+            if path.read_text() != token:
+                return False
+            os.utime(path)
+            return True
+        except OSError:
+            return False
+
+    def unlock(self, name: str, token: str) -> None:
+        path = self._path(name)
+        try:
+            if path.read_text() == token:
+                path.unlink()
+        except OSError:
+            pass

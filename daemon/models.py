@@ -59,8 +59,22 @@ def _md5_sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".md5")
 
 
+def require_local(model: str) -> None:
+    """Refuse rembg sessions that send the image to a remote API (withoutbg, atlascloud)."""
+    if model == "u2netp":
+        return  # the default: known local, and no need to import rembg for it
+    from rembg.sessions import sessions
+
+    cls = sessions.get(model)
+    if cls is not None and not cls.is_local():
+        raise ModelError(
+            f"model {model!r} is a remote API in rembg: images would leave this machine. "
+            "rembgd only runs local models (e.g. u2netp)")
+
+
 def checked_mask_model(models_dir: Path, model: str) -> ModelFile:
     """Return the verified mask model, or raise ModelError saying how to fix it."""
+    require_local(model)
     path = mask_model_path(models_dir, model)
     if not path.is_file():
         raise ModelError(
@@ -94,9 +108,13 @@ def _read_sidecar(path: Path) -> str | None:
     return side.read_text().strip() if side.is_file() else None
 
 
+MODEL_FILE_MODE = 0o644  # readable by the service user when installed by an admin
+
+
 def _write_with_sidecar(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(_md5_sidecar(path), (hashlib.md5(data).hexdigest() + "\n").encode())
+    atomic_write_bytes(path, data, mode=MODEL_FILE_MODE)
+    atomic_write_bytes(_md5_sidecar(path), (hashlib.md5(data).hexdigest() + "\n").encode(),
+                       mode=MODEL_FILE_MODE)
 
 
 # ------------------------------------------------------------ provisioning
@@ -147,6 +165,7 @@ def install_embedder(models_dir: Path, *, force: bool = False, log=print) -> Pat
 def install_other(models_dir: Path, model: str, *, source: Path | None, allow_download: bool,
                   log=print) -> Path:
     """Provision another rembg model from a local file, or by rembg's own download if allowed."""
+    require_local(model)
     target = mask_model_path(models_dir, model)
     if source is not None:
         data = Path(source).read_bytes()

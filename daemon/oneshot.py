@@ -17,14 +17,21 @@ TIER_ORDER = ("exact", "pixel", "near", "miss", "failed")
 
 def plan(paths: list[Path], out_dir: Path, options: OutputOptions,
          ignore: tuple[str, ...]) -> list[Job]:
-    """One job per file; folders are walked and their subfolders mirrored."""
+    """One job per file; folders are walked and their subfolders mirrored.
+
+    The output folder is skipped when it lies inside a given folder, so that a
+    second run does not process the first run's cutouts.
+    """
     jobs: list[Job] = []
+    out_abs = Path(out_dir).absolute()
     for given in paths:
         given = Path(given)
         if given.is_dir() and not given.is_symlink():
             for src in sorted(given.rglob("*")):
                 rel = src.relative_to(given)
                 if any(is_ignored(part, ignore) for part in rel.parts):
+                    continue
+                if src.absolute() == out_abs or out_abs in src.absolute().parents:
                     continue
                 if src.is_file() and not src.is_symlink():
                     jobs.append(Job(src, rel, out_dir / output_name(rel), options))
@@ -39,9 +46,16 @@ def run(cfg: Config, pipeline: Pipeline, paths: list[Path], out_dir: Path,
     jobs = plan(paths, out_dir, options, cfg.ignore)
     counts: Counter[str] = Counter()
     failures: list[Result] = []
+    claimed: dict[Path, Path] = {}  # output -> source: two inputs named alike must not clobber
     bar = tqdm(total=len(jobs), unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
     for job in jobs:
-        res = pipeline.handle(job)
+        first = claimed.setdefault(job.out.absolute(), job.src)
+        if first.absolute() != job.src.absolute():
+            res = Result(job, "failed", 0.0, reason="collision",
+                         error=f"output {job.out} is already written for {first}; "
+                               "process one of them separately or pass their common folder")
+        else:
+            res = pipeline.handle(job)
         if res.outcome == "retry":
             res = pipeline.handle(job)  # one more try for a transient error, then report
         outcome = "failed" if res.outcome == "retry" else res.outcome

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from contextlib import contextmanager
 import uuid
 import threading
 import time
@@ -21,7 +22,8 @@ from . import fingerprint as fpmod
 from .config import Config, OutputOptions
 from .decode import DecodeError, TruncatedImage, decode
 from .engine import Engines
-from .fsutil import atomic_write_bytes, is_transient, move_file, output_mode, write_failure
+from .fsutil import (NAME_MAX, atomic_write_bytes, is_transient, move_file, name_bytes,
+                     output_mode, write_failure)
 from .locks import waiting_lease
 from .models import ModelError
 from .render import cache_key, decode_mask, encode_mask, encode_png, fit_mask, render
@@ -34,6 +36,18 @@ class InputError(ValueError):
     """The input is not a processable regular file (symlink, FIFO, folder...)."""
 
     reason = "not_a_file"
+
+
+class LinkedInput(InputError):
+    """The path leads through a symbolic link; never followed, and never moved to failed/."""
+
+    reason = "symlink"
+
+
+class NameTooLong(InputError):
+    """The output name (source name + ".png") would exceed NAME_MAX bytes."""
+
+    reason = "name_too_long"
 
 
 @dataclass
@@ -73,6 +87,7 @@ class Pipeline:
         self.store = store
         self.store_errors = 0
         self._store_down_logged = False
+        self._store_failed_at = 0.0
         self._inflight: dict[str, threading.Event] = {}
         self._inflight_lock = threading.Lock()
         self._keys: dict[OutputOptions, tuple[str, str]] = {}
@@ -86,20 +101,32 @@ class Pipeline:
             self._keys[options] = (cache_key(options, model.md5), model.md5)
         return self._keys[options]
 
+    @property
+    def store_down(self) -> bool:
+        """The last store operations failed (the status file shows the cache unavailable)."""
+        return self._store_down_logged
+
     def _store_call(self, fn, *args, default=None):
-        """Run a store operation; on failure degrade to no-cache, loudly, once."""
+        """Run a store operation; on failure degrade to no-cache, loudly, once.
+
+        Recovery is declared only after ``store.retry_s`` without a failure: when
+        reads work and writes fail (a read-only cache folder), the log would
+        otherwise flip between unavailable and recovered on every file.
+        """
         if self.store is None or not self.cfg.cache.enabled:
             return default
         try:
             result = fn(*args)
         except Exception as exc:  # sqlite3.Error, OSError, redis errors...
             self.store_errors += 1
+            self._store_failed_at = time.monotonic()
             if not self._store_down_logged:
                 log.error("cache_unavailable", error=f"{type(exc).__name__}: {exc}",
                           effect="processing continues without the cache")
                 self._store_down_logged = True
             return default
-        if self._store_down_logged:
+        if (self._store_down_logged
+                and time.monotonic() - self._store_failed_at >= self.cfg.store.retry_s):
             log.warning("cache_recovered")
             self._store_down_logged = False
         return result
@@ -155,7 +182,7 @@ class Pipeline:
             if found is not None:
                 return found
         try:
-            with waiting_lease(store, flight, self.cfg.store.claim_ttl_s, timeout=600):
+            with self._flight_lease(store, flight):
                 found = self._lookup_decoded(key, options, fp, decoded.rgb)
                 if found is not None:
                     return found
@@ -165,6 +192,21 @@ class Pipeline:
                 with self._inflight_lock:
                     self._inflight.pop(flight, None)
                 event.set()
+
+    @contextmanager
+    def _flight_lease(self, store: Store, name: str):
+        """Cross-process single flight; best effort: an unreachable store only costs a duplicate."""
+        try:
+            ctx = waiting_lease(store, name, self.cfg.store.claim_ttl_s, timeout=600)
+            ctx.__enter__()
+        except Exception as exc:
+            self._store_call(_raise, exc)  # count and log it like any store failure
+            yield None
+            return
+        try:
+            yield
+        finally:
+            ctx.__exit__(None, None, None)
 
     def _lookup_decoded(self, key: str, options: OutputOptions, fp: fpmod.Fingerprint,
                         rgb: np.ndarray) -> Rendered | None:
@@ -242,9 +284,18 @@ class Pipeline:
             return res
 
         try:
-            data = read_regular_file(job.src)
+            if name_bytes(job.out.name) > NAME_MAX:  # checked first: no work can be saved
+                raise NameTooLong(f"the output name would be {name_bytes(job.out.name)} bytes, "
+                                  f"over the file system's limit of {NAME_MAX}; rename the file")
+            before = _signature(job.src)
+            data = read_regular_file(job.src, root=job.src.parents[len(job.rel.parts) - 1])
             rendered = self.render_bytes(data, job.options)
             atomic_write_bytes(job.out, rendered.png, mode=output_mode(self.cfg.umask))
+            if before is not None and _signature(job.src) not in (before, None):
+                # new content arrived meanwhile: the output is older than it, so it is redone
+                os.utime(job.out, ns=(before[3], before[3]))
+                return done("retry", error="the source changed while it was being processed",
+                            reason="changed")
             self.finish_source(job)
             return done(rendered.tier)
         except (DecodeError, InputError) as exc:
@@ -282,9 +333,13 @@ class Pipeline:
             return
         try:
             write_failure(job.src, job.rel, job.failed_dir, reason=reason, exc=exc,
-                          detail=str(exc), move=True)
+                          detail=str(exc), move=not isinstance(exc, LinkedInput))
         except OSError as err:
             log.error("failed_dir_unwritable", path=str(job.src), error=str(err))
+
+
+def _raise(exc: BaseException):
+    raise exc
 
 
 def _with_embedding(fp: fpmod.Fingerprint, emb: np.ndarray) -> fpmod.Fingerprint:
@@ -300,19 +355,41 @@ def _modified_within(path: Path, seconds: float) -> bool:
         return False
 
 
-def read_regular_file(path: Path) -> bytes:
-    """Read a regular file without following a symlink; refuse FIFOs, folders, devices."""
+def _signature(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes when a file is rewritten or replaced; None if it is gone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_regular_file(path: Path, root: Path | None = None) -> bytes:
+    """Read a regular file without following a symlink; refuse FIFOs, folders, devices.
+
+    With ``root``, the file actually opened must lie under it: a folder on the way
+    swapped for a symlink after the checks cannot lead the read out of the inbox.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == 40:  # ELOOP: the final component is a symlink
-            raise InputError(f"{path} is a symbolic link; links are never followed") from exc
+            raise LinkedInput(f"{path} is a symbolic link; links are never followed") from exc
         if exc.errno == 21:  # EISDIR
             raise InputError(f"{path} is a directory, not an image") from exc
         if exc.errno == 6:  # ENXIO: a FIFO with no writer
             raise InputError(f"{path} is a FIFO, not a regular file") from exc
         raise
     try:
+        if root is not None:
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # no /proc: the service's own path check has to do
+                real = None
+            top = os.path.realpath(root)
+            if real is not None and not real.startswith(top.rstrip("/") + "/"):
+                raise LinkedInput(f"{path} leads out of {top} through a symbolic link "
+                                  f"(to {real}); links are never followed")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InputError(f"{path} is not a regular file")

@@ -14,11 +14,12 @@ from dataclasses import asdict
 
 import numpy as np
 from PIL import Image
-from rembg.bg import alpha_matting_cutout, apply_background_color, naive_cutout, post_process
+from rembg.bg import (alpha_matting_cutout, apply_background_color, decontaminate_cutout,
+                      naive_cutout, post_process)
 
 from .config import OutputOptions
 
-RENDER_VERSION = 1  # bump when rendering changes, so old cache entries become misses
+RENDER_VERSION = 2  # bump when rendering changes, so old cache entries become misses
 
 
 def cache_key(options: OutputOptions, model_md5: str) -> str:
@@ -48,8 +49,8 @@ def render(rgb: np.ndarray, mask: np.ndarray, options: OutputOptions) -> Image.I
         try:
             out = alpha_matting_cutout(img, mask_img, am.foreground_threshold,
                                        am.background_threshold, am.erode_size)
-        except ValueError:  # rembg's own fallback when the trimap is degenerate
-            out = naive_cutout(img, mask_img)
+        except ValueError:  # degenerate trimap: rembg.remove() falls back to this, so do we
+            out = decontaminate_cutout(img, mask_img)
     else:
         out = naive_cutout(img, mask_img)
     if options.bgcolor is not None:

@@ -1,6 +1,7 @@
 """Which inbox files are work: ignore patterns, up-to-date checks and folder scans."""
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 from pathlib import Path
@@ -25,8 +26,10 @@ def output_is_current(src_stat: os.stat_result, out: Path) -> bool:
     """An output newer than its source means the source was already processed."""
     try:
         return out.stat().st_mtime_ns >= src_stat.st_mtime_ns
-    except FileNotFoundError:
-        return False
+    except OSError as exc:  # no output yet, or one that cannot exist (name over 255 bytes,
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # a file where
+            return False  # its folder should be): not current; the pipeline says why
+        raise
 
 
 def walk(inbox: Path, recursive: bool, patterns: tuple[str, ...]) -> Iterator[tuple[Path, Path]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from .config import Config, ConfigError, WatchPair
 from .decode import set_max_pixels
 from .engine import Engines
 from .fsutil import output_name, safe_relative, write_failure
-from .locks import try_lease
+from .locks import FileClaims, try_lease
 from .models import ModelError
 from .pipeline import Job, Pipeline
 from .scan import ignored_path, output_is_current, pending, walk
@@ -33,8 +34,7 @@ from .watcher import InboxHandler, Scheduler, choose_observer, make_observer
 
 log = structlog.get_logger("rembgd.service")
 
-STORE_RETRY_S = 10.0
-PROGRESS_EVERY_S = 10.0
+CLAIMS_DIR = ".rembgd-claims"
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Service:
             if self.store_error is None:
                 log.error("cache_unavailable", error=f"{type(exc).__name__}: {exc}",
                           effect="processing without the cache; retrying every "
-                                 f"{STORE_RETRY_S:.0f}s")
+                                 f"{self.cfg.store.retry_s:g}s")
             self.store_error = f"{type(exc).__name__}: {exc}"
             self.store = None
             return
@@ -125,7 +125,14 @@ class Service:
         """Queue every inbox file without an up-to-date output (catch-up and safety net)."""
         n = 0
         for i, pair in enumerate(self.cfg.watch):
-            for path, _ in pending(pair.inbox, pair.outbox, pair.recursive, self.cfg.ignore):
+            # with move/delete, a file still in the inbox is not finished even when its
+            # output is current (killed between writing it and moving the source): _work
+            # then only finishes the source
+            if pair.after_success == "keep":
+                files = pending(pair.inbox, pair.outbox, pair.recursive, self.cfg.ignore)
+            else:
+                files = walk(pair.inbox, pair.recursive, self.cfg.ignore)
+            for path, _ in files:
                 if immediate:
                     self._submit(WorkItem(pair, path))
                 else:
@@ -187,11 +194,21 @@ class Service:
             self.counters.add("vanished")
             log.info("skipped", path=str(path), reason="vanished before processing")
             return
-        if path.is_symlink():
+        if stat.S_ISLNK(st.st_mode):
             self.counters.add("skipped")
             log.warning("skipped", path=str(path), reason="symbolic link; links are never followed")
             return
-        if os.path.isdir(path):
+        if Path(os.path.realpath(path.parent)) != pair.inbox / rel.parent:
+            self.counters.add("skipped")
+            log.warning("skipped", path=str(path),
+                        reason="symbolic link in its folder path; links are never followed")
+            return
+        if stat.S_ISDIR(st.st_mode):
+            return  # a folder's files come through its own events and scans
+        if not stat.S_ISREG(st.st_mode):  # reading a FIFO could block; devices, sockets...
+            self.counters.add("skipped")
+            log.warning("skipped", path=str(path),
+                        reason="not a regular file (FIFO, socket or device); left in place")
             return
         job = Job(path, rel, pair.outbox / output_name(rel), pair.options, pair.failed_dir,
                   pair.done_dir, pair.after_success, grace_s=max(5.0, 3 * self.cfg.settle_s))
@@ -199,21 +216,12 @@ class Service:
             self.pipeline.finish_source(job)  # e.g. killed after writing, before moving
             self.counters.add("up_to_date")
             return
-        lease = None
-        store = self.store
-        if store is not None:
-            claim = f"claim:{pair.inbox.name}/{rel.as_posix()}"
-            try:
-                lease = try_lease(store, claim, self.cfg.store.claim_ttl_s)
-            except Exception as exc:
-                log.warning("claim_unavailable", path=str(path), error=str(exc))
-                lease = None
-            else:
-                if lease is None:
-                    self.counters.add("claimed_elsewhere")
-                    self.scheduler.retry(self.cfg.watch.index(pair) if pair in self.cfg.watch
-                                         else 0, path, item.attempt, self.cfg.store.claim_ttl_s / 2)
-                    return
+        lease = self._claim(pair, rel)
+        if lease is None:
+            self.counters.add("claimed_elsewhere")
+            index = self.cfg.watch.index(pair) if pair in self.cfg.watch else 0
+            self.scheduler.retry(index, path, item.attempt, self.cfg.store.claim_ttl_s / 2)
+            return
         try:
             try:
                 st = path.lstat()
@@ -226,12 +234,32 @@ class Service:
                 return
             result = self.pipeline.handle(job)
         finally:
-            if lease is not None:
-                lease.release()
+            lease.release()
         if result.outcome == "retry":
             self._retry_or_fail(item, job, result)
             return
         self.counters.add(result.outcome)
+
+    def _claim(self, pair: WatchPair, rel: Path):
+        """Claim a file so that no other daemon works on it; None if someone else has it.
+
+        The store's locks come first (Redis: SET NX with a TTL kept alive while
+        working). If the store is unreachable, claim files in the outbox (shared
+        by all daemons of that inbox) take over, so an outage never lets two
+        daemons process one file.
+        """
+        name = f"claim:{pair.inbox.name}/{rel.as_posix()}"
+        # a file name that is not valid UTF-8 (undecodable bytes) must still make a key
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        ttl = self.cfg.store.claim_ttl_s
+        if self.store is not None:
+            try:
+                return try_lease(self.store, name, ttl)
+            except Exception as exc:
+                self.counters.add("claim_fallbacks")
+                log.warning("claim_store_unavailable", error=f"{type(exc).__name__}: {exc}",
+                            effect="using claim files in the outbox")
+        return try_lease(FileClaims(pair.outbox / CLAIMS_DIR), name, ttl)
 
     def _retry_or_fail(self, item: WorkItem, job: Job, result) -> None:
         if item.attempt < self.cfg.retry_attempts:
@@ -308,7 +336,8 @@ class Service:
             "events_seen": sum(h.events for h in self.handlers),
             "cache": {
                 "backend": self.cfg.store.backend if self.cfg.cache.enabled else "disabled",
-                "available": store is not None and getattr(store, "available", True),
+                "available": (store is not None and getattr(store, "available", True)
+                              and not self.pipeline.store_down),
                 "error": self.store_error,
                 "store_errors": self.pipeline.store_errors,
                 "outages": getattr(store, "outages", 0),
@@ -392,7 +421,8 @@ class Service:
                 systemd.notify("WATCHDOG=1")
             if self.reload_requested.is_set():
                 self.reload()
-            if self.cfg.cache.enabled and self.store is None and now - last_store_try > STORE_RETRY_S:
+            if (self.cfg.cache.enabled and self.store is None
+                    and now - last_store_try > self.cfg.store.retry_s):
                 last_store_try = now
                 self._open_store()
             if self.cfg.rescan_interval_s and now - last_rescan >= self.cfg.rescan_interval_s:
@@ -405,7 +435,7 @@ class Service:
                 last_published = key
                 self._publish()
             counts = st["counters"]
-            if counts != last_counts and now - last_progress >= PROGRESS_EVERY_S:
+            if counts != last_counts and now - last_progress >= self.cfg.progress_interval_s:
                 last_progress, last_counts = now, counts
                 hits = sum(counts.get(t, 0) for t in ("exact", "pixel", "near"))
                 log.info("progress", queued=st["queued"], in_progress=st["in_progress"],

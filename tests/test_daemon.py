@@ -235,3 +235,42 @@ def test_status_command_and_counters(tmp_path, cfg):
         assert d.stop() == 0
     st = json.loads((tmp_path / "cache" / "status.json").read_text())
     assert st["state"] == "stopped"
+
+
+def test_burst_of_1000_files_bounded_memory_and_progress(tmp_path, models_dir):
+    cfg = write_config(tmp_path, models_dir, progress_interval_s=1.0, queue_size=64)
+    img = encode(photo("coffee"), "JPEG", quality=85)
+    with Daemon(cfg) as d:
+        (tmp_path / "inbox" / "first.jpg").write_bytes(img)
+        d.wait_processed(1)
+        import psutil
+
+        rss0 = psutil.Process(d.proc.pid).memory_info().rss
+        burst = tmp_path / "inbox" / "burst"
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        for i in range(1000):  # written elsewhere, then moved in at once
+            (staging / f"{i:04d}.jpg").write_bytes(img)
+        os.rename(staging, burst)
+        d.wait_processed(1001, timeout=240)
+        rss1 = psutil.Process(d.proc.pid).memory_info().rss
+        progress = [e for e in d.events() if e.get("event") == "progress"]
+    outs = list((tmp_path / "outbox" / "burst").iterdir())
+    assert len(outs) == 1000
+    assert progress, "a burst must report progress in the logs"
+    assert {"queued", "done", "hits", "misses"} <= set(progress[-1])
+    assert progress[-1]["done"] >= progress[0]["done"]
+    growth = (rss1 - rss0) / 2**20
+    assert growth < 80, f"RSS grew by {growth:.0f} MiB over a 1000-file burst"
+
+
+def test_after_success_delete(tmp_path, models_dir):
+    cfg = write_config(tmp_path, models_dir)
+    data = yaml.safe_load(cfg.read_text())
+    data["watch"][0]["after_success"] = "delete"
+    cfg.write_text(yaml.safe_dump(data))
+    with Daemon(cfg) as d:
+        (tmp_path / "inbox" / "gone.jpg").write_bytes(synthetic(7))
+        d.wait_processed(1)
+        wait_for(lambda: not (tmp_path / "inbox" / "gone.jpg").exists(), timeout=10)
+    assert (tmp_path / "outbox" / "gone.jpg.png").exists()

@@ -131,17 +131,22 @@ class SqliteStore:
         self._db = sqlite3.connect(self.db_path, timeout=10.0, check_same_thread=False,
                                    isolation_level=None)
         self._mutex = threading.RLock()
-        with self._mutex:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                             (str(SCHEMA_VERSION),))
-            # quick_check reads the whole file; a corrupt index raises here, at open time
-            row = self._db.execute("PRAGMA quick_check").fetchone()
-            if row[0] != "ok":
-                raise sqlite3.DatabaseError(f"index {self.db_path} failed quick_check: {row[0]}")
+        try:
+            with self._mutex:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("PRAGMA busy_timeout=10000")
+                self._db.executescript(_SCHEMA)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                 (str(SCHEMA_VERSION),))
+                # quick_check reads the whole file; a corrupt index raises here, at open time
+                row = self._db.execute("PRAGMA quick_check").fetchone()
+                if row[0] != "ok":
+                    raise sqlite3.DatabaseError(
+                        f"index {self.db_path} failed quick_check: {row[0]}")
+        except BaseException:
+            self._db.close()  # the service retries a failed open: never leak its descriptor
+            raise
         self._pending_hits: dict[str, tuple[float, int]] = {}
         self._pending_tiers: dict[tuple[int, str], int] = {}
         self._last_flush = time.monotonic()

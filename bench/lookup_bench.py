@@ -1,0 +1,359 @@
+"""Lookup latency of the store backends at 100,000 entries; writes bench/lookup.md.
+
+Each backend is filled with N synthetic entries: random 256-bit pHashes,
+real-sized thumbnails (6 KiB) and float16 embeddings (1280-d) drawn from a pool
+of 64, a small unique fake mask blob each. Then Q queries per kind are timed one by one:
+
+* ``find_exact`` / ``find_pixel`` of stored hashes (hits) and of new ones (misses);
+* ``find_near`` (radius 10) for codes 0-10 bits from a stored code (recall is
+  checked: the stored entry must come back) and for random codes (no neighbours);
+* for Redis also ``find_exact`` with a warm local tier (the same 200 hashes again),
+  and for reference an in-process numpy brute-force Hamming scan over all codes.
+
+Usage: python bench/lookup_bench.py [--n 100000] [--queries 1000] [--backends sqlite,redis]
+Redis: REMBGD_TEST_REDIS or redis://127.0.0.1:6379/0; a unique prefix, removed afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from daemon import config as configmod  # noqa: E402
+from daemon.fingerprint import EMBED_DIM, Fingerprint, Thumbs  # noqa: E402
+from daemon.store.base import Entry  # noqa: E402
+
+KEY = hashlib.sha256(b"bench-cache-key").hexdigest()[:32]
+THUMB_BYTES = 64 * 64 + 32 * 32 * 2
+BATCH = 1000
+RADIUS = 10
+
+
+# ------------------------------------------------------------ synthetic data
+
+
+POOL = 64  # distinct thumbnails / embeddings: their size matters to a lookup, not their content
+
+
+class Synth:
+    """Deterministic synthetic entries; pHashes, hashes and mask blobs are unique per entry."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        emb = rng.standard_normal((POOL, EMBED_DIM), dtype=np.float32)
+        self.embeddings = list(emb / np.linalg.norm(emb, axis=1, keepdims=True))
+        self.thumbs = [Thumbs.from_bytes(rng.bytes(THUMB_BYTES)) for _ in range(POOL)]
+
+    def batch(self, codes: np.ndarray) -> list[tuple[Entry, bytes]]:
+        rng, now, out = self.rng, time.time(), []
+        picks = rng.integers(0, POOL, size=(len(codes), 2))
+        for i, code in enumerate(codes):
+            mask = rng.bytes(16) * 12  # 192 bytes, unique
+            fp = Fingerprint(sha256=rng.bytes(32).hex(), pixel_hash=rng.bytes(20).hex(),
+                             phash=code.tobytes(), width=1600, height=1200,
+                             thumbs=self.thumbs[picks[i, 0]], embedding=self.embeddings[picks[i, 1]])
+            created = now - float(rng.uniform(0, 30 * 86400))
+            out.append((Entry(id=uuid.uuid4().hex, key=KEY, model="u2netp", fp=fp,
+                              mask_digest=hashlib.sha256(mask).hexdigest(), output_digest=None,
+                              nbytes=len(mask), created=created, last_hit=created, hits=0), mask))
+        return out
+
+
+def flip_random(rng: np.random.Generator, code: np.ndarray, d: int) -> bytes:
+    bits = np.unpackbits(code).copy()
+    if d:
+        bits[rng.choice(256, size=d, replace=False)] ^= 1
+    return np.packbits(bits).tobytes()
+
+
+# ------------------------------------------------------------ bulk helpers
+
+
+def extra_pragmas(store, fill: bool) -> None:
+    """During the bulk fill only: a 512 MB page cache and no fsync (back to the store's own
+    settings before anything is timed)."""
+    with store._mutex:
+        store._db.execute(f"PRAGMA cache_size={-512 * 1024 if fill else -2000}")
+        store._db.execute(f"PRAGMA synchronous={'OFF' if fill else 'NORMAL'}")
+
+
+def bulk_sqlite(store, batch: list[tuple[Entry, bytes]]) -> None:
+    """One transaction per batch; blob files written without the per-file fsync."""
+    for e, mask in batch:
+        path = store.blobs.path(e.mask_digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(mask)
+    with store._mutex:
+        store._db.execute("BEGIN")
+        for e, _ in batch:
+            store.restore(e)
+        store._db.execute("COMMIT")
+
+
+def bulk_redis(store, batch: list[tuple[Entry, bytes]]) -> None:
+    """One non-transactional pipeline per batch, with the store's own key layout."""
+    with store.client.pipeline(transaction=False) as pipe:
+        for e, mask in batch:
+            pipe.set(store._k_blob(e.mask_digest), mask, ex=store.key_ttl_s or None)
+            store._queue_entry(pipe, e)
+        pipe.execute()
+
+
+# ------------------------------------------------------------------ timing
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples) * 1000.0
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def timed(fn, args_list) -> tuple[dict[str, float], list]:
+    samples, results = [], []
+    for args in args_list:
+        t0 = time.perf_counter()
+        r = fn(*args)
+        samples.append(time.perf_counter() - t0)
+        results.append(r)
+    return stats(samples), results
+
+
+def run_backend(name: str, store, bulk, n: int, q: int, seed: int, extra,
+                after_fill=lambda store: None) -> dict:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+    synth = Synth(rng)
+    shas, pixels, ids = [], [], []
+    t0 = time.perf_counter()
+    for start in range(0, n, BATCH):
+        batch = synth.batch(codes[start:start + BATCH])
+        bulk(store, batch)
+        shas += [e.fp.sha256 for e, _ in batch]
+        pixels += [e.fp.pixel_hash for e, _ in batch]
+        ids += [e.id for e, _ in batch]
+        if (start // BATCH) % 20 == 0:
+            print(f"  {name}: {start + len(batch):,} / {n:,} entries", flush=True)
+    fill_s = time.perf_counter() - t0
+    after_fill(store)
+    assert store.count() == n, store.count()
+
+    qrng = np.random.default_rng(seed + 1)
+    pick = qrng.integers(0, n, size=q)
+    res: dict = {"fill_s": fill_s, "rows": {}}
+    rows = res["rows"]
+
+    for i in pick[:50]:  # warm-up: connections, scripts, page cache
+        store.find_exact(KEY, shas[i])
+        store.find_near(KEY, codes[i].tobytes(), RADIUS)
+
+    rows["find_exact hit"], got = timed(store.find_exact, [(KEY, shas[i]) for i in pick])
+    assert all(e is not None and e.id == ids[i] for e, i in zip(got, pick))
+    rows["find_exact miss"], got = timed(store.find_exact,
+                                         [(KEY, qrng.bytes(32).hex()) for _ in range(q)])
+    assert all(e is None for e in got)
+    rows["find_pixel hit"], got = timed(store.find_pixel, [(KEY, pixels[i]) for i in pick])
+    assert all(e is not None and e.id == ids[i] for e, i in zip(got, pick))
+
+    dists = qrng.integers(0, RADIUS + 1, size=q)
+    near_q = [(KEY, flip_random(qrng, codes[i], int(d)), RADIUS) for i, d in zip(pick, dists)]
+    rows["find_near d=0-10 (r=10)"], got = timed(store.find_near, near_q)
+    recall = np.mean([ids[i] in {e.id for e in r} for r, i in zip(got, pick)])
+    res["near_recall"] = float(recall)
+    res["near_mean_results"] = float(np.mean([len(r) for r in got]))
+    rand_q = [(KEY, qrng.integers(0, 256, 32, dtype=np.uint8).tobytes(), RADIUS)
+              for _ in range(q)]
+    rows["find_near random (r=10)"], got = timed(store.find_near, rand_q)
+    res["random_nonempty"] = int(sum(1 for r in got if r))
+
+    if name == "redis":
+        warm = [(KEY, shas[i]) for i in pick[:200]]
+        timed(store.find_exact, warm)
+        rows["find_exact hit, local tier warm"], _ = timed(store.find_exact, warm * (q // 200))
+    res.update(extra(store))
+    return res
+
+
+# --------------------------------------------------------------- backends
+
+
+def bench_sqlite(n: int, q: int, seed: int) -> dict:
+    from daemon.store.sqlite import SqliteStore
+
+    tmp = Path(tempfile.mkdtemp(prefix="rembgd-bench-"))
+    try:
+        store = SqliteStore(tmp / "cache")
+        extra_pragmas(store, fill=True)
+
+        def extra(s):
+            size = sum(p.stat().st_size for p in s.dir.glob("index.sqlite3*"))
+            return {"footprint": f"index.sqlite3 (+ WAL) {size / 1e6:.0f} MB "
+                                 f"({size / n:.0f} B/entry) + blob files"}
+
+        res = run_backend("sqlite", store, bulk_sqlite, n, q, seed, extra,
+                          after_fill=lambda s: extra_pragmas(s, fill=False))
+        store.close()
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_redis(n: int, q: int, seed: int, url: str) -> dict:
+    import redis
+
+    from daemon.store.redis import RedisStore
+
+    prefix = f"rembgd-bench-{uuid.uuid4().hex[:8]}"
+    tmp = Path(tempfile.mkdtemp(prefix="rembgd-bench-"))
+    cfg = configmod.parse({"store": {"backend": "redis", "url": url, "prefix": prefix},
+                           "cache": {"dir": str(tmp / "cache")}},
+                          tmp / "config.yaml", check_folders=False)
+    raw = redis.Redis.from_url(url)
+    before = int(raw.info("memory")["used_memory"])
+    store = RedisStore(cfg)
+
+    def extra(s):
+        used = int(raw.info("memory")["used_memory"]) - before
+        return {"footprint": f"Redis used_memory +{used / 1e6:.0f} MB ({used / n:.0f} B/entry, "
+                             f"incl. blobs)",
+                "redis_version": raw.info("server")["redis_version"]}
+
+    try:
+        return run_backend("redis", store, bulk_redis, n, q, seed, extra)
+    finally:
+        store.close()
+        print("  redis: removing the bench keys", flush=True)
+        batch = []
+        for k in raw.scan_iter(match=f"{prefix}:*", count=5000):
+            batch.append(k)
+            if len(batch) >= 5000:
+                raw.unlink(*batch)
+                batch = []
+        if batch:
+            raw.unlink(*batch)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_numpy(n: int, q: int, seed: int) -> dict:
+    """Reference: brute-force Hamming distance over all codes in process memory."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+    words = codes.view(np.uint64)  # 4 x 64 bits per code
+    qrng = np.random.default_rng(seed + 1)
+    pick = qrng.integers(0, n, size=q)
+
+    def near(code: bytes, radius: int) -> np.ndarray:
+        c = np.bitwise_count(words ^ np.frombuffer(code, np.uint64))
+        d = c[:, 0] + c[:, 1] + c[:, 2] + c[:, 3]  # faster than .sum(axis=1) on 4 columns
+        hit = np.flatnonzero(d <= radius)
+        return hit[np.argsort(d[hit], kind="stable")][:16]
+
+    queries = [(flip_random(qrng, codes[i], int(qrng.integers(0, RADIUS + 1))), RADIUS)
+               for i in pick]
+    row, _ = timed(near, queries)
+    return {"rows": {f"numpy brute force over {n:,} codes (reference)": row}}
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_report(path: Path, n: int, q: int, results: dict, total_s: float,
+                 load: tuple[float, float]) -> None:
+    lines = [
+        "# Store lookup latency",
+        "",
+        f"`bench/lookup_bench.py --n {n} --queries {q}`: {n:,} synthetic entries per backend "
+        "(random 256-bit pHashes, real-sized 6 KiB thumbnails and 1280-d float16 embeddings, "
+        "a 192-byte fake mask blob each), one cache key. "
+        f"{q:,} queries per row, timed one at a time from one thread (milliseconds).",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
+        + (f", Redis {results['redis']['redis_version']} on localhost (TCP)"
+           if "redis" in results else "") + f". Whole run: {total_s:.0f} s; 1-minute load "
+        f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end (other work shared "
+        "the machine).",
+        "",
+        "| backend | query | p50 | p95 | p99 | mean |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for backend, res in results.items():
+        for query, s in res["rows"].items():
+            lines.append(f"| {backend} | {query} | {s['p50']:.3f} | {s['p95']:.3f} | "
+                         f"{s['p99']:.3f} | {s['mean']:.3f} |")
+    lines += ["", "| backend | fill (bulk helper) | footprint | near recall (d ≤ 10) | "
+              "mean near results | random codes with a neighbour |", "|---|---:|---|---:|---:|---:|"]
+    for backend, res in results.items():
+        if "fill_s" not in res:
+            continue
+        lines.append(f"| {backend} | {res['fill_s']:.0f} s ({n / res['fill_s']:,.0f}/s) | "
+                     f"{res['footprint']} | {res['near_recall']:.3f} | "
+                     f"{res['near_mean_results']:.2f} | {res['random_nonempty']} / {q} |")
+    lines += ["", "## Reading it", "", NOTES]
+    path.write_text("\n".join(lines) + "\n")
+
+
+NOTES = """\
+* All lookups are far below the cost of the work they save (decode + fingerprint
+  ~50-100 ms, inference 250-500 ms): at this scale neither backend needs a faster
+  index. Random pHashes spread evenly, so each of the 16 bands matches about
+  N / 65,536 entries and a near query verifies ~25 candidates; real photo sets
+  cluster more, which raises the candidate count (both backends alike).
+* Redis: one round trip per exact/pixel lookup (a Lua script checks the index,
+  that the entry and its mask blob exist, and returns the entry), two for a near
+  lookup (band union + pHashes in one script, then the ≤ 16 winners' entries).
+  Most of a hit's cost is moving and decoding the ~9 KB of thumbnails and
+  embedding; with a warm local tier the script only confirms the id and the
+  entry comes from process memory.
+* SQLite: in-process, no network; a near lookup is a 16-way UNION over indexed
+  band columns.
+* The numpy row is the brute-force alternative from DESIGN.md (all codes in
+  memory, no index) for scale: at 100k codes it is not faster than the banded
+  indexes, and it needs every code in every process.
+* Recall 1.000 is expected: 16 bands of 16 bits give exact recall up to radius 15.
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--backends", default="sqlite,redis")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "lookup.md")
+    ap.add_argument("--redis", default=os.environ.get("REMBGD_TEST_REDIS",
+                                                      "redis://127.0.0.1:6379/0"))
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    results = {}
+    for backend in args.backends.split(","):
+        print(f"{backend}: filling {args.n:,} entries", flush=True)
+        if backend == "sqlite":
+            results["sqlite"] = bench_sqlite(args.n, args.queries, args.seed)
+        elif backend == "redis":
+            results["redis"] = bench_redis(args.n, args.queries, args.seed, args.redis)
+        else:
+            ap.error(f"unknown backend {backend}")
+    results["numpy"] = bench_numpy(args.n, args.queries, args.seed)
+    total = time.perf_counter() - t0
+    load = (load_before[0], os.getloadavg()[0])
+    write_report(args.out, args.n, args.queries, results, total, load)
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,643 @@
+#!/usr/bin/env python3
+"""rembgd against rembg's own CLI (`rembg p`, `rembg p -w`), side by side, in one run.
+
+    make bench                      # the full suite: bench/results.md + bench/results.png
+    .venv/bin/python bench/run.py --quick        # small counts, for development (~2 min)
+    .venv/bin/python bench/run.py --report-only  # re-render from bench/out/run/results.json
+
+Workloads (bench/workloads.py), all from the photos inside the scikit-image wheel:
+distinct (every file new), studio (60% exact repeats and near-duplicates of 40
+originals) and burst (1,000 small files dropped at once). For each workload,
+interleaved in one run, with the same model (u2netp) and the same ONNX Runtime
+thread count for both tools:
+
+- ``rembg p -m u2netp IN OUT``: rembg's folder mode (cold command, as users run it);
+- ``rembgd run``: a real daemon with a fresh cache; files are dropped into its
+  inbox the way NAS clients do (temp name + rename) and each output is timed
+  from inotify on the outbox, drop to output;
+- ``rembg p -w``: rembg's watch mode; files are written straight into the
+  folder (its best case: it misses renames) and timed the same way;
+- the idle CPU of both watchers over the same window after the work, and the
+  peak RSS of every process tree (psutil, sampled every 0.2 s).
+
+rembg is pointed at the provisioned model (``U2NET_HOME``) and run with HTTP(S)
+proxies set to a closed local port and ``HF_HUB_OFFLINE=1``: any download
+attempt would fail loudly. Its sockets are sampled too; none may be remote.
+
+Scratch data goes to bench/out/run/ (gitignored); results to bench/results.md
+and bench/results.png, overwritten on every run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import workloads as wlmod  # noqa: E402
+from measure import (Daemon, Monitor, OutputRecorder, drop_direct, drop_rename, now,  # noqa: E402
+                     stop_process, tree_cpu, tree_rss)
+
+OUT = BENCH / "out" / "run"
+HITS = ("exact", "pixel", "near")
+
+# Counts and time caps. "full" is the issue's sizes; rembg's runs are capped where
+# the whole workload would not fit in the 10-minute budget (see results.md).
+PROFILES = {
+    "full": dict(distinct=100, studio=200, originals=40, burst=1000, burst_bases=100,
+                 rembg_p_cap={"distinct": 90, "studio": 75, "burst": 40},
+                 watch_sample={"distinct": 30, "studio": 20, "burst": 1000},
+                 watch_cap={"distinct": 25, "studio": 20, "burst": 20},
+                 idle_s=30, watch_idle_s=10, probe_hits=30, probe_near=5, watch_probe=3,
+                 rename_check=5, budget_s=560),
+    "quick": dict(distinct=10, studio=30, originals=6, burst=100, burst_bases=10,
+                  rembg_p_cap={"distinct": 60, "studio": 30, "burst": 12},
+                  watch_sample={"distinct": 5, "studio": 5, "burst": 100},
+                  watch_cap={"distinct": 15, "studio": 15, "burst": 10},
+                  idle_s=5, watch_idle_s=5, probe_hits=10, probe_near=2, watch_probe=2,
+                  rename_check=2, budget_s=400),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Ctx:
+    def __init__(self, args):
+        self.args = args
+        self.p = PROFILES["quick" if args.quick else "full"]
+        self.threads = args.threads
+        self.models = Path(args.models).resolve()
+        self.mon = Monitor()
+        self.mon.start()
+        self.rembg = str(Path(sys.executable).with_name("rembg"))
+        self.env = {
+            **os.environ,
+            "U2NET_HOME": str(self.models),
+            "OMP_NUM_THREADS": str(self.threads),
+            "HF_HUB_OFFLINE": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+            "no_proxy": "", "NO_PROXY": "",
+        }
+        self.startup_rembg = 0.0
+
+    def dir(self, *parts) -> Path:
+        d = OUT.joinpath(*parts)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+# ----------------------------------------------------------------- phases
+
+
+def rembg_out(name: str) -> str:
+    return str(Path(name).with_suffix(".png"))  # rembg: (out / name).with_suffix(".png")
+
+
+def rembg_startup(ctx: Ctx) -> float:
+    """Seconds `rembg p` needs before its first file: imports + model session (empty folder)."""
+    empty, out = ctx.dir("startup", "in"), ctx.dir("startup", "out")
+    times = []
+    for _ in range(2):  # the first also warms the page cache for the timed runs
+        t0 = now()
+        subprocess.run([ctx.rembg, "p", "-m", "u2netp", str(empty), str(out)], env=ctx.env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        times.append(now() - t0)
+    return min(times)
+
+
+def cost_breakdown(ctx: Ctx, items: list[wlmod.Item], reps: int = 2) -> dict:
+    """Where one new file's time goes, per stage, for both tools (in this process, same threads).
+
+    Explains the distinct-workload ratio: both tools are bound by the same u2netp
+    inference; the rest is what each does around it.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    os.environ["U2NET_HOME"] = str(ctx.models)
+    os.environ["OMP_NUM_THREADS"] = str(ctx.threads)
+    from rembg import new_session, remove
+
+    from daemon import fingerprint as fpm
+    from daemon import render
+    from daemon.config import OutputOptions
+    from daemon.decode import decode
+    from daemon.engine import Engines
+
+    eng = Engines(ctx.models, ctx.threads)
+    mask_engine, embedder = eng.mask("u2netp"), eng.embedder()
+    rsession = new_session("u2netp")
+    opts = OutputOptions()
+    stages: dict[str, list[float]] = {}
+
+    def timed(key, fn, *a, **kw):
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        stages.setdefault(key, []).append((time.perf_counter() - t) * 1000)
+        return out
+
+    for it in items:
+        for rep in range(reps):
+            if rep == 0:  # warm-up pass per image: not recorded
+                remove(it.data, session=rsession)
+                mask_engine.predict(decode(it.data).rgb)
+                continue
+            rgb = timed("rembgd: decode", decode, it.data).rgb
+            fp = timed("rembgd: fingerprints (sha256, pixel hash, pHash, thumbnails)",
+                       fpm.fingerprint, it.data, rgb)
+            timed("rembgd: EfficientNet-Lite0 embedding", embedder.embed, rgb)
+            mask = timed("rembgd: u2netp mask", mask_engine.predict, rgb)
+            img = timed("rembgd: cutout", render.render, rgb, mask, opts)
+            timed(f"rembgd: PNG encode (level {opts.png_compression})", render.encode_png, img,
+                  opts.png_compression)
+            timed("rembgd: mask PNG for the cache", render.encode_mask, mask)
+            del fp
+            timed("rembg: remove() in all", remove, it.data, session=rsession)
+            pil = Image.open(io.BytesIO(it.data)).convert("RGB")
+            m = timed("rembg: u2netp mask", rsession.predict, pil)[0]
+            cut = Image.composite(pil.convert("RGBA"), Image.new("RGBA", pil.size, 0), m)
+            timed("rembg: PNG encode (level 6, its default)", cut.save, io.BytesIO(), "PNG")
+    med = {k: float(np.median(v)) for k, v in stages.items()}
+    med["rembgd: all stages"] = sum(v for k, v in med.items() if k.startswith("rembgd:"))
+    mp = float(np.mean([i.size[0] * i.size[1] for i in items])) / 1e6
+    del rsession, eng
+    return dict(stages=med, images=len(items), mp=mp)
+
+
+def phase_rembg_p(ctx: Ctx, wl: wlmod.Workload, src: Path, cap: float) -> dict:
+    d = ctx.dir(wl.name, "rembg_p")
+    out = d / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    rec = OutputRecorder(out)
+    order = [p.name for p in src.glob("**/*") if p.is_file()]  # rembg's own processing order
+    label = f"{wl.name}/rembg p"
+    with open(d / "rembg.log", "wb") as fh:
+        t0 = now()
+        proc = subprocess.Popen([ctx.rembg, "p", "-m", "u2netp", str(src), str(out)], env=ctx.env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+        ctx.mon.watch(label, proc.pid, net=True)
+        try:
+            proc.wait(timeout=cap)
+            capped = False
+        except subprocess.TimeoutExpired:
+            capped = True
+        t_stop = now()
+        ctx.mon.unwatch(label)
+        stop_process(proc)
+    rec.stop()
+    done = {n: rec.times[rembg_out(n)] - t0 for n in order
+            if rembg_out(n) in rec.times and rec.times[rembg_out(n)] <= t_stop}
+    n = len(wl.items)
+    res = dict(tool="rembg p", mode="folder", n=n, done=len(done), capped=capped, cap_s=cap,
+               startup_s=ctx.startup_rembg, peak_rss=ctx.mon.peak(label), rc=proc.returncode,
+               remote=sorted(ctx.mon.remote.get(label, ())))
+    if not capped:
+        wall = t_stop - t0
+        res.update(wall_s=wall, extrapolated=False)
+        res["latency"] = done
+    else:
+        # rembg has no cache: every file costs the same, so the rate so far carries over.
+        work = max(t_stop - t0 - ctx.startup_rembg, 1e-6)
+        rate = len(done) / work
+        wall = ctx.startup_rembg + n / rate if rate else None
+        res.update(wall_s=wall, extrapolated=True, measured_s=t_stop - t0)
+        last = max(done.values(), default=ctx.startup_rembg)
+        lat = dict(done)
+        rest = [x for x in order if x not in done]
+        for j, name in enumerate(rest):
+            lat[name] = last + (j + 1) / rate if rate else None
+        res["latency"] = lat
+    res["files_s"] = n / wall if wall else None
+    res["files_s_excl"] = n / (wall - ctx.startup_rembg) if wall else None
+    log(f"{label}: {len(done)}/{n} in {t_stop - t0:.1f}s{' (capped)' if capped else ''}"
+        f", {res['files_s']:.2f} files/s")
+    return res
+
+
+def write_config(ctx: Ctx, d: Path) -> Path:
+    """Paths, threads and JSON logs; everything else is rembgd's built-in default."""
+    for sub in ("inbox", "outbox", "cache"):
+        shutil.rmtree(d / sub, ignore_errors=True)
+        (d / sub).mkdir(parents=True)
+    data = {
+        "watch": [{"inbox": str(d / "inbox"), "outbox": str(d / "outbox"), "recursive": True,
+                   "after_success": "keep"}],
+        "models": {"dir": str(ctx.models)},
+        "cache": {"dir": str(d / "cache")},
+        "threads": ctx.threads,
+        "logging": {"level": "info", "format": "json"},
+    }
+    path = d / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def wait_processed(daemon: Daemon, names: set[str], timeout: float) -> dict[str, dict]:
+    deadline = now() + timeout
+    while True:
+        got = {Path(p).name: e for p, e in daemon.processed().items()}
+        if names.issubset(got):
+            return got
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"rembgd exited ({daemon.proc.returncode}); see {daemon.log}")
+        if now() > deadline:
+            log(f"rembgd: only {len(names & got.keys())}/{len(names)} processed in {timeout:.0f}s")
+            return got
+        time.sleep(0.05)
+
+
+def phase_rembgd(ctx: Ctx, wl: wlmod.Workload, probe: bool) -> tuple[dict, Daemon]:
+    d = ctx.dir(wl.name, "rembgd")
+    cfg = write_config(ctx, d)
+    logf = d / "rembgd.log"
+    logf.unlink(missing_ok=True)
+    daemon = Daemon(cfg, logf, ctx.env).start()
+    label = f"{wl.name}/rembgd run"
+    pid = daemon.proc.pid
+    ctx.mon.watch(label, pid)
+    inbox, outbox = d / "inbox", d / "outbox"
+    rec = OutputRecorder(outbox)
+    rss0 = tree_rss(pid)
+    names = {it.name for it in wl.items}
+    drops: dict[str, float] = {}
+    t0 = now()
+    for it in wl.items:
+        drops[it.name] = drop_rename(inbox, it.name, it.data)
+    t_dropped = now()
+    got = wait_processed(daemon, names, timeout=max(180.0, 1.5 * len(names)))
+    ok = {n for n in names if got.get(n, {}).get("outcome") in (*HITS, "miss")}
+    rec.wait({n + ".png" for n in ok}, 10)
+    lat = {n: rec.times[n + ".png"] - drops[n] for n in ok if n + ".png" in rec.times}
+    t_last = max((rec.times[n + ".png"] for n in ok if n + ".png" in rec.times), default=now())
+    wall = t_last - t0
+    outcomes = Counter(got[n]["outcome"] for n in names if n in got)
+    n = len(names)
+    # memory through the work: before the drop, once 10% of outputs exist, at the end
+    series = list(ctx.mon.series[label])
+    order = sorted(rec.times[k + ".png"] for k in lat)
+    t10 = order[max(0, len(order) // 10 - 1)] if order else t0
+    rss_at = lambda t: min(series, key=lambda s: abs(s[0] - t))[1] if series else 0  # noqa: E731
+    res = dict(tool="rembgd run", mode="watch", n=n, done=len(lat), capped=False,
+               wall_s=wall, files_s=n / wall if wall else None, drop_s=t_dropped - t0,
+               startup_s=daemon.startup_s, latency=lat,
+               outcome={k: got[k]["outcome"] for k in names if k in got},
+               internal_ms={k: got[k].get("ms") for k in names if k in got},
+               outcomes=dict(outcomes), rss_start=rss0, rss_10pct=rss_at(t10),
+               rss_end=rss_at(t_last), series=[(t - t0, r) for t, r, _ in list(series)])
+    log(f"{label}: {len(lat)}/{n} in {wall:.1f}s, {res['files_s']:.2f} files/s, {dict(outcomes)}")
+    if probe:
+        res["probe"] = exact_hit_probe(ctx, daemon, inbox, rec)
+    res["peak_rss"] = ctx.mon.peak(label)
+    res["t_done"] = now()
+    rec.stop()
+    return res, daemon
+
+
+def exact_hit_probe(ctx: Ctx, daemon: Daemon, inbox: Path, rec: OutputRecorder) -> dict:
+    """Drop-to-output of a 1024x1024 JPEG: first (miss), then exact repeats and re-encodes."""
+    data = wlmod.probe_1024()
+    t = drop_rename(inbox, "probe_first.jpg", data)
+    rec.wait({"probe_first.jpg.png"}, 60)
+    first = rec.times.get("probe_first.jpg.png", float("nan")) - t
+    hits, near = [], []
+    time.sleep(0.5)
+    for k in range(ctx.p["probe_hits"]):
+        name = f"probe_hit{k:03d}.jpg"
+        t = drop_rename(inbox, name, data)
+        if rec.wait({name + ".png"}, 20):
+            hits.append(rec.times[name + ".png"] - t)
+        time.sleep(0.1)
+    from PIL import Image
+    import io
+
+    rgb = Image.open(io.BytesIO(data)).convert("RGB")
+    for k in range(ctx.p["probe_near"]):
+        name = f"probe_near{k:03d}.jpg"
+        t = drop_rename(inbox, name, wlmod.encode_jpeg(rgb, quality=80 - k))
+        if rec.wait({name + ".png"}, 30):
+            near.append(rec.times[name + ".png"] - t)
+        time.sleep(0.1)
+    got = wait_processed(daemon, {"probe_first.jpg"}, 5)
+    outc = {k: v["outcome"] for k, v in got.items() if k.startswith("probe_")}
+    ms = {k: v.get("ms") for k, v in got.items() if k.startswith("probe_")}
+    log(f"probe 1024²: first {first * 1e3:.0f} ms, exact median "
+        f"{sorted(hits)[len(hits) // 2] * 1e3 if hits else float('nan'):.1f} ms over {len(hits)}")
+    return dict(first=first, hits=hits, near=near, outcome=outc, internal_ms=ms, bytes=len(data))
+
+
+def phase_rembg_watch(ctx: Ctx, wl: wlmod.Workload, cap: float, probe: bool, rename_check: bool):
+    d = ctx.dir(wl.name, "rembg_w")
+    inbox, outbox = d / "in", d / "out"
+    for f in (inbox, outbox):
+        shutil.rmtree(f, ignore_errors=True)
+        f.mkdir(parents=True)
+    # one file present at start: its output tells us the model is loaded and the observer is next
+    (inbox / "_warm.jpg").write_bytes(wlmod.encode_jpeg(wlmod.composite(99, (320, 240))))
+    rec = OutputRecorder(outbox)
+    label = f"{wl.name}/rembg p -w"
+    logf = open(d / "rembg-w.log", "wb")
+    t_start = now()
+    proc = subprocess.Popen([ctx.rembg, "p", "-w", "-m", "u2netp", str(inbox), str(outbox)],
+                            env=ctx.env, stdout=logf, stderr=subprocess.STDOUT)
+    ctx.mon.watch(label, proc.pid, net=True)
+    alive = lambda: proc.poll() is None  # noqa: E731
+    if not rec.wait({"_warm.png"}, 120, alive=alive):
+        raise RuntimeError(f"rembg p -w did not start; see {d / 'rembg-w.log'}")
+    startup = now() - t_start
+    time.sleep(1.5)  # its observer starts right after the initial pass over the folder
+    sample = wl.items[:ctx.p["watch_sample"][wl.name]]
+    cpu0, rss0 = tree_cpu(proc.pid), tree_rss(proc.pid)
+    drops = {}
+    t0 = now()
+    for it in sample:
+        drops[it.name] = drop_direct(inbox, it.name, it.data)
+    expected = {rembg_out(n) for n in drops}
+    rec.wait(expected, cap, alive=alive)
+    t_stop = now()
+    lat = {n: rec.times[rembg_out(n)] - drops[n] for n in drops
+           if rec.times.get(rembg_out(n), float("inf")) <= t_stop}
+    capped = len(lat) < len(drops)
+    n = len(drops)
+    if capped:
+        for name in drops:
+            lat.setdefault(name, None)  # not done within the cap: censored
+    done_t = [rec.times[rembg_out(k)] for k, v in lat.items() if v is not None]
+    wall = (max(done_t) - t0) if done_t and not capped else None
+    rate = (len(done_t) / (t_stop - t0)) if capped else (n / wall if wall else None)
+    res = dict(tool="rembg p -w", mode="watch", n=n, done=len(done_t), capped=capped, cap_s=cap,
+               workload_n=len(wl.items), wall_s=wall, files_s=rate, latency=lat,
+               startup_s=startup, rss_start=rss0, rss_end=tree_rss(proc.pid),
+               cpu_during_s=tree_cpu(proc.pid) - cpu0, measured_s=t_stop - t0)
+    log(f"{label}: {len(done_t)}/{n} in {t_stop - t0:.1f}s{' (capped)' if capped else ''}"
+        f", {rate or 0:.2f} files/s")
+    if probe and alive():
+        data = wlmod.probe_1024()
+        reps = []
+        for k in range(ctx.p["watch_probe"]):
+            name = f"probe_hit{k:03d}.jpg"
+            t = drop_direct(inbox, name, data)
+            if rec.wait({rembg_out(name)}, 30, alive=alive):
+                reps.append(rec.times[rembg_out(name)] - t)
+        res["probe"] = reps
+    if rename_check and alive():
+        names = []
+        for k, it in enumerate(wl.items[-ctx.p["rename_check"]:]):
+            name = f"renamed{k:03d}.jpg"
+            drop_rename(inbox, name, it.data)
+            names.append(rembg_out(name))
+        rec.wait(set(names), 6, alive=alive)
+        res["rename_check"] = dict(dropped=len(names), output=sum(n in rec.times for n in names))
+    res["peak_rss"] = ctx.mon.peak(label)
+    res["t_done"] = now()
+    rec.stop()
+    return res, proc, logf
+
+
+def idle_cpu(ctx: Ctx, label: str, pid: int, seconds: float) -> dict:
+    """CPU (% of one core) of a watcher over the last ``seconds``, from the monitor's samples."""
+    t_end, c_end = now(), tree_cpu(pid)
+    first = ctx.mon.cpu_since(label, t_end - seconds)
+    t0, c0 = first if first else (t_end, c_end)
+    el = max(t_end - t0, 1e-6)
+    return dict(cpu_pct=100 * (c_end - c0) / el, window_s=el, rss_end=tree_rss(pid))
+
+
+def phase_rembgd_process(ctx: Ctx, wl: wlmod.Workload, src: Path) -> dict:
+    d = ctx.dir(wl.name, "rembgd_process")
+    cfg = write_config(ctx, d)
+    out = d / "out"
+    rec = OutputRecorder(out)
+    label = f"{wl.name}/rembgd process"
+    with open(d / "process.log", "wb") as fh:
+        t0 = now()
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "-c", str(cfg), "--log-format", "json",
+                                 "process", str(src), "-o", str(out)], env=ctx.env, cwd=ROOT,
+                                stdout=fh, stderr=subprocess.STDOUT)
+        ctx.mon.watch(label, proc.pid)
+        proc.wait()
+        wall = now() - t0
+        ctx.mon.unwatch(label)
+    rec.stop()
+    outcome = {}
+    for line in (d / "process.log").read_text(errors="replace").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "processed":
+            outcome[Path(e["path"]).name] = e["outcome"]
+    lat = {n: rec.times[n + ".png"] - t0 for n in outcome if n + ".png" in rec.times}
+    n = len(wl.items)
+    log(f"{label}: {len(lat)}/{n} in {wall:.1f}s")
+    return dict(tool="rembgd process", mode="folder", n=n, done=len(lat), capped=False, wall_s=wall,
+                files_s=n / wall, latency=lat, outcome=outcome, outcomes=dict(Counter(outcome.values())),
+                peak_rss=ctx.mon.peak(label), rc=proc.returncode)
+
+
+def rembg_w_log_stats(path: Path) -> dict:
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    return dict(processed=sum(line.startswith("processed:") for line in lines),
+                truncated=sum("truncated" in line.lower() for line in lines),
+                other_errors=sum(1 for line in lines if line and not line.startswith("processed:")
+                                 and "truncated" not in line.lower()))
+
+
+# ------------------------------------------------------------------- main
+
+
+def machine() -> dict:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import rembg
+    return dict(cores=os.cpu_count(), physical=psutil.cpu_count(logical=False), cpu=model,
+                ram_gb=psutil.virtual_memory().total / 2**30, python=platform.python_version(),
+                kernel=platform.release(), onnxruntime=onnxruntime.__version__,
+                rembg=getattr(rembg, "__version__", "2.0.86"))
+
+
+def busy_cpu_s() -> float:
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def own_cpu_s() -> float:
+    t = os.times()  # waited-for children (every tool we started) are included
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def models_snapshot(models: Path) -> dict:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(models.iterdir())}
+
+
+def run_all(args) -> dict:
+    ctx = Ctx(args)
+    p = ctx.p
+    if not Path(ctx.rembg).exists():
+        sys.exit(f"{ctx.rembg} not found: install the bench extras (`make bench` does: "
+                 "pip install 'rembg[cli]==2.0.86')")
+    if not (ctx.models / "u2netp.onnx").is_file():
+        sys.exit(f"no u2netp.onnx in {ctx.models}: run `make models`")
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True)
+    home_before = {d: (Path.home() / d).exists() for d in (".u2net", ".rembg")}
+    models_before = models_snapshot(ctx.models)
+    wall0, busy0, own0 = now(), busy_cpu_s(), own_cpu_s()
+    meta = dict(date=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                machine=machine(), load_start=os.getloadavg(), threads=ctx.threads,
+                profile="quick" if args.quick else "full", params=p)
+    log(f"profile {meta['profile']}, {ctx.threads} threads, load {meta['load_start']}")
+
+    log("generating workloads")
+    wls = {}
+    only = args.only.split(",") if args.only else ["distinct", "studio", "burst"]
+    if "distinct" in only:
+        wls["distinct"] = wlmod.distinct(p["distinct"])
+    if "studio" in only:
+        wls["studio"] = wlmod.studio(p["studio"], p["originals"])
+    if "burst" in only:
+        wls["burst"] = wlmod.burst(p["burst"], p["burst_bases"])
+    srcs = {}
+    for name, wl in wls.items():
+        srcs[name] = ctx.dir(name, "src")
+        wlmod.write(wl.items, srcs[name])
+    meta["gen_s"] = now() - wall0
+
+    ctx.startup_rembg = rembg_startup(ctx)
+    meta["rembg_startup_s"] = ctx.startup_rembg
+    log(f"rembg p start-up (empty folder): {ctx.startup_rembg:.1f}s")
+
+    sample = [it for it in (wls["distinct"].items if "distinct" in wls else wlmod.distinct(4).items)
+              if it.size[0] * it.size[1] >= 700_000][:3]
+    meta["breakdown"] = cost_breakdown(ctx, sample)
+    log("cost of one new file: " + ", ".join(f"{k} {v:.0f} ms" for k, v in meta["breakdown"]["stages"].items()))
+
+    results: dict[str, dict] = {}
+    deadline = wall0 + (args.budget or p["budget_s"])
+    for i, (name, wl) in enumerate(wls.items()):
+        log(f"== {name}: {wl.note}")
+        r: dict = {"note": wl.note, "meta": wl.meta, "kinds": {it.name: it.kind for it in wl.items}}
+        t_w = now()
+        # what is left of the time budget, shared by the workloads still to run, caps rembg's
+        # runs (rembg has no cache, so its rate over a cap carries over to the whole workload)
+        share = (deadline - now()) / (len(wls) - i)
+        cap_p = min(p["rembg_p_cap"][name], max(20.0, 0.35 * share))
+        cap_w = min(p["watch_cap"][name], max(8.0, 0.10 * share))
+        # alternate which tool goes first, so drifting background load favours neither
+        if i % 2 == 0:
+            r["rembg p"] = phase_rembg_p(ctx, wl, srcs[name], cap_p)
+            r["rembgd run"], daemon = phase_rembgd(ctx, wl, probe=name == "studio")
+        else:
+            r["rembgd run"], daemon = phase_rembgd(ctx, wl, probe=name == "studio")
+            r["rembg p"] = phase_rembg_p(ctx, wl, srcs[name], cap_p)
+        w, wproc, wlog = phase_rembg_watch(ctx, wl, cap_w, probe=name == "studio",
+                                           rename_check=name == "distinct")
+        r["rembg p -w"] = w
+        # Idle: rembg -w over its own window; rembgd over the last idle_s seconds before it is
+        # stopped, all of them after its last output (rembg may run meanwhile: a process's own
+        # CPU time does not depend on what else runs).
+        d_label, w_label = f"{name}/rembgd run", f"{name}/rembg p -w"
+        t_ready = r["rembgd run"]["t_done"] + 1.0
+        wait = max(p["watch_idle_s"], t_ready + p["idle_s"] - now())
+        w0 = (now(), tree_cpu(wproc.pid), tree_rss(wproc.pid))
+        time.sleep(wait)
+        el = now() - w0[0]
+        r["rembg p -w"]["idle"] = dict(cpu_pct=100 * (tree_cpu(wproc.pid) - w0[1]) / el, window_s=el,
+                                       rss_start=w0[2], rss_end=tree_rss(wproc.pid))
+        r["rembgd run"]["idle"] = idle_cpu(ctx, d_label, daemon.proc.pid, p["idle_s"])
+        r["rembgd run"]["idle"]["after_last_output_s"] = (
+            now() - r["rembgd run"]["idle"]["window_s"] - r["rembgd run"]["t_done"])
+        r["rembg p -w"]["remote"] = sorted(ctx.mon.remote.get(w_label, ()))
+        r["rembg p -w"]["peak_rss"] = ctx.mon.peak(w_label)
+        r["rembgd run"]["peak_rss"] = ctx.mon.peak(d_label)
+        ctx.mon.unwatch(w_label)
+        ctx.mon.unwatch(d_label)
+        stop_process(wproc)
+        wlog.close()
+        r["rembg p -w"]["log"] = rembg_w_log_stats(ctx.dir(name, "rembg_w") / "rembg-w.log")
+        daemon.stop()
+        if args.process:
+            r["rembgd process"] = phase_rembgd_process(ctx, wl, srcs[name])
+        r["elapsed_s"] = now() - t_w
+        for tool in ("rembgd run", "rembg p -w"):
+            r[tool].pop("t_done", None)
+        results[name] = r
+        log(f"== {name} took {r['elapsed_s']:.0f}s (total {now() - wall0:.0f}s)")
+
+    ctx.mon.stop()
+    total = now() - wall0
+    foreign = (busy_cpu_s() - busy0) - (own_cpu_s() - own0)
+    meta.update(total_s=total, load_end=os.getloadavg(),
+                foreign_cores=max(0.0, foreign) / total,
+                network=dict(
+                    remote_sockets=sorted({a for k, v in ctx.mon.remote.items() if "rembg p" in k
+                                           for a in v}),
+                    home_created=[d for d, was in home_before.items()
+                                  if not was and (Path.home() / d).exists()],
+                    models_unchanged=models_snapshot(ctx.models) == models_before))
+    return dict(meta=meta, workloads=results)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small counts and short windows (development)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="ONNX Runtime threads for both tools (default: all cores)")
+    ap.add_argument("--models", default=str(ROOT / "var" / "models"))
+    ap.add_argument("--only", help="comma-separated workloads (distinct,studio,burst)")
+    ap.add_argument("--process", action="store_true",
+                    help="also time `rembgd process` (folder mode) per workload (+~2 min)")
+    ap.add_argument("--budget", type=float,
+                    help="seconds the whole run may take; rembg's caps shrink to fit (default: "
+                         "560 full, 400 quick)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render results.md/png from bench/out/run/results.json")
+    ap.add_argument("--out", default=str(BENCH), help="where results.md and results.png go")
+    args = ap.parse_args()
+    import report
+
+    data_path = OUT / "results.json"
+    if args.report_only:
+        data = json.loads(data_path.read_text())
+    else:
+        data = run_all(args)
+        data_path.write_text(json.dumps(data, indent=1, default=str))
+    out = Path(args.out)
+    report.write_markdown(data, out / "results.md")
+    report.plot(data, out / "results.png")
+    log(f"wrote {out / 'results.md'} and {out / 'results.png'} "
+        f"(run took {data['meta']['total_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,473 @@
+"""Cache lifecycle: which entries to evict (pure policy) and the batched deleter.
+
+``plan_prune`` is pure: entries, limits and a clock value in, an ordered list
+of victims (each with the reason it goes and the bytes it frees) out.
+``Pruner`` runs a plan against any ``Store`` (only Protocol methods are used),
+in small batches, and decides when the next run is due.
+
+Decisions, in short (the README section "Cache lifecycle" has the long form):
+
+* **Aliases stay valid without their origin.** An alias row (``entry.origin``
+  set: a pixel- or near-duplicate that reused another entry's mask) references
+  its own ``mask_digest``/``output_digest``; the blobs are content-addressed and
+  a store deletes a blob only when no remaining row references it. So evicting
+  an origin never breaks its aliases and there is no cascade. An origin is,
+  however, the only row near-duplicate search can find (aliases are not
+  near-candidates), so an origin is ranked by its *family*: its last_hit is the
+  newest of its own and its aliases', its hits the sum. A hot alias keeps its
+  origin (a row, its blobs are shared anyway); a cold alias goes on its own.
+* **Shared blobs are counted once.** Bytes are the sum of the distinct blobs
+  referenced plus the index. Evicting an entry frees only the blobs no other
+  surviving row references (``estimate_blob_sizes`` splits ``entry.nbytes``
+  into per-blob sizes). The index (``index_bytes``) is charged per row,
+  ``index_bytes / n`` each: SQLite does not shrink its file, but new rows reuse
+  the freed pages.
+* **Hysteresis.** A run triggered by a crossed limit prunes down to
+  ``limits.low_water`` of it (default 0.9), so the cache does not thrash by
+  pruning one entry per insert.
+* ``0`` disables a limit (``ttl_days``, ``max_entries``, ``max_bytes``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import structlog
+
+from .config import CacheLimits, PruneSchedule
+
+REASONS = ("ttl", "max_entries", "max_bytes")
+DAY_S = 86400.0
+BATCH_IDS = 200  # ids per store.delete call
+BATCH_PAUSE_S = 0.005  # between batches: the store mutex and the GIL go to lookups
+LOCK_NAME = "prune"
+LOCK_TTL_S = 300.0
+DECAY_GAPS = 4.0  # lfu-decay half-life in median hit gaps (bench/prune_policy.md)
+
+
+@dataclass(slots=True)
+class Rec:
+    """The fields of ``store.base.Entry`` a plan needs (no fingerprints: 200k rows fit)."""
+
+    id: str
+    model: str
+    mask_digest: str
+    output_digest: str | None
+    nbytes: int
+    created: float
+    last_hit: float
+    hits: int
+    origin: str | None = None
+
+    @classmethod
+    def of(cls, e: Any) -> Rec:
+        return cls(e.id, e.model, e.mask_digest, e.output_digest, int(e.nbytes), float(e.created),
+                   float(e.last_hit), int(e.hits), e.origin)
+
+    def digests(self) -> tuple[str, ...]:
+        if self.output_digest and self.output_digest != self.mask_digest:
+            return (self.mask_digest, self.output_digest)
+        return (self.mask_digest,)
+
+
+def slim(entries: Iterable[Any]) -> list[Rec]:
+    """Stream entries into ``Rec``s, dropping fingerprints as it goes."""
+    return [e if isinstance(e, Rec) else Rec.of(e) for e in entries]
+
+
+@dataclass(frozen=True)
+class Victim:
+    id: str
+    reason: str  # ttl | max_entries | max_bytes
+    nbytes: int  # bytes freed: blobs no survivor references + the row's share of the index
+    model: str = ""
+    last_hit: float = 0.0
+    hits: int = 0
+
+
+@dataclass
+class PrunePlan:
+    victims: list[Victim]
+    entries_before: int
+    bytes_before: int
+    entries_after: int
+    bytes_after: int
+    policy: str
+
+    @property
+    def ids(self) -> list[str]:
+        return [v.id for v in self.victims]
+
+    def by_reason(self) -> dict[str, dict[str, int]]:
+        out = {r: {"entries": 0, "bytes": 0} for r in REASONS}
+        for v in self.victims:
+            out[v.reason]["entries"] += 1
+            out[v.reason]["bytes"] += v.nbytes
+        return out
+
+
+# ------------------------------------------------------------- blob sizes
+
+
+def _refs(recs: list[Rec]) -> dict[str, int]:
+    refs: dict[str, int] = {}
+    get = refs.get
+    for r in recs:
+        refs[r.mask_digest] = get(r.mask_digest, 0) + 1
+        o = r.output_digest
+        if o and o != r.mask_digest:
+            refs[o] = get(o, 0) + 1
+    return refs
+
+
+def estimate_blob_sizes(recs: list[Rec], resolve: Callable[[str], int] | None = None,
+                        refs: dict[str, int] | None = None) -> dict[str, int]:
+    """Per-blob sizes from per-entry ``nbytes`` (mask + output), each blob counted once.
+
+    ``nbytes = size(mask) + size(output)`` for every row, and rows that share a
+    digest share its size, so known sizes propagate (an entry without output
+    gives its mask's size; a known mask gives the output's). What stays unknown
+    is a digest pair seen only together: if neither blob is shared, the split
+    does not matter (they are freed together) and the output takes it all; if
+    one is shared (a near alias reusing a same-size mask), ``resolve`` (e.g. the
+    length of ``store.get_blob``) gives the exact size, else the shared blob is
+    charged 0 and the unshared one the whole ``nbytes``: an overestimate, so a
+    prune errs on freeing a little more.
+    """
+    refs = _refs(recs) if refs is None else refs
+    size: dict[str, int] = {}
+    pairs_of: dict[str, list[Rec]] = {}  # shared digest -> the two-blob rows referencing it
+    pairs: list[Rec] = []
+    for r in recs:
+        m, o = r.mask_digest, r.output_digest
+        if not o or o == m:
+            size.setdefault(m, r.nbytes if not o else r.nbytes // 2)
+        elif refs[m] == 1 and refs[o] == 1:  # freed together: the split does not matter
+            size[m], size[o] = 0, r.nbytes
+        else:
+            pairs.append(r)
+            for d in (m, o):
+                if refs[d] > 1:
+                    pairs_of.setdefault(d, []).append(r)
+
+    def settle(queue: list[str]) -> None:  # propagate known sizes through shared digests
+        while queue:
+            d = queue.pop()
+            for r in pairs_of.get(d, ()):
+                other = r.output_digest if d == r.mask_digest else r.mask_digest
+                if other not in size:
+                    size[other] = max(0, r.nbytes - size[d])
+                    queue.append(other)
+
+    settle([d for d in pairs_of if d in size])
+    for r in pairs:
+        m, o = r.mask_digest, r.output_digest
+        if m in size and o in size:
+            continue
+        if m in size or o in size:
+            settle([m if m in size else o])
+            continue
+        shared = m if refs[m] > 1 else o
+        size[shared] = max(0, min(r.nbytes, resolve(shared))) if resolve else 0
+        settle([shared])
+    return size
+
+
+# ------------------------------------------------------------------ policy
+
+
+def _families(recs: list[Rec]) -> tuple[list[float], list[int]]:
+    """Effective (last_hit, hits) per position: an origin gets its aliases' too."""
+    last = [r.last_hit for r in recs]
+    hits = [r.hits for r in recs]
+    pos: dict[str, int] | None = None
+    for r in recs:
+        if r.origin:
+            if pos is None:
+                pos = {x.id: k for k, x in enumerate(recs)}
+            j = pos.get(r.origin)
+            if j is not None:
+                last[j] = max(last[j], r.last_hit)
+                hits[j] += r.hits
+    return last, hits
+
+
+def decay_half_life(recs: list[Rec]) -> float:
+    """``lfu-decay``'s half-life: DECAY_GAPS x the median gap between hits of hit entries.
+
+    Adaptive, so it needs no setting and works in any time unit: an entry's
+    count halves for every such stretch it goes unhit. Scaling on hit gaps
+    (rather than on entry ages) keeps stale entries from slowing their own decay.
+    With no hit entries at all it is infinite (plain LFU, which is then LRU).
+    """
+    gaps = sorted((r.last_hit - r.created) / r.hits for r in recs if r.hits > 0)
+    if not gaps:
+        return math.inf
+    return max(DECAY_GAPS * gaps[len(gaps) // 2], 1.0)
+
+
+def _order(recs: list[Rec], policy: str, now: float, last: list[float],
+           hits: list[int]) -> list[int]:
+    created = [r.created for r in recs]
+    ids = [r.id for r in recs]
+    if policy == "lru":
+        key = lambda k: (last[k], created[k], ids[k])  # noqa: E731
+    elif policy == "lfu":
+        key = lambda k: (hits[k], last[k], created[k], ids[k])  # noqa: E731
+    elif policy == "lfu-decay":
+        rate = -math.log(2) / decay_half_life(recs)
+        exp = math.exp
+        key = lambda k: ((hits[k] + 1) * exp(rate * (now - last[k])),  # noqa: E731
+                         last[k], created[k], ids[k])
+    else:
+        raise ValueError(f"unknown cache policy {policy!r}")
+    return sorted(range(len(recs)), key=key)
+
+
+def policy_order(recs: list[Rec], policy: str, now: float) -> list[Rec]:
+    """``recs`` sorted coldest first under ``policy``."""
+    recs = slim(recs)
+    last, hits = _families(recs)
+    return [recs[k] for k in _order(recs, policy, now, last, hits)]
+
+
+def plan_prune(entries: Iterable[Any], limits: CacheLimits, now: float, index_bytes: int = 0,
+               *, blob_sizes: dict[str, int] | None = None) -> PrunePlan:
+    """The victims, in deletion order, each with its reason. Pure: nothing is deleted.
+
+    1. ``ttl``: effective last hit older than ``ttl_days`` (all of them).
+    2. ``max_entries``: if the survivors are more than ``max_entries``, the
+       coldest under ``limits.policy`` until ``low_water * max_entries`` remain.
+    3. ``max_bytes``: if the distinct blobs + index exceed ``max_bytes``, the
+       coldest until it is at most ``low_water * max_bytes``.
+    """
+    recs = slim(entries)
+    n = len(recs)
+    refs = _refs(recs)
+    sizes = blob_sizes if blob_sizes is not None else estimate_blob_sizes(recs, refs=refs)
+    row_index = index_bytes / n if n else 0.0
+    total = float(sum(sizes.get(d, 0) for d in refs) + index_bytes)
+    bytes_before = int(total)
+    victims: list[Victim] = []
+    gone: set[int] = set()
+
+    def evict(k: int, reason: str) -> None:
+        nonlocal total
+        r = recs[k]
+        freed = row_index
+        for d in r.digests():
+            refs[d] -= 1
+            if refs[d] == 0:
+                freed += sizes.get(d, 0)
+        total -= freed
+        gone.add(k)
+        victims.append(Victim(r.id, reason, int(round(freed)), r.model, r.last_hit, r.hits))
+
+    last, hits = _families(recs)
+    if limits.ttl_days > 0:
+        cutoff = now - limits.ttl_days * DAY_S
+        for k in sorted((k for k in range(n) if last[k] < cutoff), key=lambda k: last[k]):
+            evict(k, "ttl")
+    low = min(max(limits.low_water, 0.0), 1.0)
+    over_n = limits.max_entries > 0 and n - len(gone) > limits.max_entries
+    over_b = limits.max_bytes > 0 and total > limits.max_bytes
+    if over_n or over_b:
+        target_n = math.floor(limits.max_entries * low)
+        target_b = limits.max_bytes * low
+        # ranked over everything, so a family still counts members that went by ttl
+        order = [k for k in _order(recs, limits.policy, now, last, hits) if k not in gone]
+        i = 0
+        if over_n:
+            while i < len(order) and n - len(gone) > target_n:
+                evict(order[i], "max_entries")
+                i += 1
+        if limits.max_bytes > 0 and (over_b or total > limits.max_bytes):
+            while i < len(order) and total > target_b:
+                evict(order[i], "max_bytes")
+                i += 1
+    return PrunePlan(victims, n, bytes_before, n - len(gone), int(round(max(total, 0))),
+                     limits.policy)
+
+
+# ------------------------------------------------------------------ runner
+
+
+@dataclass
+class PruneReport:
+    dry_run: bool
+    policy: str
+    entries_before: int = 0
+    entries_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    removed: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {r: {"entries": 0, "bytes": 0} for r in REASONS})
+    deleted: int = 0  # rows the store actually deleted (0 on a dry run)
+    batches: int = 0
+    max_batch_ms: float = 0.0
+    seconds: float = 0.0
+    skipped: str | None = None  # why nothing ran (another pruner holds the lock)
+    cancelled: bool = False
+    victims: list[Victim] = field(default_factory=list)
+
+    def to_dict(self, victims: bool = False) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "victims"}
+        d["victims"] = len(self.victims)
+        if victims:
+            d["victim_list"] = [v.__dict__ for v in self.victims]
+        return d
+
+
+class Pruner:
+    """Applies ``CacheLimits`` to a store on the ``PruneSchedule``.
+
+    ``Pruner(store, cfg.cache.limits, cfg.cache.prune, log)``; the service
+    calls ``due(time.time())`` from its loop and ``run()`` on a thread.
+    """
+
+    def __init__(self, store, limits: CacheLimits, schedule: PruneSchedule, log=None, *,
+                 clock: Callable[[], float] = time.time, batch_size: int = BATCH_IDS,
+                 pause_s: float = BATCH_PAUSE_S):
+        self.store = store
+        self.limits = limits
+        self.schedule = schedule
+        self.log = log if log is not None else structlog.get_logger("rembgd.prune")
+        self.clock = clock
+        self.batch_size = max(1, int(batch_size))
+        self.pause_s = pause_s
+        self._armed_at = clock()
+        self._last_run: float | None = None
+        self._last_limit_check = -math.inf
+        self._mark = (0, 0)  # store.count(), store.total_bytes() after the last run
+        self._cancel = threading.Event()
+        self.last_report: PruneReport | None = None
+
+    # ------------------------------------------------------------ schedule
+
+    def due(self, now: float) -> bool:
+        """True when a run is due: start-up, every ``interval_s``, the daily time, a limit."""
+        s = self.schedule
+        if s.interval_s > 0 and (self._last_run is None or now - self._last_run >= s.interval_s):
+            return True
+        if s.daily_at:
+            since = self._last_run if self._last_run is not None else self._armed_at
+            if since < last_daily(s.daily_at, now) <= now:
+                return True
+        if now - self._last_limit_check >= s.limit_check_s:
+            self._last_limit_check = now
+            return self.limit_crossed()
+        return False
+
+    def limit_crossed(self) -> bool:
+        """The cheap check: ``count() > max_entries`` or ``total_bytes() > max_bytes``.
+
+        After a run that could not get the cheap numbers under a limit (shared
+        blobs are counted once by the plan, maybe not by ``total_bytes``), the
+        limit must be exceeded by a further margin before it triggers again.
+        """
+        lim = self.limits
+        slack = max(1.0 - lim.low_water, 0.02) / 2
+        if lim.max_entries > 0:
+            bar = max(lim.max_entries, self._mark[0] + slack * lim.max_entries) \
+                if self._mark[0] > lim.max_entries else lim.max_entries
+            if self.store.count() > bar:
+                return True
+        if lim.max_bytes > 0:
+            bar = max(lim.max_bytes, self._mark[1] + slack * lim.max_bytes) \
+                if self._mark[1] > lim.max_bytes else lim.max_bytes
+            if self.store.total_bytes() > bar:
+                return True
+        return False
+
+    def cancel(self) -> None:
+        """Stop a running ``run`` after its current batch (e.g. on SIGTERM)."""
+        self._cancel.set()
+
+    # ------------------------------------------------------------------ run
+
+    def plan(self, now: float | None = None) -> PrunePlan:
+        store = self.store
+        store.flush()  # coalesced hit counts first: they decide who goes
+        now = self.clock() if now is None else now
+        recs = slim(store.entries())
+        overhead = max(0, int(store.total_bytes()) - sum(r.nbytes for r in recs))
+        sizes = estimate_blob_sizes(recs, resolve=self._blob_size)
+        return plan_prune(recs, self.limits, now, overhead, blob_sizes=sizes)
+
+    def _blob_size(self, digest: str) -> int:
+        data = self.store.get_blob(digest)
+        return len(data) if data is not None else 0
+
+    def run(self, dry_run: bool = False) -> PruneReport:
+        t0 = time.perf_counter()
+        self._cancel.clear()
+        report = PruneReport(dry_run=dry_run, policy=self.limits.policy)
+        token = None
+        if not dry_run:
+            token = self.store.try_lock(LOCK_NAME, LOCK_TTL_S)
+            if token is None:
+                report.skipped = "another pruner holds the lock"
+                self.log.info("cache_prune_skipped", reason=report.skipped)
+                self._last_run = self.clock()
+                return report
+        try:
+            plan = self.plan()
+            report.entries_before, report.bytes_before = plan.entries_before, plan.bytes_before
+            report.entries_after, report.bytes_after = plan.entries_after, plan.bytes_after
+            report.victims = plan.victims
+            done: list[Victim] = plan.victims
+            if not dry_run:
+                done = self._delete(plan.victims, report, token)
+            for v in done:
+                report.removed[v.reason]["entries"] += 1
+                report.removed[v.reason]["bytes"] += v.nbytes
+        finally:
+            if token is not None:
+                self.store.unlock(LOCK_NAME, token)
+        report.seconds = round(time.perf_counter() - t0, 3)
+        if not dry_run:
+            self._last_run = self.clock()
+            self._mark = (self.store.count(), self.store.total_bytes())
+        self.last_report = report
+        flat = {f"{r}_{k}": report.removed[r][k] for r in REASONS for k in ("entries", "bytes")}
+        self.log.info("cache_pruned", dry_run=dry_run, policy=report.policy,
+                      entries_before=report.entries_before, entries_after=report.entries_after,
+                      bytes_before=report.bytes_before, bytes_after=report.bytes_after,
+                      removed_entries=sum(v["entries"] for v in report.removed.values()),
+                      removed_bytes=sum(v["bytes"] for v in report.removed.values()),
+                      deleted=report.deleted, batches=report.batches,
+                      max_batch_ms=report.max_batch_ms, seconds=report.seconds,
+                      cancelled=report.cancelled, **flat)
+        return report
+
+    def _delete(self, victims: list[Victim], report: PruneReport, token: str) -> list[Victim]:
+        """Batches of at most ``batch_size`` ids; a short sleep between them."""
+        done: list[Victim] = []
+        for start in range(0, len(victims), self.batch_size):
+            if self._cancel.is_set():
+                report.cancelled = True
+                break
+            batch = victims[start:start + self.batch_size]
+            t = time.perf_counter()
+            report.deleted += self.store.delete([v.id for v in batch])
+            ms = (time.perf_counter() - t) * 1000
+            report.batches += 1
+            report.max_batch_ms = round(max(report.max_batch_ms, ms), 2)
+            done += batch
+            self.store.refresh_lock(LOCK_NAME, token, LOCK_TTL_S)
+            time.sleep(self.pause_s)  # yields the GIL and the store to lookups
+        return done
+
+
+def last_daily(hhmm: str, now: float) -> float:
+    """The latest local ``HH:MM`` at or before ``now`` (epoch seconds)."""
+    hh, mm = (int(x) for x in hhmm.split(":"))
+    local = _dt.datetime.fromtimestamp(now)
+    at = local.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    if at.timestamp() > now:
+        at = (local - _dt.timedelta(days=1)).replace(hour=hh, minute=mm, second=0, microsecond=0)
+    return at.timestamp()

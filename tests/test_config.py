@@ -1,0 +1,331 @@
+"""config.yaml validation: every error names the key path and the file."""
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemon import config as C
+from daemon.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(folder: Path, data) -> Path:
+    path = folder / "studio.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    for d in ("in", "in2", "in/sub"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    return tmp_path
+
+
+def base() -> dict:
+    return {"watch": [{"inbox": "in", "outbox": "out"}], "models": {"dir": "models"},
+            "cache": {"dir": "cache"}}
+
+
+def _error(folder: Path, data, **kw) -> str:
+    path = _write(folder, data)
+    with pytest.raises(ConfigError) as info:
+        C.load(path, **kw)
+    message = str(info.value)
+    assert str(path.resolve()) in message or str(path) in message, message
+    assert "\n" not in message, message
+    return message
+
+
+# -------------------------------------------------------------- the shipped file
+
+
+def test_default_config_yaml_loads():
+    cfg = C.load(ROOT / "config.yaml", check_folders=False)
+    assert cfg.source == (ROOT / "config.yaml").resolve()
+    (pair,) = cfg.watch
+    assert pair.inbox == ROOT / "var" / "inbox"
+    assert pair.outbox == ROOT / "var" / "outbox"
+    assert cfg.cache.dir == ROOT / "var" / "cache"
+    assert cfg.models_dir == ROOT / "var" / "models"
+    opts = cfg.output_defaults
+    assert opts.model == "u2netp"  # the offline model, never bria-rmbg
+    assert opts.png_compression == 1
+    assert not opts.only_mask and not opts.alpha_matting.enabled and opts.bgcolor is None
+    assert cfg.threads == 0 and cfg.max_image_pixels == 100_000_000
+    assert cfg.store.backend == "sqlite" and cfg.log_format == "auto"
+
+
+def test_default_config_passes_folder_checks_when_inbox_exists(tmp_path):
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    (tmp_path / "var" / "inbox").mkdir(parents=True)
+    cfg = C.load(tmp_path / "config.yaml")
+    assert cfg.watch[0].inbox == tmp_path / "var" / "inbox"
+    assert cfg.watch[0].failed_dir == tmp_path / "var" / "failed"
+    assert cfg.watch[0].done_dir == tmp_path / "var" / "done"
+
+
+def test_default_config_every_key_is_known():
+    """Every key written in config.yaml is parsed (the loader rejects unknown ones)."""
+    data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    C.parse(data, ROOT / "config.yaml", check_folders=False)
+
+
+# ---------------------------------------------------------- the error messages
+
+
+def _set(data: dict, dotted: str, value) -> dict:
+    data = copy.deepcopy(data)
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if part.startswith("watch["):
+            node = node["watch"][int(part[6:-1])]
+        else:
+            node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return data
+
+
+BAD = [
+    # (dotted key to set, value, key path expected in the message, words expected)
+    ("colour", "red", "colour", "unknown key"),
+    ("cache.limts", {"max_bytes": 1}, "cache.limts", "did you mean 'limits'"),
+    ("cache.limits.max_byte", 1, "cache.limits.max_byte", "unknown key"),
+    ("output.alpha_matting.enable", True, "output.alpha_matting.enable", "did you mean 'enabled'"),
+    ("watch[0].inbx", "x", "watch[0].inbx", "unknown key"),
+    ("watch[0].options.modle", "u2net", "watch[0].options.modle", "did you mean 'model'"),
+    ("workers", "two", "workers", "expected int, got str"),
+    ("workers", True, "workers", "expected int, got bool"),
+    ("workers", 2.5, "workers", "expected int, got float"),
+    ("workers", 0, "workers", "must be >= 1"),
+    ("settle_s", "1s", "settle_s", "expected float"),
+    ("output.only_mask", "yes", "output.only_mask", "expected bool"),
+    ("output.png_compression", 12, "output.png_compression", "must be <= 9"),
+    ("output.bgcolor", [255, 255, 255], "output.bgcolor", "four integers"),
+    ("output.bgcolor", "white", "output.bgcolor", "expected list"),
+    ("output.alpha_matting.erode_size", -1, "output.alpha_matting.erode_size", ">= 0"),
+    ("output.alpha_matting", True, "output.alpha_matting", "must be a mapping"),
+    ("models.dir", 5, "models.dir", "expected str"),
+    ("cache.match.phash_radius", 40, "cache.match.phash_radius", "must be <= 15"),
+    ("observer", "fsevents", "observer", "must be one of auto, inotify, polling"),
+    ("cache.limits.policy", "fifo", "cache.limits.policy", "must be one of lru, lfu"),
+    ("store.backend", "postgres", "store.backend", "must be one of sqlite, redis"),
+    ("logging.format", "xml", "logging.format", "must be one of auto, json, text"),
+    ("watch[0].after_success", "archive", "watch[0].after_success", "keep, move, delete"),
+    ("umask", "999", "umask", "octal"),
+    ("ignore", [1, 2], "ignore", "glob"),
+    ("watch", {"inbox": "in"}, "watch", "must be a list"),
+]
+
+
+@pytest.mark.parametrize("dotted,value,key,words", BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
+def test_bad_value_names_key_and_file(tree, dotted, value, key, words):
+    message = _error(tree, _set(base(), dotted, value), check_folders=False)
+    assert f": {key}: " in message, message
+    assert words in message, message
+
+
+def test_not_a_mapping(tree):
+    assert "must be a mapping" in _error(tree, "- just\n- a list\n", check_folders=False)
+
+
+def test_invalid_yaml_is_one_line_with_position(tree):
+    message = _error(tree, "watch: [\n  {inbox: in\n", check_folders=False)
+    assert "invalid YAML at line" in message
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        C.load(tmp_path / "missing.yaml")
+
+
+# ----------------------------------------------------------------- the folders
+
+
+def test_missing_inbox_folder(tree):
+    message = _error(tree, _set(base(), "watch[0].inbox", "nowhere"))
+    assert ": watch[0].inbox: " in message and "does not exist" in message
+    assert str(tree / "nowhere") in message
+
+
+def test_inbox_that_is_a_file(tree):
+    (tree / "file").write_text("x")
+    assert "is not a folder" in _error(tree, _set(base(), "watch[0].inbox", "file"))
+
+
+def test_missing_inbox_key(tree):
+    data = {"watch": [{"outbox": "out"}]}
+    assert ": watch[0].inbox: is required" in _error(tree, data)
+
+
+def test_no_pair_at_all_for_the_service(tree):
+    assert ": watch: at least one" in _error(tree, {"models": {"dir": "m"}})
+    C.load(_write(tree, {"models": {"dir": "m"}}), check_folders=False)  # fine for `process`
+
+
+@pytest.mark.parametrize("key,value", [
+    ("outbox", "in/out"), ("outbox", "in"), ("failed_dir", "in/failed"),
+    ("done_dir", "in/sub/done"), ("outbox", "."), ("failed_dir", ".")])
+def test_output_folders_inside_or_around_inbox(tree, key, value):
+    message = _error(tree, _set(base(), f"watch[0].{key}", value))
+    assert f": watch[0].{key}: " in message, message
+    assert "inbox" in message
+
+
+def test_cache_inside_inbox(tree):
+    message = _error(tree, _set(base(), "cache.dir", "in/.cache"))
+    assert "watch[0].inbox" in message and "cache.dir" in message
+
+
+@pytest.mark.parametrize("second", ["in/sub", "in", "."])
+def test_overlapping_inboxes(tree, second):
+    data = base()
+    data["watch"].append({"inbox": second, "outbox": "out2"})
+    message = _error(tree, data)
+    assert ": watch[1]." in message and "overlaps" in message or "inside" in message, message
+
+
+def test_outbox_of_one_pair_in_inbox_of_another(tree):
+    """Pair 1 writing into pair 0's inbox would feed its own outputs back (either order)."""
+    data = base()
+    data["watch"].append({"inbox": "in2", "outbox": "in/from-pair-1"})
+    message = _error(tree, data)
+    assert ": watch[1].outbox: " in message and "watch[0].inbox" in message
+    data = base()
+    data["watch"][0]["outbox"] = "in2/out"
+    data["watch"].append({"inbox": "in2", "outbox": "out2"})
+    message = _error(tree, data)
+    assert ": watch[0].outbox: " in message and "watch[1].inbox" in message
+
+
+def test_failed_dir_of_one_pair_in_inbox_of_another(tree):
+    data = base()
+    data["watch"].append({"inbox": "in2", "outbox": "out2", "failed_dir": "in/failed"})
+    assert ": watch[1].failed_dir: " in _error(tree, data)
+
+
+def test_two_pairs_one_outbox(tree):
+    data = base()
+    data["watch"].append({"inbox": "in2", "outbox": "out"})
+    assert ": watch[1].outbox: " in _error(tree, data)
+
+
+def test_two_good_pairs(tree):
+    data = base()
+    data["watch"].append({"inbox": "in2", "outbox": "out2", "failed_dir": "failed2",
+                          "done_dir": "done2"})
+    cfg = C.load(_write(tree, data))
+    assert [p.inbox for p in cfg.watch] == [tree / "in", tree / "in2"]
+
+
+# ------------------------------------------------------- paths and overrides
+
+
+def test_relative_paths_resolve_against_the_config_folder(tree, monkeypatch):
+    elsewhere = tree / "in" / "sub"
+    monkeypatch.chdir(elsewhere)  # not the config's folder
+    cfg = C.load(_write(tree, {**base(), "state_file": "run/status.json"}))
+    pair = cfg.watch[0]
+    assert pair.inbox == tree / "in" and pair.outbox == tree / "out"
+    assert cfg.cache.dir == tree / "cache" and cfg.models_dir == tree / "models"
+    assert cfg.state_file == tree / "run" / "status.json"
+    assert C.state_path(cfg) == tree / "run" / "status.json"
+
+
+def test_absolute_and_home_paths(tree, monkeypatch):
+    monkeypatch.setenv("HOME", str(tree))
+    data = _set(base(), "watch[0].inbox", str(tree / "in"))
+    data["models"]["dir"] = "~/models"
+    cfg = C.load(_write(tree / "in2", data))
+    assert cfg.watch[0].inbox == tree / "in"
+    assert cfg.watch[0].outbox == tree / "in2" / "out"  # relative: beside the config file
+    assert cfg.models_dir == tree / "models"
+
+
+def test_per_pair_options_override_output(tree):
+    data = base()
+    data["output"] = {"model": "u2netp", "only_mask": True, "png_compression": 3,
+                      "bgcolor": [0, 0, 0, 255],
+                      "alpha_matting": {"enabled": True, "erode_size": 5}}
+    data["watch"].append({"inbox": "in2", "outbox": "out2", "failed_dir": "f2", "done_dir": "d2",
+                          "options": {"png_compression": 9, "only_mask": False,
+                                      "alpha_matting": {"foreground_threshold": 200}}})
+    cfg = C.load(_write(tree, data))
+    first, second = (p.options for p in cfg.watch)
+    assert first.only_mask and first.png_compression == 3 and first.bgcolor == (0, 0, 0, 255)
+    assert first.alpha_matting == C.AlphaMatting(True, 240, 10, 5)
+    # overridden keys change, the rest is inherited from `output:`
+    assert not second.only_mask and second.png_compression == 9
+    assert second.bgcolor == (0, 0, 0, 255) and second.model == "u2netp"
+    assert second.alpha_matting == C.AlphaMatting(True, 200, 10, 5)
+    assert cfg.output_defaults == first
+
+
+def test_defaults_without_output_section(tree):
+    cfg = C.load(_write(tree, base()))
+    assert cfg.watch[0].options == C.OutputOptions()
+    assert cfg.watch[0].failed_dir == tree / "failed" and cfg.watch[0].done_dir == tree / "done"
+
+
+def test_int_accepted_for_float_and_null_means_default(tree):
+    cfg = C.load(_write(tree, {**base(), "settle_s": 2, "output": None, "cache": {"dir": "c",
+                                                                                  "prune": None}}))
+    assert cfg.settle_s == 2.0 and isinstance(cfg.settle_s, float)
+    assert cfg.output_defaults == C.OutputOptions()
+
+
+def test_umask_octal_string(tree):
+    assert C.load(_write(tree, {**base(), "umask": "027"})).umask == 0o027
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "daemon", *map(str, args)], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+@pytest.mark.parametrize("command", [["process", "x.jpg", "-o", "out"], ["run"],
+                                     ["models", "check"]])
+def test_cli_exits_2_with_one_line(tree, command):
+    path = _write(tree, _set(base(), "cache.limts", {}))
+    proc = _cli("-c", path, *command)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("rembgd: config error: ")
+    assert str(path) in lines[0] and "cache.limts" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_run_checks_folders(tree):
+    path = _write(tree, _set(base(), "watch[0].outbox", "in/out"))
+    proc = _cli("-c", path, "run", "--once")
+    assert proc.returncode == 2
+    assert "watch[0].outbox" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_config_file(tmp_path):
+    proc = _cli("-c", tmp_path / "nope.yaml", "models", "check")
+    assert proc.returncode == 2 and "cannot read config" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_output_section_is_what_process_uses(tree):
+    """`output:` is the default for `rembgd process`, even with no pairs or a pair override."""
+    data = {"output": {"only_mask": True, "png_compression": 4}, "models": {"dir": "m"}}
+    cfg = C.load(_write(tree, data), check_folders=False)
+    assert cfg.output_defaults.only_mask and cfg.output_defaults.png_compression == 4
+    data["watch"] = [{"inbox": "in", "outbox": "out", "options": {"png_compression": 9}}]
+    cfg = C.load(_write(tree, data))
+    assert cfg.watch[0].options.png_compression == 9
+    assert cfg.output_defaults.png_compression == 4 and cfg.output_defaults.only_mask
