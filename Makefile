@@ -43,6 +43,7 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 
 bench: models $(BENCH_STAMP)
 	@set -e; for b in $(BENCHES); do echo "== $$b $(BENCH_ARGS)"; $(BIN)/python $$b $(BENCH_ARGS); done
+	$(BIN)/python bench/soak.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -122,7 +122,8 @@ def plan_cost(n: int, policy: str, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     created = rng.uniform(0, 1e7, n)
     recs = [Rec(f"{k:032x}", "u2netp", f"m{k}", f"o{k}", 60_000, float(c),
-                float(c + rng.uniform(0, 1e6)), int(rng.zipf(1.5)) - 1) for k, c in enumerate(created)]
+                float(c + rng.uniform(0, 1e6)), int(rng.zipf(1.5)) - 1)
+            for k, c in enumerate(created)]
     limits = CacheLimits(max_bytes=0, max_entries=int(n * 0.95), ttl_days=0, policy=policy)
     t0 = time.perf_counter()
     plan_prune(recs, limits, 1.2e7)

@@ -498,6 +498,43 @@ def models_snapshot(models: Path) -> dict:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(models.iterdir())}
 
 
+# rembgd's wall time per workload, in units of one new 1-MP file's pipeline cost, at full size:
+# distinct = 100 misses; studio ~ 84 misses + 116 cheap hits; burst ~ 105 misses of small
+# files + 895 cheap hits (measured: 145 s, 141 s and 139 s at 1.35 s per unit), plus 10%.
+UNITS = {"distinct": 110, "studio": 105, "burst": 105}
+OVERHEAD_S = 75  # per workload: daemon and rembg -w start-up, rembg -w cap, idle, probe
+MIN_CAP_S = 25   # the least rembg p gets per workload
+
+
+def plan_scale(p: dict, unit_s: float, left_s: float, n_workloads: int) -> float:
+    """Fraction of the issue's sizes that fits the time left, given this machine's speed now."""
+    need = sum(UNITS.values()) * n_workloads / 3 * unit_s
+    room = left_s - n_workloads * (OVERHEAD_S + MIN_CAP_S) - 10
+    return max(0.2, min(1.0, room / need)) if need > 0 else 1.0
+
+
+def cached_workload(name: str, sizes: dict) -> wlmod.Workload:
+    """Workloads are deterministic: keep them between runs (keyed by sizes and generator code)."""
+    import hashlib
+    import pickle
+
+    args = {"distinct": (sizes["distinct"],), "studio": (sizes["studio"], sizes["originals"]),
+            "burst": (sizes["burst"], sizes["burst_bases"])}[name]
+    code = hashlib.sha256((BENCH / "workloads.py").read_bytes()).hexdigest()[:12]
+    path = BENCH / "out" / "cache" / f"{name}-{'-'.join(map(str, args))}-{code}.pkl"
+    if path.is_file():
+        try:
+            return pickle.loads(path.read_bytes())
+        except Exception:
+            pass
+    wl = getattr(wlmod, name)(*args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(wl))
+    tmp.replace(path)
+    return wl
+
+
 def run_all(args) -> dict:
     ctx = Ctx(args)
     p = ctx.p
@@ -517,39 +554,43 @@ def run_all(args) -> dict:
                 profile="quick" if args.quick else "full", params=p)
     log(f"profile {meta['profile']}, {ctx.threads} threads, load {meta['load_start']}")
 
-    log("generating workloads")
-    wls = {}
-    only = args.only.split(",") if args.only else ["distinct", "studio", "burst"]
-    if "distinct" in only:
-        wls["distinct"] = wlmod.distinct(p["distinct"])
-    if "studio" in only:
-        wls["studio"] = wlmod.studio(p["studio"], p["originals"])
-    if "burst" in only:
-        wls["burst"] = wlmod.burst(p["burst"], p["burst_bases"])
-    srcs = {}
-    for name, wl in wls.items():
-        srcs[name] = ctx.dir(name, "src")
-        wlmod.write(wl.items, srcs[name])
-    meta["gen_s"] = now() - wall0
-
     ctx.startup_rembg = rembg_startup(ctx)
     meta["rembg_startup_s"] = ctx.startup_rembg
     log(f"rembg p start-up (empty folder): {ctx.startup_rembg:.1f}s")
 
-    sample = [it for it in (wls["distinct"].items if "distinct" in wls else wlmod.distinct(4).items)
-              if it.size[0] * it.size[1] >= 700_000][:3]
+    # the first distinct photos of >= 0.7 MP: the cost breakdown, and the speed of this machine now
+    sample = [it for it in wlmod.distinct(8).items if it.size[0] * it.size[1] >= 700_000][:3]
     meta["breakdown"] = cost_breakdown(ctx, sample)
-    log("cost of one new file: " + ", ".join(f"{k} {v:.0f} ms" for k, v in meta["breakdown"]["stages"].items()))
+    log("cost of one new file: " + ", ".join(f"{k} {v:.0f} ms"
+                                              for k, v in meta["breakdown"]["stages"].items()))
+    budget = args.budget or p["budget_s"]
+    only = args.only.split(",") if args.only else ["distinct", "studio", "burst"]
+    scale = 1.0 if args.no_scale else plan_scale(
+        p, meta["breakdown"]["stages"]["rembgd: all stages"] / 1000, budget - (now() - wall0),
+        len(only))
+    meta["scale"] = scale
+    if scale < 1:
+        log(f"this machine is too slow right now for the full sizes in {budget:.0f}s: "
+            f"scaling the workloads to {scale:.0%}")
+    sizes = dict(distinct=round(p["distinct"] * scale), studio=round(p["studio"] * scale),
+                 originals=max(1, round(p["originals"] * scale)), burst=round(p["burst"] * scale),
+                 burst_bases=max(1, round(p["burst_bases"] * scale)))
+    meta["sizes"] = sizes
 
     results: dict[str, dict] = {}
     deadline = wall0 + (args.budget or p["budget_s"])
-    for i, (name, wl) in enumerate(wls.items()):
-        log(f"== {name}: {wl.note}")
+    for i, name in enumerate(only):
+        t_g = now()
+        wl = cached_workload(name, sizes)
+        src = ctx.dir(name, "src")
+        wlmod.write(wl.items, src)
+        srcs = {name: src}
+        log(f"== {name}: {wl.note} (ready in {now() - t_g:.1f}s)")
         r: dict = {"note": wl.note, "meta": wl.meta, "kinds": {it.name: it.kind for it in wl.items}}
         t_w = now()
         # what is left of the time budget, shared by the workloads still to run, caps rembg's
         # runs (rembg has no cache, so its rate over a cap carries over to the whole workload)
-        share = (deadline - now()) / (len(wls) - i)
+        share = (deadline - now()) / (len(only) - i)
         cap_p = min(p["rembg_p_cap"][name], max(20.0, 0.35 * share))
         cap_w = min(p["watch_cap"][name], max(8.0, 0.10 * share))
         # alternate which tool goes first, so drifting background load favours neither
@@ -619,6 +660,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float,
                     help="seconds the whole run may take; rembg's caps shrink to fit (default: "
                          "560 full, 400 quick)")
+    ap.add_argument("--no-scale", action="store_true",
+                    help="run the full sizes even if the machine is too slow for the budget")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render results.md/png from bench/out/run/results.json")
     ap.add_argument("--out", default=str(BENCH), help="where results.md and results.png go")

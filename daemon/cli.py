@@ -47,13 +47,17 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--png-compression", type=int, choices=range(10), metavar="0-9")
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def _options_from(args: argparse.Namespace, base: OutputOptions) -> OutputOptions:
     am = base.alpha_matting
     matting = AlphaMatting(
         enabled=am.enabled if args.alpha_matting is None else args.alpha_matting,
-        foreground_threshold=args.alpha_matting_foreground_threshold or am.foreground_threshold,
-        background_threshold=args.alpha_matting_background_threshold or am.background_threshold,
-        erode_size=args.alpha_matting_erode_size or am.erode_size,
+        foreground_threshold=_given(args.alpha_matting_foreground_threshold, am.foreground_threshold),
+        background_threshold=_given(args.alpha_matting_background_threshold, am.background_threshold),
+        erode_size=_given(args.alpha_matting_erode_size, am.erode_size),
     )
     pick = lambda name: getattr(base, name) if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     return dataclasses.replace(

@@ -71,14 +71,15 @@ class WatchPair:
 
 @dataclass(frozen=True)
 class MatchThresholds:
-    """Near-duplicate acceptance; calibrated in bench/calibrate.py (see README)."""
+    """Near-duplicate acceptance (``fingerprint.verify``): a cached mask is reused only if
+    every check passes. Calibrated by bench/calibrate.py; see bench/calibration.md."""
 
-    phash_radius: int = 12
-    min_cosine: float = 0.60
-    max_aspect_delta: float = 0.01
-    min_edge_corr: float = 0.94
-    max_luma_delta: float = 6.0
-    max_colour_delta: float = 8.0
+    phash_radius: int = 12  # of 256 bits; candidates beyond it are never looked at (max 15)
+    min_cosine: float = 0.50  # EfficientNet-Lite0: a loose semantic gate only
+    max_aspect_delta: float = 0.01  # |log aspect ratio| beyond 1-pixel rounding
+    min_edge_corr: float = 0.96  # luma gradient correlation: crops, flips, rotations, moves
+    max_luma_delta: float = 6.0  # L* units, largest local residual after a tone-curve fit
+    max_colour_delta: float = 8.0  # a*b* units, largest local chroma change: recolours
 
 
 @dataclass(frozen=True)

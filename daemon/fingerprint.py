@@ -31,7 +31,8 @@ BANDS = 16
 BAND_BITS = PHASH_BITS // BANDS
 LUMA_SIZE = 128
 AB_SIZE = 32
-GRID = 16  # local checks look at GRID x GRID regions of the image
+LUMA_GRID = 32  # luma_max looks at LUMA_GRID x LUMA_GRID regions (at most one per pixel)
+COLOUR_GRID = 16  # colour_max looks at COLOUR_GRID x COLOUR_GRID regions
 MIN_PIXELS_PER_CELL = 3  # a compared thumbnail pixel averages >= 3x3 pixels of both images
 EMBED_DIM = 1280
 
@@ -55,8 +56,9 @@ METRIC_DOCS = {
     "edge_corr": "correlation of the L* gradients of the two luma thumbnails, at the finest "
                  "scale (128, 64, 32 or 16 px) where each thumbnail pixel averages >= 3x3 "
                  "pixels of both images.",
-    "luma_max": "after fitting L*q ~ a + b L*c + c L*c^2 (exposure, gamma), the largest mean "
-                "|residual| (L* units) over a 16x16 grid of regions, same scale as edge_corr.",
+    "luma_max": "after fitting L*q ~ a + b L*c + c L*c^2 (exposure, gamma), the largest "
+                "|mean residual| (L* units) over a 32x32 grid of regions (one per pixel "
+                "below 32 px), same scale as edge_corr.",
     "colour_max": "the largest mean |delta a*b*| (CIELAB chroma distance) over a 16x16 grid of "
                   "regions of the 32x32 chroma thumbnails.",
 }
@@ -170,7 +172,9 @@ def _pool(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def thumbnails(img: Image.Image) -> Thumbs:
-    small = img.resize((LUMA_SIZE, LUMA_SIZE), Image.Resampling.BOX)
+    # bicubic, not box: a box filter *upsampling* a small image duplicates pixels unevenly,
+    # which reads as a local change when compared with the thumbnail of the large original
+    small = img.resize((LUMA_SIZE, LUMA_SIZE), Image.Resampling.BICUBIC)
     lab = rgb_to_lab(np.asarray(small))
     luma = np.clip(lab[..., 0] * 2.55 + 0.5, 0, 255).astype(np.uint8)
     ab = _pool(lab[..., 1:], LUMA_SIZE // AB_SIZE)
@@ -211,7 +215,7 @@ def compare_size(*sides: int) -> int:
     """
     smallest = min(sides)
     size = LUMA_SIZE
-    while size > GRID and smallest < MIN_PIXELS_PER_CELL * size:
+    while size > 16 and smallest < MIN_PIXELS_PER_CELL * size:
         size //= 2
     return size
 
@@ -249,8 +253,8 @@ def thumb_metrics(q: Thumbs, c: Thumbs, size: int) -> dict:
     dab = np.sqrt(((q.ab.astype(np.float64) - c.ab.astype(np.float64)) ** 2).sum(axis=-1))
     return {
         "edge_corr": edge_correlation(lq, lc),
-        "luma_max": float(_pool(np.abs(tone_residual(lq, lc)), size // GRID).max()),
-        "colour_max": float(_pool(dab, AB_SIZE // GRID).max()),
+        "luma_max": float(np.abs(_pool(tone_residual(lq, lc), max(1, size // LUMA_GRID))).max()),
+        "colour_max": float(_pool(dab, AB_SIZE // COLOUR_GRID).max()),
     }
 
 

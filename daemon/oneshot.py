@@ -5,6 +5,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import structlog
 from tqdm import tqdm
 
 from .config import Config, OutputOptions
@@ -13,6 +14,7 @@ from .pipeline import Job, Pipeline, Result
 from .scan import is_ignored
 
 TIER_ORDER = ("exact", "pixel", "near", "miss", "failed")
+log = structlog.get_logger("rembgd.oneshot")
 
 
 def plan(paths: list[Path], out_dir: Path, options: OutputOptions,
@@ -54,6 +56,8 @@ def run(cfg: Config, pipeline: Pipeline, paths: list[Path], out_dir: Path,
             res = Result(job, "failed", 0.0, reason="collision",
                          error=f"output {job.out} is already written for {first}; "
                                "process one of them separately or pass their common folder")
+            log.warning("processed", path=str(job.src), outcome="failed", ms=0.0,
+                        model=job.options.model, error=res.error)
         else:
             res = pipeline.handle(job)
         if res.outcome == "retry":

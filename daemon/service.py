@@ -61,6 +61,7 @@ class Service:
         self.handlers: list[InboxHandler] = []
         self.in_progress = 0
         self._in_progress_lock = threading.Lock()
+        self._active: set[Path] = set()  # paths a worker of this process is on right now
         self.pruner = None
         self._prune_thread: threading.Thread | None = None
         self.started = time.time()
@@ -166,8 +167,13 @@ class Service:
                 return  # anything still queued stays in the inbox for the next start
             with self._in_progress_lock:
                 self.in_progress += 1
+                duplicate = item.attempt == 0 and item.path in self._active  # retries pass
+                self._active.add(item.path)
             try:
-                self._work(item)
+                if duplicate:  # a second event for a file a worker is on: that worker finishes
+                    self.counters.add("duplicates")  # it, or retries it if it changed meanwhile
+                else:  # (a claim would be refused and retried in claim_ttl_s / 2: "busy")
+                    self._work(item)
             except ModelError as exc:
                 log.error("model_error", error=str(exc))
                 self.stop_event.set()
@@ -177,6 +183,8 @@ class Service:
             finally:
                 with self._in_progress_lock:
                     self.in_progress -= 1
+                    if not duplicate:
+                        self._active.discard(item.path)
                 self.queue.task_done()
 
     def _work(self, item: WorkItem) -> None:
@@ -446,10 +454,14 @@ class Service:
         self.state = "stopping"
         systemd.notify("STOPPING=1")
         self.stop_event.set()
+        if self.pruner is not None and hasattr(self.pruner, "cancel"):
+            self.pruner.cancel()  # stops after the current small batch
         self._stop_watching()
         self.scheduler.stop()
         for t in self.workers:
             t.join(timeout=600)  # the current file finishes; nothing new starts
+        if self._prune_thread is not None:
+            self._prune_thread.join(timeout=30)
         if self.store is not None:
             try:
                 self.store.close()

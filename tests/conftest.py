@@ -17,10 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = Path(os.environ.get("REMBGD_TEST_MODELS", ROOT / "var" / "models"))
 REDIS_URL = os.environ.get("REMBGD_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
-# Real photos shipped inside the scikit-image wheel.
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "cat", "hubble_deep_field",
-          "immunohistochemistry", "coins", "camera")
-
 
 def photo(name: str) -> np.ndarray:
     """RGB uint8 array of a scikit-image sample photo (grey ones are stacked to RGB)."""

@@ -228,7 +228,8 @@ def test_status_command_and_counters(tmp_path, cfg):
         d.wait_processed(1)
         (tmp_path / "inbox" / "b.jpg").write_bytes(img)
         d.wait_processed(2)
-        st = wait_for(lambda: (s := d.status()) and s["counters"].get("exact") and s)
+        st = wait_for(lambda: (s := d.status()) and s["counters"].get("exact")
+                      and s["line"].startswith("idle") and s)
         assert st["running"] and st["pid"] == d.proc.pid
         assert st["counters"]["miss"] == 1 and st["counters"]["exact"] == 1
         assert st["line"].startswith("idle, 1 hits / 1 misses")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,7 +331,7 @@ def test_bomb_header_just_over_limit_raises_our_error():
 def test_bomb_does_not_allocate_under_a_memory_cap():
     """In a child whose address space is capped at +1 GiB, the 30 GB header fails cleanly."""
     code = textwrap.dedent("""
-        import resource, struct, sys, zlib
+        import resource, sys
         sys.path.insert(0, sys.argv[1])
         from test_decode import _png_declaring
         from daemon.decode import decode, ImageTooLarge
@@ -343,7 +344,7 @@ def test_bomb_does_not_allocate_under_a_memory_cap():
         except ImageTooLarge as exc:
             print("ok", exc)
     """)
-    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    tests_dir = str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", code, tests_dir], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr

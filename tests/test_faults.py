@@ -14,10 +14,8 @@ Real faults where this machine allows them, injected ones where it does not:
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +28,6 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from PIL import Image
 
 from conftest import encode, write_config
 from harness import ROOT, Daemon, complete_pngs, wait_for
@@ -279,27 +276,39 @@ def test_cache_corrupt_index_then_fixed(tmp_path, models_dir):
 
 
 def test_kill9_at_20_random_points_exactly_once(tmp_path, models_dir):
+    """20 kills (seeded): at random times while working, right after an output appears (the
+    window before the source is moved), and during start-up. Then one clean run."""
     rng = random.Random(8)
-    cfg = write_config(tmp_path, models_dir)
+    cfg = write_config(tmp_path, models_dir, settle_s=0.1)
     data = yaml.safe_load(cfg.read_text())
     data["watch"][0]["after_success"] = "move"
     cfg.write_text(yaml.safe_dump(data))
     inbox, outbox, done = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "done"
-    names = [f"b{i:02d}.jpg" for i in range(12)]
+    distinct = 8
+    names = [f"b{i:02d}.jpg" for i in range(2 * distinct)]  # the second half: exact repeats
     for i, name in enumerate(names):
-        (inbox / name).write_bytes(picture(100 + i))
-    logs = []
-    deadline = time.monotonic() + 90
+        (inbox / name).write_bytes(picture(100 + i % distinct))
+    logs, kinds = [], Counter()
+    deadline = time.monotonic() + 120
     for k in range(20):
         d = Daemon(cfg, log=tmp_path / f"run{k:02d}.log")
         logs.append(d)
         d.start(wait_ready=False)
+        mode = ("working", "working", "on_output", "starting")[k % 4]
+        outputs_before = len(list(outbox.glob("*.png")))
         try:
-            if k % 2:  # half of the kills land while it is working, half anywhere from exec on
-                d.wait_log(lambda e: e.get("event") == "started", timeout=60)
-                time.sleep(rng.uniform(0.0, 1.5))
+            if mode == "starting":
+                time.sleep(rng.uniform(0.1, 1.2))
             else:
-                time.sleep(rng.uniform(0.2, 2.5))
+                d.wait_log(lambda e: e.get("event") == "started", timeout=60)
+                if mode == "working":
+                    time.sleep(rng.uniform(0.0, 2.0))
+                else:
+                    before = {p.name for p in outbox.iterdir()}
+                    end = time.monotonic() + (10 if any(inbox.iterdir()) else 0)
+                    while time.monotonic() < end and not {p.name for p in outbox.iterdir()
+                                                          if p.suffix == ".png"} - before:
+                        time.sleep(0.002)
         finally:
             d.kill9()
             d.__exit__()
@@ -310,6 +319,10 @@ def test_kill9_at_20_random_points_exactly_once(tmp_path, models_dir):
         assert not in_inbox & in_done
         assert in_inbox | in_done == set(names), (in_inbox, in_done)
         assert all((outbox / (n + ".png")).exists() for n in in_done)
+        kinds[mode] += 1
+        kinds["rounds_with_new_outputs"] += len(list(outbox.glob("*.png"))) > outputs_before
+        kinds["output_not_yet_moved"] += sum((outbox / (n + ".png")).exists() for n in in_inbox)
+        kinds["done_during_kills"] = len(in_done)
         assert time.monotonic() < deadline, f"the kill rounds took too long ({k} done)"
     final = Daemon(cfg, log=tmp_path / "final.log")
     logs.append(final)
@@ -319,13 +332,34 @@ def test_kill9_at_20_random_points_exactly_once(tmp_path, models_dir):
     processed = Counter()
     for d in logs:
         processed.update(e["path"] for e in d.processed() if e["outcome"] != "retry")
+    print(f"kill -9 rounds: {dict(kinds)}")
+    assert kinds["rounds_with_new_outputs"] >= 5, kinds  # the kills really landed mid-batch
     assert all(n == 1 for n in processed.values()), processed  # never completed twice
     assert sorted(p.name for p in complete_pngs(outbox)) == sorted(n + ".png" for n in names)
     assert sorted(p.name for p in done.iterdir()) == sorted(names)  # each moved once, none lost
     assert not (tmp_path / "failed").exists()
     db = sqlite3.connect(tmp_path / "cache" / "index.sqlite3")
-    assert db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == len(names)
+    assert db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == distinct  # no redone miss
     db.close()
+
+
+def test_restart_finishes_a_file_killed_between_output_and_move(tmp_path, models_dir):
+    """Killed after the output was written, before the source was moved to done/."""
+    from daemon import config as configmod
+    from daemon.service import Service
+
+    path = write_config(tmp_path, models_dir)
+    data = yaml.safe_load(path.read_text())
+    data["watch"][0]["after_success"] = "move"
+    path.write_text(yaml.safe_dump(data))
+    svc = Service(configmod.load(path))
+    src = tmp_path / "inbox" / "k.jpg"
+    src.write_bytes(picture(95))
+    (tmp_path / "outbox" / "k.jpg.png").write_bytes(b"written before the kill")
+    assert svc.rescan(immediate=True) == 1  # the catch-up scan must not skip it
+    svc._work(svc.queue.get_nowait())
+    assert svc.counters.get("up_to_date") == 1
+    assert not src.exists() and (tmp_path / "done" / "k.jpg").exists()
 
 
 # ------------------------------------------------------------------ security

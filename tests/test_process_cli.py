@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 from pathlib import Path
 
 import numpy as np
@@ -353,6 +352,9 @@ def test_same_name_from_two_folders_is_not_overwritten(run_cli, small):
     assert Image.open(tmp / "o" / "p.png.png").size == (113, 75)  # the first one, kept
     (line,) = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
     assert line.startswith(f"failed: {tmp / 'y' / 'p.png'}: output ") and "already" in line
+    events = [json.loads(ln) for ln in err.splitlines() if ln.startswith("{")]
+    assert [(e["path"], e["outcome"]) for e in events if e["event"] == "processed"] == \
+        [(str(tmp / "x" / "p.png"), "miss"), (str(tmp / "y" / "p.png"), "failed")]
 
 
 def test_output_folder_inside_the_input_is_skipped(run_cli, small):

@@ -78,8 +78,8 @@ so a cached blob is always right; bounded by ``store.local_lru_entries`` and
 ``LOCAL_BLOB_BYTES``) and entries by id. A cached entry is only used after the
 lookup script has confirmed, in the same round trip, that the index still
 points at it and that it and its mask blob still exist, so a deleted entry is
-never returned; the cache merely saves transferring its ~9 KB of thumbnails and
-embedding. Hit counters in a cached entry may lag by ``ENTRY_FRESH_S``.
+never returned; the cache merely saves transferring and decoding its thumbnails
+and embedding (~20 KB). Hit counters in a cached entry may lag by ``ENTRY_FRESH_S``.
 
 Outages
 -------

@@ -54,6 +54,7 @@ CREATE INDEX IF NOT EXISTS entries_pixel ON entries (key, pixel_hash);
 CREATE INDEX IF NOT EXISTS entries_last_hit ON entries (last_hit);
 CREATE INDEX IF NOT EXISTS entries_mask ON entries (mask_digest);
 CREATE INDEX IF NOT EXISTS entries_output ON entries (output_digest);
+CREATE INDEX IF NOT EXISTS entries_nbytes ON entries (nbytes);  -- SUM(nbytes) scans this, not rows
 {"".join(f"CREATE INDEX IF NOT EXISTS entries_{c} ON entries (key, {c});" for c in _BAND_COLS)}
 CREATE TABLE IF NOT EXISTS tier_counts (
     hour INTEGER NOT NULL, tier TEXT NOT NULL, n INTEGER NOT NULL,
@@ -293,11 +294,19 @@ class SqliteStore:
 
     # ------------------------------------------------------------- scanning
 
-    def entries(self) -> Iterator[Entry]:
-        with self._mutex:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM entries").fetchall()
-        for r in rows:
-            yield self._entry(r)
+    def entries(self, chunk: int = 500) -> Iterator[Entry]:
+        """All entries, read in rowid chunks so lookups are never blocked for long."""
+        last = -1
+        while True:
+            with self._mutex:
+                rows = self._db.execute(
+                    f"SELECT rowid, {_COLUMNS} FROM entries WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                    (last, chunk)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            for r in rows:
+                yield self._entry(r[1:])
 
     def tier_counts(self, since: float) -> dict[str, int]:
         self.flush()
