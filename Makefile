@@ -33,7 +33,7 @@ test: models
 
 # Benchmarks: every script in BENCHES runs in turn, with BENCH_ARGS (e.g. BENCH_ARGS=--quick).
 # rembg's CLI extra (gradio, fastapi...) is for the comparison only: not in the test install.
-BENCHES     ?= bench/run.py
+BENCHES     ?= bench/run.py bench/soak.py
 BENCH_ARGS  ?=
 BENCH_STAMP := $(VENV)/.bench-stamp
 
@@ -43,7 +43,6 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 
 bench: models $(BENCH_STAMP)
 	@set -e; for b in $(BENCHES); do echo "== $$b $(BENCH_ARGS)"; $(BIN)/python $$b $(BENCH_ARGS); done
-	$(BIN)/python bench/soak.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
