@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.files, args.warmup = 1000, 200
 
+    pool = contents()
     work = Path(tempfile.mkdtemp(prefix="rembgd-soak-"))
     inbox, outbox, staging = work / "inbox", work / "outbox", work / "staging"
     for d in (inbox, outbox, staging):
@@ -120,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         "settle_s": 0.2, "threads": 2, "workers": 2, "progress_interval_s": 10,
         "logging": {"format": "json"}}))
     log_path = work / "daemon.log"
-    pool = contents()
     outputs = lambda: sum(1 for _ in os.scandir(outbox))  # noqa: E731
     log_fh = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "daemon", "-c", str(cfg), "--log-format", "json",
@@ -214,7 +214,7 @@ def write_report(args, samples: list[dict], elapsed: float, tiers: dict, errors:
     checks.append((f"no error log lines ({len(errors)})", not errors))
     ok = all(c for _, c in checks)
     step = max(1, len(samples) // 12)
-    shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
+    shown = samples[:-1][::step] + [samples[-1]]
     timeline = "\n".join(f"| {s['t']:.0f} | {s['done']} | {s['rss']:.1f} | {s['fds']} "
                          f"| {s['threads']} |" for s in shown)
     text = f"""# Soak: {args.files} files through one running daemon
@@ -230,6 +230,10 @@ against files done, after a warm-up of {args.warmup} files.
 
 **{args.files} files in {elapsed:.1f} s ({args.files / elapsed:.0f} files/s)**; tiers:
 {', '.join(f'{k} {v}' for k, v in sorted(tiers.items()))}.
+
+"start" is the idle daemon after start-up (models loaded); the step during the first files is
+the first inferences (ONNX Runtime allocating its working memory), once. The bounds apply
+from the warm-up on.
 
 | metric | start | after warm-up | end (idle) | max | slope after warm-up |
 |---|---|---|---|---|---|

@@ -42,6 +42,17 @@ class Lease:
             pass  # an unreachable store expires the lock by itself
 
 
+class Leases:
+    """Several leases held and released together."""
+
+    def __init__(self, *leases: Lease | None):
+        self.leases = [lease for lease in leases if lease is not None]
+
+    def release(self) -> None:
+        for lease in reversed(self.leases):
+            lease.release()
+
+
 def try_lease(store: Store, name: str, ttl: float) -> Lease | None:
     token = store.try_lock(name, ttl)
     return Lease(store, name, token, ttl) if token else None
@@ -62,6 +73,21 @@ def waiting_lease(store: Store, name: str, ttl: float, timeout: float,
     finally:
         if lease is not None:
             lease.release()
+
+
+def _owner_is_dead(token: str) -> bool:
+    """A claim made on this host by a process that no longer exists (kill -9, crash)."""
+    host, _, rest = token.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class FileClaims:
@@ -87,7 +113,8 @@ class FileClaims:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 try:
-                    stale = time.time() - path.stat().st_mtime > ttl
+                    stale = (time.time() - path.stat().st_mtime > ttl
+                             or _owner_is_dead(path.read_text(errors="replace")))
                 except FileNotFoundError:
                     continue
                 if not stale:

@@ -26,9 +26,11 @@ def output_is_current(src_stat: os.stat_result, out: Path) -> bool:
     """An output newer than its source means the source was already processed."""
     try:
         return out.stat().st_mtime_ns >= src_stat.st_mtime_ns
-    except OSError as exc:  # no output yet, or one that cannot exist (name over 255 bytes,
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # a file where
-            return False  # its folder should be): not current; the pipeline says why
+    except OSError as exc:
+        # no output yet, or one that cannot exist (a name over NAME_MAX, a file where a
+        # folder of its path should be): not current, and the pipeline reports why
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            return False
         raise
 
 

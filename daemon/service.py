@@ -24,7 +24,7 @@ from .config import Config, ConfigError, WatchPair
 from .decode import set_max_pixels
 from .engine import Engines
 from .fsutil import output_name, safe_relative, write_failure
-from .locks import FileClaims, try_lease
+from .locks import FileClaims, Leases, try_lease
 from .models import ModelError
 from .pipeline import Job, Pipeline
 from .scan import ignored_path, output_is_current, pending, walk
@@ -251,23 +251,42 @@ class Service:
     def _claim(self, pair: WatchPair, rel: Path):
         """Claim a file so that no other daemon works on it; None if someone else has it.
 
-        The store's locks come first (Redis: SET NX with a TTL kept alive while
-        working). If the store is unreachable, claim files in the outbox (shared
-        by all daemons of that inbox) take over, so an outage never lets two
-        daemons process one file.
+        Two claims are taken. The store's lock (Redis: SET NX with a TTL kept
+        alive while working) is the shared lock manager; a claim file in the
+        outbox (``O_EXCL`` on the file system all daemons of that inbox share)
+        is taken as well, always, so that when the store is unreachable, or
+        reachable for some daemons and not yet for others, no two daemons can
+        ever hold the same file.
         """
         name = f"claim:{pair.inbox.name}/{rel.as_posix()}"
         # a file name that is not valid UTF-8 (undecodable bytes) must still make a key
         name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         ttl = self.cfg.store.claim_ttl_s
-        if self.store is not None:
+        store_lease = None
+        if self.store is not None and self.cfg.store.backend == "redis":
             try:
-                return try_lease(self.store, name, ttl)
+                store_lease = try_lease(self.store, name, ttl)
             except Exception as exc:
                 self.counters.add("claim_fallbacks")
                 log.warning("claim_store_unavailable", error=f"{type(exc).__name__}: {exc}",
-                            effect="using claim files in the outbox")
-        return try_lease(FileClaims(pair.outbox / CLAIMS_DIR), name, ttl)
+                            effect="claim files in the outbox still keep each file to one daemon")
+            else:
+                if store_lease is None:
+                    return None
+        elif self.store is not None:
+            try:  # sqlite: flock, released by the kernel if this process dies
+                store_lease = try_lease(self.store, name, ttl)
+            except Exception:
+                store_lease = None
+            else:
+                if store_lease is None:
+                    return None
+        file_lease = try_lease(FileClaims(pair.outbox / CLAIMS_DIR), name, ttl)
+        if file_lease is None:
+            if store_lease is not None:
+                store_lease.release()
+            return None
+        return Leases(store_lease, file_lease)
 
     def _retry_or_fail(self, item: WorkItem, job: Job, result) -> None:
         if item.attempt < self.cfg.retry_attempts:

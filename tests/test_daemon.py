@@ -187,7 +187,9 @@ def test_sigterm_during_work_leaves_nothing_half_written(tmp_path, cfg):
         d.__exit__()
     assert any(e.get("event") == "stopped" for e in d.events())
     outs = complete_pngs(tmp_path / "outbox")
-    assert not [p for p in (tmp_path / "outbox").iterdir() if p.name.startswith(".")]
+    hidden = [p for p in (tmp_path / "outbox").iterdir() if p.name.startswith(".")]
+    assert all(p.name == ".rembgd-claims" for p in hidden), hidden  # no temp files
+    assert not list((tmp_path / "outbox" / ".rembgd-claims").glob("*")), "a clean stop drops its claims"
     # what was not done is picked up by the next start
     with Daemon(cfg) as d2:
         d2.wait_processed(6 - len(outs))

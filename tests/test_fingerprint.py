@@ -108,7 +108,8 @@ def test_rgb_to_lab_matches_scikit_image():
     from skimage.color import rgb2lab
 
     rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3)).astype(np.uint8)
-    assert np.allclose(fp.rgb_to_lab(rgb), rgb2lab(rgb), atol=0.01)  # constants differ in the 4th digit
+    # (the two use constants that differ in the 4th digit)
+    assert np.allclose(fp.rgb_to_lab(rgb), rgb2lab(rgb), atol=0.01)
 
 
 def test_thumbs_round_trip_and_layout():

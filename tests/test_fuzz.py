@@ -28,7 +28,7 @@ from daemon.fingerprint import fingerprint
 # Pillow warns about corrupt EXIF on the way to raising or returning: expected here
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-EXAMPLES = int(os.environ.get("REMBGD_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("REMBGD_FUZZ_EXAMPLES", "600"))
 MAX_PIXELS = 4_000_000  # a mutated header may declare a big image: keep memory bounded
 
 FUZZ = settings(max_examples=EXAMPLES, deadline=3000, database=None,
@@ -140,6 +140,18 @@ def test_fuzz_valid_magic_then_garbage(data):
 @given(mutated())
 def test_fuzz_mutated_real_images(data):
     check(data)
+
+
+@pytest.mark.timeout(60)
+@FUZZ
+@given(st.integers(1, 48), st.integers(1, 48), st.integers(0, 2**32 - 1), st.binary(max_size=64))
+def test_fuzz_fingerprint_any_pixels(h, w, seed, data):
+    """Any pixel array decode() can return (1x1, 1xN, flat, noisy) fingerprints cleanly."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if seed % 3 == 0:
+        rgb[:] = rgb[0, 0]  # flat: zero variance everywhere
+    fp = fingerprint(data, rgb)
+    assert (fp.width, fp.height) == (w, h) and len(fp.phash) == 32
 
 
 def test_png_declared_bomb_is_refused_cheaply():

@@ -6,7 +6,15 @@ Every input has exactly one expected result:
 * ``failed``: the file is moved to failed/ with a ``.error.json`` sidecar whose
   ``reason`` is the expected one (its bytes are kept);
 * ``skipped``: nothing is written anywhere, the source is left untouched, and a
-  ``skipped`` log line names the path and the reason.
+  ``skipped`` log line names the path and the reason (symlinks, FIFOs, sockets);
+* ``ignored``: dot-names such as ``..jpg`` match the default ignore patterns (the
+  temp files of rsync, SMB and macOS) and are left alone silently, by design.
+
+A name whose output name (name + ``.png``) would exceed NAME_MAX (255 bytes),
+i.e. a source name of 252 bytes or more, cannot get an output: it fails cleanly,
+before any decoding, into failed/ with reason ``name_too_long`` (the sidecar name
+is shortened with a hash so that it fits; ``source`` inside names the file).
+A 251-byte name gets its 255-byte output.
 
 The corpus goes in in three waves (decoders, file-system oddities, names); after
 each wave a canary image must still be processed by the same process.

@@ -88,10 +88,13 @@ def small(rgb: np.ndarray, side: int = 360) -> np.ndarray:
     return cal.resize(rgb, f) if f < 1 else rgb
 
 
+# Photos with a clear subject: on subject-less ones (textures, the moon, a star field)
+# u2netp's own mask changes a lot under a mere re-encode, so fresh inference is no
+# reference for the reused mask (see the IoU table in bench/calibration.md).
 PHOTOS = {
     "astronaut": lambda: photo("astronaut"),
     "coffee": lambda: photo("coffee"),
-    "chelsea": lambda: photo("chelsea"),
+    "motorcycle": lambda: cal.stereo()[0],
     "studio": lambda: cal.studio_shot(seed=7, product=7),
 }
 
@@ -148,7 +151,7 @@ def test_near_duplicates_reuse_the_mask_on_their_own_pixels(make_pipeline, infer
     engine = shared_engines.mask("u2netp")
     results: dict[tuple[str, str], str] = {}
     for name, make in PHOTOS.items():
-        rgb = small(make())
+        rgb = make()  # full size: at 360 px u2netp's own masks of a re-encode differ more
         assert p.render_bytes(cal.encode(rgb), opts).tier == "miss"
         for transform, edit in POSITIVES.items():
             data = edit(rgb)
@@ -163,9 +166,10 @@ def test_near_duplicates_reuse_the_mask_on_their_own_pixels(make_pipeline, infer
             with Image.open(io.BytesIO(r.png)) as img:
                 out = np.asarray(img.convert("RGBA"))
             assert out.shape[:2] == q.shape[:2]  # the mask was resized to the new size
-            shown = out[..., 3] > 0
             # the cached mask is applied to the NEW pixels, not a copy of the old output
-            assert np.array_equal(out[..., :3][shown], q[shown]), (name, transform)
+            # (rembg's naive cutout composites onto transparent black: rgb * alpha)
+            a = out[..., 3:4].astype(np.float64) / 255
+            assert np.abs(out[..., :3] - q * a).max() <= 1.0, (name, transform)
             fresh = engine.predict(q)
             score = iou(out[..., 3], fresh)
             assert score >= 0.95, f"{name} {transform}: reused mask IoU {score:.3f}"
@@ -207,16 +211,17 @@ def assert_all_misses(p: Pipeline, original: bytes, negatives: dict[str, bytes])
     return verified
 
 
-def test_hard_negatives_are_never_hits(make_pipeline, inferences, shared_engines):
+def test_hard_negatives_are_never_hits(make_pipeline, shared_engines):
     engine = shared_engines.mask("u2netp")
-    verified = total = 0
-    for name in ("astronaut", "coffee", "studio"):
-        rgb = small(PHOTOS[name]())
+    verified = 0
+    photos = {"rocket": photo("rocket"), "immunohistochemistry": photo("immunohistochemistry"),
+              "studio": cal.studio_shot(seed=1, product=1)}
+    for name, rgb in photos.items():
+        rgb = small(rgb)
         negatives = hard_negatives(rgb, engine.predict(rgb))
         verified += assert_all_misses(make_pipeline(name), cal.encode(rgb), negatives)
-        total += len(negatives)
-    # the set is hard: most of these get past pHash and are rejected by verify() alone
-    assert verified >= total // 3, f"only {verified}/{total} negatives reached verify()"
+    # a hard set: the recolours keep pHash within the radius, so verify() alone rejects them
+    assert verified >= 10, f"only {verified} negatives reached verify()"
 
 
 def test_other_shots_and_other_photos_of_the_same_kind_are_misses(make_pipeline):
