@@ -124,8 +124,8 @@ def write_markdown(data: dict, path: Path) -> None:
         "last drop was done.")
     add("")
     add("| Workload | Tool | Files | Wall (s) | Files/s | rembgd run ÷ this | Hit p50 / p95 (ms) "
-        "| Miss p50 / p95 (ms) | Peak RSS (MB) | Idle CPU |")
-    add("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "| Miss p50 / p95 (ms) | Peak RSS (MB) | Idle CPU | Other load |")
+    add("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for wname, w in W.items():
         d = w["rembgd run"]
         for tool in TOOLS:
@@ -140,9 +140,12 @@ def write_markdown(data: dict, path: Path) -> None:
             wall = fmt(r.get("wall_s"), ".1f")
             if r.get("extrapolated"):
                 wall = f"~{wall}*"
+            elif r.get("modelled"):
+                wall = f"~{wall}‡"
             elif r.get("capped"):
                 wall = f"> {cap:.0f}†"
-            rate = fmt(r.get("files_s"), ".2f") + ("*" if r.get("extrapolated") else "")
+            rate = fmt(r.get("files_s"), ".2f") + ("*" if r.get("extrapolated") else
+                                                   "‡" if r.get("modelled") else "")
             if tool == "rembgd run":
                 rat = "1.00×"
             else:
@@ -156,11 +159,16 @@ def write_markdown(data: dict, path: Path) -> None:
             hit = f"{fmt_ms(s['hit50'], cap)} / {fmt_ms(s['hit95'], cap)}"
             miss = f"{fmt_ms(s['miss50'], cap)} / {fmt_ms(s['miss95'], cap)}"
             add(f"| {wname} | `{tool}` | {files} | {wall} | {rate} | {rat} | {hit} | {miss} "
-                f"| {r.get('peak_rss', 0) / MB:.0f} | {idle_s} |")
+                f"| {r.get('peak_rss', 0) / MB:.0f} | {idle_s} | {fmt(r.get('foreign_cores'), '.2f')} |")
     add("")
     add("\\* extrapolated: rembg was stopped after its time cap and its measured rate carried "
-        "over to the rest (it has no cache, so every file costs the same). "
-        "† stopped at the cap with files still pending; files/s is the rate while it ran.")
+        "over to the rest (it has no cache, so every file costs the same). ‡ `rembg p` ran in two "
+        "segments around rembgd's run (A-B-A, so drifting background load weighs on both "
+        "alike; rembg skips finished outputs, so the second command resumes): wall = its start-up "
+        "+ files ÷ measured rate, and its per-file latencies are modelled the same way. "
+        "† stopped at the cap with files still pending; files/s is the rate while it ran. "
+        "*Other load*: cores used by processes outside the benchmark during that run "
+        "(of 2); compare rows only where it is similar.")
     add("")
 
     add("rembgd's outcomes: " + "; ".join(
@@ -285,7 +293,24 @@ def targets(data: dict) -> list[str]:
                     f"({', '.join(f'{k} {oc[k]}' for k in HITS if oc.get(k))}) and "
                     f"{oc.get('miss', 0)} needed inference (the workload has "
                     f"{w['meta'].get('originals', 0) + w['meta'].get('one_offs', 0)} distinct "
-                    "images), so the ratio is bounded by the misses")
+                    "images)")
+        if wname == "studio" and bd:
+            # a ceiling from costs measured at one moment for both tools (the breakdown below)
+            oc = d["outcomes"]
+            r_ms, d_ms = bd.get("rembg: remove() in all"), bd.get("rembgd: all stages")
+            misses = oc.get("miss", 0)
+            if r_ms and d_ms and misses:
+                ceil = d["n"] * r_ms / (misses * d_ms)
+                need = d["n"] / (goal * misses)
+                why += (f". Every miss still costs an inference: with the breakdown's costs "
+                        f"(rembg {r_ms:.0f} ms per file, rembgd {d_ms:.0f} ms per new file), "
+                        f"{misses} misses alone cap the ratio near {d['n']} × {r_ms:.0f} ÷ "
+                        f"({misses} × {d_ms:.0f}) ≈ {ceil:.1f}× before any hit is paid for; "
+                        f"{goal}× at this mix needs a miss to cost ≤ {need:.2f}× what rembg "
+                        "spends per file, with free hits. The workers' overlap and the cheaper "
+                        "resized duplicates (for rembg) move the measured figure a little either "
+                        f"way (other load: {fmt(r.get('foreign_cores'), '.2f')} cores during rembg "
+                        f"p, {fmt(d.get('foreign_cores'), '.2f')} during rembgd)")
         if xe and xe >= goal:
             verdict = f"**met**: {xe:.2f}× even excluding rembg's start-up ({x:.2f}× as run)"
         elif x and x >= goal:
@@ -369,6 +394,13 @@ def plot(data: dict, path: Path) -> None:
             b.set_hatch(h)
             ax_t.text(b.get_x() + b.get_width() / 2, y, f"{y:.1f}", ha="center", va="bottom",
                       fontsize=8)
+    for j, wname in enumerate(names):
+        d, r = W[wname].get("rembgd run"), W[wname].get("rembg p")
+        if d and r and r.get("files_s"):
+            ax_t.annotate(f"{d['files_s'] / r['files_s']:.2f}× rembg p", (j, d["files_s"]),
+                          xytext=(0, 14), textcoords="offset points", ha="center", fontsize=9,
+                          fontweight="bold")
+    ax_t.margins(y=0.15)
     ax_t.set_xticks(range(len(names)), names)
     ax_t.set_ylabel("files / s (higher is better)")
     ax_t.set_title("Throughput per workload (hatched: capped run, rate while running)")
@@ -379,7 +411,8 @@ def plot(data: dict, path: Path) -> None:
     for wname in names:
         w = W[wname]
         cls = classes(w)
-        for tool, which, lab in (("rembg p", "all", "rembg p"), ("rembg p -w", "all", "rembg -w"),
+        for tool, which, lab in (("rembg p", "all", "rembg p"),
+                                 ("rembg p -w", "all", f"rembg -w ({w.get('rembg p -w', {}).get('n', 0)})"),
                                  ("rembgd run", "miss", "rembgd miss"),
                                  ("rembgd run", "hit", "rembgd hit")):
             if tool not in w:
@@ -397,7 +430,9 @@ def plot(data: dict, path: Path) -> None:
     ax_l.set_xticks(range(1, len(labels) + 1), labels, fontsize=7, rotation=90)
     ax_l.set_yscale("log")
     ax_l.set_ylabel("drop → output (ms, log)")
-    ax_l.set_title("Per-file latency (box: p25–p75, whiskers: p5–p95)")
+    ax_l.set_title("Per-file drop → output (box p25–p75, whiskers p5–p95)\n"
+                   "rembg p: modelled from its rate when run in segments; rembg -w: its sample",
+                   fontsize=9)
     ax_l.grid(axis="y", alpha=0.3)
 
     # 1024² probe
@@ -417,7 +452,7 @@ def plot(data: dict, path: Path) -> None:
                 ax_p.plot([med, med], [k - 0.3, k + 0.3], color="black", lw=2)
                 ax_p.text(med, k + 0.33, f"median {med:.1f} ms", fontsize=8, ha="center")
         ax_p.axvline(30, color="red", ls="--", lw=1)
-        ax_p.text(30, len(groups) - 0.5, " 30 ms target", color="red", fontsize=8)
+        ax_p.text(30, -0.45, " 30 ms target", color="red", fontsize=8)
         ax_p.set_yticks(range(len(groups)), [g[0] for g in groups])
         ax_p.set_xscale("log")
         ax_p.set_xlabel("drop → output (ms, log)")

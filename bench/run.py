@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -98,6 +97,21 @@ class Ctx:
             "no_proxy": "", "NO_PROXY": "",
         }
         self.startup_rembg = 0.0
+        self.live: set[int] = set()  # running processes we started (their CPU is ours)
+
+    def own_cpu(self) -> float:
+        t = os.times()  # this process and every child already waited for
+        return (t.user + t.system + t.children_user + t.children_system
+                + sum(tree_cpu(pid) for pid in list(self.live)))  # a reaped pid reads as 0
+
+    def load_start(self) -> tuple[float, float, float]:
+        return now(), busy_cpu_s(), self.own_cpu()
+
+    def load_end(self, start: tuple[float, float, float]) -> float:
+        """Cores used by other processes (not the benchmark's) since ``start``."""
+        t0, b0, o0 = start
+        el = max(now() - t0, 1e-6)
+        return max(0.0, ((busy_cpu_s() - b0) - (self.own_cpu() - o0)) / el)
 
     def dir(self, *parts) -> Path:
         d = OUT.joinpath(*parts)
@@ -185,54 +199,87 @@ def cost_breakdown(ctx: Ctx, items: list[wlmod.Item], reps: int = 2) -> dict:
     return dict(stages=med, images=len(items), mp=mp)
 
 
-def phase_rembg_p(ctx: Ctx, wl: wlmod.Workload, src: Path, cap: float) -> dict:
-    d = ctx.dir(wl.name, "rembg_p")
-    out = d / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    rec = OutputRecorder(out)
-    order = [p.name for p in src.glob("**/*") if p.is_file()]  # rembg's own processing order
-    label = f"{wl.name}/rembg p"
-    with open(d / "rembg.log", "wb") as fh:
-        t0 = now()
-        proc = subprocess.Popen([ctx.rembg, "p", "-m", "u2netp", str(src), str(out)], env=ctx.env,
-                                stdout=fh, stderr=subprocess.STDOUT)
-        ctx.mon.watch(label, proc.pid, net=True)
-        try:
-            proc.wait(timeout=cap)
-            capped = False
-        except subprocess.TimeoutExpired:
-            capped = True
-        t_stop = now()
-        ctx.mon.unwatch(label)
-        stop_process(proc)
-    rec.stop()
-    done = {n: rec.times[rembg_out(n)] - t0 for n in order
-            if rembg_out(n) in rec.times and rec.times[rembg_out(n)] <= t_stop}
-    n = len(wl.items)
-    res = dict(tool="rembg p", mode="folder", n=n, done=len(done), capped=capped, cap_s=cap,
-               startup_s=ctx.startup_rembg, peak_rss=ctx.mon.peak(label), rc=proc.returncode,
-               remote=sorted(ctx.mon.remote.get(label, ())))
-    if not capped:
-        wall = t_stop - t0
-        res.update(wall_s=wall, extrapolated=False)
-        res["latency"] = done
-    else:
-        # rembg has no cache: every file costs the same, so the rate so far carries over.
-        work = max(t_stop - t0 - ctx.startup_rembg, 1e-6)
-        rate = len(done) / work
-        wall = ctx.startup_rembg + n / rate if rate else None
-        res.update(wall_s=wall, extrapolated=True, measured_s=t_stop - t0)
-        last = max(done.values(), default=ctx.startup_rembg)
-        lat = dict(done)
-        rest = [x for x in order if x not in done]
-        for j, name in enumerate(rest):
-            lat[name] = last + (j + 1) / rate if rate else None
-        res["latency"] = lat
-    res["files_s"] = n / wall if wall else None
-    res["files_s_excl"] = n / (wall - ctx.startup_rembg) if wall else None
-    log(f"{label}: {len(done)}/{n} in {t_stop - t0:.1f}s{' (capped)' if capped else ''}"
-        f", {res['files_s']:.2f} files/s")
-    return res
+class RembgFolder:
+    """`rembg p -m u2netp SRC OUT`, run in segments around rembgd's run (A-B-A).
+
+    rembg skips inputs whose output exists, so a second command continues where the
+    first was stopped: the two segments bracket rembgd's run in time, which cancels a
+    linear drift of the background load. Outputs cut short by a stop are deleted.
+    """
+
+    def __init__(self, ctx: Ctx, wl: wlmod.Workload, src: Path):
+        self.ctx, self.wl, self.src = ctx, wl, src
+        self.d = ctx.dir(wl.name, "rembg_p")
+        self.out = self.d / "out"
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.order = [p.name for p in src.glob("**/*") if p.is_file()]  # rembg's own order
+        self.label = f"{wl.name}/rembg p"
+        self.segments: list[dict] = []
+        self.done: dict[str, float] = {}  # name -> seconds since its segment's command start
+        self.finished = False
+
+    def run(self, cap: float) -> None:
+        if self.finished or cap <= 0:
+            return
+        ctx = self.ctx
+        rec = OutputRecorder(self.out)
+        load = ctx.load_start()
+        with open(self.d / "rembg.log", "ab") as fh:
+            t0 = now()
+            proc = subprocess.Popen([ctx.rembg, "p", "-m", "u2netp", str(self.src), str(self.out)],
+                                    env=ctx.env, stdout=fh, stderr=subprocess.STDOUT)
+            ctx.live.add(proc.pid)
+            ctx.mon.watch(self.label, proc.pid, net=True)
+            try:
+                proc.wait(timeout=cap)
+                capped = False
+            except subprocess.TimeoutExpired:
+                capped = True
+            t_stop = now()
+            ctx.mon.unwatch(self.label)
+            stop_process(proc)
+        rec.stop()
+        new = {}
+        for name in self.order:
+            t = rec.times.get(rembg_out(name))
+            if t is not None and t <= t_stop and name not in self.done:
+                new[name] = t - t0
+        for f in self.out.iterdir():  # cut short by the stop: rembg would skip it next time
+            if f.name not in {rembg_out(n) for n in (*self.done, *new)}:
+                f.unlink()
+        self.done.update(new)
+        self.finished = not capped
+        self.segments.append(dict(elapsed_s=t_stop - t0, done=len(new), capped=capped, cap_s=cap,
+                                  rc=proc.returncode, foreign_cores=ctx.load_end(load)))
+        log(f"{self.label}: +{len(new)} ({len(self.done)}/{len(self.order)}) in {t_stop - t0:.1f}s"
+            f"{' (capped)' if capped else ''}")
+
+    def result(self) -> dict:
+        ctx, n = self.ctx, len(self.wl.items)
+        st = ctx.startup_rembg
+        segs = self.segments
+        work = sum(max(s["elapsed_s"] - st, 1e-6) for s in segs)
+        rate = len(self.done) / work if work else None  # files/s once started
+        whole = len(segs) == 1 and self.finished
+        res = dict(tool="rembg p", mode="folder", n=n, done=len(self.done),
+                   capped=not self.finished, cap_s=sum(s["cap_s"] for s in segs), startup_s=st,
+                   segments=segs, peak_rss=ctx.mon.peak(self.label),
+                   remote=sorted(ctx.mon.remote.get(self.label, ())),
+                   foreign_cores=(sum(s["foreign_cores"] * s["elapsed_s"] for s in segs)
+                                  / max(sum(s["elapsed_s"] for s in segs), 1e-6)))
+        if whole:
+            wall = segs[0]["elapsed_s"]
+            res.update(wall_s=wall, extrapolated=False, latency=dict(self.done))
+        else:
+            # One uninterrupted command over the whole folder, from the measured rate: rembg has
+            # no cache, so every file costs the same. Per-file latency: start-up + position/rate.
+            wall = st + n / rate if rate else None
+            lat = {name: (st + (k + 1) / rate if rate else None) for k, name in enumerate(self.order)}
+            res.update(wall_s=wall, extrapolated=not self.finished, modelled=True, latency=lat,
+                       measured_s=sum(s["elapsed_s"] for s in segs))
+        res["files_s"] = n / wall if wall else None
+        res["files_s_excl"] = rate if not whole else (n / (wall - st) if wall else None)
+        return res
 
 
 def write_config(ctx: Ctx, d: Path) -> Path:
@@ -275,12 +322,14 @@ def phase_rembgd(ctx: Ctx, wl: wlmod.Workload, probe: bool) -> tuple[dict, Daemo
     daemon = Daemon(cfg, logf, ctx.env).start()
     label = f"{wl.name}/rembgd run"
     pid = daemon.proc.pid
+    ctx.live.add(pid)
     ctx.mon.watch(label, pid)
     inbox, outbox = d / "inbox", d / "outbox"
     rec = OutputRecorder(outbox)
     rss0 = tree_rss(pid)
     names = {it.name for it in wl.items}
     drops: dict[str, float] = {}
+    load = ctx.load_start()
     t0 = now()
     for it in wl.items:
         drops[it.name] = drop_rename(inbox, it.name, it.data)
@@ -291,6 +340,7 @@ def phase_rembgd(ctx: Ctx, wl: wlmod.Workload, probe: bool) -> tuple[dict, Daemo
     lat = {n: rec.times[n + ".png"] - drops[n] for n in ok if n + ".png" in rec.times}
     t_last = max((rec.times[n + ".png"] for n in ok if n + ".png" in rec.times), default=now())
     wall = t_last - t0
+    foreign = ctx.load_end(load)
     outcomes = Counter(got[n]["outcome"] for n in names if n in got)
     n = len(names)
     # memory through the work: before the drop, once 10% of outputs exist, at the end
@@ -304,7 +354,7 @@ def phase_rembgd(ctx: Ctx, wl: wlmod.Workload, probe: bool) -> tuple[dict, Daemo
                outcome={k: got[k]["outcome"] for k in names if k in got},
                internal_ms={k: got[k].get("ms") for k in names if k in got},
                outcomes=dict(outcomes), rss_start=rss0, rss_10pct=rss_at(t10),
-               rss_end=rss_at(t_last), series=[(t - t0, r) for t, r, _ in list(series)])
+               rss_end=rss_at(t_last), foreign_cores=foreign, series=[(t - t0, r) for t, r, _ in list(series)])
     log(f"{label}: {len(lat)}/{n} in {wall:.1f}s, {res['files_s']:.2f} files/s, {dict(outcomes)}")
     if probe:
         res["probe"] = exact_hit_probe(ctx, daemon, inbox, rec)
@@ -361,6 +411,7 @@ def phase_rembg_watch(ctx: Ctx, wl: wlmod.Workload, cap: float, probe: bool, ren
     proc = subprocess.Popen([ctx.rembg, "p", "-w", "-m", "u2netp", str(inbox), str(outbox)],
                             env=ctx.env, stdout=logf, stderr=subprocess.STDOUT)
     ctx.mon.watch(label, proc.pid, net=True)
+    ctx.live.add(proc.pid)
     alive = lambda: proc.poll() is None  # noqa: E731
     if not rec.wait({"_warm.png"}, 120, alive=alive):
         raise RuntimeError(f"rembg p -w did not start; see {d / 'rembg-w.log'}")
@@ -369,12 +420,14 @@ def phase_rembg_watch(ctx: Ctx, wl: wlmod.Workload, cap: float, probe: bool, ren
     sample = wl.items[:ctx.p["watch_sample"][wl.name]]
     cpu0, rss0 = tree_cpu(proc.pid), tree_rss(proc.pid)
     drops = {}
+    load = ctx.load_start()
     t0 = now()
     for it in sample:
         drops[it.name] = drop_direct(inbox, it.name, it.data)
     expected = {rembg_out(n) for n in drops}
     rec.wait(expected, cap, alive=alive)
     t_stop = now()
+    foreign = ctx.load_end(load)
     lat = {n: rec.times[rembg_out(n)] - drops[n] for n in drops
            if rec.times.get(rembg_out(n), float("inf")) <= t_stop}
     capped = len(lat) < len(drops)
@@ -388,7 +441,8 @@ def phase_rembg_watch(ctx: Ctx, wl: wlmod.Workload, cap: float, probe: bool, ren
     res = dict(tool="rembg p -w", mode="watch", n=n, done=len(done_t), capped=capped, cap_s=cap,
                workload_n=len(wl.items), wall_s=wall, files_s=rate, latency=lat,
                startup_s=startup, rss_start=rss0, rss_end=tree_rss(proc.pid),
-               cpu_during_s=tree_cpu(proc.pid) - cpu0, measured_s=t_stop - t0)
+               cpu_during_s=tree_cpu(proc.pid) - cpu0, measured_s=t_stop - t0,
+               foreign_cores=foreign)
     log(f"{label}: {len(done_t)}/{n} in {t_stop - t0:.1f}s{' (capped)' if capped else ''}"
         f", {rate or 0:.2f} files/s")
     if probe and alive():
@@ -435,8 +489,11 @@ def phase_rembgd_process(ctx: Ctx, wl: wlmod.Workload, src: Path) -> dict:
                                  "process", str(src), "-o", str(out)], env=ctx.env, cwd=ROOT,
                                 stdout=fh, stderr=subprocess.STDOUT)
         ctx.mon.watch(label, proc.pid)
+        ctx.live.add(proc.pid)
+        load = ctx.load_start()
         proc.wait()
         wall = now() - t0
+        foreign = ctx.load_end(load)
         ctx.mon.unwatch(label)
     rec.stop()
     outcome = {}
@@ -452,7 +509,7 @@ def phase_rembgd_process(ctx: Ctx, wl: wlmod.Workload, src: Path) -> dict:
     log(f"{label}: {len(lat)}/{n} in {wall:.1f}s")
     return dict(tool="rembgd process", mode="folder", n=n, done=len(lat), capped=False, wall_s=wall,
                 files_s=n / wall, latency=lat, outcome=outcome, outcomes=dict(Counter(outcome.values())),
-                peak_rss=ctx.mon.peak(label), rc=proc.returncode)
+                peak_rss=ctx.mon.peak(label), rc=proc.returncode, foreign_cores=foreign)
 
 
 def rembg_w_log_stats(path: Path) -> dict:
@@ -502,7 +559,7 @@ def models_snapshot(models: Path) -> dict:
 # distinct = 100 misses; studio ~ 84 misses + 116 cheap hits; burst ~ 105 misses of small
 # files + 895 cheap hits (measured: 145 s, 141 s and 139 s at 1.35 s per unit), plus 10%.
 UNITS = {"distinct": 110, "studio": 105, "burst": 105}
-OVERHEAD_S = 55  # per workload: daemon and rembg -w start-up, rembg -w cap, idle, probe
+OVERHEAD_S = 45  # per workload: daemon and rembg -w start-up, rembg -w cap, idle, probe
 MIN_CAP_S = 20   # the least rembg p gets per workload
 
 
@@ -569,6 +626,8 @@ def run_all(args) -> dict:
         p, meta["breakdown"]["stages"]["rembgd: all stages"] / 1000, budget - (now() - wall0),
         len(only))
     meta["scale"] = scale
+    unit_s, corr = meta["breakdown"]["stages"]["rembgd: all stages"] / 1000, 1.0
+    rembg_unit_s = 1.1 * meta["breakdown"]["stages"]["rembg: remove() in all"] / 1000
     if scale < 1:
         log(f"this machine is too slow right now for the full sizes in {budget:.0f}s: "
             f"scaling the workloads to {scale:.0%}")
@@ -590,16 +649,25 @@ def run_all(args) -> dict:
         t_w = now()
         # what is left of the time budget, shared by the workloads still to run, caps rembg's
         # runs (rembg has no cache, so its rate over a cap carries over to the whole workload)
+        # after what rembgd is expected to need (corrected by how the previous workloads went)
         share = (deadline - now()) / (len(only) - i)
-        cap_p = min(p["rembg_p_cap"][name], max(20.0, 0.35 * share))
+        pred = UNITS[name] * scale * unit_s * corr
         cap_w = min(p["watch_cap"][name], max(8.0, 0.10 * share))
-        # alternate which tool goes first, so drifting background load favours neither
-        if i % 2 == 0:
-            r["rembg p"] = phase_rembg_p(ctx, wl, srcs[name], cap_p)
-            r["rembgd run"], daemon = phase_rembgd(ctx, wl, probe=name == "studio")
-        else:
-            r["rembgd run"], daemon = phase_rembgd(ctx, wl, probe=name == "studio")
-            r["rembg p"] = phase_rembg_p(ctx, wl, srcs[name], cap_p)
+        cap_p = min(p["rembg_p_cap"][name], max(MIN_CAP_S, share - pred - OVERHEAD_S))
+        # A-B-A: rembg p runs half its cap before rembgd and resumes after it, so a drifting
+        # background load weighs on both alike
+        # (the first segment aims at about half the workload, so the two really bracket rembgd)
+        folder = RembgFolder(ctx, wl, srcs[name])
+        half = ctx.startup_rembg + 0.5 * len(wl.items) * rembg_unit_s * corr
+        seg1 = min(cap_p / 2, max(5.0, half))
+        folder.run(seg1)
+        r["rembgd run"], daemon = phase_rembgd(ctx, wl, probe=name == "studio")
+        corr = max(0.5, r["rembgd run"]["wall_s"] / (UNITS[name] * scale * unit_s))
+        left = t_w + share - now() - (OVERHEAD_S - 15) - cap_w
+        folder.run(min(cap_p - seg1, max(MIN_CAP_S / 2, left)))
+        r["rembg p"] = folder.result()
+        log(f"{name}/rembg p: {r['rembg p']['files_s']:.2f} files/s "
+            f"({r['rembg p']['files_s_excl']:.2f} excl. start-up)")
         w, wproc, wlog = phase_rembg_watch(ctx, wl, cap_w, probe=name == "studio",
                                            rename_check=name == "distinct")
         r["rembg p -w"] = w

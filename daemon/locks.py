@@ -124,8 +124,15 @@ class FileClaims:
                 except FileNotFoundError:
                     pass
                 continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(token)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(token)
+            except OSError:  # e.g. a full disk: leave no empty claim behind
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+                raise
             return token
         return None
 

@@ -132,6 +132,7 @@ class Pipeline:
         return result
 
     def _blob(self, entry: Entry, digest: str | None) -> bytes | None:
+        """A verified blob, or None; a bad blob drops its entry (a miss, repaired by inference)."""
         if digest is None:
             return None
         data = self._store_call(self.store.get_blob, digest) if self.store else None
@@ -166,7 +167,7 @@ class Pipeline:
         if store is None:
             return self._infer(key, options, fp, decoded.rgb, None)
 
-        found = self._lookup_decoded(key, options, fp, decoded.rgb)
+        found, fp = self._lookup_decoded(key, options, fp, decoded.rgb)
         if found is not None:
             return found
         # miss: single flight per (key, pixels), in this process and across processes
@@ -178,12 +179,12 @@ class Pipeline:
                 self._inflight[flight] = event = threading.Event()
         if not leader:
             event.wait(timeout=600)
-            found = self._lookup_decoded(key, options, fp, decoded.rgb)
+            found, fp = self._lookup_decoded(key, options, fp, decoded.rgb)
             if found is not None:
                 return found
         try:
             with self._flight_lease(store, flight):
-                found = self._lookup_decoded(key, options, fp, decoded.rgb)
+                found, fp = self._lookup_decoded(key, options, fp, decoded.rgb)
                 if found is not None:
                     return found
                 return self._infer(key, options, fp, decoded.rgb, store)
@@ -209,12 +210,13 @@ class Pipeline:
             ctx.__exit__(None, None, None)
 
     def _lookup_decoded(self, key: str, options: OutputOptions, fp: fpmod.Fingerprint,
-                        rgb: np.ndarray) -> Rendered | None:
+                        rgb: np.ndarray) -> tuple[Rendered | None, fpmod.Fingerprint]:
+        """Tiers 2 and 3; also returns ``fp`` with its embedding once computed."""
         store = self.store
         hit = self._store_call(store.find_pixel, key, fp.pixel_hash)
         if hit is not None:  # tier 2: same pixels, other bytes
             png = self._blob(hit, hit.output_digest) if hit.output_digest else None
-            if png is None:
+            if png is None and not hit.output_digest:  # outputs not stored: render from the mask
                 raw = self._blob(hit, hit.mask_digest)
                 if raw is not None:
                     png = encode_png(render(rgb, decode_mask(raw), options),
@@ -223,13 +225,14 @@ class Pipeline:
                 self._record(hit.id, "pixel")
                 if self.cfg.cache.store_outputs and fp.sha256 != hit.fp.sha256:
                     self._store_call(self._alias, hit, fp, png)
-                return Rendered(png, "pixel", hit.id)
+                return Rendered(png, "pixel", hit.id), fp
 
         t = self.cfg.cache.match
         cands = self._store_call(store.find_near, key, fp.phash, t.phash_radius, default=[])
         if not cands:
-            return None
-        fp = _with_embedding(fp, self.engines.embedder().embed(rgb))
+            return None, fp
+        if fp.embedding is None:
+            fp = _with_embedding(fp, self.engines.embedder().embed(rgb))
         for cand in cands:  # tier 3: verified near-duplicate
             verdict = fpmod.verify(fp, cand.fp, t)
             if not verdict.accepted:
@@ -245,8 +248,8 @@ class Pipeline:
             alias = self._store_call(
                 store.put, key, options.model, fp, encode_mask(mask),
                 png if self.cfg.cache.store_outputs else None, cand.id)
-            return Rendered(png, "near", alias.id if alias else cand.id, verdict.metrics)
-        return None
+            return Rendered(png, "near", alias.id if alias else cand.id, verdict.metrics), fp
+        return None, fp
 
     def _alias(self, hit: Entry, fp: fpmod.Fingerprint, png: bytes) -> None:
         """Same pixels, new bytes: an alias row (blobs are shared) makes the next one exact."""

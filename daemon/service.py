@@ -224,7 +224,14 @@ class Service:
             self.pipeline.finish_source(job)  # e.g. killed after writing, before moving
             self.counters.add("up_to_date")
             return
-        lease = self._claim(pair, rel)
+        try:
+            lease = self._claim(pair, rel)
+        except OSError as exc:  # the claim file cannot be written (full or read-only outbox)
+            from .pipeline import Result
+
+            self._retry_or_fail(item, job, Result(job, "retry", 0.0, error=str(exc),
+                                                  reason="transient", exc=exc))
+            return
         if lease is None:
             self.counters.add("claimed_elsewhere")
             index = self.cfg.watch.index(pair) if pair in self.cfg.watch else 0
@@ -251,37 +258,37 @@ class Service:
     def _claim(self, pair: WatchPair, rel: Path):
         """Claim a file so that no other daemon works on it; None if someone else has it.
 
-        Two claims are taken. The store's lock (Redis: SET NX with a TTL kept
-        alive while working) is the shared lock manager; a claim file in the
-        outbox (``O_EXCL`` on the file system all daemons of that inbox share)
-        is taken as well, always, so that when the store is unreachable, or
-        reachable for some daemons and not yet for others, no two daemons can
-        ever hold the same file.
+        The store's lock comes first (Redis: SET NX with a TTL kept alive while
+        working; SQLite: flock). With Redis, whose daemons may sit on several
+        machines, a claim file in the outbox (``O_EXCL`` on the file system they
+        all share) is taken as well, always, so that while Redis is unreachable
+        for some daemons and not for others no two can hold the same file.
         """
         name = f"claim:{pair.inbox.name}/{rel.as_posix()}"
         # a file name that is not valid UTF-8 (undecodable bytes) must still make a key
         name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         ttl = self.cfg.store.claim_ttl_s
         store_lease = None
-        if self.store is not None and self.cfg.store.backend == "redis":
+        shared = self.cfg.store.backend == "redis"  # several machines may watch this inbox
+        if self.store is not None:
             try:
                 store_lease = try_lease(self.store, name, ttl)
             except Exception as exc:
                 self.counters.add("claim_fallbacks")
                 log.warning("claim_store_unavailable", error=f"{type(exc).__name__}: {exc}",
-                            effect="claim files in the outbox still keep each file to one daemon")
+                            effect="claim files in the outbox keep each file to one daemon")
+                shared = True
             else:
                 if store_lease is None:
                     return None
-        elif self.store is not None:
-            try:  # sqlite: flock, released by the kernel if this process dies
-                store_lease = try_lease(self.store, name, ttl)
-            except Exception:
-                store_lease = None
-            else:
-                if store_lease is None:
-                    return None
-        file_lease = try_lease(FileClaims(pair.outbox / CLAIMS_DIR), name, ttl)
+        if not shared and store_lease is not None:
+            return store_lease  # one machine: the flock is enough
+        try:
+            file_lease = try_lease(FileClaims(pair.outbox / CLAIMS_DIR), name, ttl)
+        except BaseException:
+            if store_lease is not None:
+                store_lease.release()
+            raise
         if file_lease is None:
             if store_lease is not None:
                 store_lease.release()

@@ -79,7 +79,7 @@ class Scheduler:
         self.submit = submit
         self._heap: list[_Due] = []
         self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, since)
-        self._pending: set[Path] = set()
+        self._live: dict[Path, int] = {}  # path -> seq of its one live entry; others are stale
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._stop = False
@@ -96,31 +96,32 @@ class Scheduler:
 
     def __len__(self) -> int:
         with self._cv:
-            return len(self._pending)
+            return len(self._live)
+
+    def _push(self, when: float, pair: int, path: Path, kind: str, attempt: int = 0) -> None:
+        """Schedule ``path``; any entry scheduled for it before becomes stale (caller holds _cv)."""
+        seq = next(self._seq)
+        self._live[path] = seq
+        heapq.heappush(self._heap, _Due(when, seq, pair, path, kind, attempt))
+        self._cv.notify()
 
     def settle(self, pair: int, path: Path, *, complete: bool = False) -> None:
         """Check ``path`` soon; ``complete`` (close-after-write, moved-in) skips the wait."""
         with self._cv:
             if complete:
                 self._seen.pop(path, None)
-            elif path in self._pending:
+            elif path in self._live:
                 return  # already scheduled; its stability check covers this event
-            self._pending.add(path)
             delay = 0.0 if complete else min(self.settle_s, 0.25)
-            heapq.heappush(self._heap, _Due(time.monotonic() + delay, next(self._seq), pair, path,
-                                            "complete" if complete else "settle"))
-            self._cv.notify()
+            self._push(time.monotonic() + delay, pair, path, "complete" if complete else "settle")
 
     def retry(self, pair: int, path: Path, attempt: int, delay: float) -> None:
         with self._cv:
-            self._pending.add(path)
-            heapq.heappush(self._heap, _Due(time.monotonic() + delay, next(self._seq), pair, path,
-                                            "retry", attempt))
-            self._cv.notify()
+            self._push(time.monotonic() + delay, pair, path, "retry", attempt)
 
     def forget(self, path: Path) -> None:
         with self._cv:
-            self._pending.discard(path)
+            self._live.pop(path, None)
             self._seen.pop(path, None)
 
     def _loop(self) -> None:
@@ -138,10 +139,12 @@ class Scheduler:
 
     def _check(self, item: _Due) -> bool:
         """True when the item should go to the workers now."""
-        if item.kind == "retry":
-            with self._cv:
-                self._pending.discard(item.path)
-            return True
+        with self._cv:
+            if self._live.get(item.path) != item.seq:
+                return False  # superseded (e.g. a close-after-write came first): never twice
+            if item.kind == "retry":
+                del self._live[item.path]
+                return True
         try:
             st = item.path.lstat()
         except FileNotFoundError:
@@ -150,9 +153,11 @@ class Scheduler:
         now = time.monotonic()
         sig = (st.st_size, st.st_mtime_ns)
         with self._cv:
+            if self._live.get(item.path) != item.seq:
+                return False
             prev = self._seen.get(item.path)
             if item.kind == "complete" or (prev and prev[:2] == sig and now - prev[2] >= self.settle_s):
-                self._pending.discard(item.path)
+                del self._live[item.path]
                 self._seen.pop(item.path, None)
                 return True
             if prev is None or prev[:2] != sig:
@@ -160,8 +165,7 @@ class Scheduler:
                 wait = self.settle_s
             else:
                 wait = self.settle_s - (now - prev[2])
-            heapq.heappush(self._heap, _Due(now + max(wait, 0.05), next(self._seq), item.pair,
-                                            item.path, "settle"))
+            self._push(now + max(wait, 0.05), item.pair, item.path, "settle")
         return False
 
 

@@ -277,3 +277,16 @@ def test_after_success_delete(tmp_path, models_dir):
         d.wait_processed(1)
         wait_for(lambda: not (tmp_path / "inbox" / "gone.jpg").exists(), timeout=10)
     assert (tmp_path / "outbox" / "gone.jpg.png").exists()
+
+
+def test_copied_in_file_is_queued_once(tmp_path, cfg):
+    """created/modified + closed-after-write for one copy must not queue it twice."""
+    with Daemon(cfg) as d:
+        for i in range(2):
+            (tmp_path / "inbox" / f"c{i}.jpg").write_bytes(synthetic(60 + i))
+        d.wait_processed(2)
+        time.sleep(2.0)  # longer than settle_s: a stale settle check would fire by now
+        assert d.stop() == 0
+    stopped = [e for e in d.events() if e.get("event") == "stopped"][-1]
+    assert stopped.get("queued_total") == 2, stopped
+    assert "up_to_date" not in stopped and "claimed_elsewhere" not in stopped
