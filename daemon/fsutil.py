@@ -75,6 +75,13 @@ def current_umask() -> int:
     return mask
 
 
+def unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync dir.
 
@@ -92,10 +99,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         os.chmod(tmp, mode if mode is not None else output_mode(current_umask()))
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        unlink_quietly(tmp)
         raise
     fsync_dir(path.parent)
 
@@ -147,10 +151,7 @@ def move_file(src: Path, dest: Path) -> Path:
             shutil.copy2(src, tmp)
             os.replace(tmp, dest)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            unlink_quietly(tmp)
             raise
         os.unlink(src)
     fsync_dir(dest.parent)

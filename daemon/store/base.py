@@ -28,6 +28,44 @@ class Entry:
     origin: str | None = None  # None: inferred here; else the entry whose mask it reuses
 
 
+class HitBuffer:
+    """Lookup records coalesced in memory until a store flushes them.
+
+    Per entry: (last hit time, hits); per (hour, tier): a count. Not thread-safe:
+    the owning store holds its own lock around every call.
+    """
+
+    def __init__(self, max_entries: int = 100_000):
+        self.max_entries = max_entries
+        self.hits: dict[str, tuple[float, int]] = {}
+        self.tiers: dict[tuple[int, str], int] = {}
+
+    def add(self, entry_id: str | None, tier: str, now: float) -> None:
+        assert tier in TIERS, tier
+        key = (int(now // 3600), tier)
+        self.tiers[key] = self.tiers.get(key, 0) + 1
+        if entry_id is not None and tier != "miss":
+            self._merge_hit(entry_id, now, 1)
+
+    def _merge_hit(self, entry_id: str, when: float, n: int) -> None:
+        if entry_id not in self.hits and len(self.hits) >= self.max_entries:
+            return  # bounded: losing a hit count only ages an entry a little sooner
+        t0, n0 = self.hits.get(entry_id, (when, 0))
+        self.hits[entry_id] = (max(when, t0), n0 + n)
+
+    def take(self) -> tuple[dict[str, tuple[float, int]], dict[tuple[int, str], int]]:
+        hits, tiers = self.hits, self.tiers
+        self.hits, self.tiers = {}, {}
+        return hits, tiers
+
+    def merge_back(self, hits: dict, tiers: dict) -> None:
+        """Put back what a failed flush took, for the next flush."""
+        for entry_id, (when, n) in hits.items():
+            self._merge_hit(entry_id, when, n)
+        for key, n in tiers.items():
+            self.tiers[key] = self.tiers.get(key, 0) + n
+
+
 class StoreUnavailable(RuntimeError):
     """The backend cannot be reached right now; callers degrade to no-cache."""
 

@@ -110,7 +110,7 @@ from redis.retry import Retry
 
 from ..config import Config
 from ..fingerprint import BANDS, Fingerprint, phash_bands
-from .base import TIERS, Entry, StoreUnavailable, embedding_bytes, fingerprint_from
+from .base import TIERS, Entry, HitBuffer, StoreUnavailable, embedding_bytes, fingerprint_from
 
 log = structlog.get_logger("rembgd.store")
 
@@ -355,8 +355,7 @@ class RedisStore:
         self._hints = _LRU(n)  # index key -> id it last resolved to
 
         self._mutex = threading.Lock()
-        self._pending_hits: dict[str, tuple[float, int]] = {}
-        self._pending_tiers: dict[tuple[int, str], int] = {}
+        self._buffer = HitBuffer(self.MAX_PENDING_HITS)
         self._last_flush = time.monotonic()
 
         self._health = threading.Lock()
@@ -638,22 +637,15 @@ class RedisStore:
         During an outage the count is kept for a later flush, but the call still
         raises, so that the caller does not take the store for recovered.
         """
-        assert tier in TIERS, tier
-        now = time.time()
         with self._mutex:
-            hour = int(now // 3600)
-            self._pending_tiers[(hour, tier)] = self._pending_tiers.get((hour, tier), 0) + 1
-            if entry_id is not None and tier != "miss":
-                _, n = self._pending_hits.get(entry_id, (now, 0))
-                self._pending_hits[entry_id] = (now, n + 1)
+            self._buffer.add(entry_id, tier, time.time())
             due = time.monotonic() - self._last_flush > self.HIT_FLUSH_S
         if due or self._down:
             self.flush()  # on failure the counts are merged back for the next flush
 
     def flush(self) -> None:
         with self._mutex:
-            hits, tiers = self._pending_hits, self._pending_tiers
-            self._pending_hits, self._pending_tiers = {}, {}
+            hits, tiers = self._buffer.take()
             self._last_flush = time.monotonic()
         if not hits and not tiers:
             return
@@ -683,13 +675,7 @@ class RedisStore:
 
     def _merge_back(self, hits: dict, tiers: dict) -> None:
         with self._mutex:
-            for eid, (t, n) in hits.items():
-                if len(self._pending_hits) >= self.MAX_PENDING_HITS:
-                    break
-                t0, n0 = self._pending_hits.get(eid, (t, 0))
-                self._pending_hits[eid] = (max(t, t0), n + n0)
-            for k, n in tiers.items():
-                self._pending_tiers[k] = self._pending_tiers.get(k, 0) + n
+            self._buffer.merge_back(hits, tiers)
 
     def delete(self, ids: list[str]) -> int:
         return self._delete(list(ids))

@@ -20,7 +20,7 @@ from typing import Iterator
 
 from ..fingerprint import BANDS, Fingerprint, hamming
 from ..fsutil import atomic_write_bytes
-from .base import TIERS, Entry, embedding_bytes, fingerprint_from
+from .base import TIERS, Entry, HitBuffer, embedding_bytes, fingerprint_from
 
 SCHEMA_VERSION = 1
 _BAND_COLS = [f"b{i}" for i in range(BANDS)]
@@ -148,8 +148,7 @@ class SqliteStore:
         except BaseException:
             self._db.close()  # the service retries a failed open: never leak its descriptor
             raise
-        self._pending_hits: dict[str, tuple[float, int]] = {}
-        self._pending_tiers: dict[tuple[int, str], int] = {}
+        self._buffer = HitBuffer()
         self._last_flush = time.monotonic()
         self._held: dict[str, tuple[str, int]] = {}
 
@@ -237,21 +236,14 @@ class SqliteStore:
         self.blobs.delete(digest)
 
     def record(self, entry_id: str | None, tier: str) -> None:
-        assert tier in TIERS, tier
-        now = time.time()
         with self._mutex:
-            hour = int(now // 3600)
-            self._pending_tiers[(hour, tier)] = self._pending_tiers.get((hour, tier), 0) + 1
-            if entry_id is not None and tier != "miss":
-                _, n = self._pending_hits.get(entry_id, (now, 0))
-                self._pending_hits[entry_id] = (now, n + 1)
+            self._buffer.add(entry_id, tier, time.time())
             if time.monotonic() - self._last_flush > self.HIT_FLUSH_S:
                 self.flush()
 
     def flush(self) -> None:
         with self._mutex:
-            hits, tiers = self._pending_hits, self._pending_tiers
-            self._pending_hits, self._pending_tiers = {}, {}
+            hits, tiers = self._buffer.take()
             self._last_flush = time.monotonic()
             if not hits and not tiers:
                 return
