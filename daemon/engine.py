@@ -86,10 +86,6 @@ class Engines:
         self._masks: dict[str, MaskEngine] = {}
         self._embedder: Embedder | None = None
 
-    def mask_model(self, name: str) -> ModelFile:
-        engine = self._masks.get(name)
-        return engine.model if engine else checked_mask_model(self.models_dir, name)
-
     def mask(self, name: str) -> MaskEngine:
         with self._lock:
             if name not in self._masks:

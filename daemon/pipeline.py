@@ -6,9 +6,10 @@ file-system edge (read, atomic write, failed/ and done/). The daemon and
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 import uuid
 import threading
 import time
@@ -118,18 +119,21 @@ class Pipeline:
         try:
             result = fn(*args)
         except Exception as exc:  # sqlite3.Error, OSError, redis errors...
-            self.store_errors += 1
-            self._store_failed_at = time.monotonic()
-            if not self._store_down_logged:
-                log.error("cache_unavailable", error=f"{type(exc).__name__}: {exc}",
-                          effect="processing continues without the cache")
-                self._store_down_logged = True
+            self._store_failed(exc)
             return default
         if (self._store_down_logged
                 and time.monotonic() - self._store_failed_at >= self.cfg.store.retry_s):
             log.warning("cache_recovered")
             self._store_down_logged = False
         return result
+
+    def _store_failed(self, exc: BaseException) -> None:
+        self.store_errors += 1
+        self._store_failed_at = time.monotonic()
+        if not self._store_down_logged:
+            log.error("cache_unavailable", error=f"{type(exc).__name__}: {exc}",
+                      effect="processing continues without the cache")
+            self._store_down_logged = True
 
     def _blob(self, entry: Entry, digest: str | None) -> bytes | None:
         """A verified blob, or None; a bad blob drops its entry (a miss, repaired by inference)."""
@@ -197,17 +201,13 @@ class Pipeline:
     @contextmanager
     def _flight_lease(self, store: Store, name: str):
         """Cross-process single flight; best effort: an unreachable store only costs a duplicate."""
-        try:
-            ctx = waiting_lease(store, name, self.cfg.store.claim_ttl_s, timeout=600)
-            ctx.__enter__()
-        except Exception as exc:
-            self._store_call(_raise, exc)  # count and log it like any store failure
-            yield None
-            return
-        try:
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(
+                    waiting_lease(store, name, self.cfg.store.claim_ttl_s, timeout=600))
+            except Exception as exc:
+                self._store_failed(exc)
             yield
-        finally:
-            ctx.__exit__(None, None, None)
 
     def _lookup_decoded(self, key: str, options: OutputOptions, fp: fpmod.Fingerprint,
                         rgb: np.ndarray) -> tuple[Rendered | None, fpmod.Fingerprint]:
@@ -341,10 +341,6 @@ class Pipeline:
             log.error("failed_dir_unwritable", path=str(job.src), error=str(err))
 
 
-def _raise(exc: BaseException):
-    raise exc
-
-
 def _with_embedding(fp: fpmod.Fingerprint, emb: np.ndarray) -> fpmod.Fingerprint:
     return replace(fp, embedding=emb)
 
@@ -376,11 +372,11 @@ def read_regular_file(path: Path, root: Path | None = None) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the final component is a symlink
+        if exc.errno == errno.ELOOP:  # the final component is a symlink
             raise LinkedInput(f"{path} is a symbolic link; links are never followed") from exc
-        if exc.errno == 21:  # EISDIR
+        if exc.errno == errno.EISDIR:
             raise InputError(f"{path} is a directory, not an image") from exc
-        if exc.errno == 6:  # ENXIO: a FIFO with no writer
+        if exc.errno == errno.ENXIO:  # a FIFO with no writer
             raise InputError(f"{path} is a FIFO, not a regular file") from exc
         raise
     try:

@@ -26,7 +26,8 @@ from .engine import Engines
 from .fsutil import output_name, safe_relative, write_failure
 from .locks import FileClaims, Leases, try_lease
 from .models import ModelError
-from .pipeline import Job, Pipeline
+from .pipeline import Job, Pipeline, Result
+from .prune import Pruner
 from .scan import ignored_path, output_is_current, pending, walk
 from .status import Counters, status_line, write_status
 from .store import open_store
@@ -89,11 +90,7 @@ class Service:
         self.pipeline.store = self.store
         self.pruner = self._make_pruner()
 
-    def _make_pruner(self):
-        try:
-            from .prune import Pruner
-        except ImportError:
-            return None
+    def _make_pruner(self) -> Pruner:
         return Pruner(self.store, self.cfg.cache.limits, self.cfg.cache.prune, log)
 
     def _start_watching(self) -> None:
@@ -227,15 +224,13 @@ class Service:
         try:
             lease = self._claim(pair, rel)
         except OSError as exc:  # the claim file cannot be written (full or read-only outbox)
-            from .pipeline import Result
-
             self._retry_or_fail(item, job, Result(job, "retry", 0.0, error=str(exc),
                                                   reason="transient", exc=exc))
             return
         if lease is None:
             self.counters.add("claimed_elsewhere")
-            index = self.cfg.watch.index(pair) if pair in self.cfg.watch else 0
-            self.scheduler.retry(index, path, item.attempt, self.cfg.store.claim_ttl_s / 2)
+            self.scheduler.retry(self._pair_index(pair), path, item.attempt,
+                                 self.cfg.store.claim_ttl_s / 2)
             return
         try:
             try:
@@ -283,17 +278,17 @@ class Service:
                     return None
         if not shared and store_lease is not None:
             return store_lease  # one machine: the flock is enough
+        file_lease = None
         try:
             file_lease = try_lease(FileClaims(pair.outbox / CLAIMS_DIR), name, ttl)
-        except BaseException:
-            if store_lease is not None:
-                store_lease.release()
-            raise
-        if file_lease is None:
-            if store_lease is not None:
-                store_lease.release()
-            return None
-        return Leases(store_lease, file_lease)
+        finally:
+            if file_lease is None and store_lease is not None:
+                store_lease.release()  # taken elsewhere, or the claim file failed
+        return Leases(store_lease, file_lease) if file_lease is not None else None
+
+    def _pair_index(self, pair: WatchPair) -> int:
+        """Scheduler entries carry the pair's index (a reload may have replaced the pair)."""
+        return self.cfg.watch.index(pair) if pair in self.cfg.watch else 0
 
     def _retry_or_fail(self, item: WorkItem, job: Job, result) -> None:
         if item.attempt < self.cfg.retry_attempts:
@@ -301,8 +296,7 @@ class Service:
             self.counters.add("retries")
             log.info("retry_scheduled", path=str(item.path), attempt=item.attempt + 1,
                      delay_s=delay, error=result.error)
-            index = self.cfg.watch.index(item.pair) if item.pair in self.cfg.watch else 0
-            self.scheduler.retry(index, item.path, item.attempt + 1, delay)
+            self.scheduler.retry(self._pair_index(item.pair), item.path, item.attempt + 1, delay)
             return
         self.counters.add("failed")
         log.error("giving_up", path=str(item.path), attempts=item.attempt + 1, error=result.error)

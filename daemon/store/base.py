@@ -1,6 +1,7 @@
 """The storage Protocol every backend implements, and the values it trades in."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -39,6 +40,11 @@ class HitBuffer:
         self.max_entries = max_entries
         self.hits: dict[str, tuple[float, int]] = {}
         self.tiers: dict[tuple[int, str], int] = {}
+        self._taken_at = time.monotonic()
+
+    def due(self, every_s: float) -> bool:
+        """More than ``every_s`` since the last flush took the buffer."""
+        return time.monotonic() - self._taken_at > every_s
 
     def add(self, entry_id: str | None, tier: str, now: float) -> None:
         assert tier in TIERS, tier
@@ -56,6 +62,7 @@ class HitBuffer:
     def take(self) -> tuple[dict[str, tuple[float, int]], dict[tuple[int, str], int]]:
         hits, tiers = self.hits, self.tiers
         self.hits, self.tiers = {}, {}
+        self._taken_at = time.monotonic()
         return hits, tiers
 
     def merge_back(self, hits: dict, tiers: dict) -> None:

@@ -356,7 +356,6 @@ class RedisStore:
 
         self._mutex = threading.Lock()
         self._buffer = HitBuffer(self.MAX_PENDING_HITS)
-        self._last_flush = time.monotonic()
 
         self._health = threading.Lock()
         self._down = False
@@ -639,14 +638,13 @@ class RedisStore:
         """
         with self._mutex:
             self._buffer.add(entry_id, tier, time.time())
-            due = time.monotonic() - self._last_flush > self.HIT_FLUSH_S
+            due = self._buffer.due(self.HIT_FLUSH_S)
         if due or self._down:
             self.flush()  # on failure the counts are merged back for the next flush
 
     def flush(self) -> None:
         with self._mutex:
             hits, tiers = self._buffer.take()
-            self._last_flush = time.monotonic()
         if not hits and not tiers:
             return
         try:

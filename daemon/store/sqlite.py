@@ -149,7 +149,6 @@ class SqliteStore:
             self._db.close()  # the service retries a failed open: never leak its descriptor
             raise
         self._buffer = HitBuffer()
-        self._last_flush = time.monotonic()
         self._held: dict[str, tuple[str, int]] = {}
 
     # ------------------------------------------------------------- lookups
@@ -238,13 +237,12 @@ class SqliteStore:
     def record(self, entry_id: str | None, tier: str) -> None:
         with self._mutex:
             self._buffer.add(entry_id, tier, time.time())
-            if time.monotonic() - self._last_flush > self.HIT_FLUSH_S:
+            if self._buffer.due(self.HIT_FLUSH_S):
                 self.flush()
 
     def flush(self) -> None:
         with self._mutex:
             hits, tiers = self._buffer.take()
-            self._last_flush = time.monotonic()
             if not hits and not tiers:
                 return
             self._db.execute("BEGIN IMMEDIATE")
