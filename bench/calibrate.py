@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from daemon import fingerprint as fpmod  # noqa: E402
 from daemon.config import MatchThresholds  # noqa: E402
-from daemon.decode import decode  # noqa: E402
-from daemon.render import fit_mask  # noqa: E402
+from daemon.imaging.decode import decode  # noqa: E402
+from daemon.imaging.render import fit_mask  # noqa: E402
 
 MAX_SIDE = 1024  # larger samples are downscaled first, to keep the run short
 
@@ -765,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a == "--iou"]
 
-    from daemon.engine import Engines
+    from daemon.inference.engine import Engines
 
     start = time.perf_counter()
     engines = Engines(args.models, threads=2)

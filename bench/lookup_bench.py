@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon import config as configmod  # noqa: E402
-from daemon.fingerprint import EMBED_DIM, Fingerprint, Thumbs  # noqa: E402
-from daemon.store.base import Entry  # noqa: E402
+from daemon.imaging.fingerprint import EMBED_DIM, Fingerprint, Thumbs  # noqa: E402
+from daemon.cache.base import Entry  # noqa: E402
 
 KEY = hashlib.sha256(b"bench-cache-key").hexdigest()[:32]
 THUMB_BYTES = Thumbs.NBYTES  # the real layout, whatever LUMA_SIZE / AB_SIZE are
@@ -199,7 +199,7 @@ def run_backend(name: str, store, bulk, n: int, q: int, seed: int, extra,
 
 
 def bench_sqlite(n: int, q: int, seed: int) -> dict:
-    from daemon.store.sqlite import SqliteStore
+    from daemon.cache.sqlite import SqliteStore
 
     tmp = Path(tempfile.mkdtemp(prefix="rembgd-bench-"))
     try:
@@ -224,7 +224,7 @@ def bench_sqlite(n: int, q: int, seed: int) -> dict:
 def bench_redis(n: int, q: int, seed: int, url: str) -> dict:
     import redis
 
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     prefix = f"rembgd-bench-{uuid.uuid4().hex[:8]}"
     tmp = Path(tempfile.mkdtemp(prefix="rembgd-bench-"))

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon.config import OutputOptions  # noqa: E402
-from daemon.engine import Engines  # noqa: E402
-from daemon.render import render  # noqa: E402
+from daemon.inference.engine import Engines  # noqa: E402
+from daemon.imaging.render import render  # noqa: E402
 
 LEVELS = (0, 1, 3, 6, 9)
 SIZES = {"1 MP": (1224, 816), "6 MP": (3000, 2000), "24 MP": (6000, 4000)}  # 3:2 camera frames

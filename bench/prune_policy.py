@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon.config import POLICIES, CacheLimits  # noqa: E402
-from daemon.prune import Rec, plan_prune  # noqa: E402
+from daemon.cache.prune import Rec, plan_prune  # noqa: E402
 
 
 def workload(n_ids: int, n_req: int, s: float, seed: int, shift: int) -> np.ndarray:

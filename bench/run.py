@@ -153,11 +153,11 @@ def cost_breakdown(ctx: Ctx, items: list[wlmod.Item], reps: int = 2) -> dict:
     os.environ["OMP_NUM_THREADS"] = str(ctx.threads)
     from rembg import new_session, remove
 
-    from daemon import fingerprint as fpm
-    from daemon import render
+    from daemon.imaging import fingerprint as fpm
+    from daemon.imaging import render
     from daemon.config import OutputOptions
-    from daemon.decode import decode
-    from daemon.engine import Engines
+    from daemon.imaging.decode import decode
+    from daemon.inference.engine import Engines
 
     eng = Engines(ctx.models, ctx.threads)
     mask_engine, embedder = eng.mask("u2netp"), eng.embedder()

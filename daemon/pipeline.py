@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from . import fingerprint as fpmod
-from .config import Config, OutputOptions
-from .decode import DecodeError, TruncatedImage, decode
-from .engine import Engines
-from .fsutil import (NAME_MAX, atomic_write_bytes, is_transient, move_file, name_bytes,
+from daemon.imaging import fingerprint as fpmod
+from daemon.config import Config, OutputOptions
+from daemon.imaging.decode import DecodeError, TruncatedImage, decode
+from daemon.inference.engine import Engines
+from daemon.fsutil import (NAME_MAX, atomic_write_bytes, is_transient, move_file, name_bytes,
                      output_mode, write_failure)
-from .locks import waiting_lease
-from .models import ModelError
-from .render import cache_key, decode_mask, encode_mask, encode_png, fit_mask, render
-from .store.base import Entry, Store
+from daemon.coord.leases import waiting_lease
+from daemon.inference.models import ModelError
+from daemon.imaging.render import cache_key, decode_mask, encode_mask, encode_png, fit_mask, render
+from daemon.cache.base import Entry, Store
 
 log = structlog.get_logger("rembgd.pipeline")
 

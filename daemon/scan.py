@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .fsutil import is_temp_name, output_name
+from daemon.fsutil import is_temp_name, output_name
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:

@@ -74,7 +74,7 @@ def config_path(tmp_path, models_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_engines(models_dir):
-    from daemon.engine import Engines
+    from daemon.inference.engine import Engines
 
     return Engines(models_dir, threads=2)
 

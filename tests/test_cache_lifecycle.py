@@ -26,12 +26,13 @@ import structlog
 from PIL import Image
 
 from conftest import encode, photo, write_config
-from daemon import cachetools, config as configmod
+from daemon.cache import maintenance as cachetools
+from daemon import config as configmod
 from daemon.config import CacheLimits, ConfigError, PruneSchedule
 from daemon.pipeline import Pipeline
-from daemon.prune import Pruner, Rec, estimate_blob_sizes, last_daily, plan_prune, slim
-from daemon.store.base import TIERS
-from daemon.store.sqlite import SqliteStore
+from daemon.cache.prune import Pruner, Rec, estimate_blob_sizes, last_daily, plan_prune, slim
+from daemon.cache.base import TIERS
+from daemon.cache.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("chelsea", "coffee", "astronaut", "rocket")
@@ -619,7 +620,7 @@ def test_plan_prune_pure_policies():
 @pytest.mark.redis
 def test_same_lifecycle_on_redis(tmp_path, seed, models_dir, shared_engines, redis_prefix):
     """Protocol methods only: import, verify, prune and clear work unchanged on Redis."""
-    from daemon.store import open_store
+    from daemon.cache import open_store
 
     (tmp_path / "a").mkdir()
     _, cfg_a = make(tmp_path / "a", seed, models_dir)

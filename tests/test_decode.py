@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import encode, photo
-from daemon import decode as decmod
-from daemon.decode import (DecodeError, ImageTooLarge, TruncatedImage, UnsupportedImage, decode,
+from daemon.imaging import decode as decmod
+from daemon.imaging.decode import (DecodeError, ImageTooLarge, TruncatedImage, UnsupportedImage, decode,
                            set_max_pixels)
 
 ORIENTATION = 0x0112
@@ -334,7 +334,7 @@ def test_bomb_does_not_allocate_under_a_memory_cap():
         import resource, sys
         sys.path.insert(0, sys.argv[1])
         from test_decode import _png_declaring
-        from daemon.decode import decode, ImageTooLarge
+        from daemon.imaging.decode import decode, ImageTooLarge
         data = _png_declaring(100_000, 100_000)
         with open("/proc/self/statm") as fh:
             vm = int(fh.read().split()[0]) * resource.getpagesize()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from daemon import effnet
+from daemon.inference import effnet
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967

@@ -140,7 +140,7 @@ def test_disk_full_outbox_tmpfs(tmp_path, models_dir):
 def test_disk_full_injected_enospc(tmp_path, models_dir, shared_engines, monkeypatch):
     """ENOSPC from fsync on outbox files (how NFS and delayed allocation report it)."""
     from daemon import config as configmod
-    from daemon.service import Service
+    from daemon.service.supervisor import Service
 
     cfg = configmod.load(write_config(tmp_path, models_dir, retry_attempts=6,
                                       retry_backoff_s=0.05))
@@ -214,7 +214,7 @@ def check_degraded_then_recovered(tmp_path: Path, d: Daemon, fix) -> None:
 
 
 def test_cache_read_only_then_fixed(tmp_path, models_dir):
-    from daemon.store.sqlite import SqliteStore
+    from daemon.cache.sqlite import SqliteStore
 
     cfg = cache_config(tmp_path, models_dir)
     cache = tmp_path / "cache"
@@ -262,7 +262,7 @@ def test_cache_read_only_then_fixed(tmp_path, models_dir):
 
 
 def test_cache_corrupt_index_then_fixed(tmp_path, models_dir):
-    from daemon.store.sqlite import SqliteStore
+    from daemon.cache.sqlite import SqliteStore
 
     cfg = cache_config(tmp_path, models_dir)
     cache = tmp_path / "cache"
@@ -362,7 +362,7 @@ def test_kill9_at_20_random_points_exactly_once(tmp_path, models_dir):
 def test_restart_finishes_a_file_killed_between_output_and_move(tmp_path, models_dir):
     """Killed after the output was written, before the source was moved to done/."""
     from daemon import config as configmod
-    from daemon.service import Service
+    from daemon.service.supervisor import Service
 
     path = write_config(tmp_path, models_dir)
     data = yaml.safe_load(path.read_text())
@@ -450,7 +450,7 @@ def test_config_paths_resolved_and_checked(tmp_path, models_dir):
 def test_decompression_bomb_limit_is_configurable(tmp_path, models_dir):
     from daemon import config as configmod
     from daemon.config import ConfigError
-    from daemon.decode import ImageTooLarge, decode
+    from daemon.imaging.decode import ImageTooLarge, decode
 
     cfg = configmod.load(write_config(tmp_path, models_dir))
     assert cfg.max_image_pixels == 100_000_000  # the pinned default

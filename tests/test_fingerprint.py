@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import photo
 from daemon import config as configmod
-from daemon import fingerprint as fp
+from daemon.imaging import fingerprint as fp
 from daemon.config import MatchThresholds
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon import fsutil
-from daemon.decode import TruncatedImage
+from daemon.imaging.decode import TruncatedImage
 from daemon.fsutil import (atomic_write_bytes, is_temp_name, move_file, output_name,
                            safe_relative, write_failure)
 from daemon.scan import is_ignored, walk
@@ -237,7 +237,7 @@ def test_write_failure_moves_and_records(tmp_path):
     assert sidecar == failed / "shoot" / "day 1" / "IMG_1.jpg.error.json"
     record = json.loads(sidecar.read_text())
     assert record["reason"] == "truncated"
-    assert record["exception"] == "daemon.decode.TruncatedImage"
+    assert record["exception"] == "daemon.imaging.decode.TruncatedImage"
     assert "truncated" in record["error"]
     assert record["source"] == str(src) and record["file"] == str(moved)
     assert before - 1 <= record["unix_time"] <= time.time() + 1

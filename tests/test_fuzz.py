@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from daemon.decode import DecodeError, decode
-from daemon.fingerprint import fingerprint
+from daemon.imaging.decode import DecodeError, decode
+from daemon.imaging.fingerprint import fingerprint
 
 # Pillow warns about corrupt EXIF on the way to raising or returning: expected here
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

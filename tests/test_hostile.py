@@ -419,7 +419,7 @@ def snapshot(root: Path) -> dict[Path, int]:
 def service(tmp_path, models_dir, shared_engines):
     """A Service on a temp inbox, not started: ``_work`` is called by the test."""
     from daemon import config as configmod
-    from daemon.service import Service
+    from daemon.service.supervisor import Service
 
     cfg = configmod.load(write_config(tmp_path, models_dir, retry_backoff_s=0.1,
                                       retry_attempts=1))
@@ -432,7 +432,7 @@ def service(tmp_path, models_dir, shared_engines):
 
 
 def _item(svc, name: str):
-    from daemon.service import WorkItem
+    from daemon.service.supervisor import WorkItem
 
     pair = svc.cfg.watch[0]
     return WorkItem(pair, pair.inbox / name)

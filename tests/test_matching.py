@@ -19,11 +19,11 @@ from PIL import Image
 
 from conftest import encode, photo, write_config
 from daemon import config as configmod
-from daemon import fingerprint as fpmod
+from daemon.imaging import fingerprint as fpmod
 from daemon.config import AlphaMatting
-from daemon.decode import decode
+from daemon.imaging.decode import decode
 from daemon.pipeline import Pipeline
-from daemon.store.sqlite import SqliteStore
+from daemon.cache.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from conftest import photo
-from daemon import engine as engmod
-from daemon import models as M
-from daemon.engine import Engines, MaskEngine, session_options
-from daemon.models import ModelError, ModelFile
+from daemon.inference import engine as engmod
+from daemon.inference import models as M
+from daemon.inference.engine import Engines, MaskEngine, session_options
+from daemon.inference.models import ModelError, ModelFile
 
 SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 

@@ -145,7 +145,7 @@ def test_mask_from_machine_a_reused_on_machine_b(tmp_path, models_dir, redis_pre
 
 def test_claim_of_a_killed_daemon_expires(tmp_path, models_dir, redis_prefix):
     from daemon import config as configmod
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     cfg_b = redis_config(tmp_path, models_dir, redis_prefix, name="b")
     # a daemon that died holding a claim: the lock exists and nobody refreshes it

@@ -22,7 +22,7 @@ from conftest import encode, photo
 from daemon import cli
 from daemon.config import AlphaMatting, OutputOptions
 from daemon.fsutil import is_temp_name
-from daemon.render import render
+from daemon.imaging.render import render
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -197,7 +197,7 @@ def test_progress_bar_on_a_tty(tree_run):
 
 def test_matches_rembg_remove(tree_run, models_dir, monkeypatch):
     """Default options: the same pixels as rembg.remove() with its u2netp session."""
-    import daemon.engine  # noqa: F401  (pooch patched: this can never download)
+    import daemon.inference.engine  # noqa: F401  (pooch patched: this can never download)
     from rembg import new_session, remove
 
     monkeypatch.setenv("U2NET_HOME", str(models_dir))
@@ -230,7 +230,7 @@ def test_second_run_is_served_from_the_cache(tree_run, run_cli):
 @pytest.fixture
 def run_cli(capsys, monkeypatch, shared_engines):
     """Call `rembgd` in this process, on the already loaded session; restores structlog."""
-    import daemon.engine
+    import daemon.inference.engine
 
     saved = structlog.get_config()
     monkeypatch.setattr(daemon.engine, "Engines",

@@ -16,8 +16,8 @@ from PIL import Image
 
 from conftest import REDIS_URL, encode, photo
 from daemon import config as configmod
-from daemon.fingerprint import Fingerprint, fingerprint, hamming
-from daemon.store.base import TIERS, Entry
+from daemon.imaging.fingerprint import Fingerprint, fingerprint, hamming
+from daemon.cache.base import TIERS, Entry
 
 KEY = "k" * 32
 OTHER_KEY = "o" * 32
@@ -35,14 +35,14 @@ class SqliteBackend:
         self.opened: list = []
 
     def open(self):
-        from daemon.store.sqlite import SqliteStore
+        from daemon.cache.sqlite import SqliteStore
 
         store = SqliteStore(self.dir)
         self.opened.append(store)
         return store
 
     def corrupt_blob(self, digest: str) -> None:
-        from daemon.store.sqlite import BlobDir
+        from daemon.cache.sqlite import BlobDir
 
         BlobDir(self.dir / "blobs").path(digest).write_bytes(b"bit rot")
 
@@ -63,7 +63,7 @@ class RedisBackend:
         self.opened: list = []
 
     def open(self):
-        from daemon.store.redis import RedisStore
+        from daemon.cache.redis import RedisStore
 
         store = RedisStore(self.cfg)
         self.opened.append(store)

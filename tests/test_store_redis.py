@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import REDIS_URL, encode, photo, write_config
 from daemon import config as configmod
-from daemon.fingerprint import fingerprint
-from daemon.locks import try_lease
-from daemon.store.base import StoreUnavailable
+from daemon.imaging.fingerprint import fingerprint
+from daemon.coord.leases import try_lease
+from daemon.cache.base import StoreUnavailable
 
 import redis  # noqa: E402  (a declared dependency: never skipped, CI or not)
 
@@ -44,7 +44,7 @@ def raw():
 @pytest.fixture
 def stores(tmp_path, redis_prefix):
     """A factory of RedisStores on one prefix: each one is another 'machine'."""
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     opened = []
 
@@ -281,7 +281,7 @@ def test_evicted_bookkeeping_keys_degrade_gracefully(stores, raw, fps):
 def test_pipeline_re_infers_when_the_output_blob_was_evicted(tmp_path, models_dir,
                                                              shared_engines, redis_prefix, raw):
     from daemon.pipeline import Pipeline
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     cfg = configmod.load(write_config(tmp_path, models_dir, store={
         "backend": "redis", "url": REDIS_URL, "prefix": redis_prefix}))
@@ -393,7 +393,7 @@ def test_lease_keeps_a_claim_across_machines_until_released(stores):
 
 
 def test_outage_fails_fast_and_recovers(tmp_path, redis_prefix, proxy, fps):
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     s = RedisStore(store_cfg(tmp_path, redis_prefix, url=proxy.url, socket_timeout_s=0.5))
     s.BACKOFF_START_S = 0.3
@@ -440,7 +440,7 @@ def test_outage_fails_fast_and_recovers(tmp_path, redis_prefix, proxy, fps):
 
 
 def test_unresponsive_redis_times_out(tmp_path, redis_prefix, proxy, fps):
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     cfg = store_cfg(tmp_path, redis_prefix, url=proxy.url, socket_timeout_s=0.5)
     s = RedisStore(cfg)
@@ -462,7 +462,7 @@ def test_unresponsive_redis_times_out(tmp_path, redis_prefix, proxy, fps):
 
 
 def test_store_created_while_redis_is_down(tmp_path, redis_prefix, proxy, fps):
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     proxy.stop()
     s = RedisStore(store_cfg(tmp_path, redis_prefix, url=proxy.url, socket_timeout_s=0.5))
@@ -489,7 +489,7 @@ def _half_q80(rgb: np.ndarray) -> bytes:
 
 def test_two_machines_share_near_duplicates(tmp_path, models_dir, shared_engines, redis_prefix):
     from daemon.pipeline import Pipeline
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     path = write_config(tmp_path, models_dir, store={
         "backend": "redis", "url": REDIS_URL, "prefix": redis_prefix})
@@ -525,7 +525,7 @@ def test_two_machines_share_near_duplicates(tmp_path, models_dir, shared_engines
 def test_two_machines_infer_a_new_image_once(tmp_path, models_dir, shared_engines, redis_prefix):
     """Single flight across machines: the Redis lock makes the second one wait and reuse."""
     from daemon.pipeline import Pipeline
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     cfg = configmod.load(write_config(tmp_path, models_dir, store={
         "backend": "redis", "url": REDIS_URL, "prefix": redis_prefix}))
@@ -554,7 +554,7 @@ def test_two_machines_infer_a_new_image_once(tmp_path, models_dir, shared_engine
 def test_pipeline_degrades_to_no_cache_during_an_outage(tmp_path, models_dir, shared_engines,
                                                         redis_prefix, proxy):
     from daemon.pipeline import Pipeline
-    from daemon.store.redis import RedisStore
+    from daemon.cache.redis import RedisStore
 
     cfg = configmod.load(write_config(tmp_path, models_dir, store={
         "backend": "redis", "url": proxy.url, "prefix": redis_prefix, "socket_timeout_s": 0.5}))

@@ -108,9 +108,9 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..config import Config
-from ..fingerprint import BANDS, Fingerprint, phash_bands
-from .base import TIERS, Entry, HitBuffer, StoreUnavailable, embedding_bytes, fingerprint_from
+from daemon.config import Config
+from daemon.imaging.fingerprint import BANDS, Fingerprint, phash_bands
+from daemon.cache.base import TIERS, Entry, HitBuffer, StoreUnavailable, embedding_bytes, fingerprint_from
 
 log = structlog.get_logger("rembgd.store")
 

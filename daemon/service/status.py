@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .fsutil import atomic_write_bytes
+from daemon.fsutil import atomic_write_bytes
 
 
 class Counters:

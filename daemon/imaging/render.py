@@ -17,7 +17,7 @@ from PIL import Image
 from rembg.bg import (alpha_matting_cutout, apply_background_color, decontaminate_cutout,
                       naive_cutout, post_process)
 
-from .config import OutputOptions
+from daemon.config import OutputOptions
 
 RENDER_VERSION = 2  # bump when rendering changes, so old cache entries become misses
 

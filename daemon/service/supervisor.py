@@ -18,20 +18,20 @@ from pathlib import Path
 
 import structlog
 
-from . import config as configmod
-from . import systemd
-from .config import Config, ConfigError, WatchPair
-from .decode import set_max_pixels
-from .engine import Engines
-from .fsutil import output_name, safe_relative, write_failure
-from .locks import FileClaims, Leases, try_lease
-from .models import ModelError
-from .pipeline import Job, Pipeline, Result
-from .prune import Pruner
-from .scan import ignored_path, output_is_current, pending, walk
-from .status import Counters, status_line, write_status
-from .store import open_store
-from .watcher import InboxHandler, Scheduler, choose_observer, make_observer
+from daemon import config as configmod
+from daemon.service import systemd
+from daemon.config import Config, ConfigError, WatchPair
+from daemon.imaging.decode import set_max_pixels
+from daemon.inference.engine import Engines
+from daemon.fsutil import output_name, safe_relative, write_failure
+from daemon.coord.leases import FileClaims, Leases, try_lease
+from daemon.inference.models import ModelError
+from daemon.pipeline import Job, Pipeline, Result
+from daemon.cache.prune import Pruner
+from daemon.scan import ignored_path, output_is_current, pending, walk
+from daemon.service.status import Counters, status_line, write_status
+from daemon.cache import open_store
+from daemon.service.watcher import InboxHandler, Scheduler, choose_observer, make_observer
 
 log = structlog.get_logger("rembgd.service")
 

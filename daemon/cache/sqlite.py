@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from ..fingerprint import BANDS, Fingerprint, hamming
-from ..fsutil import atomic_write_bytes
-from .base import TIERS, Entry, HitBuffer, embedding_bytes, fingerprint_from
+from daemon.imaging.fingerprint import BANDS, Fingerprint, hamming
+from daemon.fsutil import atomic_write_bytes
+from daemon.cache.base import TIERS, Entry, HitBuffer, embedding_bytes, fingerprint_from
 
 SCHEMA_VERSION = 1
 _BAND_COLS = [f"b{i}" for i in range(BANDS)]
@@ -176,7 +176,7 @@ class SqliteStore:
         return rows[0] if rows else None
 
     def find_near(self, key: str, phash: bytes, radius: int) -> list[Entry]:
-        from ..fingerprint import phash_bands
+        from daemon.imaging.fingerprint import phash_bands
 
         bands = phash_bands(phash)
         union = " UNION ".join(

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable
 
 import structlog
 
-from .config import CacheLimits, PruneSchedule
+from daemon.config import CacheLimits, PruneSchedule
 
 REASONS = ("ttl", "max_entries", "max_bytes")
 DAY_S = 86400.0

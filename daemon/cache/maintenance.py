@@ -31,8 +31,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import Config
-from .prune import Pruner, Rec, estimate_blob_sizes, policy_order, slim
+from daemon.config import Config
+from daemon.cache.prune import Pruner, Rec, estimate_blob_sizes, policy_order, slim
 
 ARCHIVE_FORMAT = "rembgd-cache"
 ARCHIVE_SCHEMA = 1
@@ -41,7 +41,7 @@ SHOW = 5  # rows in the oldest / coldest lists
 
 
 def run_cache_command(args, cfg: Config) -> int:
-    from .store import open_store
+    from daemon.cache import open_store
 
     command = args.cache_command
     try:
@@ -126,8 +126,8 @@ def _current_keys(cfg: Config) -> set[str] | None:
 
     Imports rembg (via ``render``): about 3 s, so only ``import`` uses it.
     """
-    from . import models
-    from .render import cache_key
+    from daemon.inference import models
+    from daemon.imaging.render import cache_key
 
     keys = set()
     try:
@@ -331,7 +331,7 @@ def _unb64(text: str | None) -> bytes | None:
 
 
 def entry_to_json(e) -> dict:
-    from .store.base import embedding_bytes
+    from daemon.cache.base import embedding_bytes
 
     fp = e.fp
     return {"id": e.id, "key": e.key, "model": e.model, "sha256": fp.sha256,
@@ -343,8 +343,8 @@ def entry_to_json(e) -> dict:
 
 
 def entry_from_json(d: dict):
-    from .fingerprint import AB_SIZE, LUMA_SIZE, PHASH_BITS
-    from .store.base import Entry, fingerprint_from
+    from daemon.imaging.fingerprint import AB_SIZE, LUMA_SIZE, PHASH_BITS
+    from daemon.cache.base import Entry, fingerprint_from
 
     phash, thumbs = _unb64(d["phash"]) or b"", _unb64(d["thumbs"]) or b""
     if len(phash) != PHASH_BITS // 8 or len(thumbs) != LUMA_SIZE ** 2 + AB_SIZE ** 2 * 2:
@@ -367,7 +367,7 @@ def _digests(d: dict) -> list[str]:
 
 def export_archive(store, path: Path) -> dict:
     """Write ``path`` (zip) atomically; entries whose blobs cannot be read are left out."""
-    from . import __version__
+    from daemon import __version__
 
     path = Path(path)
     store.flush()

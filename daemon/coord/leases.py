@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .store.base import Store
+from daemon.cache.base import Store
 
 
 class Lease:

@@ -25,7 +25,7 @@ from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, Fi
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from .scan import ignored_path
+from daemon.scan import ignored_path
 
 NETWORK_FS = {"cifs", "smb3", "smbfs", "nfs", "nfs4", "fuse.sshfs", "9p", "afs", "ceph",
               "glusterfs", "fuse.glusterfs", "davfs", "fuse.rclone", "lustre", "beegfs",

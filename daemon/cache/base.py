@@ -7,7 +7,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from ..fingerprint import Fingerprint, Thumbs
+from daemon.imaging.fingerprint import Fingerprint, Thumbs
 
 TIERS = ("exact", "pixel", "near", "miss")
 

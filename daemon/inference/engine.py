@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pooch
 from PIL import Image
 
-from . import effnet
-from .models import ModelError, ModelFile, checked_embedder, checked_mask_model
+from daemon.inference import effnet
+from daemon.inference.models import ModelError, ModelFile, checked_embedder, checked_mask_model
 
 
 def _refuse_download(url, *args, **kwargs):

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import structlog
 
-from . import __version__, config as configmod, logs
-from .config import AlphaMatting, Config, ConfigError, OutputOptions
-from .models import ModelError
+from daemon import __version__
+from daemon import config as configmod
+from daemon import logs
+from daemon.config import AlphaMatting, Config, ConfigError, OutputOptions
+from daemon.inference.models import ModelError
 
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
@@ -137,11 +139,11 @@ def load_config(args: argparse.Namespace, *, check_folders: bool = True) -> Conf
 
 
 def cmd_process(args: argparse.Namespace, cfg: Config) -> int:
-    from . import oneshot
-    from .decode import set_max_pixels
-    from .engine import Engines
-    from .pipeline import Pipeline
-    from .store import open_store
+    from daemon.cli import process as oneshot
+    from daemon.imaging.decode import set_max_pixels
+    from daemon.inference.engine import Engines
+    from daemon.pipeline import Pipeline
+    from daemon.cache import open_store
 
     set_max_pixels(cfg.max_image_pixels)
     options = _options_from(args, cfg.output_defaults)
@@ -163,7 +165,7 @@ def cmd_process(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_models(args: argparse.Namespace, cfg: Config) -> int:
-    from . import models
+    from daemon.inference import models
 
     wanted = args.model or sorted({p.options.model for p in cfg.watch} | {cfg.output_defaults.model})
     if args.models_command == "install":
@@ -179,7 +181,7 @@ def cmd_models(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    from .status import read_status
+    from daemon.service.status import read_status
 
     status = read_status(configmod.state_path(cfg))
     if status is None:
@@ -210,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return cmd_status(args, cfg)
         if args.command == "run":
-            from .service import run_service
+            from daemon.service.supervisor import run_service
 
             return run_service(cfg, once=args.once)
         if args.command == "cache":
-            from .cachetools import run_cache_command
+            from daemon.cache.maintenance import run_cache_command
 
             return run_cache_command(args, cfg)
     except ModelError as exc:

@@ -24,7 +24,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from .config import MatchThresholds
+from daemon.config import MatchThresholds
 
 PHASH_BITS = 256
 BANDS = 16

