@@ -42,7 +42,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon import fingerprint as fpmod  # noqa: E402
+from daemon.imaging import fingerprint as fpmod  # noqa: E402
 from daemon.config import MatchThresholds  # noqa: E402
 from daemon.imaging.decode import decode  # noqa: E402
 from daemon.imaging.render import fit_mask  # noqa: E402

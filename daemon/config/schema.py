@@ -52,6 +52,52 @@ class OutputOptions:
     png_compression: int = 1
 
 
+FORMATS = ("png", "tiff", "webp", "jpeg")
+COLOURS = ("keep", "srgb")
+METADATA = ("keep", "strip")
+CROPS = ("none", "subject")
+FORMAT_EXT = {"png": ".png", "tiff": ".tif", "webp": ".webp", "jpeg": ".jpg"}
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """Place the (cropped) subject on a canvas of a fixed aspect ratio."""
+
+    aspect: tuple[int, int] = (1, 1)  # width:height, e.g. (4, 5)
+    long_edge: int = 2000  # px of the canvas's longer side
+    fill: float = 0.85  # the subject's longer side spans this fraction of the frame
+
+
+@dataclass(frozen=True)
+class Deliverable:
+    """One file written per source: a master, a marketplace JPEG, a web WebP..."""
+
+    name: str = "cutout"  # the subfolder of the outbox it goes to; unique per pair
+    format: str = "png"  # png | tiff | webp | jpeg
+    quality: int = 90  # jpeg and lossy webp
+    compression: int = 1  # png: zlib level 0-9; tiff: 0 none, >0 deflate at that level
+    lossless: bool = False  # webp
+    background: tuple[int, int, int] | None = None  # None: transparent (jpeg: white)
+    crop: str = "none"  # none | subject
+    margin: float = 0.0  # around the subject box: a fraction of its longer side, or px
+    margin_unit: str = "%"  # "%" | "px"
+    canvas: Canvas | None = None
+    max_size: int | None = None  # longest edge in px, downscale only
+    colour: str = "keep"  # keep the source's ICC profile | convert to srgb
+    metadata: str = "keep"  # keep EXIF (orientation 1), XMP, IPTC | strip
+
+    @property
+    def ext(self) -> str:
+        return FORMAT_EXT[self.format]
+
+    @property
+    def flattened(self) -> tuple[int, int, int] | None:
+        """The background colour actually used; jpeg cannot hold alpha, so white by default."""
+        if self.background is None and self.format == "jpeg":
+            return (255, 255, 255)
+        return self.background
+
+
 @dataclass(frozen=True)
 class WatchPair:
     inbox: Path
