@@ -1,197 +1,205 @@
-"""The pipeline: bytes in -> lookup (exact, pixel, near) or inference -> PNG out.
+"""The pipeline: image bytes + a render plan -> one mask -> every deliverable's bytes.
 
-``Pipeline.render_bytes`` is the core; ``Pipeline.handle`` wraps it with the
-file-system edge (read, atomic write, failed/ and done/). The daemon and
-``rembgd process`` both go through ``handle``.
+Tiers, cheapest first: stored outputs for these exact bytes (no decode, no
+encode), then a cached mask for the same bytes, the same pixels or a verified
+near-duplicate, and only then inference. One mask feeds every deliverable.
+Masks are keyed by what changes a mask (model, its checksum, post-processing);
+encoded outputs by the mask key plus the deliverable's render options, so a
+new deliverable or another background re-renders from the cached mask.
+
+It never sees a path: ``daemon.job`` reads the source and writes the files.
 """
 from __future__ import annotations
 
-import errno
-import os
-import stat
-from contextlib import ExitStack, contextmanager
-import uuid
 import threading
 import time
+import uuid
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import structlog
 
+from daemon.cache.base import Entry, StoreError
+from daemon.cache.guard import CacheGuard
+from daemon.config import CacheConfig, Deliverable, OutputOptions
+from daemon.coord.leases import try_lease, waiting_lease
 from daemon.imaging import fingerprint as fpmod
-from daemon.config import Config, OutputOptions
-from daemon.imaging.decode import DecodeError, TruncatedImage, decode
+from daemon.budget import PixelBudget
+from daemon.imaging.decode import Decoded, decode, probe_pixels
+from daemon.imaging.render import (Target, decode_mask, encode_mask, fit_mask, mask_key,
+                                   predict_mask, render_target, targets, working_mask_size)
 from daemon.inference.engine import Engines
-from daemon.fsutil import (NAME_MAX, atomic_write_bytes, is_transient, move_file, name_bytes,
-                     output_mode, write_failure)
-from daemon.coord.leases import waiting_lease
-from daemon.inference.models import ModelError
-from daemon.imaging.render import cache_key, decode_mask, encode_mask, encode_png, fit_mask, render
-from daemon.cache.base import Entry, Store
 
 log = structlog.get_logger("rembgd.pipeline")
 
-
-class InputError(ValueError):
-    """The input is not a processable regular file (symlink, FIFO, folder...)."""
-
-    reason = "not_a_file"
+FLIGHT_TIMEOUT_S = 600.0
 
 
-class LinkedInput(InputError):
-    """The path leads through a symbolic link; never followed, and never moved to failed/."""
+@dataclass(frozen=True)
+class Plan:
+    """What one source must become: mask options and the deliverables (empty: legacy PNG)."""
 
-    reason = "symlink"
-
-
-class NameTooLong(InputError):
-    """The output name (source name + ".png") would exceed NAME_MAX bytes."""
-
-    reason = "name_too_long"
+    options: OutputOptions
+    outputs: tuple[Deliverable, ...] = ()
 
 
 @dataclass
 class Rendered:
-    png: bytes
+    files: dict[str, bytes]  # target name ("" for the legacy PNG) -> encoded bytes
     tier: str  # exact | pixel | near | miss
+    errors: dict[str, BaseException] = field(default_factory=dict)  # target -> why it failed
     entry_id: str | None = None
     metrics: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Job:
-    src: Path
-    rel: Path  # relative to the inbox; mirrored in the outbox
-    out: Path  # final output path
-    options: OutputOptions
-    failed_dir: Path | None = None  # None: report only (one-shot mode)
-    done_dir: Path | None = None
-    after_success: str = "keep"
-    grace_s: float = 0.0  # a truncated file modified this recently may still be being written
+    inferred: bool = False
+    sha256: str | None = None  # of the source bytes
 
 
 @dataclass
-class Result:
-    job: Job
-    outcome: str  # exact|pixel|near|miss|failed|retry|skipped
-    ms: float
-    error: str | None = None
-    reason: str | None = None
-    exc: BaseException | None = None
+class _Mask:
+    mask: np.ndarray  # at working size (<= render.MASK_EDGE on the long side)
+    tier: str
+    entry_id: str | None  # the mask's cache entry (None: not cached)
+    mask_digest: str | None = None  # its blob, shared by every output row
+    metrics: dict = field(default_factory=dict)
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, engines: Engines, store: Store | None):
-        self.cfg = cfg
+    def __init__(self, engines: Engines, guard: CacheGuard | None, cache: CacheConfig, *,
+                 max_pixels: int, claim_ttl_s: float = 60.0, budget: PixelBudget | None = None):
         self.engines = engines
-        self.store = store
-        self.store_errors = 0
-        self._store_down_logged = False
-        self._store_failed_at = 0.0
+        self.budget = budget or PixelBudget(120_000_000)
+        self.guard = guard if cache.enabled else None
+        self.cache = cache
+        self.max_pixels = max_pixels
+        self.claim_ttl_s = claim_ttl_s
+        self.locks = self.guard.locks if self.guard is not None else None
+        self.inferences = 0  # mask inferences run by this pipeline (tests, status)
         self._inflight: dict[str, threading.Event] = {}
         self._inflight_lock = threading.Lock()
-        self._keys: dict[OutputOptions, tuple[str, str]] = {}
 
-    # ------------------------------------------------------------ helpers
+    # ------------------------------------------------------------ keys
 
-    def key_for(self, options: OutputOptions) -> tuple[str, str]:
-        """(cache key, model md5) for these options; loads the model on first use."""
-        if options not in self._keys:
-            model = self.engines.mask(options.model).model
-            self._keys[options] = (cache_key(options, model.md5), model.md5)
-        return self._keys[options]
+    def mask_key(self, options: OutputOptions) -> str:
+        """Verifies the model file (no ONNX session, no rembg import) and keys its masks."""
+        return mask_key(options, self.engines.model_file(options.model).md5)
 
-    @property
-    def store_down(self) -> bool:
-        """The last store operations failed (the status file shows the cache unavailable)."""
-        return self._store_down_logged
+    def targets(self, plan: Plan) -> list[Target]:
+        return targets(self.mask_key(plan.options), plan.options, plan.outputs)
 
-    def _store_call(self, fn, *args, default=None):
-        """Run a store operation; on failure degrade to no-cache, loudly, once.
+    # ------------------------------------------------------------ cache helpers
 
-        Recovery is declared only after ``store.retry_s`` without a failure: when
-        reads work and writes fail (a read-only cache folder), the log would
-        otherwise flip between unavailable and recovered on every file.
-        """
-        if self.store is None or not self.cfg.cache.enabled:
+    def _call(self, fn_name: str, *args, default=None):
+        if self.guard is None:
             return default
-        try:
-            result = fn(*args)
-        except Exception as exc:  # sqlite3.Error, OSError, redis errors...
-            self._store_failed(exc)
-            return default
-        if (self._store_down_logged
-                and time.monotonic() - self._store_failed_at >= self.cfg.store.retry_s):
-            log.warning("cache_recovered")
-            self._store_down_logged = False
-        return result
-
-    def _store_failed(self, exc: BaseException) -> None:
-        self.store_errors += 1
-        self._store_failed_at = time.monotonic()
-        if not self._store_down_logged:
-            log.error("cache_unavailable", error=f"{type(exc).__name__}: {exc}",
-                      effect="processing continues without the cache")
-            self._store_down_logged = True
+        return self.guard.call(lambda store: getattr(store, fn_name)(*args), default=default)
 
     def _blob(self, entry: Entry, digest: str | None) -> bytes | None:
-        """A verified blob, or None; a bad blob drops its entry (a miss, repaired by inference)."""
+        """A verified blob, or None; a bad blob drops its entry (a miss, repaired later)."""
         if digest is None:
             return None
-        data = self._store_call(self.store.get_blob, digest) if self.store else None
+        data = self._call("get_blob", digest)
         if data is None:
             log.warning("cache_blob_invalid", entry=entry.id, digest=digest[:12],
                         effect="entry dropped; counted as a miss")
-            self._store_call(self.store.delete, [entry.id])
+            self._call("delete", [entry.id])
         return data
 
-    def _record(self, entry_id: str | None, tier: str) -> None:
-        if self.store is not None:
-            self._store_call(self.store.record, entry_id, tier)
+    # ------------------------------------------------------------ core
 
-    # --------------------------------------------------------------- core
-
-    def render_bytes(self, data: bytes, options: OutputOptions) -> Rendered:
-        key, _ = self.key_for(options)
-        store = self.store if self.cfg.cache.enabled else None
+    def render(self, data: bytes, plan: Plan) -> Rendered:
+        """Every deliverable of ``plan`` for these image bytes. Raises DecodeError for a
+        bad image and ModelError for a missing model; a deliverable that cannot be
+        rendered is reported in ``errors`` while the others are returned."""
+        wanted = self.targets(plan)
         sha = fpmod.sha256_bytes(data)
+        stored = self._stored_outputs(wanted, sha)
+        if stored is not None:
+            files, entry_id = stored
+            self._call("record", entry_id, "exact")
+            return Rendered(files, "exact", entry_id=entry_id, sha256=sha)
 
-        if store is not None:  # tier 1: exact bytes, no decode, no encode
-            hit = self._store_call(store.find_exact, key, sha)
-            if hit is not None and hit.output_digest:
-                png = self._blob(hit, hit.output_digest)
-                if png is not None:
-                    self._record(hit.id, "exact")
-                    return Rendered(png, "exact", hit.id)
+        with self.budget.hold(probe_pixels(data)):
+            return self._render_decoded(data, sha, plan, wanted)
 
-        decoded = decode(data, max_pixels=self.cfg.max_image_pixels)
-        fp = fpmod.fingerprint(data, decoded.rgb)
+    def _render_decoded(self, data: bytes, sha: str, plan: Plan, wanted: list[Target]
+                        ) -> Rendered:
+        decoded = decode(data, max_pixels=self.max_pixels)
+        fp = fpmod.fingerprint(data, decoded.rgb, sha256=sha)
+        mkey = wanted[0].mask_key
+        found = self._mask(mkey, plan.options, fp, decoded)
+        full_mask = fit_mask(found.mask, decoded.width, decoded.height)
+        files, errors = {}, {}
+        for target in wanted:
+            try:
+                files[target.name] = render_target(target, decoded, full_mask)
+            except Exception as exc:  # one deliverable's fault; the others still ship
+                log.warning("deliverable_failed", output=target.name or "png",
+                            error=f"{type(exc).__name__}: {exc}")
+                errors[target.name] = exc
+        if self.cache.store_outputs:
+            for target in wanted:
+                if target.name in files:
+                    self._store_output(target, fp, found, files[target.name])
+        return Rendered(files, found.tier, errors, found.entry_id, found.metrics,
+                        inferred=found.tier == "miss", sha256=sha)
 
-        if store is None:
-            return self._infer(key, options, fp, decoded.rgb, None)
+    def _stored_outputs(self, wanted: list[Target], sha: str):
+        """Every target's stored bytes for exactly these source bytes, or None."""
+        if self.guard is None or not self.cache.store_outputs:
+            return None
+        files, first = {}, None
+        for target in wanted:
+            hit = self._call("find_exact", target.output_key, sha)
+            blob = self._blob(hit, hit.output_digest) if hit and hit.output_digest else None
+            if blob is None:
+                return None
+            files[target.name] = blob
+            first = first or hit.origin or hit.id
+        return files, first
 
-        found, fp = self._lookup_decoded(key, options, fp, decoded.rgb)
+    def _store_output(self, target: Target, fp: fpmod.Fingerprint, found: _Mask,
+                      data: bytes) -> None:
+        """An output row keyed by the render options; it shares the mask's blob."""
+        if self.guard is None or found.mask_digest is None:
+            return
+
+        def put(store) -> None:
+            now = time.time()
+            store.restore(Entry(id=uuid.uuid4().hex, key=target.output_key, model=target.model,
+                                fp=replace(fp, embedding=None), mask_digest=found.mask_digest,
+                                output_digest=store.put_blob(data), nbytes=len(data),
+                                created=now, last_hit=now, hits=0, origin=found.entry_id))
+
+        self.guard.call(put)
+
+    # ------------------------------------------------------------ masks
+
+    def _mask(self, mkey: str, options: OutputOptions, fp: fpmod.Fingerprint,
+              decoded: Decoded) -> _Mask:
+        if self.guard is None:
+            return self._infer(mkey, options, fp, decoded, store=False)
+        found, fp = self._lookup(mkey, fp, decoded)
         if found is not None:
             return found
-        # miss: single flight per (key, pixels), in this process and across processes
-        flight = f"flight:{key}:{fp.pixel_hash}"
-        with self._inflight_lock:
+        flight = f"flight:{mkey}:{fp.pixel_hash}"
+        with self._inflight_lock:  # one inference per image in this process...
             event = self._inflight.get(flight)
             leader = event is None
             if leader:
                 self._inflight[flight] = event = threading.Event()
-        if not leader:
-            event.wait(timeout=600)
-            found, fp = self._lookup_decoded(key, options, fp, decoded.rgb)
-            if found is not None:
-                return found
         try:
-            with self._flight_lease(store, flight):
-                found, fp = self._lookup_decoded(key, options, fp, decoded.rgb)
+            if not leader:
+                event.wait(timeout=FLIGHT_TIMEOUT_S)
+                found, fp = self._lookup(mkey, fp, decoded)
                 if found is not None:
                     return found
-                return self._infer(key, options, fp, decoded.rgb, store)
+            with self._flight_lease(flight) as waited:  # ...and across processes
+                if waited:
+                    found, fp = self._lookup(mkey, fp, decoded)
+                    if found is not None:
+                        return found
+                return self._infer(mkey, options, fp, decoded, store=True)
         finally:
             if leader:
                 with self._inflight_lock:
@@ -199,41 +207,46 @@ class Pipeline:
                 event.set()
 
     @contextmanager
-    def _flight_lease(self, store: Store, name: str):
-        """Cross-process single flight; best effort: an unreachable store only costs a duplicate."""
+    def _flight_lease(self, name: str):
+        """Yields whether another process held the flight (then the cache is re-checked).
+        Best effort: an unreachable lock backend only costs a duplicate inference."""
+        waited = False
         with ExitStack() as stack:
-            try:
-                stack.enter_context(
-                    waiting_lease(store, name, self.cfg.store.claim_ttl_s, timeout=600))
-            except Exception as exc:
-                self._store_failed(exc)
-            yield
+            if self.locks is not None:
+                try:
+                    lease = try_lease(self.locks, name, self.claim_ttl_s)
+                    if lease is not None:
+                        stack.callback(lease.release)
+                    else:
+                        waited = True
+                        stack.enter_context(waiting_lease(self.locks, name, self.claim_ttl_s,
+                                                          timeout=FLIGHT_TIMEOUT_S))
+                except StoreError as exc:
+                    self.guard.failed(exc)
+            yield waited
 
-    def _lookup_decoded(self, key: str, options: OutputOptions, fp: fpmod.Fingerprint,
-                        rgb: np.ndarray) -> tuple[Rendered | None, fpmod.Fingerprint]:
-        """Tiers 2 and 3; also returns ``fp`` with its embedding once computed."""
-        store = self.store
-        hit = self._store_call(store.find_pixel, key, fp.pixel_hash)
-        if hit is not None:  # tier 2: same pixels, other bytes
-            png = self._blob(hit, hit.output_digest) if hit.output_digest else None
-            if png is None and not hit.output_digest:  # outputs not stored: render from the mask
-                raw = self._blob(hit, hit.mask_digest)
-                if raw is not None:
-                    png = encode_png(render(rgb, decode_mask(raw), options),
-                                     options.png_compression)
-            if png is not None:
-                self._record(hit.id, "pixel")
-                if self.cfg.cache.store_outputs and fp.sha256 != hit.fp.sha256:
-                    self._store_call(self._alias, hit, fp, png)
-                return Rendered(png, "pixel", hit.id), fp
+    def _lookup(self, mkey: str, fp: fpmod.Fingerprint, decoded: Decoded
+                ) -> tuple[_Mask | None, fpmod.Fingerprint]:
+        """A cached mask for these bytes, these pixels or a verified near-duplicate."""
+        for tier, finder, value in (("exact", "find_exact", fp.sha256),
+                                    ("pixel", "find_pixel", fp.pixel_hash)):
+            hit = self._call(finder, mkey, value)
+            raw = self._blob(hit, hit.mask_digest) if hit is not None else None
+            if raw is not None:
+                self._call("record", hit.id, tier)
+                entry_id = hit.origin or hit.id
+                if tier == "pixel" and fp.sha256 != hit.fp.sha256:
+                    entry_id = self._alias(hit, fp) or entry_id
+                mask = fit_mask(decode_mask(raw), *working_mask_size(fp.width, fp.height))
+                return _Mask(mask, tier, entry_id, hit.mask_digest), fp
 
-        t = self.cfg.cache.match
-        cands = self._store_call(store.find_near, key, fp.phash, t.phash_radius, default=[])
+        t = self.cache.match
+        cands = self._call("find_near", mkey, fp.phash, t.phash_radius, default=[])
         if not cands:
             return None, fp
         if fp.embedding is None:
-            fp = _with_embedding(fp, self.engines.embedder().embed(rgb))
-        for cand in cands:  # tier 3: verified near-duplicate
+            fp = replace(fp, embedding=self.engines.embedder().embed(decoded.rgb))
+        for cand in cands:
             verdict = fpmod.verify(fp, cand.fp, t)
             if not verdict.accepted:
                 log.debug("near_rejected", candidate=cand.id, reason=verdict.reason,
@@ -242,159 +255,33 @@ class Pipeline:
             raw = self._blob(cand, cand.mask_digest)
             if raw is None:
                 continue
-            mask = fit_mask(decode_mask(raw), fp.width, fp.height)
-            png = encode_png(render(rgb, mask, options), options.png_compression)
-            self._record(cand.id, "near")
-            alias = self._store_call(
-                store.put, key, options.model, fp, encode_mask(mask),
-                png if self.cfg.cache.store_outputs else None, cand.id)
-            return Rendered(png, "near", alias.id if alias else cand.id, verdict.metrics), fp
+            self._call("record", cand.id, "near")
+            mask = fit_mask(decode_mask(raw), *working_mask_size(fp.width, fp.height))
+            alias = self._alias(cand, fp)
+            return _Mask(mask, "near", alias or cand.id, cand.mask_digest, verdict.metrics), fp
         return None, fp
 
-    def _alias(self, hit: Entry, fp: fpmod.Fingerprint, png: bytes) -> None:
-        """Same pixels, new bytes: an alias row (blobs are shared) makes the next one exact."""
+    def _alias(self, hit: Entry, fp: fpmod.Fingerprint) -> str | None:
+        """New bytes, a known mask: an alias row sharing the original's mask blob (never
+        re-encoded or copied) makes the next copy of these bytes an exact hit."""
         now = time.time()
-        self.store.restore(replace(hit, id=uuid.uuid4().hex, fp=replace(fp, embedding=hit.fp.embedding),
-                                   output_digest=self.store.put_blob(png), created=now,
-                                   last_hit=now, hits=0, origin=hit.origin or hit.id))
+        alias = replace(hit, id=uuid.uuid4().hex, fp=replace(fp, embedding=hit.fp.embedding),
+                        output_digest=None, nbytes=0, created=now, last_hit=now, hits=0,
+                        origin=hit.origin or hit.id)
+        ok = self.guard.call(lambda store: store.restore(alias) or True, default=False)
+        return alias.id if ok else None
 
-    def _infer(self, key: str, options: OutputOptions, fp: fpmod.Fingerprint, rgb: np.ndarray,
-               store: Store | None) -> Rendered:
-        mask = self.engines.mask(options.model).predict(rgb)
-        png = encode_png(render(rgb, mask, options), options.png_compression)
-        entry_id = None
-        if store is not None:
-            if fp.embedding is None:
-                fp = _with_embedding(fp, self.engines.embedder().embed(rgb))
-            entry = self._store_call(store.put, key, options.model, fp, encode_mask(mask),
-                                     png if self.cfg.cache.store_outputs else None)
-            entry_id = entry.id if entry else None
-            self._record(None, "miss")
-        return Rendered(png, "miss", entry_id)
-
-    # ---------------------------------------------------------- file edge
-
-    def handle(self, job: Job) -> Result:
-        """Process one file end to end. Never raises for a bad input."""
-        start = time.perf_counter()
-
-        def done(outcome: str, **kw) -> Result:
-            ms = (time.perf_counter() - start) * 1000
-            res = Result(job, outcome, ms, **kw)
-            level = log.warning if outcome in ("failed", "retry") else log.info
-            level("processed", path=str(job.src), outcome=outcome, ms=round(ms, 1),
-                  model=job.options.model, **({"error": kw["error"]} if kw.get("error") else {}))
-            return res
-
-        try:
-            if name_bytes(job.out.name) > NAME_MAX:  # checked first: no work can be saved
-                raise NameTooLong(f"the output name would be {name_bytes(job.out.name)} bytes, "
-                                  f"over the file system's limit of {NAME_MAX}; rename the file")
-            before = _signature(job.src)
-            data = read_regular_file(job.src, root=job.src.parents[len(job.rel.parts) - 1])
-            rendered = self.render_bytes(data, job.options)
-            atomic_write_bytes(job.out, rendered.png, mode=output_mode(self.cfg.umask))
-            if before is not None and _signature(job.src) not in (before, None):
-                # new content arrived meanwhile: the output is older than it, so it is redone
-                os.utime(job.out, ns=(before[3], before[3]))
-                return done("retry", error="the source changed while it was being processed",
-                            reason="changed")
-            self.finish_source(job)
-            return done(rendered.tier)
-        except (DecodeError, InputError) as exc:
-            reason = getattr(exc, "reason", "undecodable")
-            if isinstance(exc, TruncatedImage) and _modified_within(job.src, job.grace_s):
-                return done("retry", error=str(exc), reason="incomplete", exc=exc)
-            self._fail(job, exc, reason)
-            return done("failed", error=str(exc), reason=reason, exc=exc)
-        except ModelError:
-            raise  # not the file's fault: the service must stop and say how to fix it
-        except OSError as exc:
-            if is_transient(exc):
-                return done("retry", error=f"{exc.strerror or exc}: {exc.filename or ''}",
-                            reason="transient", exc=exc)
-            self._fail(job, exc, "io_error")
-            return done("failed", error=str(exc), reason="io_error", exc=exc)
-        except Exception as exc:  # a bug or an exotic codec failure: keep the daemon alive
-            log.exception("unexpected_error", path=str(job.src))
-            self._fail(job, exc, "internal_error")
-            return done("failed", error=f"{type(exc).__name__}: {exc}", reason="internal_error",
-                        exc=exc)
-
-    def finish_source(self, job: Job) -> None:
-        if job.after_success == "delete":
-            try:
-                os.unlink(job.src)
-            except FileNotFoundError:
-                pass
-        elif job.after_success == "move" and job.done_dir is not None:
-            if job.src.exists():
-                move_file(job.src, job.done_dir / job.rel)
-
-    def _fail(self, job: Job, exc: BaseException, reason: str) -> None:
-        if job.failed_dir is None:
-            return
-        try:
-            write_failure(job.src, job.rel, job.failed_dir, reason=reason, exc=exc,
-                          detail=str(exc), move=not isinstance(exc, LinkedInput))
-        except OSError as err:
-            log.error("failed_dir_unwritable", path=str(job.src), error=str(err))
-
-
-def _with_embedding(fp: fpmod.Fingerprint, emb: np.ndarray) -> fpmod.Fingerprint:
-    return replace(fp, embedding=emb)
-
-
-def _modified_within(path: Path, seconds: float) -> bool:
-    if seconds <= 0:
-        return False
-    try:
-        return time.time() - path.stat().st_mtime < seconds
-    except OSError:
-        return False
-
-
-def _signature(path: Path) -> tuple[int, int, int, int] | None:
-    """What changes when a file is rewritten or replaced; None if it is gone."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def read_regular_file(path: Path, root: Path | None = None) -> bytes:
-    """Read a regular file without following a symlink; refuse FIFOs, folders, devices.
-
-    With ``root``, the file actually opened must lie under it: a folder on the way
-    swapped for a symlink after the checks cannot lead the read out of the inbox.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # the final component is a symlink
-            raise LinkedInput(f"{path} is a symbolic link; links are never followed") from exc
-        if exc.errno == errno.EISDIR:
-            raise InputError(f"{path} is a directory, not an image") from exc
-        if exc.errno == errno.ENXIO:  # a FIFO with no writer
-            raise InputError(f"{path} is a FIFO, not a regular file") from exc
-        raise
-    try:
-        if root is not None:
-            try:
-                real = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:  # no /proc: the service's own path check has to do
-                real = None
-            top = os.path.realpath(root)
-            if real is not None and not real.startswith(top.rstrip("/") + "/"):
-                raise LinkedInput(f"{path} leads out of {top} through a symbolic link "
-                                  f"(to {real}); links are never followed")
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{path} is not a regular file")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    def _infer(self, mkey: str, options: OutputOptions, fp: fpmod.Fingerprint,
+               decoded: Decoded, *, store: bool) -> _Mask:
+        mask = predict_mask(self.engines.mask(options.model), decoded.rgb, options)
+        self.inferences += 1
+        if not store:
+            return _Mask(mask, "miss", None)
+        if fp.embedding is None:
+            fp = replace(fp, embedding=self.engines.embedder().embed(decoded.rgb))
+        png = encode_mask(mask)
+        entry = self.guard.call(lambda s: s.put(mkey, options.model, fp, png, None), default=None)
+        self._call("record", None, "miss")
+        if entry is None:
+            return _Mask(mask, "miss", None)
+        return _Mask(mask, "miss", entry.id, entry.mask_digest)

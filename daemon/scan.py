@@ -1,4 +1,4 @@
-"""Which inbox files are work: ignore patterns, up-to-date checks and folder scans."""
+"""Which inbox files are work: ignore patterns (and why), up-to-date checks and folder scans."""
 from __future__ import annotations
 
 import errno
@@ -10,20 +10,46 @@ from typing import Iterator
 from daemon.fsutil import is_temp_name, output_name
 
 
+def ignore_reason(name: str, patterns: tuple[str, ...]) -> str | None:
+    """Why ``name`` is skipped (for the log), or None when it is work.
+
+    Only rembgd's exact temp-name pattern counts as its own temp file: a studio's
+    ``photo.rembgd-final.jpg`` is processed like any other photo.
+    """
+    if is_temp_name(name):
+        return "a rembgd temp file"
+    low = name.lower()
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(low, p.lower()):
+            return f"matches the ignore pattern {p!r}"
+    return None
+
+
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
     """Temp, hidden and OS clutter names (``._*``, ``*.part``, ``Thumbs.db``...)."""
-    if is_temp_name(name):
-        return True
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.lower(), p.lower())
-               for p in patterns)
+    return ignore_reason(name, patterns) is not None
+
+
+def path_ignore_reason(rel: Path, patterns: tuple[str, ...]) -> str | None:
+    """Why a path relative to the inbox is skipped, naming the component; None if it is work."""
+    for i, part in enumerate(rel.parts):
+        why = ignore_reason(part, patterns)
+        if why is not None:
+            where = "its name" if i == len(rel.parts) - 1 else f"folder {Path(*rel.parts[:i + 1])}"
+            return f"{where}: {why}"
+    return None
 
 
 def ignored_path(rel: Path, patterns: tuple[str, ...]) -> bool:
-    return any(is_ignored(part, patterns) for part in rel.parts)
+    return path_ignore_reason(rel, patterns) is not None
 
 
 def output_is_current(src_stat: os.stat_result, out: Path) -> bool:
-    """An output newer than its source means the source was already processed."""
+    """An output newer than its source means the source was already processed.
+
+    The previous version's rule, kept for outputs that have no ledger record yet
+    (``daemon.ledger``); it misses a replacement with an older mtime.
+    """
     try:
         return out.stat().st_mtime_ns >= src_stat.st_mtime_ns
     except OSError as exc:
@@ -46,7 +72,7 @@ def walk(inbox: Path, recursive: bool, patterns: tuple[str, ...]) -> Iterator[tu
 
 def pending(inbox: Path, outbox: Path, recursive: bool,
             patterns: tuple[str, ...]) -> Iterator[tuple[Path, Path]]:
-    """Inbox files without an up-to-date output (the catch-up scan)."""
+    """Inbox files without an up-to-date output (the catch-up scan, old mtime rule)."""
     for path, rel in walk(inbox, recursive, patterns):
         try:
             st = path.lstat()

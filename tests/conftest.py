@@ -67,9 +67,37 @@ def write_config(tmp_path: Path, models_dir: Path, **overrides) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def imaging_settings():
+    """What `rembgd` sets at start (daemon.runtime), for tests that decode directly."""
+    from daemon import runtime
+    from daemon.imaging.decode import DEFAULT_MAX_PIXELS
+
+    runtime.configure_imaging(DEFAULT_MAX_PIXELS)
+
+
 @pytest.fixture
 def config_path(tmp_path, models_dir) -> Path:
     return write_config(tmp_path, models_dir)
+
+
+def pipeline_over(cfg, engines, store=None):
+    """A real Pipeline for ``cfg`` over an already opened ``store`` (None: no cache)."""
+    from daemon.cache.guard import CacheGuard
+    from daemon.pipeline import Pipeline
+
+    guard = None
+    if store is not None:
+        guard = CacheGuard(cfg.store, cfg.cache, opener=lambda: store)
+    return Pipeline(engines, guard, cfg.cache, max_pixels=cfg.max_image_pixels,
+                    claim_ttl_s=cfg.store.claim_ttl_s)
+
+
+def render_legacy(pipeline, data: bytes, options):
+    """The legacy single-PNG plan (the `output:` section); ``.files[""]`` is the PNG."""
+    from daemon.pipeline import Plan
+
+    return pipeline.render(data, Plan(options))
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,12 @@ import pytest
 import structlog
 from PIL import Image
 
-from conftest import encode, photo, write_config
-from daemon.cache import maintenance as cachetools
+from conftest import encode, photo, pipeline_over, render_legacy, write_config
+from daemon.cache import archive, maintenance
 from daemon import config as configmod
 from daemon.config import CacheLimits, ConfigError, PruneSchedule
-from daemon.pipeline import Pipeline
-from daemon.cache.prune import Pruner, Rec, estimate_blob_sizes, last_daily, plan_prune, slim
+from daemon.cache.policy import Rec, estimate_blob_sizes, last_daily, plan_prune, slim
+from daemon.cache.pruner import Pruner
 from daemon.cache.base import TIERS
 from daemon.cache.sqlite import SqliteStore
 
@@ -58,25 +58,28 @@ def png_ok(png: bytes, size: tuple[int, int]) -> bool:
 
 @pytest.fixture(scope="module")
 def seed(tmp_path_factory, models_dir, shared_engines):
-    """4 inferred entries + a pixel alias (chelsea as PNG) + a near alias (coffee at q70)."""
+    """4 inferred entries + a pixel alias (chelsea as PNG) + a near alias (coffee at q70).
+
+    Masks only (no stored outputs): one row per source, so the counts below are simple.
+    """
     root = tmp_path_factory.mktemp("seed")
-    cfg = configmod.load(write_config(root, models_dir))
+    cfg = configmod.load(write_config(root, models_dir, cache={"store_outputs": False}))
     store = SqliteStore(cfg.cache.dir)
-    pipe = Pipeline(cfg, shared_engines, store)
+    pipe = pipeline_over(cfg, shared_engines, store)
     opts = cfg.output_defaults
     data = {n: encode(small(n), "JPEG", quality=90) for n in NAMES}
     outs = {}
     for n, b in data.items():
-        r = pipe.render_bytes(b, opts)
+        r = render_legacy(pipe, b, opts)
         assert r.tier == "miss"
-        outs[n] = r.png
+        outs[n] = r.files[""]
     data["chelsea_png"] = encode(decoded(data["chelsea"]), "PNG")  # same pixels, other bytes
     data["coffee_q70"] = encode(small("coffee"), "JPEG", quality=70)  # a near-duplicate
     for n, tier in (("chelsea_png", "pixel"), ("coffee_q70", "near")):
-        r = pipe.render_bytes(data[n], opts)
+        r = render_legacy(pipe, data[n], opts)
         assert r.tier == tier, (n, r.tier)
-        outs[n] = r.png
-    key = pipe.key_for(opts)[0]
+        outs[n] = r.files[""]
+    key = pipe.mask_key(opts)
     ids = {n: store.find_exact(key, hashlib.sha256(b).hexdigest()).id for n, b in data.items()}
     store.close()
     return SimpleNamespace(dir=cfg.cache.dir, data=data, outs=outs, ids=ids, key=key,
@@ -85,7 +88,8 @@ def seed(tmp_path_factory, models_dir, shared_engines):
 
 def make(tmp_path: Path, seed, models_dir, **cache) -> tuple[Path, configmod.Config]:
     """A config whose cache dir is a fresh copy of the seed cache."""
-    path = write_config(tmp_path, models_dir, cache={"dir": str(tmp_path / "cache"), **cache})
+    path = write_config(tmp_path, models_dir, cache={"dir": str(tmp_path / "cache"),
+                                                     "store_outputs": False, **cache})
     shutil.copytree(seed.dir, tmp_path / "cache")
     return path, configmod.load(path)
 
@@ -145,10 +149,10 @@ def test_shared_blobs_counted_once_and_origin_eviction_keeps_alias(tmp_path, see
     share = (rep.bytes_before - sum(files.values())) / len(recs)
     assert abs(rep.victims[0].nbytes - share) <= 1  # its share of the index only
     assert blob_files(cfg.cache.dir) == files
-    pipe = Pipeline(cfg, shared_engines, store)
+    pipe = pipeline_over(cfg, shared_engines, store)
     for name, tier in (("chelsea_png", "exact"), ("chelsea", "pixel")):
-        r = pipe.render_bytes(seed.data[name], cfg.output_defaults)
-        assert r.tier == tier and r.png == seed.outs["chelsea"]
+        r = render_legacy(pipe, seed.data[name], cfg.output_defaults)
+        assert r.tier == tier and r.files[""] == seed.outs["chelsea"]
     store.close()
 
 
@@ -173,10 +177,10 @@ def test_max_entries_victim_by_policy(tmp_path, seed, models_dir, shared_engines
     assert store.count() == 5
     assert store.find_exact(seed.key, hashlib.sha256(seed.data[victim]).hexdigest()) is None
     if policy == "lru":  # a pruned entry is a plain miss (re-inferred, same output)
-        pipe = Pipeline(cfg, shared_engines, store)
-        r = pipe.render_bytes(seed.data[victim], cfg.output_defaults)
-        assert r.tier == "miss" and r.png == seed.outs[victim]
-        assert pipe.render_bytes(seed.data["rocket"], cfg.output_defaults).tier == "exact"
+        pipe = pipeline_over(cfg, shared_engines, store)
+        r = render_legacy(pipe, seed.data[victim], cfg.output_defaults)
+        assert r.tier == "miss" and r.files[""] == seed.outs[victim]
+        assert render_legacy(pipe, seed.data["rocket"], cfg.output_defaults).tier == "exact"
     store.close()
 
 
@@ -209,8 +213,8 @@ def test_ttl_counts_from_last_hit_and_recent_hit_saves_old_entry(tmp_path, seed,
     now = time.time()
     set_meta(store, **{i: {"created": now - 200 * DAY, "last_hit": now - 100 * DAY, "hits": 5}
                        for i in seed.ids.values()})
-    pipe = Pipeline(cfg, shared_engines, store)
-    r = pipe.render_bytes(seed.data["chelsea"], cfg.output_defaults)  # a hit today
+    pipe = pipeline_over(cfg, shared_engines, store)
+    r = render_legacy(pipe, seed.data["chelsea"], cfg.output_defaults)  # a hit today
     assert r.tier == "exact" and r.entry_id == seed.ids["chelsea"]
     limits = CacheLimits(max_bytes=0, max_entries=0, ttl_days=90, low_water=1.0)
     rep = Pruner(store, limits, PruneSchedule()).run()  # flushes the coalesced hit first
@@ -222,8 +226,8 @@ def test_ttl_counts_from_last_hit_and_recent_hit_saves_old_entry(tmp_path, seed,
     set_meta(store, **{seed.ids["chelsea"]: {"last_hit": now - 89 * DAY}})
     assert Pruner(store, limits, PruneSchedule()).run().deleted == 0
     # the pruned pixel alias is a miss for its exact bytes, then the origin serves its pixels
-    r = pipe.render_bytes(seed.data["chelsea_png"], cfg.output_defaults)
-    assert r.tier == "pixel" and r.png == seed.outs["chelsea"]
+    r = render_legacy(pipe, seed.data["chelsea_png"], cfg.output_defaults)
+    assert r.tier == "pixel" and r.files[""] == seed.outs["chelsea"]
     store.close()
 
 
@@ -235,7 +239,7 @@ def test_dry_run_deletes_nothing(tmp_path, seed, models_dir):
     rows = sorted((e.id, e.last_hit, e.hits) for e in store.entries())
     limits = CacheLimits(max_bytes=1, max_entries=1, ttl_days=1, low_water=1.0)
     with structlog.testing.capture_logs() as logs:
-        rep = Pruner(store, limits, PruneSchedule(), structlog.get_logger()).run(dry_run=True)
+        rep = Pruner(store, limits, PruneSchedule(), log=structlog.get_logger()).run(dry_run=True)
     assert len(rep.victims) == n and rep.deleted == 0 and rep.batches == 0
     assert sum(v["entries"] for v in rep.removed.values()) == n
     assert store.count() == n and blob_files(cfg.cache.dir) == files
@@ -285,7 +289,7 @@ def test_deletes_in_small_batches_and_logs_one_event(tmp_path, seed, models_dir)
     rec = Recording(store)
     limits = CacheLimits(max_bytes=0, max_entries=100, ttl_days=0, low_water=0.9)
     with structlog.testing.capture_logs() as logs:
-        rep = Pruner(rec, limits, PruneSchedule(), structlog.get_logger()).run()
+        rep = Pruner(rec, limits, PruneSchedule(), log=structlog.get_logger()).run()
     assert rep.deleted == 906 - 90 and store.count() == 90
     sizes = [n for n, _ in rec.batches]
     assert max(sizes) <= 200 and sum(sizes) == 816 and len(sizes) == rep.batches
@@ -308,7 +312,7 @@ def test_prune_racing_lookups(tmp_path, seed, models_dir, shared_engines):
     store = SqliteStore(cfg.cache.dir)
     clones = clone(store, 600)
     digests = {d for e in store.entries() for d in (e.mask_digest, e.output_digest)}
-    pipe = Pipeline(cfg, shared_engines, store)
+    pipe = pipeline_over(cfg, shared_engines, store)
     opts = cfg.output_defaults
     names = ["chelsea", "chelsea_png", "rocket", "coffee_q70"]
     seen: list[tuple[str, str]] = []
@@ -320,12 +324,12 @@ def test_prune_racing_lookups(tmp_path, seed, models_dir, shared_engines):
             i = 0
             while not stop.is_set():
                 name = names[i % len(names)]
-                r = pipe.render_bytes(seed.data[name], opts)
+                r = render_legacy(pipe, seed.data[name], opts)
                 assert r.tier in TIERS, r.tier
-                assert png_ok(r.png, seed.sizes[name]), name
+                assert png_ok(r.files[""], seed.sizes[name]), name
                 if name != "coffee_q70":  # mask reuse on a near dup may differ after re-inference
                     ref = seed.outs["chelsea" if name == "chelsea_png" else name]
-                    assert r.png == ref, (name, r.tier)
+                    assert r.files[""] == ref, (name, r.tier)
                 seen.append((name, r.tier))
                 i += 1
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -380,7 +384,7 @@ def test_verify_finds_and_repairs(tmp_path, seed, models_dir):
     near_only = {near.output_digest}  # its mask is the coffee origin's (same size): still used
 
     store = SqliteStore(cfg.cache.dir)
-    rep = cachetools.verify(store)
+    rep = maintenance.verify(store)
     assert rep["missing_blobs"] == [astro.mask_digest]
     assert rep["corrupt_blobs"] == [rocket.output_digest]
     assert set(rep["orphan_blobs"]) == {orphan} | near_only
@@ -457,10 +461,10 @@ def test_export_import_roundtrip_idempotent(tmp_path, seed, models_dir, shared_e
         assert np.array_equal(x.fp.embedding, y.fp.embedding)
     assert blob_files(cfg_b.cache.dir) == blob_files(cfg_a.cache.dir)
     a.close()
-    pipe = Pipeline(cfg_b, shared_engines, b)
+    pipe = pipeline_over(cfg_b, shared_engines, b)
     for n in ("chelsea", "coffee_q70", "rocket"):
-        r = pipe.render_bytes(seed.data[n], cfg_b.output_defaults)
-        assert r.tier == "exact" and r.png == seed.outs[n], n
+        r = render_legacy(pipe, seed.data[n], cfg_b.output_defaults)
+        assert r.tier == "exact" and r.files[""] == seed.outs[n], n
     b.close()
 
     # a tampered blob is refused (checksum), and the entries needing it are skipped
@@ -567,7 +571,7 @@ def test_due_schedule(tmp_path, seed, models_dir):
     # total_bytes() is a table scan on SQLite: after a run, bytes are extrapolated from count()
     calls = []
     counting = SimpleNamespace(**{k: getattr(store, k) for k in (
-        "count", "flush", "entries", "get_blob", "try_lock", "unlock", "refresh_lock", "delete")},
+        "count", "flush", "entries", "get_blob", "delete")},
         total_bytes=lambda: calls.append(1) or store.total_bytes())
     p = Pruner(counting, CacheLimits(max_entries=0, max_bytes=10 * total, ttl_days=0), sched)
     p.run()
@@ -625,28 +629,29 @@ def test_same_lifecycle_on_redis(tmp_path, seed, models_dir, shared_engines, red
     (tmp_path / "a").mkdir()
     _, cfg_a = make(tmp_path / "a", seed, models_dir)
     src = SqliteStore(cfg_a.cache.dir)
-    archive = tmp_path / "seed.zip"
-    assert cachetools.export_archive(src, archive)["entries"] == 6
+    zipped = tmp_path / "seed.zip"
+    assert archive.export_archive(src, zipped)["entries"] == 6
     src.close()
     (tmp_path / "r").mkdir()
     cfg = configmod.load(write_config(tmp_path / "r", models_dir,
-                                      store={"backend": "redis", "prefix": redis_prefix}))
-    store = open_store(cfg)
+                                      store={"backend": "redis", "prefix": redis_prefix},
+                                      cache={"store_outputs": False}))
+    store = open_store(cfg.store, cfg.cache)
     try:
-        assert cachetools.import_archive(store, archive)["imported"] == 6
-        assert cachetools.import_archive(store, archive)["already_present"] == 6
-        assert store.count() == 6 and cachetools.verify(store)["problems"] == 0
+        assert archive.import_archive(store, zipped)["imported"] == 6
+        assert archive.import_archive(store, zipped)["already_present"] == 6
+        assert store.count() == 6 and maintenance.verify(store)["problems"] == 0
         limits = CacheLimits(max_entries=4, max_bytes=0, ttl_days=0, low_water=1.0)
         expected = plan_prune(store.entries(), limits, time.time()).ids
         assert set(expected) == {seed.ids["astronaut"], seed.ids["rocket"]}  # least recent
         rep = Pruner(store, limits, PruneSchedule()).run()
         assert rep.deleted == 2 and store.count() == 4 and rep.ids == expected
-        assert cachetools.verify(store)["problems"] == 0
-        pipe = Pipeline(cfg, shared_engines, store)
+        assert maintenance.verify(store)["problems"] == 0
+        pipe = pipeline_over(cfg, shared_engines, store)
         for n in ("chelsea", "chelsea_png", "coffee_q70"):
-            r = pipe.render_bytes(seed.data[n], cfg.output_defaults)
-            assert r.tier == "exact" and r.png == seed.outs[n], n
-        assert cachetools.clear(store) == 4 and store.count() == 0
+            r = render_legacy(pipe, seed.data[n], cfg.output_defaults)
+            assert r.tier == "exact" and r.files[""] == seed.outs[n], n
+        assert maintenance.clear(store) == 4 and store.count() == 0
         assert list(store.blob_digests()) == []
     finally:
         store.close()

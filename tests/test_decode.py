@@ -15,8 +15,9 @@ from PIL import Image
 
 from conftest import encode, photo
 from daemon.imaging import decode as decmod
-from daemon.imaging.decode import (DecodeError, ImageTooLarge, TruncatedImage, UnsupportedImage, decode,
-                           set_max_pixels)
+from daemon.imaging.decode import (DecodeError, ImageTooLarge, TruncatedImage, UnsupportedImage,
+                                   decode)
+from daemon.runtime import set_max_pixels
 
 ORIENTATION = 0x0112
 
@@ -376,3 +377,120 @@ def test_set_max_pixels_is_configurable(small):
 def test_degenerate_png_size_is_refused():
     with pytest.raises(DecodeError):
         decode(_png_declaring(0, 5))
+
+
+# ------------------------------------------------------ full precision, metadata
+
+
+def test_8_bit_full_is_rgb_itself_and_meta_is_read(small):
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    exif[0x8298] = "(c) Studio"
+    d = decode(encode(small, "JPEG", quality=90, exif=exif.tobytes(), xmp=b"<x:xmpmeta>kw</x:xmpmeta>"))
+    assert d.full is d.rgb
+    parsed = Image.Exif()
+    parsed.load(d.meta.exif)
+    assert parsed[ORIENTATION] == 1 and parsed[0x8298] == "(c) Studio"
+    assert d.meta.xmp == b"<x:xmpmeta>kw</x:xmpmeta>" and d.meta.icc is None
+    assert decmod.Decoded(rgb=small, format="PNG").full is small  # older callers
+
+
+def _deep(small: np.ndarray) -> np.ndarray:
+    """16-bit version of ``small`` whose low bytes are not just copies of the high ones."""
+    noise = np.random.default_rng(0).integers(-90, 90, small.shape)
+    return np.clip(small.astype(np.int64) * 257 + noise, 0, 65535).astype(np.uint16)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16_bit_png_orientation_matches_the_8_bit_path(small, orientation):
+    from daemon.imaging.png import encode_png
+
+    deep = small.astype(np.uint16) * 257
+    d16 = decode(encode_png(deep, exif=_exif(orientation)))
+    d8 = decode(encode(small, "PNG", exif=_exif(orientation)))
+    assert d16.full.dtype == np.uint16
+    assert np.array_equal(d16.rgb, d8.rgb)
+    assert np.array_equal(d16.full, d8.rgb.astype(np.uint16) * 257)
+
+
+def test_16_bit_tiff_keeps_every_bit(small):
+    import tifffile
+
+    deep = _deep(small)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, deep, photometric="rgb", compression="zlib")
+    d = decode(buf.getvalue())
+    assert d.format == "TIFF" and np.array_equal(d.full, deep)
+    assert np.array_equal(d.rgb, np.round(deep / 257.0).astype(np.uint8))
+
+
+def test_16_bit_planar_tiff(small):
+    import tifffile
+
+    deep = _deep(small)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.moveaxis(deep, -1, 0), photometric="rgb", planarconfig="separate")
+    assert np.array_equal(decode(buf.getvalue()).full, deep)
+
+
+def test_16_bit_rgba_png_composites_on_white_at_16_bits(small):
+    from daemon.imaging.png import encode_png
+
+    deep = _deep(small)
+    alpha = np.full(small.shape[:2], 65535, np.uint16)
+    alpha[:, :40] = 0
+    alpha[:, 40:60] = 30000
+    d = decode(encode_png(np.dstack([deep, alpha])))
+    assert d.full.dtype == np.uint16
+    assert (d.full[:, :40] == 65535).all()
+    assert np.array_equal(d.full[:, 60:], deep[:, 60:])
+    a = 30000 / 65535
+    half = deep[:, 40:60] * a + 65535 * (1 - a)
+    assert np.abs(d.full[:, 40:60] - half).max() <= 1
+    assert np.abs(d.rgb.astype(int) - d.full / 257.0).max() <= 0.5
+
+
+def test_16_bit_grey_png_full(small):
+    ramp = (np.arange(48 * 64).reshape(48, 64) * 21 + 7).astype(np.uint16)
+    d = decode(_png(Image.fromarray(ramp), exif=_exif(6)))
+    assert d.full.dtype == np.uint16 and d.full.shape == (64, 48, 3)
+    assert np.array_equal(d.full[..., 1], np.rot90(ramp, -1))
+
+
+# ------------------------------------------------------------------ HEIC / AVIF
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_decode(small, fmt):
+    decmod.register_codecs()
+    decmod.register_codecs()  # idempotent
+    exif = Image.Exif()
+    exif[0x8298] = "(c) Studio"
+    data = encode(small, fmt, quality=90, exif=exif.tobytes())
+    assert data[4:8] == b"ftyp" and decmod._sniff(data) == fmt
+    d = decode(data)
+    assert d.format == fmt and d.rgb.shape == small.shape
+    assert np.abs(d.rgb.astype(int) - small).mean() < 6
+    parsed = Image.Exif()
+    parsed.load(d.meta.exif)
+    assert parsed[0x8298] == "(c) Studio"
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+@pytest.mark.parametrize("fraction", [0.01, 0.3, 0.9])
+def test_truncated_heic_and_avif(fmt, fraction):
+    data = encode(photo("chelsea")[::2, ::2], fmt, quality=80)
+    with pytest.raises(TruncatedImage):
+        decode(data[: max(16, int(len(data) * fraction))])
+
+
+def test_ftyp_sniffing():
+    def ftyp(major: bytes, *compatible: bytes) -> bytes:
+        body = b"ftyp" + major + b"\x00\x00\x00\x00" + b"".join(compatible)
+        return (len(body) + 4).to_bytes(4, "big") + body
+
+    assert decmod._sniff(ftyp(b"heic", b"mif1", b"heic")) == "HEIF"
+    assert decmod._sniff(ftyp(b"mif1", b"heic")) == "HEIF"
+    assert decmod._sniff(ftyp(b"avif", b"mif1", b"miaf")) == "AVIF"
+    assert decmod._sniff(ftyp(b"mif1", b"avif")) == "AVIF"
+    assert decmod._sniff(ftyp(b"isom", b"mp41")) is None  # an MP4 video

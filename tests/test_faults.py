@@ -140,7 +140,7 @@ def test_disk_full_outbox_tmpfs(tmp_path, models_dir):
 def test_disk_full_injected_enospc(tmp_path, models_dir, shared_engines, monkeypatch):
     """ENOSPC from fsync on outbox files (how NFS and delayed allocation report it)."""
     from daemon import config as configmod
-    from daemon.service.supervisor import Service
+    from daemon.service.supervisor import Supervisor
 
     cfg = configmod.load(write_config(tmp_path, models_dir, retry_attempts=6,
                                       retry_backoff_s=0.05))
@@ -165,8 +165,7 @@ def test_disk_full_injected_enospc(tmp_path, models_dir, shared_engines, monkeyp
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", full_fsync)
-    svc = Service(cfg)
-    svc.engines = svc.pipeline.engines = shared_engines
+    svc = Supervisor(cfg, engines=shared_engines)
     assert svc.run(once=True) == 0
     assert sum(failures.values()) == 6  # two per file, then space came back
     assert svc.counters.get("retries") == 6 and svc.counters.get("failed") == 0
@@ -359,21 +358,25 @@ def test_kill9_at_20_random_points_exactly_once(tmp_path, models_dir):
     db.close()
 
 
-def test_restart_finishes_a_file_killed_between_output_and_move(tmp_path, models_dir):
+def test_restart_finishes_a_file_killed_between_output_and_move(tmp_path, models_dir,
+                                                               shared_engines):
     """Killed after the output was written, before the source was moved to done/."""
     from daemon import config as configmod
-    from daemon.service.supervisor import Service
+    from daemon.service.app import App
+    from daemon.service.supervisor import Supervisor
 
     path = write_config(tmp_path, models_dir)
     data = yaml.safe_load(path.read_text())
     data["watch"][0]["after_success"] = "move"
     path.write_text(yaml.safe_dump(data))
-    svc = Service(configmod.load(path))
+    cfg = configmod.load(path)
+    svc = Supervisor(cfg)
+    svc.app = App.build(cfg, engines=shared_engines)
     src = tmp_path / "inbox" / "k.jpg"
     src.write_bytes(picture(95))
     (tmp_path / "outbox" / "k.jpg.png").write_bytes(b"written before the kill")
     assert svc.rescan(immediate=True) == 1  # the catch-up scan must not skip it
-    svc._work(svc.queue.get_nowait())
+    svc.intake.process(svc.workers.queue.get_nowait())
     assert svc.counters.get("up_to_date") == 1
     assert not src.exists() and (tmp_path / "done" / "k.jpg").exists()
 

@@ -30,7 +30,7 @@ either way.
 
 The events that a running daemon cannot be made to race deterministically
 (a file deleted, or replaced, between the event and the processing, or
-while it is being processed) are driven through ``Service._work`` directly.
+while it is being processed) are driven through ``Intake.process`` directly.
 """
 from __future__ import annotations
 
@@ -417,25 +417,23 @@ def snapshot(root: Path) -> dict[Path, int]:
 
 @pytest.fixture
 def service(tmp_path, models_dir, shared_engines):
-    """A Service on a temp inbox, not started: ``_work`` is called by the test."""
+    """A Supervisor on a temp inbox, not started: ``intake.process`` is called by the test."""
     from daemon import config as configmod
-    from daemon.service.supervisor import Service
+    from daemon.service.app import App
+    from daemon.service.supervisor import Supervisor
 
     cfg = configmod.load(write_config(tmp_path, models_dir, retry_backoff_s=0.1,
                                       retry_attempts=1))
-    svc = Service(cfg)
-    svc.engines = svc.pipeline.engines = shared_engines
-    svc._open_store()
+    svc = Supervisor(cfg)
+    svc.app = App.build(cfg, engines=shared_engines)
     yield svc
-    if svc.store is not None:
-        svc.store.close()
+    svc.app.close()
 
 
 def _item(svc, name: str):
-    from daemon.service.supervisor import WorkItem
+    from daemon.service.intake import WorkItem
 
-    pair = svc.cfg.watch[0]
-    return WorkItem(pair, pair.inbox / name)
+    return WorkItem(0, svc.cfg.watch[0].inbox / name)
 
 
 def _out(svc, name: str) -> Path:
@@ -448,14 +446,14 @@ def test_deleted_between_event_and_processing(service):
     item.path.write_bytes(jpeg(50))
     item.path.unlink()  # the event was seen; the file went before a worker got to it
     with capture_logs() as logs:
-        svc._work(item)
+        svc.intake.process(item)
     assert svc.counters.get("vanished") == 1
     assert any(e["event"] == "skipped" and "vanished" in e["reason"] for e in logs)
     assert not _out(svc, "gone.jpg").exists() and not svc.cfg.watch[0].failed_dir.exists()
 
 
 def test_deleted_after_the_checks_before_the_read(service, monkeypatch):
-    import daemon.pipeline as pl
+    import daemon.job as pl
 
     svc = service
     item = _item(svc, "late.jpg")
@@ -467,10 +465,10 @@ def test_deleted_after_the_checks_before_the_read(service, monkeypatch):
         return real(path, *a, **kw)
 
     monkeypatch.setattr(pl, "read_regular_file", vanish_then_read)
-    svc._work(item)  # ENOENT is transient: a retry is scheduled, nothing fails
+    svc.intake.process(item)  # ENOENT is transient: a retry is scheduled, nothing fails
     assert svc.counters.get("retries") == 1 and svc.counters.get("failed") == 0
     monkeypatch.setattr(pl, "read_regular_file", real)
-    svc._work(item)  # the retry finds it gone
+    svc.intake.process(item)  # the retry finds it gone
     assert svc.counters.get("vanished") == 1
     assert not _out(svc, "late.jpg").exists() and not svc.cfg.watch[0].failed_dir.exists()
 
@@ -482,7 +480,7 @@ def test_replaced_between_event_and_processing(service):
     tmp = item.path.with_name(".swap.tmp")
     tmp.write_bytes(jpeg(53, 120, 60))
     os.replace(tmp, item.path)  # replaced after the event
-    svc._work(item)
+    svc.intake.process(item)
     with Image.open(_out(svc, "swap.jpg")) as im:
         assert im.size == (120, 60)  # the new content, not the announced one
 
@@ -494,7 +492,7 @@ def test_replaced_between_event_and_processing(service):
         item.path.unlink()
         make(item.path)
         with capture_logs() as logs:
-            svc._work(item)
+            svc.intake.process(item)
         assert any(e["event"] == "skipped" and e["path"] == str(item.path) for e in logs), logs
         assert not _out(svc, name).exists() and not svc.cfg.watch[0].failed_dir.exists()
 
@@ -504,19 +502,19 @@ def test_replaced_while_being_processed(service, monkeypatch):
     svc = service
     item = _item(svc, "mid.jpg")
     item.path.write_bytes(jpeg(55, 100, 80))
-    real = svc.pipeline.render_bytes
+    real = svc.app.pipeline.render
 
-    def render_then_replace(data, options):
-        rendered = real(data, options)
+    def render_then_replace(data, plan):
+        rendered = real(data, plan)
         tmp = item.path.with_name(".mid.tmp")
         tmp.write_bytes(jpeg(56, 64, 64))
         os.replace(tmp, item.path)
         return rendered
 
-    monkeypatch.setattr(svc.pipeline, "render_bytes", render_then_replace)
-    svc._work(item)
-    monkeypatch.setattr(svc.pipeline, "render_bytes", real)
-    svc._work(item)  # the retry (or the new file's own event)
+    monkeypatch.setattr(svc.app.pipeline, "render", render_then_replace)
+    svc.intake.process(item)
+    monkeypatch.setattr(svc.app.pipeline, "render", real)
+    svc.intake.process(item)  # the retry (or the new file's own event)
     with Image.open(_out(svc, "mid.jpg")) as im:
         assert im.size == (64, 64)
     assert svc.counters.get("retries") == 1 and svc.counters.get("failed") == 0
@@ -524,7 +522,7 @@ def test_replaced_while_being_processed(service, monkeypatch):
 
 def test_unreadable_file_injected_eacces(service, monkeypatch):
     """The EACCES path without relying on uid: retried, then moved to failed/ with the reason."""
-    import daemon.pipeline as pl
+    import daemon.job as pl
 
     svc = service
     item = _item(svc, "locked.jpg")
@@ -534,9 +532,9 @@ def test_unreadable_file_injected_eacces(service, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     monkeypatch.setattr(pl, "read_regular_file", denied)
-    svc._work(item)
+    svc.intake.process(item)
     assert svc.counters.get("retries") == 1
-    svc._work(type(item)(item.pair, item.path, attempt=1))  # retry_attempts=1: give up
+    svc.intake.process(type(item)(item.pair, item.path, attempt=1))  # retry_attempts=1: give up
     rec = json.loads((svc.cfg.watch[0].failed_dir / "locked.jpg.error.json").read_text())
     assert rec["reason"] == "transient" and "Permission denied" in rec["error"]
     assert (svc.cfg.watch[0].failed_dir / "locked.jpg").exists() and not item.path.exists()
@@ -544,7 +542,7 @@ def test_unreadable_file_injected_eacces(service, monkeypatch):
 
 def test_folder_swapped_for_symlink_is_never_followed(service, monkeypatch, tmp_path):
     """inbox/sub/a.jpg is announced, then sub becomes a link to a folder outside."""
-    import daemon.pipeline as pl
+    import daemon.job as pl
 
     svc = service
     outside = tmp_path / "elsewhere"
@@ -562,7 +560,7 @@ def test_folder_swapped_for_symlink_is_never_followed(service, monkeypatch, tmp_
     item = _item(svc, "sub/a.jpg")
     swap()
     with capture_logs() as logs:
-        svc._work(item)
+        svc.intake.process(item)
     assert any(e["event"] == "skipped" and "symbolic link" in e["reason"] for e in logs), logs
     assert not _out(svc, "sub/a.jpg").exists()
 
@@ -576,7 +574,7 @@ def test_folder_swapped_for_symlink_is_never_followed(service, monkeypatch, tmp_
         return real(path, *a, **kw)
 
     monkeypatch.setattr(pl, "read_regular_file", swap_then_read)
-    svc._work(item)
+    svc.intake.process(item)
     assert not _out(svc, "sub/a.jpg").exists()
     assert (outside / "a.jpg").read_bytes() == jpeg(58)  # the outside file stays put
     rec = json.loads((svc.cfg.watch[0].failed_dir / "sub" / "a.jpg.error.json").read_text())

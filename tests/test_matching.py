@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode, photo, write_config
+from conftest import encode, photo, pipeline_over, render_legacy, write_config
 from daemon import config as configmod
 from daemon.imaging import fingerprint as fpmod
 from daemon.config import AlphaMatting
 from daemon.imaging.decode import decode
-from daemon.pipeline import Pipeline
+from daemon.config import Config
+from daemon.pipeline import Pipeline, Plan
 from daemon.cache.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,18 +36,40 @@ HIT = ("exact", "pixel", "near")
 # ------------------------------------------------------------------ helpers
 
 
+@dataclasses.dataclass
+class Cached:
+    """A real Pipeline over its own SQLite cache, with the config it was built from."""
+
+    pipeline: Pipeline
+    cfg: Config
+    store: SqliteStore
+
+    def render_bytes(self, data: bytes, options):
+        return render_legacy(self.pipeline, data, options)
+
+    def mask_key(self, options) -> str:
+        return self.pipeline.mask_key(options)
+
+    def output_key(self, options) -> str:
+        return self.pipeline.targets(Plan(options))[0].output_key
+
+
+def png(rendered) -> bytes:
+    return rendered.files[""]
+
+
 @pytest.fixture
 def make_pipeline(tmp_path, models_dir, shared_engines):
-    """``make_pipeline(name="p", **config overrides)`` -> a Pipeline over its own cache."""
+    """``make_pipeline(name="p", **config overrides)`` -> a Cached pipeline over its own cache."""
     stores: list[SqliteStore] = []
 
-    def make(name: str = "p", **overrides) -> Pipeline:
+    def make(name: str = "p", **overrides) -> Cached:
         base = tmp_path / name
         base.mkdir()
         cfg = configmod.load(write_config(base, models_dir, **overrides))
         store = SqliteStore(cfg.cache.dir)
         stores.append(store)
-        return Pipeline(cfg, shared_engines, store)
+        return Cached(pipeline_over(cfg, shared_engines, store), cfg, store)
 
     yield make
     for s in stores:
@@ -118,16 +141,24 @@ def test_exact_and_same_pixel_repeats_are_identical_to_the_first_result(make_pip
         "exif-only change": cal.exif_bytes(rgb, "shoot 1, edited caption"),
     }
     assert decode(same_pixels["exif-only change"]).rgb.tobytes() == pixels.tobytes()
+    outputs = {"same bytes": png(first)}
     for name, data in same_pixels.items():
         r = p.render_bytes(data, opts)
         assert r.tier == "pixel", name
-        assert r.png == first.png, name
+        # the same pixels and alpha; the bytes differ by each source's own metadata
+        assert rgba(png(r)).tobytes() == rgba(png(first)).tobytes(), name
+        outputs[name] = png(r)
 
     for name, data in {"same bytes": original, **same_pixels}.items():
         r = p.render_bytes(data, opts)  # a pixel hit left an alias row: now exact
         assert r.tier == "exact", name
-        assert r.png == first.png, name
+        assert png(r) == outputs[name], name
     assert len(inferences) == 1
+
+
+def rgba(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGBA"))
 
 
 # ------------------------------------------------------------------ positives
@@ -163,13 +194,12 @@ def test_near_duplicates_reuse_the_mask_on_their_own_pixels(make_pipeline, infer
             assert len(inferences) == before, "a near hit must not run inference"
             assert r.metrics and r.metrics["edge_corr"] >= p.cfg.cache.match.min_edge_corr
             q = decode(data).rgb
-            with Image.open(io.BytesIO(r.png)) as img:
+            with Image.open(io.BytesIO(png(r))) as img:
                 out = np.asarray(img.convert("RGBA"))
             assert out.shape[:2] == q.shape[:2]  # the mask was resized to the new size
             # the cached mask is applied to the NEW pixels, not a copy of the old output
-            # (rembg's naive cutout composites onto transparent black: rgb * alpha)
-            a = out[..., 3:4].astype(np.float64) / 255
-            assert np.abs(out[..., :3] - q * a).max() <= 1.0, (name, transform)
+            # (unassociated alpha: the colour of every pixel is the source's own)
+            assert np.array_equal(out[..., :3], q), (name, transform)
             fresh = engine.predict(q)
             score = iou(out[..., 3], fresh)
             assert score >= 0.95, f"{name} {transform}: reused mask IoU {score:.3f}"
@@ -195,11 +225,11 @@ def hard_negatives(rgb: np.ndarray, alpha: np.ndarray) -> dict[str, bytes]:
     return out
 
 
-def assert_all_misses(p: Pipeline, original: bytes, negatives: dict[str, bytes]) -> int:
+def assert_all_misses(p: Cached, original: bytes, negatives: dict[str, bytes]) -> int:
     """Each negative against a cache holding only ``original``; returns how many of them
     were within the pHash radius, i.e. reached ``fingerprint.verify``."""
     opts = p.cfg.output_defaults
-    key, _ = p.key_for(opts)
+    key = p.mask_key(opts)
     assert p.render_bytes(original, opts).tier == "miss"
     verified = 0
     for name, data in negatives.items():
@@ -240,48 +270,52 @@ def test_other_shots_and_other_photos_of_the_same_kind_are_misses(make_pipeline)
 # ------------------------------------------------------------------ cache key
 
 
-def test_changing_any_output_option_is_a_miss_never_a_stale_hit(make_pipeline, inferences):
+def test_mask_options_are_a_miss_render_options_reuse_the_mask(make_pipeline, inferences):
+    """The mask is keyed by the model and post-processing only; every other option keys
+    only the stored output, so changing it re-renders from the cached mask."""
     p = make_pipeline()
     base = p.cfg.output_defaults
     rgb = small(photo("chelsea"), 200)
     data = encode(rgb, "JPEG", quality=90)
     first = p.render_bytes(data, base)
-    assert first.tier == "miss"
+    assert first.tier == "miss" and len(inferences) == 1
+    post = dataclasses.replace(base, post_process_mask=True)
+    r = p.render_bytes(data, post)
+    assert r.tier == "miss" and len(inferences) == 2, "post-processing changes the mask"
     am = AlphaMatting(enabled=True)
     variants = {
         "only_mask": dataclasses.replace(base, only_mask=True),
         "bgcolor": dataclasses.replace(base, bgcolor=(255, 255, 255, 255)),
         "other bgcolor": dataclasses.replace(base, bgcolor=(0, 0, 0, 255)),
-        "post_process_mask": dataclasses.replace(base, post_process_mask=True),
         "png_compression": dataclasses.replace(base, png_compression=6),
         "alpha_matting": dataclasses.replace(base, alpha_matting=am),
-        "foreground_threshold": dataclasses.replace(
-            base, alpha_matting=dataclasses.replace(am, foreground_threshold=200)),
-        "background_threshold": dataclasses.replace(
-            base, alpha_matting=dataclasses.replace(am, background_threshold=30)),
         "erode_size": dataclasses.replace(
             base, alpha_matting=dataclasses.replace(am, erode_size=4)),
+        "srgb": dataclasses.replace(base, colour="srgb"),
     }
-    outputs = {"default": first.png}
+    outputs = {"default": png(first), "post_process_mask": png(r)}
     for name, opts in variants.items():
-        n = len(inferences)
         r = p.render_bytes(data, opts)
-        assert r.tier == "miss", name
-        assert len(inferences) == n + 1, name
-        outputs[name] = r.png
-    for name, opts in {"default": base, **variants}.items():  # each cached under its own key
-        r = p.render_bytes(data, opts)
-        assert r.tier == "exact" and r.png == outputs[name], name
+        assert r.tier == "exact" and not r.inferred, name  # the mask, found by these bytes
+        assert png(r) not in outputs.values() or name == "srgb", name
+        outputs[name] = png(r)
+    assert len(inferences) == 2
+    for name, opts in {"default": base, "post_process_mask": post, **variants}.items():
+        r = p.render_bytes(data, opts)  # each output stored under its own key
+        assert r.tier == "exact" and png(r) == outputs[name], name
+    assert len(inferences) == 2
 
 
-def test_near_duplicate_under_other_options_is_a_miss(make_pipeline):
+def test_near_duplicate_under_other_mask_options_is_a_miss(make_pipeline):
     p = make_pipeline()
     base = p.cfg.output_defaults
     rgb = small(photo("coffee"), 240)
     assert p.render_bytes(cal.encode(rgb), base).tier == "miss"
-    other = dataclasses.replace(base, only_mask=True)
+    other = dataclasses.replace(base, post_process_mask=True)
     assert p.render_bytes(encode(rgb, "JPEG", quality=90), other).tier == "miss"
     assert p.render_bytes(encode(rgb, "JPEG", quality=80), base).tier == "near"
+    white = dataclasses.replace(base, bgcolor=(255, 255, 255, 255))  # a render option only
+    assert p.render_bytes(encode(rgb, "JPEG", quality=70), white).tier == "near"
 
 
 # ------------------------------------------------------------------ single flight
@@ -314,7 +348,7 @@ def test_single_flight_five_copies_infer_once(make_pipeline, inferences):
     data = encode(small(photo("astronaut")), "JPEG", quality=90)
     results = concurrently(lambda d: p.render_bytes(d, opts), [data] * 5)
     assert len(inferences) == 1
-    assert len({r.png for r in results}) == 1
+    assert len({png(r) for r in results}) == 1
     assert sorted(r.tier for r in results).count("miss") == 1
 
 
@@ -326,35 +360,54 @@ def test_single_flight_covers_other_encodings_of_the_same_pixels(make_pipeline, 
              encode(rgb, "WEBP", lossless=True), encode(rgb, "TIFF"), encode(rgb, "BMP")]
     results = concurrently(lambda d: p.render_bytes(d, opts), files)
     assert len(inferences) == 1
-    assert len({r.png for r in results}) == 1
+    assert len({png(r) for r in results}) == 1
 
 
 # ------------------------------------------------------------------ crash safety
 
 
-def blob_path(p: Pipeline, digest: str) -> Path:
+def blob_path(p: Cached, digest: str) -> Path:
     return p.store.blobs.path(digest)
 
 
-def test_corrupt_blob_is_a_miss_and_the_row_is_repaired(make_pipeline, inferences):
+def mask_entry(p: Cached):
+    (entry,) = [e for e in p.store.entries() if e.key == p.mask_key(p.cfg.output_defaults)]
+    return entry
+
+
+def test_corrupt_output_blob_is_rendered_again_from_the_mask(make_pipeline, inferences):
     p = make_pipeline()
     opts = p.cfg.output_defaults
     data = encode(small(photo("rocket")), "JPEG", quality=90)
     first = p.render_bytes(data, opts)
-    entry = p.store.find_exact(p.key_for(opts)[0], first_sha(data))
+    entry = p.store.find_exact(p.output_key(opts), first_sha(data))
     path = blob_path(p, entry.output_digest)
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte: still a plausible PNG, wrong content
     path.write_bytes(bytes(raw))
 
     again = p.render_bytes(data, opts)
-    assert again.tier == "miss" and again.png == first.png
-    assert len(inferences) == 2
-    assert p.store.count() == 1  # the bad row went; the new one replaced it
-    repaired = p.store.find_exact(p.key_for(opts)[0], first_sha(data))
+    assert again.tier == "exact" and png(again) == png(first)
+    assert len(inferences) == 1  # the cached mask served it
+    repaired = p.store.find_exact(p.output_key(opts), first_sha(data))
     assert repaired.id != entry.id
-    assert p.store.get_blob(repaired.output_digest) == first.png
+    assert p.store.get_blob(repaired.output_digest) == png(first)
     assert p.render_bytes(data, opts).tier == "exact"
+
+
+def test_corrupt_mask_blob_is_a_miss_and_the_rows_are_repaired(make_pipeline, inferences):
+    p = make_pipeline(cache={"store_outputs": False})
+    opts = p.cfg.output_defaults
+    data = encode(small(photo("rocket")), "JPEG", quality=90)
+    first = p.render_bytes(data, opts)
+    entry = mask_entry(p)
+    path = blob_path(p, entry.mask_digest)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    again = p.render_bytes(data, opts)
+    assert again.tier == "miss" and png(again) == png(first) and len(inferences) == 2
+    assert p.store.count() == 1 and mask_entry(p).id != entry.id  # the bad row went
 
 
 def test_corrupt_mask_blob_of_a_near_candidate_is_a_miss(make_pipeline, inferences,
@@ -363,12 +416,12 @@ def test_corrupt_mask_blob_of_a_near_candidate_is_a_miss(make_pipeline, inferenc
     opts = p.cfg.output_defaults
     rgb = small(photo("astronaut"))
     p.render_bytes(cal.encode(rgb), opts)
-    (entry,) = list(p.store.entries())
+    entry = mask_entry(p)
     blob_path(p, entry.mask_digest).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     near = encode(rgb, "JPEG", quality=90)
     r = p.render_bytes(near, opts)
     assert r.tier == "miss" and len(inferences) == 2
-    assert iou(png_alpha(r.png), shared_engines.mask("u2netp").predict(decode(near).rgb)) > 0.99
+    assert iou(png_alpha(png(r)), shared_engines.mask("u2netp").predict(decode(near).rgb)) > 0.99
     assert entry.id not in {e.id for e in p.store.entries()}
 
 
@@ -378,18 +431,21 @@ def test_deleted_blob_file_is_a_miss_never_an_error(make_pipeline, inferences, w
     opts = p.cfg.output_defaults
     data = encode(small(photo("coffee"), 240), "JPEG", quality=90)
     first = p.render_bytes(data, opts)
-    (entry,) = list(p.store.entries())
-    digests = {"output": [entry.output_digest], "mask": [entry.mask_digest],
-               "both": [entry.output_digest, entry.mask_digest]}[which]
+    entry = mask_entry(p)
+    output = p.store.find_exact(p.output_key(opts), first_sha(data))
+    digests = {"output": [output.output_digest], "mask": [entry.mask_digest],
+               "both": [output.output_digest, entry.mask_digest]}[which]
     for d in digests:
         blob_path(p, d).unlink()
     r = p.render_bytes(data, opts)
-    assert r.png == first.png
+    assert png(r) == png(first)
     if which == "mask":  # the output blob still serves exact repeats...
         assert r.tier == "exact"
         near = p.render_bytes(encode(decode(data).rgb, "JPEG", quality=80), opts)
         assert near.tier == "miss"  # ...but the mask is gone: no reuse, no error
         assert entry.id not in {e.id for e in p.store.entries()}  # and the row went
+    elif which == "output":  # rendered again from the cached mask, no inference
+        assert r.tier == "exact" and len(inferences) == 1
     else:
         assert r.tier == "miss"
         assert p.render_bytes(data, opts).tier == "exact"

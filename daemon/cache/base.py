@@ -1,9 +1,16 @@
-"""The storage Protocol every backend implements, and the values it trades in."""
+"""The storage Protocol every backend implements, the values it trades in, and its errors.
+
+Error contract: a backend raises ``StoreError`` (or a subclass) for trouble in
+the backend itself (I/O errors, a damaged index, ``sqlite3.Error``, a failed or
+unreachable Redis) and nothing else; the original exception is its
+``__cause__``. Anything else that escapes a backend (``TypeError``,
+``KeyError``...) is a bug and must not be mistaken for "cache unavailable".
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import ClassVar, Iterator, Protocol
 
 import numpy as np
 
@@ -73,12 +80,43 @@ class HitBuffer:
             self.tiers[key] = self.tiers.get(key, 0) + n
 
 
-class StoreUnavailable(RuntimeError):
-    """The backend cannot be reached right now; callers degrade to no-cache."""
+class StoreError(RuntimeError):
+    """The backend failed (I/O, damaged index, database or Redis error); never a bug."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot be used right now (outage, locked, read-only, full); retry later."""
+
+
+class StoreDamaged(StoreError):
+    """The backend's index is damaged; re-opening the store sets it aside and starts afresh."""
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """What a store knows about itself, cheaply (no full scan).
+
+    ``damaged``: the index is damaged and only re-opening the store heals it
+    (``available`` is then False too).
+    """
+
+    available: bool
+    outages: int = 0  # outages this store has seen (Redis); 0 for SQLite
+    error: str | None = None
+    damaged: bool = False
 
 
 class Store(Protocol):
-    """Index + blobs + locks. Reads that find nothing usable return None, never raise."""
+    """Index + blobs. Reads that find nothing usable return None, never raise.
+
+    Every method may raise ``StoreError`` (see the module docstring). Locks are
+    not part of a store: see ``daemon.coord.locks``.
+    """
+
+    name: ClassVar[str]  # "sqlite" | "redis"
+
+    def health(self) -> StoreHealth:
+        """Cheap (no network round trip while healthy, no full scan); never raises."""
 
     def find_exact(self, key: str, sha256: str) -> Entry | None: ...
 
@@ -119,14 +157,17 @@ class Store(Protocol):
     def restore(self, entry: Entry) -> None:
         """Insert ``entry`` as-is (id, times, hits); its blobs must already be stored."""
 
-    def try_lock(self, name: str, ttl: float) -> str | None:
-        """Non-blocking; a token when acquired, None when someone else holds it."""
+    def close(self) -> None:
+        """Flush what can be flushed and release the backend; never raises ``StoreError``."""
 
-    def refresh_lock(self, name: str, token: str, ttl: float) -> bool: ...
 
-    def unlock(self, name: str, token: str) -> None: ...
-
-    def close(self) -> None: ...
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an error, and of its cause when it wraps one."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None and str(cause) not in str(exc):
+        text += f" ({type(cause).__name__}: {cause})"
+    return text
 
 
 def embedding_bytes(vec: np.ndarray | None) -> bytes:

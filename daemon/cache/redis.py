@@ -1,4 +1,4 @@
-"""Shared store: Redis index + blobs + locks, for several daemons on one NAS inbox.
+"""Shared store: Redis index + blobs, for several daemons on one NAS inbox.
 
 Key layout
 ----------
@@ -22,7 +22,7 @@ whole cache can be dropped with ``SCAN MATCH P*``::
     P bref:{sha256}              set     ids of the entries referencing that blob
     P tiers:{hour}               hash    tier -> lookups in that hour (kept 400 days)
     P tier_hours                 zset    the hours that have a tiers hash
-    P lock:{name}                string  lock token, SET NX PX; compare-and-{expire,delete} in Lua
+    P lock:{name}                string  lock token (``daemon.coord.locks.RedisLocks``)
 
 Consistency
 -----------
@@ -83,13 +83,16 @@ and embedding (~20 KB). Hit counters in a cached entry may lag by ``ENTRY_FRESH_
 
 Outages
 -------
-Every call uses ``store.socket_timeout_s`` for connect and read, retries a
-broken pooled connection once and never retries a timeout, so a dead or
-unreachable Redis raises ``redis.ConnectionError``/``TimeoutError`` within
-about one timeout. After a failure the store fails fast with
-``StoreUnavailable`` for a backoff (0.5 s, doubling per consecutive failure, at
-most 30 s) before trying again; the next successful call ends the outage.
-``available`` and ``outages`` feed the status file.
+Every call goes through a ``RedisLink`` (shared with ``RedisLocks``). It uses
+``store.socket_timeout_s`` for connect and read, retries a broken pooled
+connection once and never retries a timeout, so a dead or unreachable Redis
+raises ``StoreUnavailable`` (the redis error is its cause) within about one
+timeout. After a failure the link fails fast with ``StoreUnavailable`` for a
+backoff (0.5 s, doubling per consecutive failure, at most 30 s) before trying
+again; the next successful call ends the outage. Any other Redis error (OOM,
+a script error) raises ``StoreError``. ``health()`` reports the outage state
+(and probes with one PING once the backoff has passed); the cache guard
+(``daemon.cache.guard``) turns it into the status file and the log.
 
 Not for Redis Cluster: scripts touch keys derived from stored data.
 """
@@ -108,9 +111,10 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from daemon.config import Config
-from daemon.imaging.fingerprint import BANDS, Fingerprint, phash_bands
-from daemon.cache.base import TIERS, Entry, HitBuffer, StoreUnavailable, embedding_bytes, fingerprint_from
+from daemon.cache.base import (TIERS, Entry, HitBuffer, StoreError, StoreHealth, StoreUnavailable,
+                               describe, embedding_bytes, fingerprint_from)
+from daemon.config import CacheConfig, StoreConfig
+from daemon.imaging.fingerprint import Fingerprint, phash_bands
 
 log = structlog.get_logger("rembgd.store")
 
@@ -254,17 +258,6 @@ end
 return 1
 """
 
-_LUA_REFRESH = r"""
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_LUA_UNLOCK = r"""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 # ------------------------------------------------------------ local tier
@@ -320,69 +313,47 @@ def _s(v: bytes | str | None) -> str:
     return v.decode() if isinstance(v, bytes) else (v or "")
 
 
-class RedisStore:
-    """The shared backend (see module docstring)."""
+class RedisLink:
+    """One Redis connection pool and its outage breaker (see "Outages" above).
 
-    HIT_FLUSH_S = 2.0
+    Shared by a ``RedisStore`` and its ``RedisLocks``. Thread-safe.
+    """
+
     BACKOFF_START_S = 0.5
     BACKOFF_MAX_S = 30.0
-    ENTRY_FRESH_S = 30.0
-    LOCAL_BLOB_BYTES = 64 * 1024 * 1024
-    MAX_PENDING_HITS = 100_000  # kept across a failed flush, at most
 
-    def __init__(self, cfg: Config):
-        sc = cfg.store
-        self.url, self.prefix = sc.url, sc.prefix
-        self.P = f"{sc.prefix}:v{SCHEMA_VERSION}:"
-        days = cfg.cache.limits.ttl_days
-        self.key_ttl_s = int((days + 1) * 86400) if days > 0 else 0
+    def __init__(self, store_cfg: StoreConfig):
+        self.url = store_cfg.url
         self.client = redis.Redis.from_url(
-            sc.url, socket_timeout=sc.socket_timeout_s,
-            socket_connect_timeout=sc.socket_timeout_s, socket_keepalive=True,
+            store_cfg.url, socket_timeout=store_cfg.socket_timeout_s,
+            socket_connect_timeout=store_cfg.socket_timeout_s, socket_keepalive=True,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             health_check_interval=0)
-        self._delete_script = self.client.register_script(_LUA_DELETE)
-        self._lookup_script = self.client.register_script(_LUA_LOOKUP)
-        self._near_script = self.client.register_script(_LUA_NEAR)
-        self._fetch_script = self.client.register_script(_LUA_FETCH)
-        self._hits_script = self.client.register_script(_LUA_HITS)
-        self._refresh_script = self.client.register_script(_LUA_REFRESH)
-        self._unlock_script = self.client.register_script(_LUA_UNLOCK)
-
-        n = sc.local_lru_entries
-        self._blobs = _LRU(n, self.LOCAL_BLOB_BYTES)
-        self._entries = _LRU(n)  # id -> (Entry, monotonic time fetched)
-        self._hints = _LRU(n)  # index key -> id it last resolved to
-
-        self._mutex = threading.Lock()
-        self._buffer = HitBuffer(self.MAX_PENDING_HITS)
-
         self._health = threading.Lock()
         self._down = False
         self._down_until = 0.0
         self._backoff = self.BACKOFF_START_S
         self.outages = 0
         self.last_error: str | None = None
-        try:
-            self._call(self.client.ping)
-            self._warn_about_eviction(cfg)
-        except (StoreUnavailable, *OUTAGE_ERRORS):
-            log.error("redis_unavailable", url=_redacted(sc.url), error=self.last_error,
-                      effect="processing without the cache until Redis answers")
-
-    # ------------------------------------------------------------ health
 
     @property
-    def available(self) -> bool:
-        """False during an outage; probes Redis (one PING) once the backoff has passed."""
+    def down(self) -> bool:
+        """In an outage (the last call failed to reach Redis)."""
+        return self._down
+
+    def health(self) -> StoreHealth:
+        """The outage state; probes Redis (one PING) once the backoff has passed."""
         if self._down and time.monotonic() >= self._down_until:
             try:
-                self._call(self.client.ping)
-            except Exception:
+                self.call(self.client.ping)
+            except StoreError:
                 pass
-        return not self._down
+        down = self._down
+        return StoreHealth(available=not down, outages=self.outages,
+                           error=self.last_error if down else None)
 
-    def _call(self, fn: Callable, *args, **kw):
+    def call(self, fn: Callable, *args, **kw):
+        """``fn(*args, **kw)``; Redis errors become ``StoreUnavailable``/``StoreError``."""
         if self._down and time.monotonic() < self._down_until:
             raise StoreUnavailable(f"redis {_redacted(self.url)} unavailable "
                                    f"({self.last_error}); retrying in "
@@ -391,13 +362,16 @@ class RedisStore:
             result = fn(*args, **kw)
         except OUTAGE_ERRORS as exc:
             self._failed(exc)
-            raise
+            raise StoreUnavailable(f"redis {_redacted(self.url)} unreachable: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        except redis.exceptions.RedisError as exc:  # OOM, script or type errors: Redis answered
+            raise StoreError(f"redis {_redacted(self.url)}: {type(exc).__name__}: {exc}") from exc
         if self._down:
             with self._health:
                 if self._down:
                     self._down = False
                     self._backoff = self.BACKOFF_START_S
-                    log.warning("redis_recovered", url=_redacted(self.url))
+                    log.info("redis_reachable", url=_redacted(self.url))
         return result
 
     def _failed(self, exc: BaseException) -> None:
@@ -414,7 +388,64 @@ class RedisStore:
                 self._backoff = min(self._backoff * 2, self.BACKOFF_MAX_S)
             self._down_until = now + self._backoff
 
-    def _warn_about_eviction(self, cfg: Config) -> None:
+    def close(self) -> None:
+        self.client.close()
+
+
+class RedisStore:
+    """The shared backend (see module docstring)."""
+
+    name = "redis"
+    HIT_FLUSH_S = 2.0
+    ENTRY_FRESH_S = 30.0
+    LOCAL_BLOB_BYTES = 64 * 1024 * 1024
+    MAX_PENDING_HITS = 100_000  # kept across a failed flush, at most
+
+    def __init__(self, store_cfg: StoreConfig, cache_cfg: CacheConfig,
+                 link: RedisLink | None = None):
+        """Never raises for an outage: the store starts unavailable and recovers by itself.
+
+        ``link``: share another object's connection (it stays that object's to close).
+        """
+        sc = store_cfg
+        self.url, self.prefix = sc.url, sc.prefix
+        self.P = f"{sc.prefix}:v{SCHEMA_VERSION}:"
+        days = cache_cfg.limits.ttl_days
+        self.key_ttl_s = int((days + 1) * 86400) if days > 0 else 0
+        self._owns_link = link is None
+        self.link = link if link is not None else RedisLink(sc)
+        self.client = self.link.client
+        self._closed = False
+        self._delete_script = self.client.register_script(_LUA_DELETE)
+        self._lookup_script = self.client.register_script(_LUA_LOOKUP)
+        self._near_script = self.client.register_script(_LUA_NEAR)
+        self._fetch_script = self.client.register_script(_LUA_FETCH)
+        self._hits_script = self.client.register_script(_LUA_HITS)
+
+        n = sc.local_lru_entries
+        self._blobs = _LRU(n, self.LOCAL_BLOB_BYTES)
+        self._entries = _LRU(n)  # id -> (Entry, monotonic time fetched)
+        self._hints = _LRU(n)  # index key -> id it last resolved to
+
+        self._mutex = threading.Lock()
+        self._buffer = HitBuffer(self.MAX_PENDING_HITS)
+        try:
+            self._call(self.client.ping)
+            self._warn_about_eviction()
+        except StoreUnavailable:
+            pass  # health() says so; the cache guard logs it
+
+    def health(self) -> StoreHealth:
+        if self._closed:
+            return StoreHealth(False, self.link.outages, "the Redis store is closed")
+        return self.link.health()
+
+    def _call(self, fn: Callable, *args, **kw):
+        if self._closed:
+            raise StoreUnavailable("the Redis store is closed")
+        return self.link.call(fn, *args, **kw)
+
+    def _warn_about_eviction(self) -> None:
         try:
             mem = self.client.info("memory")
         except redis.exceptions.RedisError:
@@ -448,9 +479,6 @@ class RedisStore:
 
     def _k_bref(self, digest: str) -> str:
         return f"{self.P}bref:{digest}"
-
-    def _k_lock(self, name: str) -> str:
-        return f"{self.P}lock:{name}"
 
     # --------------------------------------------------------- encoding
 
@@ -639,7 +667,7 @@ class RedisStore:
         with self._mutex:
             self._buffer.add(entry_id, tier, time.time())
             due = self._buffer.due(self.HIT_FLUSH_S)
-        if due or self._down:
+        if due or self.link.down:
             self.flush()  # on failure the counts are merged back for the next flush
 
     def flush(self) -> None:
@@ -756,30 +784,19 @@ class RedisStore:
     def count(self) -> int:
         return int(self._call(self.client.hlen, f"{self.P}ids"))
 
-    # ---------------------------------------------------------------- locks
-
-    def try_lock(self, name: str, ttl: float) -> str | None:
-        token = uuid.uuid4().hex
-        ok = self._call(self.client.set, self._k_lock(name), token, nx=True,
-                        px=max(1, int(ttl * 1000)))
-        return token if ok else None
-
-    def refresh_lock(self, name: str, token: str, ttl: float) -> bool:
-        return bool(self._call(self._refresh_script, keys=[self._k_lock(name)],
-                               args=[token, max(1, int(ttl * 1000))]))
-
-    def unlock(self, name: str, token: str) -> None:
-        self._call(self._unlock_script, keys=[self._k_lock(name)], args=[token])
-
     def close(self) -> None:
+        if self._closed:
+            return
         try:
             self.flush()
-        except (StoreUnavailable, *OUTAGE_ERRORS) as exc:
-            log.warning("hit_counts_lost", error=f"{type(exc).__name__}: {exc}")
+        except StoreError as exc:
+            log.warning("hit_counts_lost", error=describe(exc))
         finally:
+            self._closed = True
             self._blobs.clear()
             self._entries.clear()
-            self.client.close()
+            if self._owns_link:
+                self.link.close()
 
 
 def _redacted(url: str) -> str:

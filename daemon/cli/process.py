@@ -1,30 +1,85 @@
-"""``rembgd process``: the daemon's pipeline over given files and folders, once."""
+"""``rembgd process``: the daemon's jobs over given files and folders, once."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from collections import Counter
 from pathlib import Path
 
-import structlog
 from tqdm import tqdm
 
-from daemon.config import Config, OutputOptions
-from daemon.fsutil import output_name
-from daemon.pipeline import Job, Pipeline, Result
+from daemon import job as jobmod
+from daemon.budget import PixelBudget
+from daemon.config import AlphaMatting, Config, OutputOptions
+from daemon.pipeline import Pipeline, Plan
 from daemon.scan import is_ignored
 
 TIER_ORDER = ("exact", "pixel", "near", "miss", "failed")
-log = structlog.get_logger("rembgd.oneshot")
 
 
-def plan(paths: list[Path], out_dir: Path, options: OutputOptions,
-         ignore: tuple[str, ...]) -> list[Job]:
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _color(text: str) -> tuple[int, int, int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) == 3:
+        parts.append(255)
+    if len(parts) != 4 or not all(0 <= p <= 255 for p in parts):
+        raise argparse.ArgumentTypeError("expected R,G,B or R,G,B,A with values 0-255")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def add_parser(sub) -> None:
+    proc = sub.add_parser("process", help="remove backgrounds from files or folders, once")
+    proc.add_argument("-c", "--config", dest="config_sub", help=argparse.SUPPRESS)
+    proc.add_argument("paths", nargs="+", type=Path)
+    proc.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    proc.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    g = proc.add_argument_group("output options (override config)")
+    g.add_argument("-m", "--model", help="rembg model name (default from config: u2netp)")
+    g.add_argument("--only-mask", type=_bool, metavar="BOOL")
+    g.add_argument("--post-process-mask", type=_bool, metavar="BOOL")
+    g.add_argument("--alpha-matting", type=_bool, metavar="BOOL")
+    g.add_argument("--alpha-matting-foreground-threshold", type=int, metavar="N")
+    g.add_argument("--alpha-matting-background-threshold", type=int, metavar="N")
+    g.add_argument("--alpha-matting-erode-size", type=int, metavar="N")
+    g.add_argument("--bgcolor", type=_color, metavar="R,G,B[,A]")
+    g.add_argument("--png-compression", type=int, choices=range(10), metavar="0-9")
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def options_from(args: argparse.Namespace, base: OutputOptions) -> OutputOptions:
+    am = base.alpha_matting
+    matting = AlphaMatting(
+        enabled=am.enabled if args.alpha_matting is None else args.alpha_matting,
+        foreground_threshold=_given(args.alpha_matting_foreground_threshold, am.foreground_threshold),
+        background_threshold=_given(args.alpha_matting_background_threshold, am.background_threshold),
+        erode_size=_given(args.alpha_matting_erode_size, am.erode_size),
+    )
+    pick = lambda name: _given(getattr(args, name), getattr(base, name))  # noqa: E731
+    return dataclasses.replace(
+        base, model=pick("model"), only_mask=pick("only_mask"),
+        post_process_mask=pick("post_process_mask"), alpha_matting=matting,
+        bgcolor=pick("bgcolor"), png_compression=pick("png_compression"))
+
+
+def plan_jobs(paths: list[Path], out_dir: Path, plan: Plan,
+              ignore: tuple[str, ...]) -> list[jobmod.Job]:
     """One job per file; folders are walked and their subfolders mirrored.
 
     The output folder is skipped when it lies inside a given folder, so that a
     second run does not process the first run's cutouts.
     """
-    jobs: list[Job] = []
+    jobs: list[jobmod.Job] = []
     out_abs = Path(out_dir).absolute()
     for given in paths:
         given = Path(given)
@@ -36,43 +91,57 @@ def plan(paths: list[Path], out_dir: Path, options: OutputOptions,
                 if src.absolute() == out_abs or out_abs in src.absolute().parents:
                     continue
                 if src.is_file() and not src.is_symlink():
-                    jobs.append(Job(src, rel, out_dir / output_name(rel), options))
+                    jobs.append(jobmod.Job(src, rel, out_dir, plan))
         else:
-            rel = Path(given.name)
-            jobs.append(Job(given, rel, out_dir / output_name(rel), options))
+            jobs.append(jobmod.Job(given, Path(given.name), out_dir, plan))
     return jobs
 
 
-def run(cfg: Config, pipeline: Pipeline, paths: list[Path], out_dir: Path,
-        options: OutputOptions) -> int:
-    jobs = plan(paths, out_dir, options, cfg.ignore)
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    """Process the given paths; prints the failures and a tier summary."""
+    from daemon.cache.guard import CacheGuard
+    from daemon.inference.engine import Engines
+
+    plan = Plan(options_from(args, cfg.output), cfg.outputs)
+    use_cache = cfg.cache.enabled and not args.no_cache
+    guard = CacheGuard(cfg.store, cfg.cache) if use_cache else None
+    pipeline = Pipeline(Engines(cfg.models_dir, cfg.threads), guard, cfg.cache,
+                        max_pixels=cfg.max_image_pixels, claim_ttl_s=cfg.store.claim_ttl_s,
+                        budget=PixelBudget(cfg.memory_budget_mp * 1e6))
+    try:
+        pipeline.targets(plan)  # verify the model now: a missing model fails before any file
+        return _run_jobs(pipeline, plan_jobs(args.paths, args.out, plan, cfg.ignore), cfg.umask)
+    finally:
+        if guard is not None:
+            guard.close()
+
+
+def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int) -> int:
     counts: Counter[str] = Counter()
-    failures: list[Result] = []
+    failures: list[tuple[Path, str]] = []
     claimed: dict[Path, Path] = {}  # output -> source: two inputs named alike must not clobber
     bar = tqdm(total=len(jobs), unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
     for job in jobs:
-        first = claimed.setdefault(job.out.absolute(), job.src)
+        out = job.outputs[0].absolute()
+        first = claimed.setdefault(out, job.src)
         if first.absolute() != job.src.absolute():
-            res = Result(job, "failed", 0.0, reason="collision",
-                         error=f"output {job.out} is already written for {first}; "
-                               "process one of them separately or pass their common folder")
-            log.warning("processed", path=str(job.src), outcome="failed", ms=0.0,
-                        model=job.options.model, error=res.error)
+            outcome, error = "failed", (f"output {out} is already written for {first}; "
+                                        "process one of them separately or pass their common "
+                                        "folder")
         else:
-            res = pipeline.handle(job)
-        if res.outcome == "retry":
-            res = pipeline.handle(job)  # one more try for a transient error, then report
-        outcome = "failed" if res.outcome == "retry" else res.outcome
+            res = jobmod.run(job, pipeline, umask=umask)
+            if res.outcome == "retry":
+                res = jobmod.run(job, pipeline, umask=umask)  # one more try, then report
+            outcome = "failed" if res.outcome == "retry" else res.outcome
+            error = res.error or ""
         counts[outcome] += 1
         if outcome == "failed":
-            failures.append(res)
+            failures.append((job.src, error))
         bar.set_postfix({k: counts[k] for k in TIER_ORDER if counts[k]}, refresh=False)
         bar.update(1)
     bar.close()
-    if pipeline.store is not None:
-        pipeline.store.flush()
-    for res in failures:
-        print(f"failed: {res.job.src}: {res.error}", file=sys.stderr)
+    for src, error in failures:
+        print(f"failed: {src}: {error}", file=sys.stderr)
     summary = ", ".join(f"{k} {counts[k]}" for k in TIER_ORDER)
     print(f"{len(jobs)} files: {summary}")
     return 1 if failures else 0

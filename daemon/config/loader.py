@@ -9,15 +9,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from daemon.config.schema import (AFTER_SUCCESS, BACKENDS, DEFAULT_IGNORE, LOG_FORMATS, OBSERVERS,
-                                  POLICIES, AlphaMatting, CacheConfig, CacheLimits, Config,
-                                  ConfigError, MatchThresholds, OutputOptions, PruneSchedule,
+from daemon.config.schema import (AFTER_SUCCESS, BACKENDS, COLOURS, CROPS, DEFAULT_IGNORE, FORMATS,
+                                  LOG_FORMATS, METADATA, OBSERVERS, POLICIES, AlphaMatting,
+                                  CacheConfig, CacheLimits, Canvas, Config, ConfigError,
+                                  Deliverable, MatchThresholds, OutputOptions, PruneSchedule,
                                   StoreConfig, WatchPair)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class _Reader:
@@ -103,14 +107,109 @@ def _parse_options(r: _Reader, base: OutputOptions) -> OutputOptions:
         alpha_matting=matting,
         bgcolor=bgcolor,
         png_compression=r.get("png_compression", int, base.png_compression, minimum=0, maximum=9),
+        colour=r.get("colour", str, base.colour, choices=COLOURS),
+        metadata=r.get("metadata", str, base.metadata, choices=METADATA),
     )
+
+
+def _colour_value(r: _Reader, key: str, raw: Any) -> tuple[int, int, int] | None:
+    """``transparent``, ``"#rrggbb"`` or ``[r, g, b]``."""
+    if raw is None or raw == "transparent":
+        return None
+    if isinstance(raw, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", raw):
+        return tuple(int(raw[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+    if (isinstance(raw, list) and len(raw) == 3
+            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in raw)):
+        return tuple(raw)  # type: ignore[return-value]
+    r.fail(f"must be transparent, \"#rrggbb\" or [r, g, b] with values 0-255, got {raw!r}", key)
+    return None
+
+
+def _margin_value(r: _Reader, raw: Any) -> tuple[float, str]:
+    """``"4%"`` of the subject's longer side, ``"40px"``, or a number of px."""
+    if raw is None:
+        return 0.0, "%"
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw >= 0:
+        return float(raw), "px"
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(%|px)\s*", raw) if isinstance(raw, str) else None
+    if m is None:
+        r.fail(f"must be a percentage like \"4%\" or pixels like \"40px\", got {raw!r}", "margin")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit == "%" and value > 100:
+        r.fail(f"must be at most 100%, got {raw!r}", "margin")
+    return value, unit
+
+
+def _parse_canvas(r: _Reader) -> Canvas | None:
+    if not r.data:
+        return None
+    d = Canvas()
+    aspect_raw = r.get("aspect", str, "1:1")
+    m = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", aspect_raw)
+    if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        r.fail(f"must be a ratio like \"1:1\" or \"4:5\", got {aspect_raw!r}", "aspect")
+    canvas = Canvas(aspect=(int(m.group(1)), int(m.group(2))),
+                    long_edge=r.get("long_edge", int, d.long_edge, minimum=16, maximum=30000),
+                    fill=r.get("fill", float, d.fill, minimum=0.05, maximum=1.0))
+    r.done()
+    return canvas
+
+
+def _parse_outputs(r: _Reader, key: str, default: tuple[Deliverable, ...]
+                   ) -> tuple[Deliverable, ...]:
+    """The ``outputs:`` list: one deliverable each, names unique (they are subfolders)."""
+    r.seen.add(key)
+    raw = r.data.get(key)
+    if raw is None:
+        return default
+    where = f"{r.path}.{key}" if r.path else key
+    if not isinstance(raw, list) or not raw:
+        r.fail("must be a non-empty list of deliverables ({name, format, ...})", key)
+    out: list[Deliverable] = []
+    for i, item in enumerate(raw):
+        d = _Reader(r.source, item, f"{where}[{i}]")
+        base = Deliverable()
+        name = d.get("name", str, None)
+        if name is None:
+            d.fail("is required (it names the outbox subfolder)", "name")
+        if not NAME_RE.match(name):
+            d.fail(f"must be letters, digits, '.', '_' or '-', not starting with '.' "
+                   f"(it becomes a folder name), got {name!r}", "name")
+        for j, other in enumerate(out):
+            if other.name.lower() == name.lower():
+                d.fail(f"{name!r} is also {where}[{j}].name: each output needs its own name",
+                       "name")
+        fmt = d.get("format", str, base.format, choices=FORMATS)
+        bg_raw = d.get("background", (str, list), None)
+        if fmt == "jpeg" and bg_raw == "transparent":
+            d.fail("jpeg cannot be transparent; give a colour (default white)", "background")
+        margin, unit = _margin_value(d, d.get("margin", (str, int, float), None))
+        deliverable = Deliverable(
+            name=name,
+            format=fmt,
+            quality=d.get("quality", int, base.quality, minimum=1, maximum=100),
+            compression=d.get("compression", int, base.compression, minimum=0, maximum=9),
+            lossless=d.get("lossless", bool, base.lossless),
+            background=_colour_value(d, "background", bg_raw),
+            crop=d.get("crop", str, base.crop, choices=CROPS),
+            margin=margin,
+            margin_unit=unit,
+            canvas=_parse_canvas(d.child("canvas")),
+            max_size=d.get("max_size", int, None, minimum=16),
+            colour=d.get("colour", str, base.colour, choices=COLOURS),
+            metadata=d.get("metadata", str, base.metadata, choices=METADATA),
+        )
+        d.done()
+        out.append(deliverable)
+    return tuple(out)
 
 
 def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _parse_watch(r: _Reader, defaults: OutputOptions) -> tuple[WatchPair, ...]:
+def _parse_watch(r: _Reader, defaults: OutputOptions,
+                 default_outputs: tuple[Deliverable, ...]) -> tuple[WatchPair, ...]:
     r.seen.add("watch")
     raw = r.data.get("watch")
     if raw is None:
@@ -138,6 +237,7 @@ def _parse_watch(r: _Reader, defaults: OutputOptions) -> tuple[WatchPair, ...]:
             recursive=w.get("recursive", bool, True),
             after_success=after,
             options=options,
+            outputs=_parse_outputs(w, "outputs", default_outputs),
         )
         w.done()
         pairs.append(pair)
@@ -229,7 +329,7 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
     )
     prune_r.done()
     cache = CacheConfig(
-        dir=cache_r.path_value("dir", (source.parent / "var/cache").resolve()),
+        dir=cache_r.path_value("dir", default_cache_dir()),
         enabled=cache_r.get("enabled", bool, True),
         store_outputs=cache_r.get("store_outputs", bool, True),
         match=match,
@@ -259,7 +359,8 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
     log_format = log_r.get("format", str, "auto", choices=LOG_FORMATS)
     log_r.done()
 
-    pairs = _parse_watch(r, defaults)
+    outputs = _parse_outputs(r, "outputs", ())
+    pairs = _parse_watch(r, defaults, outputs)
     umask_raw = r.get("umask", (int, str), 0o022)
     try:
         umask = int(umask_raw, 8) if isinstance(umask_raw, str) else int(umask_raw)
@@ -286,13 +387,16 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
         queue_size=r.get("queue_size", int, 256, minimum=1),
         threads=r.get("threads", int, 0, minimum=0, maximum=256),
         max_image_pixels=r.get("max_image_pixels", int, 100_000_000, minimum=1),
+        memory_budget_mp=r.get("memory_budget_mp", float, 120.0, minimum=1),
         umask=umask,
         retry_attempts=r.get("retry_attempts", int, 5, minimum=0),
         retry_backoff_s=r.get("retry_backoff_s", float, 1.0, minimum=0),
+        incomplete_timeout_s=r.get("incomplete_timeout_s", float, 900.0, minimum=0),
         log_level=log_level,
         log_format=log_format,
         state_file=r.path_value("state_file", None),
         output=defaults,
+        outputs=outputs,
     )
     r.done()
     if check_folders:
@@ -303,6 +407,58 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
 def default_models_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return Path(base) / "rembgd" / "models"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "rembgd"
+
+
+BUILTIN = "built-in defaults"
+
+
+def candidates(explicit: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
+    """Where a config is looked for, in order, each with how it was named."""
+    if explicit is not None:
+        return [(Path(explicit), "--config")]
+    found: list[tuple[Path, str]] = []
+    if os.environ.get("REMBGD_CONFIG"):
+        return [(Path(os.environ["REMBGD_CONFIG"]), "$REMBGD_CONFIG")]
+    found.append((Path("config.yaml"), "./config.yaml"))
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    found.append((Path(xdg) / "rembgd" / "config.yaml", "$XDG_CONFIG_HOME/rembgd/config.yaml"))
+    found.append((Path("/etc/rembgd/config.yaml"), "/etc/rembgd/config.yaml"))
+    return found
+
+
+def discover(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The config file to use: ``--config``, ``$REMBGD_CONFIG``, ``./config.yaml``,
+    ``$XDG_CONFIG_HOME/rembgd/config.yaml``, ``/etc/rembgd/config.yaml``; None: built-in
+    defaults. A file named by ``--config`` or ``$REMBGD_CONFIG`` must exist."""
+    options = candidates(explicit)
+    if explicit is not None or os.environ.get("REMBGD_CONFIG"):
+        return options[0][0]
+    for path, _ in options:
+        if path.is_file():
+            return path
+    return None
+
+
+def load_effective(explicit: str | os.PathLike | None = None, *,
+                   check_folders: bool = True) -> Config:
+    """The config found by :func:`discover`, or the built-in defaults (no watch pairs)."""
+    path = discover(explicit)
+    if path is not None:
+        return load(path, check_folders=check_folders)
+    if check_folders:
+        where = ", ".join(name for _, name in candidates())
+        raise ConfigError(f"{BUILTIN}: watch: no config file found (looked for {where}); "
+                          "write one with at least one {inbox, outbox} pair")
+    return parse({}, Path.cwd() / BUILTIN, check_folders=False)
+
+
+def is_builtin(cfg: Config) -> bool:
+    return cfg.source.name == BUILTIN
 
 
 def load(path: str | os.PathLike, *, check_folders: bool = True) -> Config:

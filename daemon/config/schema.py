@@ -50,6 +50,13 @@ class OutputOptions:
     alpha_matting: AlphaMatting = field(default_factory=AlphaMatting)
     bgcolor: tuple[int, int, int, int] | None = None
     png_compression: int = 1
+    colour: str = "keep"  # the legacy PNG: keep the source's ICC profile | srgb
+    metadata: str = "keep"  # keep EXIF (orientation 1), XMP, IPTC | strip
+
+    @property
+    def mask_options(self) -> tuple:
+        """What changes the cached mask (with the model's checksum): nothing else keys it."""
+        return (self.model, self.post_process_mask)
 
 
 FORMATS = ("png", "tiff", "webp", "jpeg")
@@ -79,7 +86,7 @@ class Deliverable:
     lossless: bool = False  # webp
     background: tuple[int, int, int] | None = None  # None: transparent (jpeg: white)
     crop: str = "none"  # none | subject
-    margin: float = 0.0  # around the subject box: a fraction of its longer side, or px
+    margin: float = 0.0  # around the subject box: % of its longer side (5 = 5%), or px
     margin_unit: str = "%"  # "%" | "px"
     canvas: Canvas | None = None
     max_size: int | None = None  # longest edge in px, downscale only
@@ -107,6 +114,7 @@ class WatchPair:
     recursive: bool = True
     after_success: str = "keep"
     options: OutputOptions = field(default_factory=OutputOptions)
+    outputs: tuple[Deliverable, ...] = ()  # empty: the single legacy PNG of `options`
 
 
 @dataclass(frozen=True)
@@ -178,13 +186,16 @@ class Config:
     queue_size: int = 256
     threads: int = 0  # ONNX intra-op threads; 0 = all cores
     max_image_pixels: int = 100_000_000
+    memory_budget_mp: float = 120.0  # decoded megapixels in flight across workers
     umask: int = 0o022
     retry_attempts: int = 5
     retry_backoff_s: float = 1.0
+    incomplete_timeout_s: float = 900.0  # an empty or growing file waits this long, then fails
     log_level: str = "info"
     log_format: str = "auto"
     state_file: Path | None = None
     output: OutputOptions = field(default_factory=OutputOptions)  # the `output:` section
+    outputs: tuple[Deliverable, ...] = ()  # the top-level `outputs:`, every pair's default
 
     @property
     def output_defaults(self) -> OutputOptions:

@@ -1,155 +1,180 @@
-"""Leases over a store's locks: acquire, keep extending while working, release."""
+"""Leases over a ``LockBackend``: acquire, keep extending while working, release.
+
+One ``LeaseKeeper`` thread per process renews every live lease (each at
+ttl/3), however many leases there are: a miss that holds a flight lock and a
+claim costs no thread of its own.
+"""
 from __future__ import annotations
 
-import hashlib
-import os
-import socket
 import threading
 import time
-import uuid
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
-from daemon.cache.base import Store
+import structlog
+
+from daemon.cache.base import StoreError, describe
+from daemon.coord.locks import LockBackend
+
+log = structlog.get_logger("rembgd.leases")
 
 
 class Lease:
-    """A held lock whose TTL a background thread keeps extending."""
+    """A held lock that the keeper keeps extending until ``release()``.
 
-    def __init__(self, store: Store, name: str, token: str, ttl: float):
-        self.store, self.name, self.token, self.ttl = store, name, token, ttl
+    ``lost`` is set when the lock is known to be gone: the backend refused the
+    refresh (someone else holds it now), or refreshing failed for longer than
+    ``ttl`` (the lock has lapsed). A lost lease is no longer renewed.
+    """
+
+    def __init__(self, locks: LockBackend, name: str, token: str, ttl: float,
+                 keeper: LeaseKeeper | None = None):
+        self.locks, self.name, self.token, self.ttl = locks, name, token, ttl
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name=f"lease:{name[:24]}", daemon=True)
-        self._thread.start()
+        self._keeper = keeper if keeper is not None else default_keeper()
+        self._renewed_at = time.monotonic()  # last successful refresh (or the acquisition)
+        self.due = self._renewed_at + ttl / 3
+        self._released = False
+        self._keeper.add(self)
 
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                if not self.store.refresh_lock(self.name, self.token, self.ttl):
-                    self.lost.set()
-                    return
-            except Exception:  # store unreachable: keep trying until the TTL would lapse
-                continue
+    def renew(self) -> None:
+        """One refresh; called by the keeper thread."""
+        if self._released:
+            return
+        now = time.monotonic()
+        try:
+            ok = self.locks.refresh_lock(self.name, self.token, self.ttl)
+        except StoreError as exc:  # backend unreachable: keep trying until the TTL would lapse
+            if now - self._renewed_at > self.ttl:
+                log.warning("lease_lost", lock=self.name, error=describe(exc),
+                            effect="the lock has lapsed; another daemon may take it")
+                self.lost.set()
+            self.due = now + min(self.ttl / 3, 1.0)
+            return
+        if not ok:
+            if self._released:
+                return  # released while refreshing: not lost, just gone
+            log.warning("lease_lost", lock=self.name, effect="another holder has the lock now")
+            self.lost.set()
+            return
+        self._renewed_at = now
+        self.due = now + self.ttl / 3
 
     def release(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=1)
+        """Stop renewing and unlock; idempotent. An unreachable backend lets the lock lapse."""
+        if self._released:
+            return
+        self._released = True
+        self._keeper.remove(self)
         try:
-            self.store.unlock(self.name, self.token)
-        except Exception:
-            pass  # an unreachable store expires the lock by itself
+            self.locks.unlock(self.name, self.token)
+        except StoreError:
+            pass  # the TTL releases it
 
 
 class Leases:
-    """Several leases held and released together."""
+    """Several leases held and released together (last acquired, first released)."""
 
     def __init__(self, *leases: Lease | None):
         self.leases = [lease for lease in leases if lease is not None]
+
+    @property
+    def lost(self) -> bool:
+        return any(lease.lost.is_set() for lease in self.leases)
 
     def release(self) -> None:
         for lease in reversed(self.leases):
             lease.release()
 
 
-def try_lease(store: Store, name: str, ttl: float) -> Lease | None:
-    token = store.try_lock(name, ttl)
-    return Lease(store, name, token, ttl) if token else None
+class LeaseKeeper:
+    """One daemon thread renewing every live lease when it falls due.
+
+    The thread starts with the first lease and ends when the last one is
+    released. Refreshes run one after another; a Redis outage costs one
+    socket timeout, then its breaker fails the others fast.
+    """
+
+    THREAD_NAME = "lease-keeper"
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._leases: dict[int, Lease] = {}
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._leases)
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases[id(lease)] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME,
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._cond:
+            self._leases.pop(id(lease), None)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._leases:
+                    self._thread = None  # add() starts a new one
+                    return
+                now = time.monotonic()
+                wake = min(lease.due for lease in self._leases.values())
+                if wake > now:
+                    self._cond.wait(wake - now)
+                    continue
+                due = [lease for lease in self._leases.values() if lease.due <= now]
+            for lease in due:  # outside the lock: a refresh may wait on the network
+                try:
+                    lease.renew()
+                except Exception:  # a bug in one backend must not stop every renewal
+                    log.exception("lease_renewal_failed", lock=lease.name)
+                    lease.lost.set()
+                if lease.lost.is_set():
+                    self.remove(lease)
+
+
+_DEFAULT: LeaseKeeper | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_keeper() -> LeaseKeeper:
+    """The process's keeper, shared by every lease that is not given one."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = LeaseKeeper()
+        return _DEFAULT
+
+
+def try_lease(locks: LockBackend, name: str, ttl: float,
+              keeper: LeaseKeeper | None = None) -> Lease | None:
+    """A lease on ``name``, or None when someone else holds it; raises ``StoreError``."""
+    token = locks.try_lock(name, ttl)
+    return Lease(locks, name, token, ttl, keeper) if token else None
 
 
 @contextmanager
-def waiting_lease(store: Store, name: str, ttl: float, timeout: float,
-                  poll: float = 0.05) -> Iterator[Lease | None]:
+def waiting_lease(locks: LockBackend, name: str, ttl: float, timeout: float,
+                  poll: float = 0.05, keeper: LeaseKeeper | None = None
+                  ) -> Iterator[Lease | None]:
     """Block (polling) until the lock is ours; yields None if ``timeout`` passes."""
     deadline = time.monotonic() + timeout
-    lease = try_lease(store, name, ttl)
+    lease = try_lease(locks, name, ttl, keeper)
     while lease is None and time.monotonic() < deadline:
         time.sleep(poll)
         poll = min(poll * 1.5, 0.5)
-        lease = try_lease(store, name, ttl)
+        lease = try_lease(locks, name, ttl, keeper)
     try:
         yield lease
     finally:
         if lease is not None:
             lease.release()
-
-
-def _owner_is_dead(token: str) -> bool:
-    """A claim made on this host by a process that no longer exists (kill -9, crash)."""
-    host, _, rest = token.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-class FileClaims:
-    """Claims as files on the shared file system: the fallback when the store is down.
-
-    ``O_CREAT | O_EXCL`` is atomic on local disks, NFSv3+ and SMB. A claim whose
-    file has not been touched for ``ttl`` seconds was left by a dead daemon and
-    may be broken. Implements the lock part of the Store Protocol.
-    """
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def _path(self, name: str) -> Path:
-        return self.folder / (hashlib.sha1(name.encode()).hexdigest() + ".claim")
-
-    def try_lock(self, name: str, ttl: float) -> str | None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self._path(name)
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                try:
-                    stale = (time.time() - path.stat().st_mtime > ttl
-                             or _owner_is_dead(path.read_text(errors="replace")))
-                except FileNotFoundError:
-                    continue
-                if not stale:
-                    return None
-                try:
-                    path.unlink()  # a dead daemon's claim
-                except FileNotFoundError:
-                    pass
-                continue
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(token)
-            except OSError:  # e.g. a full disk: leave no empty claim behind
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
-                raise
-            return token
-        return None
-
-    def refresh_lock(self, name: str, token: str, ttl: float) -> bool:
-        path = self._path(name)
-        try:
-            if path.read_text() != token:
-                return False
-            os.utime(path)
-            return True
-        except OSError:
-            return False
-
-    def unlock(self, name: str, token: str) -> None:
-        path = self._path(name)
-        try:
-            if path.read_text() == token:
-                path.unlink()
-        except OSError:
-            pass

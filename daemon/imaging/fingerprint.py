@@ -191,10 +191,12 @@ def working_copy(img: Image.Image) -> Image.Image:
     return img.reduce(k) if k > 1 else img
 
 
-def fingerprint(data: bytes, rgb: np.ndarray, embedding: np.ndarray | None = None) -> Fingerprint:
+def fingerprint(data: bytes, rgb: np.ndarray, embedding: np.ndarray | None = None, *,
+                sha256: str | None = None) -> Fingerprint:
+    """``sha256``: the bytes' digest when the caller already has it (never hashed twice)."""
     img = working_copy(Image.fromarray(rgb, "RGB"))
     return Fingerprint(
-        sha256=sha256_bytes(data),
+        sha256=sha256 or sha256_bytes(data),
         pixel_hash=pixel_hash(rgb),
         phash=phash256(img),
         width=int(rgb.shape[1]),

@@ -1,49 +1,118 @@
-"""Rendering: a raw model mask + the image's own pixels -> the output PNG.
+"""Masks and render targets: cache keys, the working-size mask, and mask -> file bytes.
 
-The same function renders fresh inference and cache hits, so a hit is
-byte-identical to what a miss would have produced for the same mask. The
-cutout itself is rembg's (naive cutout, post-processing, alpha matting and
-background colour), not a re-implementation.
+A mask is predicted (and cached) at a working size of at most ``MASK_EDGE``
+pixels on the long side: U^2-Net sees 320x320, so a larger mask holds nothing
+more, and a 24 MP mask would cost 24 MB of cache and seconds of resizing. It
+is fitted to the image's full size once per file, and every deliverable is
+rendered from that one full-size mask, for hits and misses alike (a hit is
+byte-identical to what a miss would have written).
+
+The legacy ``output:`` PNG keeps rembg's own cutout for alpha matting and
+background colours; everything else goes through ``imaging.deliver``.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
-from rembg.bg import (alpha_matting_cutout, apply_background_color, decontaminate_cutout,
-                      naive_cutout, post_process)
 
-from daemon.config import OutputOptions
+from daemon.config import Deliverable, OutputOptions
+from daemon.imaging import deliver
+from daemon.imaging.png import encode_png
 
-RENDER_VERSION = 2  # bump when rendering changes, so old cache entries become misses
+MASK_VERSION = 3  # bump when mask prediction changes: old masks become misses
+RENDER_VERSION = 3  # bump when rendering changes: old stored outputs become misses
+MASK_EDGE = 2048
 
 
-def cache_key(options: OutputOptions, model_md5: str) -> str:
-    """Everything that changes the output: model name + checksum + every option."""
-    payload = {"v": RENDER_VERSION, "model_md5": model_md5, **asdict(options)}
+@dataclass(frozen=True)
+class Target:
+    """One file to write for a source: the legacy PNG (name "") or a deliverable."""
+
+    name: str
+    mask_key: str
+    output_key: str
+    model: str
+    options: OutputOptions
+    deliverable: Deliverable | None = None
+
+
+def _digest(payload: dict) -> str:
     blob = json.dumps(payload, sort_keys=True, default=list).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
+def mask_key(options: OutputOptions, model_checksum: str) -> str:
+    """Only what changes the mask: the model, its file's checksum, post-processing."""
+    return _digest({"v": MASK_VERSION, "model": options.model, "checksum": model_checksum,
+                    "post_process": options.post_process_mask, "edge": MASK_EDGE})
+
+
+def legacy_deliverable(options: OutputOptions) -> Deliverable:
+    return Deliverable(name="", format="png", compression=options.png_compression,
+                       colour=options.colour, metadata=options.metadata)
+
+
+def targets(mkey: str, options: OutputOptions, outputs: tuple[Deliverable, ...]) -> list[Target]:
+    """The files one source becomes; output keys cover every render option."""
+    if not outputs:
+        legacy = {k: v for k, v in asdict(options).items() if k not in ("model", "post_process_mask")}
+        return [Target("", mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "legacy": legacy}),
+                       options.model, options)]
+    return [Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "out": asdict(d)}),
+                   options.model, options, d) for d in outputs]
+
+
+def working_mask_size(width: int, height: int) -> tuple[int, int]:
+    scale = min(1.0, MASK_EDGE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def fit_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize a cached mask to a near-duplicate's size."""
+    """Resize a mask to (width, height); a no-op when it already fits."""
     if mask.shape == (height, width):
         return mask
     img = Image.fromarray(mask, "L").resize((width, height), Image.Resampling.LANCZOS)
     return np.asarray(img, dtype=np.uint8)
 
 
-def render(rgb: np.ndarray, mask: np.ndarray, options: OutputOptions) -> Image.Image:
+def predict_mask(engine, rgb: np.ndarray, options: OutputOptions) -> np.ndarray:
+    """The model's mask at working size (post-processed if asked)."""
+    size = working_mask_size(rgb.shape[1], rgb.shape[0])
     img = Image.fromarray(rgb, "RGB")
-    mask_img = Image.fromarray(mask, "L")
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    mask = engine.predict(np.asarray(img))
     if options.post_process_mask:
-        mask_img = Image.fromarray(post_process(np.asarray(mask_img)))
+        from rembg.bg import post_process  # lazy: rembg pulls in scipy and numba
+
+        mask = np.ascontiguousarray(post_process(mask), dtype=np.uint8)
+    return mask
+
+
+def render_target(target: Target, decoded, mask: np.ndarray) -> bytes:
+    """The encoded file for ``target``; ``mask`` is at the image's full size."""
+    if target.deliverable is not None:
+        return deliver.render(decoded.full, mask, target.deliverable, decoded.meta)
+    options = target.options
     if options.only_mask:
-        return mask_img
+        return encode_png(mask, level=options.png_compression)
+    if options.alpha_matting.enabled or options.bgcolor is not None:
+        return _rembg_cutout(decoded, mask, options)
+    return deliver.render(decoded.full, mask, legacy_deliverable(options), decoded.meta)
+
+
+def _rembg_cutout(decoded, mask: np.ndarray, options: OutputOptions) -> bytes:
+    """rembg's own alpha matting and background colour, on the 8-bit pixels."""
+    from rembg.bg import (alpha_matting_cutout, apply_background_color,
+                          decontaminate_cutout, naive_cutout)
+
+    img = Image.fromarray(decoded.rgb, "RGB")
+    mask_img = Image.fromarray(mask, "L")
     am = options.alpha_matting
     if am.enabled:
         try:
@@ -55,17 +124,12 @@ def render(rgb: np.ndarray, mask: np.ndarray, options: OutputOptions) -> Image.I
         out = naive_cutout(img, mask_img)
     if options.bgcolor is not None:
         out = apply_background_color(out, options.bgcolor)
-    return out
-
-
-def encode_png(img: Image.Image, level: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG", compress_level=level)
-    return buf.getvalue()
+    return deliver.encode(np.asarray(out.convert("RGBA")), legacy_deliverable(options),
+                          decoded.meta)
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
-    return encode_png(Image.fromarray(mask, "L"), 6)
+    return encode_png(mask, level=6)
 
 
 def decode_mask(data: bytes) -> np.ndarray:

@@ -3,28 +3,30 @@
 One session per model, shared by all workers (``InferenceSession.run`` is
 thread-safe). Mask inference is serialised by a semaphore so that concurrent
 workers overlap decoding/encoding with it instead of oversubscribing the cores.
+
+rembg (and with it pymatting, numba, scipy) is imported only when a mask
+session is created. rembg is handed our verified file directly: its session
+class is subclassed with ``download_models`` returning our path, so no
+environment variable is set and no download can start.
 """
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import onnxruntime as ort
-import pooch
 from PIL import Image
 
 from daemon.inference import effnet
-from daemon.inference.models import ModelError, ModelFile, checked_embedder, checked_mask_model
+from daemon.inference.models import (
+    ModelError, ModelFile, check_image_input, checked_embedder, checked_mask_model, model_spec)
+from daemon.inference.offline import refuse_downloads
 
-
-def _refuse_download(url, *args, **kwargs):
-    raise ModelError(f"refusing to download {url}: rembgd never fetches models at run time; "
-                     "run `rembgd models install`")
-
-
-pooch.retrieve = _refuse_download  # rembg fetches through pooch; make that impossible here
+__all__ = ["Embedder", "Engines", "MaskEngine", "ModelError", "ModelFile", "refuse_downloads",
+           "session_options"]
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -38,19 +40,33 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
+def rembg_session(model: ModelFile, opts: ort.SessionOptions):
+    """rembg's session object for ``model.name``, running ``model.path`` (never a download)."""
+    from rembg.sessions import sessions
+
+    cls = sessions.get(model.name)
+    if cls is None:
+        raise ModelError(f"rembg does not know model {model.name!r}")
+    path = str(model.path)
+    pinned = type(f"Pinned{cls.__name__}", (cls,),
+                  {"download_models": classmethod(lambda c, *a, **k: path)})
+    try:
+        return pinned(model.name, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own classes (InvalidProtobuf, NoSuchFile...)
+        raise ModelError(
+            f"model {model.name!r} at {path} does not load ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). Run `{model_spec(model.name).fix('--force')}`") from None
+
+
 class MaskEngine:
     """rembg's session for one model, loaded from our verified file only."""
 
     def __init__(self, model: ModelFile, threads: int = 0, concurrency: int = 1):
-        from rembg import new_session
-
-        os.environ["U2NET_HOME"] = str(model.path.parent)  # rembg resolves <home>/<name>.onnx
+        spec = model_spec(model.name)  # unknown or remote: ModelError before rembg
         self.model = model
-        try:
-            self.session = new_session(model.name, sess_opts=session_options(threads),
-                                       providers=["CPUExecutionProvider"])
-        except ValueError as exc:
-            raise ModelError(f"rembg does not know model {model.name!r}: {exc}") from exc
+        self.session = rembg_session(model, session_options(threads))
+        check_image_input(model.name, self.session.inner_session.get_inputs(), spec.input_size,
+                          str(model.path), spec.fix("--force"))
         self._gate = threading.BoundedSemaphore(concurrency)
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
@@ -67,8 +83,13 @@ class Embedder:
 
     def __init__(self, model: ModelFile, threads: int = 0):
         self.model = model
-        self.session = ort.InferenceSession(str(model.path), sess_options=session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(model.path),
+                                                sess_options=session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelError(f"embedder {model.path} does not load ({type(exc).__name__}). "
+                             "Run `rembgd models install --force`") from None
 
     def embed(self, rgb: np.ndarray) -> np.ndarray:
         (vec,) = self.session.run(["embedding"], {"image": effnet.preprocess(rgb)})
@@ -80,21 +101,44 @@ class Engines:
     """Lazily created, shared engines for every model a config uses."""
 
     def __init__(self, models_dir: Path, threads: int = 0):
+        refuse_downloads()
         self.models_dir = Path(models_dir)
         self.threads = threads
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self._masks: dict[str, MaskEngine] = {}
         self._embedder: Embedder | None = None
 
+    def model_file(self, name: str) -> ModelFile:
+        """The verified model file and its checksum, without an ONNX session or rembg.
+
+        Once a session is loaded this is the file that session runs (a file replaced
+        on disk since takes effect at the next load, with its new checksum).
+        """
+        with self._lock:
+            loaded = self._masks.get(name)
+        return loaded.model if loaded is not None else checked_mask_model(self.models_dir, name)
+
     def mask(self, name: str) -> MaskEngine:
         with self._lock:
-            if name not in self._masks:
-                self._masks[name] = MaskEngine(checked_mask_model(self.models_dir, name),
-                                               self.threads)
-            return self._masks[name]
+            engine = self._masks.get(name)
+        if engine is not None:
+            return engine
+        with self._load_lock:  # one load at a time; lookups of loaded models never wait
+            with self._lock:
+                engine = self._masks.get(name)
+            if engine is None:
+                engine = MaskEngine(checked_mask_model(self.models_dir, name), self.threads)
+                with self._lock:
+                    self._masks[name] = engine
+        return engine
+
+    def preload(self, names: Iterable[str]) -> list[ModelFile]:
+        """Load every named model's session now (ModelError on the first that fails)."""
+        return [self.mask(name).model for name in dict.fromkeys(names)]
 
     def embedder(self) -> Embedder:
-        with self._lock:
+        with self._load_lock:
             if self._embedder is None:
                 self._embedder = Embedder(checked_embedder(self.models_dir), self.threads)
             return self._embedder

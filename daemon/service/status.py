@@ -1,4 +1,4 @@
-"""The live status file that `rembgd status` reads (JSON, written atomically)."""
+"""The live status: counters, the status dict and file `rembgd status` reads, STATUS= lines."""
 from __future__ import annotations
 
 import json
@@ -39,6 +39,44 @@ def status_line(state: str, c: dict[str, int], queued: int) -> str:
     if c.get("failed"):
         text += f", {c['failed']} failed"
     return text
+
+
+def build_status(sup) -> dict:
+    """The status of a running Supervisor, as written to the status file."""
+    c = sup.counters.snapshot()
+    queued = sup.workers.queue.qsize() + len(sup.scheduler)
+    state = sup.state
+    if state == "running":
+        state = "busy" if queued or sup.workers.in_progress else "idle"
+        if sup.standby.snapshot():
+            state = "standby"
+    app = sup.app
+    guard = app.guard if app is not None else None
+    return {
+        "pid": os.getpid(),
+        "state": state,
+        "started": sup.started,
+        "updated": time.time(),
+        "config": str(sup.cfg.source),
+        "observer": sup.observer_kind,
+        "queued": queued,
+        "in_progress": sup.workers.in_progress,
+        "counters": c,
+        "inferences": app.pipeline.inferences if app is not None else 0,
+        "events_seen": sum(h.events for h in sup.handlers),
+        "standby": sup.standby.snapshot(),
+        "cache": guard.status() if guard is not None else {"backend": "disabled",
+                                                           "available": False},
+        "line": status_line(state, c, queued),
+    }
+
+
+def progress_fields(st: dict) -> dict:
+    counts = st["counters"]
+    hits = sum(counts.get(t, 0) for t in ("exact", "pixel", "near"))
+    return {"queued": st["queued"], "in_progress": st["in_progress"],
+            "done": hits + counts.get("miss", 0), "hits": hits,
+            "misses": counts.get("miss", 0), "failed": counts.get("failed", 0)}
 
 
 def write_status(path: Path, data: dict) -> None:

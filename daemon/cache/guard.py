@@ -1,0 +1,213 @@
+"""The one place that knows whether the cache is down: ``CacheGuard``.
+
+The guard holds the opened store (or None), opens it, and re-opens it when it
+is unusable: every ``store.retry_s`` while it cannot be opened, and at once
+(at most once a second) when the store reports a damaged index, which the
+re-open heals. ``call`` runs a store operation and degrades to a default on
+``StoreError`` only; any other exception is a bug and propagates.
+
+Logging, once per outage: ``cache_unavailable`` (error, with the effect) on the
+first failure; ``cache_recovered`` once ``store.retry_s`` has passed without a
+failure (when reads work and writes fail, e.g. a read-only cache folder, the
+log would otherwise flip on every file), or as soon as a re-open succeeds.
+``status()`` is what the status file shows.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+import structlog
+
+from daemon.cache.base import Store, StoreDamaged, StoreError, describe
+from daemon.config import CacheConfig, StoreConfig
+
+log = structlog.get_logger("rembgd.cache")
+
+T = TypeVar("T")
+
+DAMAGED_REOPEN_S = 1.0  # a damaged store is re-opened at once, at most this often
+
+
+class CacheGuard:
+    """Opens, watches and re-opens the configured store; thread-safe.
+
+    ``opener`` (tests): a callable returning a fresh store, instead of ``open_store``.
+    ``locks``: the lock backend that goes with the store (None when the cache
+    is disabled); it stays valid for the guard's life.
+    """
+
+    def __init__(self, store_cfg: StoreConfig, cache_cfg: CacheConfig, *,
+                 opener: Callable[[], Store] | None = None):
+        from daemon.cache import open_store
+        from daemon.coord.locks import open_locks
+
+        self.store_cfg, self.cache_cfg = store_cfg, cache_cfg
+        self.enabled = cache_cfg.enabled
+        self._opener = opener or (lambda: open_store(store_cfg, cache_cfg))
+        self._state = threading.Lock()  # guards the counters and flags below
+        self._opening = threading.Lock()  # one (re-)open at a time; others do not wait
+        self._store: Store | None = None
+        self.store_errors = 0  # failed store operations
+        self.outages = 0  # times the cache went unavailable
+        self._down = False
+        self._error: str | None = None
+        self._failed_at = 0.0
+        self._opened_at = float("-inf")  # last open attempt
+        self._healed_at = float("-inf")  # last re-open because of damage
+        self._damaged = False
+        self.locks = None
+        if self.enabled:
+            self._open()
+            self.locks = open_locks(store_cfg, cache_cfg.dir, store=self._store)
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def store(self) -> Store | None:
+        """The open store (None: not open right now); re-opens it first when that is due."""
+        return self._usable()
+
+    @property
+    def available(self) -> bool:
+        return self.status()["available"]
+
+    def call(self, fn: Callable[..., T], *args: Any, default: Any = None) -> T:
+        """``fn(store, *args)``, or ``default`` when the cache is unavailable or fails.
+
+        Only ``StoreError`` is caught (and counted, and logged once per outage).
+        """
+        store = self._usable()
+        if store is None:
+            return default
+        try:
+            result = fn(store, *args)
+        except StoreError as exc:
+            self._failed(exc, store)
+            return default
+        self._maybe_recovered()
+        return result
+
+    def failed(self, exc: StoreError) -> None:
+        """Record a failure of a related backend call made outside ``call`` (e.g. a lock)."""
+        self._failed(exc, self._store)
+
+    def status(self) -> dict:
+        """For the status file: backend, available, error, store_errors, outages.
+
+        Cheap: ``store.health()`` (no scan); notices a damaged index and re-opens it.
+        """
+        if not self.enabled:
+            return {"backend": "disabled", "available": False, "error": None,
+                    "store_errors": self.store_errors, "outages": self.outages}
+        store = self._usable()
+        health = store.health() if store is not None else None
+        if health is not None and not health.available:
+            self._unhealthy(store, health.error or "unavailable", health.damaged)
+            if health.damaged:
+                store = self._usable()  # heal now
+                health = store.health() if store is not None else None
+        elif health is not None:
+            self._maybe_recovered()
+        available = (store is not None and health is not None and health.available
+                     and not self._down)
+        return {
+            "backend": self.store_cfg.backend,
+            "available": available,
+            "error": None if available else (self._error or (health.error if health else None)),
+            "store_errors": self.store_errors,
+            "outages": self.outages,
+        }
+
+    def close(self) -> None:
+        with self._opening:
+            store, self._store = self._store, None
+            if store is not None:
+                store.close()
+            locks, self.locks = self.locks, None
+            closer = getattr(locks, "close", None)  # FlockLocks: drop any flock still held
+            if closer is not None:
+                closer()
+            link = getattr(locks, "link", None)
+            if link is not None and link is not getattr(store, "link", None):
+                link.close()  # Redis locks opened on a connection of their own
+
+    # ----------------------------------------------------------- opening
+
+    def _usable(self) -> Store | None:
+        if not self.enabled:
+            return None
+        store = self._store
+        now = time.monotonic()
+        if self._damaged and now - self._healed_at >= DAMAGED_REOPEN_S:
+            self._healed_at = now
+            self._open()
+            store = self._store
+        elif store is None and not self._damaged and now - self._opened_at >= self.store_cfg.retry_s:
+            self._open()
+            store = self._store
+        return None if self._damaged else store
+
+    def _open(self) -> None:
+        if not self._opening.acquire(blocking=False):
+            return  # another thread is opening: this call goes without the cache
+        try:
+            self._opened_at = time.monotonic()
+            old, self._store = self._store, None
+            self._damaged = False  # the damaged store goes; a failed open waits retry_s
+            if old is not None:
+                old.close()
+            try:
+                store = self._opener()
+            except StoreError as exc:
+                self._note_down(describe(exc), count=False)
+                return
+            with self._state:
+                self._store, self._damaged = store, False
+                recovered, self._down, self._error = self._down, False, None
+            if recovered:
+                log.warning("cache_recovered", backend=self.store_cfg.backend)
+        finally:
+            self._opening.release()
+
+    # ---------------------------------------------------------- failures
+
+    def _failed(self, exc: StoreError, store: Store | None) -> None:
+        if store is not self._store:
+            return  # the store was replaced (re-opened) meanwhile: old news
+        with self._state:
+            self._damaged |= isinstance(exc, StoreDamaged)
+        self._note_down(describe(exc), count=True)
+
+    def _unhealthy(self, store: Store, error: str, damaged: bool) -> None:
+        if store is not self._store:
+            return
+        with self._state:
+            self._damaged |= damaged
+        self._note_down(error, count=False)
+
+    def _note_down(self, error: str, count: bool) -> None:
+        with self._state:
+            self.store_errors += count
+            self._failed_at = time.monotonic()
+            self._error = error
+            first = not self._down
+            if first:
+                self._down = True
+                self.outages += 1
+            damaged = self._damaged
+        if first:
+            retry = ("the damaged index is set aside and a fresh one started" if damaged
+                     else f"retrying every {self.store_cfg.retry_s:g}s")
+            log.error("cache_unavailable", backend=self.store_cfg.backend, error=error,
+                      effect=f"processing continues without the cache; {retry}")
+
+    def _maybe_recovered(self) -> None:
+        if not self._down or time.monotonic() - self._failed_at < self.store_cfg.retry_s:
+            return
+        with self._state:
+            if not self._down or self._store is None or self._damaged:
+                return
+            self._down, self._error = False, None
+        log.warning("cache_recovered", backend=self.store_cfg.backend)

@@ -1,0 +1,182 @@
+"""Intake: a queued path -> admission (one pass of checks) -> Job -> claim -> job.run.
+
+``Intake.process(item)`` is the public seam the tests drive: it does exactly
+what a worker does with one queued path, and returns what happened.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import structlog
+
+from daemon import job as jobmod
+from daemon.coord.claims import claim, claim_name
+from daemon.fsutil import safe_relative
+from daemon.scan import path_ignore_reason
+from daemon.service.app import App
+from daemon.service.standby import Standby, is_outage_error
+from daemon.service.status import Counters
+
+log = structlog.get_logger("rembgd.service")
+
+CLAIMS_DIR = ".rembgd-claims"
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    pair: int  # index into the current config's watch pairs
+    path: Path
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class Admitted:
+    rel: Path
+    st: os.stat_result
+
+
+class Intake:
+    def __init__(self, app: Callable[[], App], counters: Counters, retry, later, scheduler,
+                 standby: Standby):
+        """``retry(item, job, outcome)`` applies the retry policy; ``later(item, delay)``
+        re-queues a path without counting an attempt (claimed elsewhere, standby);
+        ``scheduler.not_ready(pair, path)`` keeps an incomplete file waiting."""
+        self._app = app
+        self.counters = counters
+        self._retry = retry
+        self._later = later
+        self.scheduler = scheduler
+        self.standby = standby
+
+    def admit(self, inbox: Path, path: Path, ignore: tuple[str, ...]) -> Admitted | None:
+        """Every check a path must pass before it is work, once; None (logged) if not."""
+        try:
+            rel = safe_relative(path, inbox)
+        except ValueError:
+            log.warning("skipped", path=str(path), reason="outside the inbox")
+            return None
+        why = path_ignore_reason(rel, ignore)
+        if why is not None:
+            log.info("ignored", path=str(path), reason=why)
+            return None
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            self.counters.add("vanished")
+            log.info("skipped", path=str(path), reason="vanished before processing")
+            return None
+        reason = None
+        if stat.S_ISLNK(st.st_mode):
+            reason = "symbolic link; links are never followed"
+        elif Path(os.path.realpath(path.parent)) != inbox / rel.parent:
+            reason = "symbolic link in its folder path; links are never followed"
+        elif stat.S_ISDIR(st.st_mode):
+            return None  # a folder's files come through its own events and scans
+        elif not stat.S_ISREG(st.st_mode):  # reading a FIFO could block; devices, sockets...
+            reason = "not a regular file (FIFO, socket or device); left in place"
+        if reason is not None:
+            self.counters.add("skipped")
+            log.warning("skipped", path=str(path), reason=reason)
+            return None
+        return Admitted(rel, st)
+
+    def process(self, item: WorkItem) -> str:
+        """What a worker does with one queued path; returns the outcome's name."""
+        app = self._app()
+        if item.pair >= len(app.cfg.watch):
+            return "skipped"  # a reload removed the pair
+        pair = app.pair(item.pair)
+        if self._on_standby(item, app):
+            return "standby"
+        admitted = self.admit(pair.inbox, item.path, app.cfg.ignore)
+        if admitted is None:
+            return "skipped"
+        job = jobmod.Job(item.path, admitted.rel, pair.outbox, app.plan(item.pair),
+                         pair.failed_dir, pair.done_dir, pair.after_success,
+                         grace_s=max(5.0, 3 * app.cfg.settle_s), ledger=app.ledgers[item.pair],
+                         wait_incomplete=True)
+        if self.is_done(job, admitted.st):
+            jobmod.dispose(job)  # e.g. killed after writing, before moving
+            self.counters.add("up_to_date")
+            return "up_to_date"
+        try:
+            lease = claim(app.locks, pair.outbox / CLAIMS_DIR,
+                          claim_name(pair.inbox.name, admitted.rel), app.cfg.store.claim_ttl_s,
+                          on_fallback=lambda _exc: self.counters.add("claim_fallbacks"))
+        except OSError as exc:  # the claim file cannot be written (full or read-only outbox)
+            outcome = jobmod.Outcome(job, "retry", 0.0, error=str(exc), reason="transient",
+                                     exc=exc)
+            return self._transient(item, job, outcome, app)
+        if lease is None:
+            self.counters.add("claimed_elsewhere")
+            self._later(item, app.cfg.store.claim_ttl_s / 2)
+            return "claimed_elsewhere"
+        try:
+            try:
+                st = item.path.lstat()
+            except FileNotFoundError:
+                self.counters.add("vanished")
+                return "vanished"
+            if self.is_done(job, st):  # another daemon finished it meanwhile
+                jobmod.dispose(job)
+                self.counters.add("up_to_date")
+                return "up_to_date"
+            outcome = jobmod.run(job, app.pipeline, umask=app.cfg.umask)
+        finally:
+            lease.release()
+        if outcome.outcome == "not_ready":
+            return self._not_ready(item, job, outcome)
+        self.scheduler.ready(item.path)
+        if outcome.outcome == "retry":
+            return self._transient(item, job, outcome, app)
+        self.counters.add(outcome.outcome)
+        return outcome.outcome
+
+    def is_done(self, job: jobmod.Job, st: os.stat_result) -> bool:
+        """The ledger says this very file (size, mtime, ctime, inode) was processed; an
+        output written by a version before the ledger counts once, by the old rule."""
+        state = job.ledger.state(job.rel, st)
+        if state != "unknown":
+            return state == "done"
+        return job.ledger.adopt_legacy(job.rel, st, job.output_rel(job.output_names[0]))
+
+    def _on_standby(self, item: WorkItem, app: App) -> bool:
+        """A pair on standby, or whose outbox or inbox is gone, waits (checked again)."""
+        pair = app.pair(item.pair)
+        if not self.standby.active(item.pair) and pair.outbox.is_dir() and pair.inbox.is_dir():
+            return False
+        delay = self.standby.check(item.pair, pair)
+        if delay is None:
+            return False
+        self.counters.add("standby_waits")
+        self._later(item, delay)
+        return True
+
+    def _transient(self, item: WorkItem, job: jobmod.Job, outcome: jobmod.Outcome,
+                   app: App) -> str:
+        """A share outage puts the pair on standby (no attempt counted); a fault of this
+        one file goes through the retry policy."""
+        if is_outage_error(outcome.exc):
+            delay = self.standby.check(item.pair, app.pair(item.pair))
+            if delay is not None:
+                self.counters.add("standby_waits")
+                self._later(item, delay)
+                return "standby"
+        self._retry(item, job, outcome)
+        return "retry"
+
+    def _not_ready(self, item: WorkItem, job: jobmod.Job, outcome: jobmod.Outcome) -> str:
+        """Empty, truncated or still changing: wait (with backoff) up to
+        ``incomplete_timeout_s``, then fail it as incomplete."""
+        if self.scheduler.not_ready(item.pair, item.path):
+            self.counters.add("waiting")
+            return "waiting"
+        self.counters.add("failed")
+        jobmod.fail(job, outcome.exc or RuntimeError(outcome.error), "incomplete",
+                    detail=f"still incomplete after {self.scheduler.incomplete_timeout_s:g} s: "
+                           f"{outcome.error}")
+        return "failed"
