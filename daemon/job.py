@@ -146,8 +146,8 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
         return done(rendered.tier, sha256=rendered.sha256, written=written)
     except (DecodeError, InputError) as exc:
         reason = getattr(exc, "reason", "undecodable")
-        if job.wait_incomplete and (isinstance(exc, TruncatedImage)
-                                    or modified_within(job.src, job.grace_s)):
+        if job.wait_incomplete and isinstance(exc, DecodeError) and (
+                isinstance(exc, TruncatedImage) or modified_within(job.src, job.grace_s)):
             return done("not_ready", error=str(exc), reason="incomplete", exc=exc)
         fail(job, exc, reason)
         return done("failed", error=str(exc), reason=reason, exc=exc)

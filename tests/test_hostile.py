@@ -272,7 +272,7 @@ def test_hostile_corpus_in_one_daemon(tmp_path, models_dir):
     root = tmp_path
     (root / "outside").mkdir()
     cfg = write_config(root, models_dir, max_image_pixels=MAX_PIXELS, retry_attempts=2,
-                       retry_backoff_s=0.2, workers=2)
+                       retry_backoff_s=0.2, workers=2, incomplete_timeout_s=2)
     c = Corpus(root)
     outside_file = root / "outside" / "secret.jpg"
     outside_file.write_bytes(jpeg(1))
@@ -286,7 +286,7 @@ def test_hostile_corpus_in_one_daemon(tmp_path, models_dir):
     with d:
         reads_anything = bypasses_file_modes(d.proc.pid)
         # -- wave 1: decoders
-        c.failure("zero.jpg", b"", "unsupported")
+        c.failure("zero.jpg", b"", "incomplete")  # waited for, then failed as incomplete
         c.failure("truncated.jpg", jpeg(20)[:900], "truncated", "incomplete")
         c.failure("truncated.png", encode(picture(21), "PNG")[:700], "truncated", "incomplete")
         c.failure("text.jpg", b"this is not an image\n" * 20, "unsupported")

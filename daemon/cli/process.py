@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import structlog
 from tqdm import tqdm
 
 from daemon import job as jobmod
@@ -16,6 +17,7 @@ from daemon.pipeline import Pipeline, Plan
 from daemon.scan import is_ignored
 
 TIER_ORDER = ("exact", "pixel", "near", "miss", "failed")
+log = structlog.get_logger("rembgd.process")
 
 
 def _bool(text: str) -> bool:
@@ -128,6 +130,8 @@ def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int) -> int:
             outcome, error = "failed", (f"output {out} is already written for {first}; "
                                         "process one of them separately or pass their common "
                                         "folder")
+            log.warning("processed", path=str(job.src), outcome="failed", ms=0.0,
+                        model=job.plan.options.model, error=error)
         else:
             res = jobmod.run(job, pipeline, umask=umask)
             if res.outcome == "retry":
