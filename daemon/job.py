@@ -66,7 +66,6 @@ class Job:
     failed_dir: Path | None = None  # None: report only (one-shot mode)
     done_dir: Path | None = None
     after_success: str = "keep"
-    grace_s: float = 0.0  # a bad file modified this recently may still be being written
     ledger: Ledger | None = None  # what was processed, so a changed source is redone
     wait_incomplete: bool = False  # an empty or truncated file is "not_ready", not failed
 
@@ -109,6 +108,9 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
     def done(outcome: str, **kw) -> Outcome:
         ms = (time.perf_counter() - start) * 1000
         res = Outcome(job, outcome, ms, **kw)
+        if outcome == "not_ready":  # not processed: it is waited for
+            log.info("not_ready", path=str(job.src), error=kw.get("error"))
+            return res
         level = log.warning if outcome in ("failed", "retry") else log.info
         level("processed", path=str(job.src), outcome=outcome, ms=round(ms, 1),
               model=job.plan.options.model, **({"error": kw["error"]} if kw.get("error") else {}))
@@ -147,7 +149,7 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
     except (DecodeError, InputError) as exc:
         reason = getattr(exc, "reason", "undecodable")
         if job.wait_incomplete and isinstance(exc, DecodeError) and (
-                isinstance(exc, TruncatedImage) or modified_within(job.src, job.grace_s)):
+                isinstance(exc, TruncatedImage) or signature(job.src) not in (_sig(st), None)):
             return done("not_ready", error=str(exc), reason="incomplete", exc=exc)
         fail(job, exc, reason)
         return done("failed", error=str(exc), reason=reason, exc=exc)
@@ -209,15 +211,6 @@ def give_up(job: Job, attempts: int, last: Outcome | None, exc: BaseException | 
     reason = (last.reason if last is not None else None) or "transient"
     fail(job, (last.exc if last is not None else None) or exc or RuntimeError(error), reason,
          detail=f"gave up after {attempts} attempts: {error}")
-
-
-def modified_within(path: Path, seconds: float) -> bool:
-    if seconds <= 0:
-        return False
-    try:
-        return time.time() - path.stat().st_mtime < seconds
-    except OSError:
-        return False
 
 
 def _sig(st: os.stat_result) -> tuple[int, int, int, int]:

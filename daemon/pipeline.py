@@ -62,6 +62,7 @@ class _Mask:
     entry_id: str | None  # the mask's cache entry (None: not cached)
     mask_digest: str | None = None  # its blob, shared by every output row
     metrics: dict = field(default_factory=dict)
+    mask_nbytes: int = 0  # the size of that blob
 
 
 class Pipeline:
@@ -168,8 +169,9 @@ class Pipeline:
             now = time.time()
             store.restore(Entry(id=uuid.uuid4().hex, key=target.output_key, model=target.model,
                                 fp=replace(fp, embedding=None), mask_digest=found.mask_digest,
-                                output_digest=store.put_blob(data), nbytes=len(data),
-                                created=now, last_hit=now, hits=0, origin=found.entry_id))
+                                output_digest=store.put_blob(data),
+                                nbytes=found.mask_nbytes + len(data), created=now, last_hit=now,
+                                hits=0, origin=found.entry_id))
 
         self.guard.call(put)
 
@@ -236,9 +238,9 @@ class Pipeline:
                 self._call("record", hit.id, tier)
                 entry_id = hit.origin or hit.id
                 if tier == "pixel" and fp.sha256 != hit.fp.sha256:
-                    entry_id = self._alias(hit, fp) or entry_id
+                    entry_id = self._alias(hit, fp, len(raw)) or entry_id
                 mask = fit_mask(decode_mask(raw), *working_mask_size(fp.width, fp.height))
-                return _Mask(mask, tier, entry_id, hit.mask_digest), fp
+                return _Mask(mask, tier, entry_id, hit.mask_digest, mask_nbytes=len(raw)), fp
 
         t = self.cache.match
         cands = self._call("find_near", mkey, fp.phash, t.phash_radius, default=[])
@@ -257,17 +259,18 @@ class Pipeline:
                 continue
             self._call("record", cand.id, "near")
             mask = fit_mask(decode_mask(raw), *working_mask_size(fp.width, fp.height))
-            alias = self._alias(cand, fp)
-            return _Mask(mask, "near", alias or cand.id, cand.mask_digest, verdict.metrics), fp
+            alias = self._alias(cand, fp, len(raw))
+            return _Mask(mask, "near", alias or cand.id, cand.mask_digest, verdict.metrics,
+                         len(raw)), fp
         return None, fp
 
-    def _alias(self, hit: Entry, fp: fpmod.Fingerprint) -> str | None:
+    def _alias(self, hit: Entry, fp: fpmod.Fingerprint, mask_nbytes: int) -> str | None:
         """New bytes, a known mask: an alias row sharing the original's mask blob (never
         re-encoded or copied) makes the next copy of these bytes an exact hit."""
         now = time.time()
         alias = replace(hit, id=uuid.uuid4().hex, fp=replace(fp, embedding=hit.fp.embedding),
-                        output_digest=None, nbytes=0, created=now, last_hit=now, hits=0,
-                        origin=hit.origin or hit.id)
+                        output_digest=None, nbytes=mask_nbytes, created=now, last_hit=now,
+                        hits=0, origin=hit.origin or hit.id)
         ok = self.guard.call(lambda store: store.restore(alias) or True, default=False)
         return alias.id if ok else None
 
@@ -284,4 +287,4 @@ class Pipeline:
         self._call("record", None, "miss")
         if entry is None:
             return _Mask(mask, "miss", None)
-        return _Mask(mask, "miss", entry.id, entry.mask_digest)
+        return _Mask(mask, "miss", entry.id, entry.mask_digest, mask_nbytes=len(png))

@@ -127,7 +127,7 @@ def test_shared_blobs_counted_once_and_origin_eviction_keeps_alias(tmp_path, see
     exact = estimate_blob_sizes(recs, resolve=lambda d: len(store.get_blob(d)))
     assert sum(exact[d] for d in referenced) == sum(files.values())
     shared = {d for d in referenced if sum(d in r.digests() for r in recs) > 1}
-    assert len(shared) == 3 and {d: exact[d] for d in shared} == {d: files[d] for d in shared}
+    assert len(shared) == 2 and {d: exact[d] for d in shared} == {d: files[d] for d in shared}
     rough = estimate_blob_sizes(recs)  # no resolver: never an underestimate
     assert sum(rough[d] for d in referenced) >= sum(files.values())
     naive = sum(r.nbytes for r in recs)
@@ -302,7 +302,7 @@ def test_deletes_in_small_batches_and_logs_one_event(tmp_path, seed, models_dir)
     assert events[0]["max_entries_entries"] == 816 and events[0]["removed_entries"] == 816
     assert events[0]["max_entries_bytes"] > 0 and events[0]["ttl_entries"] == 0
     # all seed blobs survive: clones and survivors share them until the last reference goes
-    assert {d for e in store.entries() for d in (e.mask_digest, e.output_digest)} <= \
+    assert {d for e in store.entries() for d in (e.mask_digest, e.output_digest) if d} <= \
         set(blob_files(cfg.cache.dir))
     store.close()
 
@@ -311,7 +311,7 @@ def test_prune_racing_lookups(tmp_path, seed, models_dir, shared_engines):
     _, cfg = make(tmp_path, seed, models_dir)
     store = SqliteStore(cfg.cache.dir)
     clones = clone(store, 600)
-    digests = {d for e in store.entries() for d in (e.mask_digest, e.output_digest)}
+    digests = {d for e in store.entries() for d in (e.mask_digest, e.output_digest) if d}
     pipe = pipeline_over(cfg, shared_engines, store)
     opts = cfg.output_defaults
     names = ["chelsea", "chelsea_png", "rocket", "coffee_q70"]
@@ -375,21 +375,21 @@ def test_verify_finds_and_repairs(tmp_path, seed, models_dir):
     by_id = {e.id: e for e in store.entries()}
     rocket, astro = by_id[seed.ids["rocket"]], by_id[seed.ids["astronaut"]]
     near = by_id[seed.ids["coffee_q70"]]
-    store.blobs.path(rocket.output_digest).write_bytes(b"\x89PNG garbage")  # corrupt
+    store.blobs.path(rocket.mask_digest).write_bytes(b"\x89PNG garbage")  # corrupt
     store.blobs.path(astro.mask_digest).unlink()  # missing
     orphan = store.put_blob(b"nobody refers to me")
     store.close()
     with sqlite3.connect(cfg.cache.dir / "index.sqlite3") as db:  # a row vanishes, blobs stay
         db.execute("DELETE FROM entries WHERE id = ?", (near.id,))
-    near_only = {near.output_digest}  # its mask is the coffee origin's (same size): still used
+    near_only: set[str] = set()  # an alias shares the coffee origin's mask blob: still used
 
     store = SqliteStore(cfg.cache.dir)
     rep = maintenance.verify(store)
     assert rep["missing_blobs"] == [astro.mask_digest]
-    assert rep["corrupt_blobs"] == [rocket.output_digest]
+    assert rep["corrupt_blobs"] == [rocket.mask_digest]
     assert set(rep["orphan_blobs"]) == {orphan} | near_only
     assert set(rep["bad_rows"]) == {rocket.id, astro.id}
-    assert rep["problems"] == 4 and not rep["repaired"]
+    assert rep["problems"] == 3 and not rep["repaired"]
     store.close()
 
     res = cli(path, "verify")
@@ -405,7 +405,7 @@ def test_verify_finds_and_repairs(tmp_path, seed, models_dir):
     assert store.count() == 3 and {rocket.id, astro.id, near.id}.isdisjoint(
         e.id for e in store.entries())
     assert set(blob_files(cfg.cache.dir)) == {d for e in store.entries()
-                                              for d in (e.mask_digest, e.output_digest)}
+                                              for d in (e.mask_digest, e.output_digest) if d}
     store.close()
 
 
@@ -469,7 +469,7 @@ def test_export_import_roundtrip_idempotent(tmp_path, seed, models_dir, shared_e
 
     # a tampered blob is refused (checksum), and the entries needing it are skipped
     bad = tmp_path / "bad.zip"
-    victim = f"blobs/{ea[seed.ids['rocket']].output_digest}"
+    victim = f"blobs/{ea[seed.ids['rocket']].mask_digest}"
     with zipfile.ZipFile(archive) as src, zipfile.ZipFile(bad, "w") as dst:
         for info in src.infolist():
             data = src.read(info)

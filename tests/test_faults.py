@@ -131,7 +131,7 @@ def test_disk_full_outbox_tmpfs(tmp_path, models_dir):
             assert d.proc.poll() is None
         assert sorted(p.name for p in visible_outputs_complete(outbox)) == \
             sorted(f"{n}.png" for n in names)
-        assert not [p for p in outbox.iterdir() if p.name.startswith(".")]
+        assert [p.name for p in outbox.iterdir() if p.name.startswith(".")] == [".rembgd-ledger"]
     assert all(n == 1 for n in done.values()) and len(done) == 3, done
     assert not (tmp_path / "failed").exists()  # nothing was given up on, nothing lost
     assert all((tmp_path / "inbox" / n).exists() for n in names)  # after_success: keep
@@ -157,7 +157,8 @@ def test_disk_full_injected_enospc(tmp_path, models_dir, shared_engines, monkeyp
             where = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             where = ""
-        if where.startswith(str(outbox) + "/") and failures[where.split(".rembgd-")[0]] < 2:
+        output = where.startswith(str(outbox) + "/") and "/.rembgd-" not in where  # not the ledger
+        if output and failures[where.split(".rembgd-")[0]] < 2:
             failures[where.split(".rembgd-")[0]] += 1
             seen_tmp.append(where)
             assert Path(where).name.startswith(".")  # the data sits under a temp name
@@ -170,7 +171,8 @@ def test_disk_full_injected_enospc(tmp_path, models_dir, shared_engines, monkeyp
     assert sum(failures.values()) == 6  # two per file, then space came back
     assert svc.counters.get("retries") == 6 and svc.counters.get("failed") == 0
     assert sorted(p.name for p in complete_pngs(outbox)) == sorted(n + ".png" for n in names)
-    assert not [p for p in outbox.iterdir() if p.name.startswith(".")]  # temps cleaned up
+    hidden = [p.name for p in outbox.iterdir() if p.name.startswith(".")]
+    assert hidden == [".rembgd-ledger"]  # temps cleaned up
     assert not any(os.path.exists(t) for t in seen_tmp)
 
 
@@ -260,21 +262,43 @@ def test_cache_read_only_then_fixed(tmp_path, models_dir):
         run_cmd("umount", "-l", str(cache))
 
 
-def test_cache_corrupt_index_then_fixed(tmp_path, models_dir):
+def test_cache_corrupt_index_heals_at_start_and_while_running(tmp_path, models_dir):
+    """A damaged index is set aside with an error log and a fresh one started, at start
+    and when it is damaged under the running daemon; no operator is needed."""
     from daemon.cache.sqlite import SqliteStore
 
     cfg = cache_config(tmp_path, models_dir)
-    cache = tmp_path / "cache"
+    cache, inbox = tmp_path / "cache", tmp_path / "inbox"
     SqliteStore(cache).close()
     index = cache / "index.sqlite3"
     for p in cache.glob("index.sqlite3-*"):
         p.unlink()
     index.write_bytes(b"SQLite format 3\x00" + np.random.default_rng(1).bytes(64 * 1024))
     with Daemon(cfg) as d:
-        def fix():  # what an operator does: set the broken index aside
-            index.rename(cache / "index.sqlite3.corrupt")
-        check_degraded_then_recovered(tmp_path, d, fix)
-        assert "database" in events_named(d, "cache_unavailable")[0]["error"]
+        first = d.wait_log(lambda e: e.get("event") == "cache_index_corrupt")[0]
+        assert first["level"] == "error" and Path(first["moved_to"]).is_file()
+        assert not events_named(d, "cache_unavailable")
+        wait_for(lambda: d.status().get("cache", {}).get("available") is True, timeout=10)
+        img = picture(80)
+        drop(inbox, "a1.jpg", img)
+        d.wait_processed(1)
+        drop(inbox, "a2.jpg", img)
+        d.wait_processed(2)
+        assert [e["outcome"] for e in d.processed()] == ["miss", "exact"]
+
+        with open(index, "r+b") as fh:  # damaged under the running daemon, while idle
+            fh.truncate(0)
+        noticed = d.wait_log(lambda e: e.get("event") == "cache_unavailable", timeout=30)[0]
+        assert "truncated" in noticed["error"]  # the health check saw it, no lookup needed
+        d.wait_log(lambda e: e.get("event") == "cache_recovered", timeout=30)  # re-opened
+        wait_for(lambda: d.status().get("cache", {}).get("available") is True, timeout=10)
+        drop(inbox, "a3.jpg", img)
+        d.wait_processed(3)
+        drop(inbox, "a4.jpg", img)
+        d.wait_processed(4)
+        third, fourth = [e["outcome"] for e in d.processed()][2:]
+        assert third in ("miss", "exact") and fourth == "exact"  # the cache works again
+    assert len(complete_pngs(tmp_path / "outbox")) == 4
 
 
 # ------------------------------------------------------------------- kill -9

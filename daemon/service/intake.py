@@ -97,8 +97,7 @@ class Intake:
             return "skipped"
         job = jobmod.Job(item.path, admitted.rel, pair.outbox, app.plan(item.pair),
                          pair.failed_dir, pair.done_dir, pair.after_success,
-                         grace_s=max(5.0, 3 * app.cfg.settle_s), ledger=app.ledgers[item.pair],
-                         wait_incomplete=True)
+                         ledger=app.ledgers[item.pair], wait_incomplete=True)
         if self.is_done(job, admitted.st):
             jobmod.dispose(job)  # e.g. killed after writing, before moving
             self.counters.add("up_to_date")

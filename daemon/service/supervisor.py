@@ -151,16 +151,13 @@ class Supervisor:
 
     @staticmethod
     def _make_roots(pair: WatchPair) -> None:
-        """The output folders exist from the start; a root that vanishes later is a
-        share outage (standby), never silently re-created on the local disk."""
-        folders = [pair.outbox, pair.failed_dir] + ([pair.done_dir]
-                                                    if pair.after_success == "move" else [])
-        for folder in folders:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                log.warning("folder_unavailable", folder=str(folder), error=str(exc),
-                            effect="the pair waits on standby until it works")
+        """The outbox exists from the start; if it vanishes later that is a share outage
+        (standby), never silently re-created on the local disk under a lost mount."""
+        try:
+            pair.outbox.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("folder_unavailable", folder=str(pair.outbox), error=str(exc),
+                        effect="the pair waits on standby until it works")
 
     # ----------------------------------------------------------- control
 
