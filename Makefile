@@ -33,7 +33,7 @@ test: models
 
 # Benchmarks: every script in BENCHES runs in turn, with BENCH_ARGS (e.g. BENCH_ARGS=--quick).
 # rembg's CLI extra (gradio, fastapi...) is for the comparison only: not in the test install.
-BENCHES     ?= bench/run.py bench/soak.py
+BENCHES     ?= bench/run.py bench/soak.py bench/camera.py bench/polling_idle.py bench/quality.py
 BENCH_ARGS  ?=
 BENCH_STAMP := $(VENV)/.bench-stamp
 

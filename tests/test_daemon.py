@@ -113,7 +113,9 @@ def test_catch_up_scan_and_no_redo_after_restart(tmp_path, cfg):
         d.wait_processed(3)
     first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "outbox").iterdir()}
     with Daemon(cfg) as d:
-        time.sleep(2.5)
+        started = d.wait_log(lambda e: e.get("event") == "started")[0]
+        assert started["catch_up"] == 0  # the catch-up scan found nothing to redo
+        wait_for(lambda: (s := d.status()) and s.get("state") == "idle", timeout=30)
         assert d.processed() == []  # unchanged inputs are never redone
         (tmp_path / "inbox" / "old0.jpg").write_bytes(synthetic(99))  # a replaced file is redone
         d.wait_processed(1)

@@ -82,6 +82,11 @@ class TcpProxy:
         self.up.set()
 
 
+
+def all_idle(*daemons) -> bool:
+    """Every daemon has nothing queued, scheduled or in progress (its status file says so)."""
+    return all((s := d.status()) and s.get("state") == "idle" for d in daemons)
+
 def redis_config(tmp_path, models_dir, prefix, url=REDIS_URL, name="cfg", **extra):
     """Config for one 'machine': its own local cache dir, the shared inbox/outbox and Redis."""
     machine = tmp_path / name
@@ -114,7 +119,7 @@ def test_two_daemons_one_inbox_each_file_once(tmp_path, models_dir, redis_prefix
             tmp.write_bytes(synthetic(100 + i))
             tmp.rename(tmp_path / "inbox" / f"f{i}.jpg")
         wait_for(lambda: len(complete_pngs(tmp_path / "outbox")) == n, timeout=120)
-        time.sleep(2)
+        wait_for(lambda: all_idle(a, b), timeout=30)
     per_path, tiers = outcomes(a, b)
     assert len(complete_pngs(tmp_path / "outbox")) == n
     assert set(per_path.values()) == {1}, per_path  # no file processed twice
@@ -172,7 +177,7 @@ def test_claim_of_a_killed_daemon_expires(tmp_path, models_dir, redis_prefix):
     a.kill9()
     with Daemon(cfg_b, log=tmp_path / "b2.log") as b2:
         wait_for(lambda: all((tmp_path / "outbox" / f"{n}.png").exists() for n in names), timeout=90)
-        time.sleep(1)
+        wait_for(lambda: all_idle(b2), timeout=30)
     per_path, _ = outcomes(a, b2)
     assert all(per_path[str(tmp_path / "inbox" / n)] == 1 for n in names
                if str(tmp_path / "inbox" / n) in per_path)
@@ -200,7 +205,7 @@ def test_redis_outage_mid_run_every_file_once(tmp_path, models_dir, redis_prefix
         for i in range(4):
             (tmp_path / "inbox" / f"after{i}.jpg").write_bytes(synthetic(320 + i))
         wait_for(lambda: len(complete_pngs(tmp_path / "outbox")) == 12, timeout=90)
-        time.sleep(2)
+        wait_for(lambda: all_idle(a, b), timeout=30)
     per_path, _ = outcomes(a, b)
     assert len(per_path) == 12 and set(per_path.values()) == {1}, per_path
     logged = [e["event"] for e in a.events() + b.events()]
