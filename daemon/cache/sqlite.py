@@ -1,6 +1,8 @@
-"""Embedded store: SQLite (WAL) index + content-addressed blob files; heals a damaged index.
+"""Embedded store: SQLite (WAL) index rows + content-addressed blob files.
 
-Layout under the cache directory::
+Owns the rows: lookups (exact, pixel, pHash bands), writes, coalesced hit
+counts, deletes with their orphaned blobs, scans and totals. Layout under the
+cache directory::
 
     index.sqlite3        rows: fingerprints, blob digests, hit metadata
     index.heal.lock      flock held while an index is opened and checked (one healer)
@@ -8,29 +10,19 @@ Layout under the cache directory::
     locks/<sha1>.lock    flock locks (``daemon.coord.locks.FlockLocks``, not this module)
     index.sqlite3.corrupt-YYYYmmdd-HHMMSS[-wal|-shm]   a damaged index, set aside
 
-Healing: the index is only a cache of what the blobs were computed for. An
-index that SQLite reports malformed or "not a database", or that fails
-``PRAGMA quick_check``, is renamed aside on open (logged as
-``cache_index_corrupt``) and a fresh, empty one is started. The blobs stay:
-they are content-addressed, so a later ``put`` of the same mask finds its blob
-present (rewritten only when its bytes do not verify). Transient errors (a
-locked database, a read-only or unreadable folder, a full disk) never set the
-index aside: they raise ``StoreUnavailable`` and the caller retries.
+The index file itself (schema, opening, telling damage from transient trouble,
+setting a damaged index aside) is ``daemon.cache.sqlite_index``; the blob folder
+is ``daemon.cache.blobs``. A damaged index is set aside on open and a fresh one
+started; transient errors raise ``StoreUnavailable`` and the caller retries.
 
 While open, ``health()`` notices an index file that was removed, replaced,
 truncated or overwritten (inode, size and header checks: no query, no scan);
 a query that fails with a damage error marks the store damaged too. Either
 way every later call raises ``StoreDamaged`` until the store is re-opened
 (``daemon.cache.guard`` does that), which heals.
-
-The header is read through a descriptor that is never closed while any
-``SqliteStore`` of this process has that file open: closing a descriptor of a
-file drops every POSIX lock the process holds on it, SQLite's included.
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import sqlite3
 import threading
@@ -44,199 +36,15 @@ import structlog
 
 from daemon.cache.base import (TIERS, Entry, HitBuffer, StoreDamaged, StoreError, StoreHealth,
                                StoreUnavailable, describe, embedding_bytes, fingerprint_from)
-from daemon.fsutil import atomic_write_bytes
-from daemon.imaging.fingerprint import BANDS, Fingerprint, hamming
+from daemon.cache.blobs import BlobDir
+from daemon.cache.sqlite_index import (BAND_COLS, COLUMNS, HEADERS, INDEX_NAME, SCHEMA_VERSION,
+                                       file_problem, header_problem, is_damage, open_index,
+                                       quick_check)
+from daemon.imaging.fingerprint import Fingerprint, hamming
+
+__all__ = ["SqliteStore", "BlobDir", "INDEX_NAME", "SCHEMA_VERSION", "header_problem"]
 
 log = structlog.get_logger("rembgd.store")
-
-INDEX_NAME = "index.sqlite3"
-HEAL_LOCK_NAME = "index.heal.lock"
-MAGIC = b"SQLite format 3\x00"
-SCHEMA_VERSION = 1
-_BAND_COLS = [f"b{i}" for i in range(BANDS)]
-_COLUMNS = ("id, key, model, sha256, pixel_hash, phash, width, height, thumbs, embedding, "
-            "mask_digest, output_digest, nbytes, created, last_hit, hits, origin")
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (
-    id TEXT PRIMARY KEY,
-    key TEXT NOT NULL,
-    model TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    pixel_hash TEXT NOT NULL,
-    phash BLOB NOT NULL,
-    {", ".join(f"{c} INTEGER NOT NULL" for c in _BAND_COLS)},
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    thumbs BLOB NOT NULL,
-    embedding BLOB,
-    mask_digest TEXT NOT NULL,
-    output_digest TEXT,
-    nbytes INTEGER NOT NULL,
-    created REAL NOT NULL,
-    last_hit REAL NOT NULL,
-    hits INTEGER NOT NULL DEFAULT 0,
-    origin TEXT
-);
-CREATE INDEX IF NOT EXISTS entries_sha ON entries (key, sha256);
-CREATE INDEX IF NOT EXISTS entries_pixel ON entries (key, pixel_hash);
-CREATE INDEX IF NOT EXISTS entries_last_hit ON entries (last_hit);
-CREATE INDEX IF NOT EXISTS entries_mask ON entries (mask_digest);
-CREATE INDEX IF NOT EXISTS entries_output ON entries (output_digest);
-CREATE INDEX IF NOT EXISTS entries_nbytes ON entries (nbytes);  -- SUM(nbytes) scans this, not rows
-{"".join(f"CREATE INDEX IF NOT EXISTS entries_{c} ON entries (key, {c});" for c in _BAND_COLS)}
-CREATE TABLE IF NOT EXISTS tier_counts (
-    hour INTEGER NOT NULL, tier TEXT NOT NULL, n INTEGER NOT NULL,
-    PRIMARY KEY (hour, tier)
-);
-"""
-
-
-class BlobDir:
-    """Content-addressed files; a read whose sha256 does not match is treated as absent.
-
-    Raises ``OSError``; ``SqliteStore`` turns it into ``StoreUnavailable``.
-    """
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def path(self, digest: str) -> Path:
-        return self.root / digest[:2] / digest
-
-    def put(self, data: bytes) -> str:
-        """Store ``data``; an existing file is reused only when its bytes are the same."""
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.path(digest)
-        try:
-            same = path.stat().st_size == len(data) and path.read_bytes() == data
-        except (FileNotFoundError, IsADirectoryError):
-            same = False
-        if not same:
-            atomic_write_bytes(path, data)
-        return digest
-
-    def get(self, digest: str) -> bytes | None:
-        try:
-            data = self.path(digest).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            return None
-        if hashlib.sha256(data).hexdigest() != digest:
-            try:
-                self.path(digest).unlink()  # repair: the row goes too, via the caller
-            except OSError:
-                pass
-            return None
-        return data
-
-    def delete(self, digest: str) -> None:
-        try:
-            self.path(digest).unlink()
-        except FileNotFoundError:
-            pass
-
-    def digests(self) -> Iterator[str]:
-        if not self.root.is_dir():
-            return
-        for sub in self.root.iterdir():
-            if sub.is_dir():
-                for f in sub.iterdir():
-                    if len(f.name) == 64 and not f.name.startswith("."):
-                        yield f.name
-
-
-# ------------------------------------------------------- index file checks
-
-
-class _QuickCheckFailed(sqlite3.DatabaseError):
-    """``PRAGMA quick_check`` did not answer "ok"."""
-
-
-def _is_damage(exc: sqlite3.Error) -> bool:
-    """SQLite says the file is not a (sound) database, as opposed to a transient error."""
-    if isinstance(exc, _QuickCheckFailed):
-        return True
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    text = str(exc)
-    return (name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text
-            or "not a database" in text or text.startswith("no such table"))
-
-
-def header_problem(head: bytes, size: int) -> str | None:
-    """What is wrong with an SQLite file, judged from its first 100 bytes and its size."""
-    if size == 0:
-        return "the index file is empty (truncated)"
-    if len(head) < 100 or not head.startswith(MAGIC):
-        return f"the index file has no SQLite header ({size} bytes): truncated or overwritten"
-    page_size = int.from_bytes(head[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    if page_size < 512 or page_size & (page_size - 1):
-        return f"the index header is damaged (page size {page_size})"
-    pages = int.from_bytes(head[28:32], "big")
-    if head[24:28] == head[92:96] and size < pages * page_size:  # the page count is valid
-        return f"the index file is truncated: {size} bytes, its header says {pages * page_size}"
-    return None
-
-
-class _HeaderFds:
-    """Read-only descriptors of open index files, one per inode, refcounted per store.
-
-    A descriptor is closed only when no store of this process has that inode
-    open any more (see the module docstring).
-    """
-
-    def __init__(self):
-        self._fds: dict[tuple[int, int], tuple[list[int], int]] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, path: Path) -> tuple[tuple[int, int], int]:
-        """(inode key, descriptor) of the file at ``path``; raises ``OSError``."""
-        st = os.stat(path)
-        key = (st.st_dev, st.st_ino)
-        with self._lock:
-            if key in self._fds:
-                fds, refs = self._fds[key]
-                self._fds[key] = (fds, refs + 1)
-                return key, fds[0]
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)  # the file actually opened
-        with self._lock:
-            fds, refs = self._fds.get(key, ([], 0))
-            self._fds[key] = (fds + [fd], refs + 1)  # never close a fd another store may need
-            return key, self._fds[key][0][0]
-
-    def release(self, key: tuple[int, int]) -> None:
-        with self._lock:
-            fds, refs = self._fds.get(key, ([], 1))
-            if refs > 1:
-                self._fds[key] = (fds, refs - 1)
-                return
-            self._fds.pop(key, None)
-        for fd in fds:
-            os.close(fd)
-
-
-_HEADERS = _HeaderFds()
-
-
-@contextmanager
-def _heal_lock(folder: Path) -> Iterator[bool]:
-    """flock on the folder's heal lock; yields False (no lock) where it cannot be created."""
-    try:
-        fd = os.open(folder / HEAL_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:  # read-only folder: nothing can be set aside there anyway
-        yield False
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield True
-    finally:
-        os.close(fd)
-
-
-# ------------------------------------------------------------------- store
 
 
 class SqliteStore:
@@ -262,67 +70,9 @@ class SqliteStore:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create the cache folder {self.dir}: {exc}") from exc
-        with _heal_lock(self.dir):
-            try:
-                self._db = self._connect()
-            except sqlite3.Error as exc:
-                if not _is_damage(exc):
-                    raise StoreUnavailable(f"cannot open the cache index {self.index_path}: "
-                                           f"{describe(exc)}") from exc
-                if not heal:
-                    raise StoreDamaged(f"the cache index {self.index_path} is damaged: "
-                                       f"{describe(exc)}") from exc
-                self.set_aside = self._set_aside(exc)
-                try:
-                    self._db = self._connect()
-                except sqlite3.Error as again:
-                    raise StoreUnavailable(f"cannot start a fresh cache index "
-                                           f"{self.index_path}: {describe(again)}") from again
-            try:
-                self._ident, self._fd = _HEADERS.acquire(self.index_path)
-            except OSError as exc:
-                self._db.close()
-                raise StoreUnavailable(f"cannot read the cache index {self.index_path}: "
-                                       f"{exc}") from exc
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.index_path, timeout=10.0, check_same_thread=False,
-                             isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=10000")
-            db.executescript(_SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                       (str(SCHEMA_VERSION),))
-            # quick_check reads the whole file: a damaged index shows here, at open time
-            rows = [r[0] for r in db.execute("PRAGMA quick_check(5)").fetchall()]
-            if rows != ["ok"]:
-                raise _QuickCheckFailed(f"quick_check: {'; '.join(rows)}")
-        except BaseException:
-            db.close()  # a failed open is retried: never leak its descriptor
-            raise
-        return db
-
-    def _set_aside(self, exc: sqlite3.Error) -> Path:
-        """Rename the damaged index (and its -wal/-shm) aside; raise if that is impossible."""
-        target = self.dir / f"{INDEX_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-        n = 1
-        while any(Path(f"{target}{s}").exists() for s in ("", "-wal", "-shm")):
-            n += 1
-            target = self.dir / f"{INDEX_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-        try:
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(f"{self.index_path}{suffix}")
-                if src.exists():
-                    os.rename(src, f"{target}{suffix}")
-        except OSError as err:  # e.g. a read-only cache folder: stays unavailable, retried
-            raise StoreUnavailable(f"the cache index {self.index_path} is damaged "
-                                   f"({describe(exc)}) and cannot be set aside: {err}") from exc
-        log.error("cache_index_corrupt", path=str(self.index_path), moved_to=str(target),
-                  error=describe(exc),
-                  effect="started a fresh, empty index; blob files are kept and reused")
-        return target
+        opened = open_index(self.dir, heal=heal)
+        self._db, self.set_aside = opened.db, opened.set_aside
+        self._ident, self._fd = opened.ident, opened.fd
 
     # -------------------------------------------------------------- health
 
@@ -344,19 +94,7 @@ class SqliteStore:
         return StoreHealth(True)
 
     def _file_problem(self) -> str | None:
-        try:
-            st = os.stat(self.index_path)
-        except FileNotFoundError:
-            return "the index file was removed"
-        except OSError:
-            return None  # cannot tell (a failing mount): calls will say so
-        if (st.st_dev, st.st_ino) != self._ident:
-            return "the index file was replaced by another file"
-        try:
-            head = os.pread(self._fd, 100, 0)
-        except OSError:
-            return None
-        return header_problem(head, st.st_size)
+        return file_problem(self.index_path, self._ident, self._fd)
 
     def check_index(self) -> list[str]:
         """A full ``PRAGMA quick_check`` on a fresh read-only connection: problems, [] if sound.
@@ -364,19 +102,7 @@ class SqliteStore:
         Reads the whole index (seconds for a large one): for ``cache verify``, not
         for a status loop. Raises ``StoreUnavailable`` when the index cannot be read.
         """
-        try:
-            db = sqlite3.connect(f"file:{self.index_path}?mode=ro", uri=True, timeout=10.0)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot read {self.index_path}: {describe(exc)}") from exc
-        try:
-            rows = [r[0] for r in db.execute("PRAGMA quick_check(20)").fetchall()]
-        except sqlite3.Error as exc:
-            if _is_damage(exc):
-                return [str(exc)]
-            raise StoreUnavailable(f"cannot read {self.index_path}: {describe(exc)}") from exc
-        finally:
-            db.close()
-        return [] if rows == ["ok"] else rows
+        return quick_check(self.index_path)
 
     @contextmanager
     def _index(self) -> Iterator[sqlite3.Connection]:
@@ -391,7 +117,7 @@ class SqliteStore:
             except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
                 raise  # misuse of the API: a bug, not an unavailable cache
             except sqlite3.Error as exc:
-                if _is_damage(exc):
+                if is_damage(exc):
                     self._damaged = f"the index is damaged: {exc} ({self.index_path})"
                     raise StoreDamaged(self._damaged) from exc
                 raise StoreUnavailable(f"cache index {self.index_path}: {describe(exc)}") from exc
@@ -423,7 +149,7 @@ class SqliteStore:
 
     def _rows(self, sql: str, args: tuple) -> list[Entry]:
         with self._index() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE {sql}", args).fetchall()
+            rows = db.execute(f"SELECT {COLUMNS} FROM entries WHERE {sql}", args).fetchall()
         return [self._entry(r) for r in rows]
 
     @staticmethod
@@ -449,7 +175,7 @@ class SqliteStore:
         bands = phash_bands(phash)
         union = " UNION ".join(
             f"SELECT id, phash FROM entries WHERE key = ? AND {c} = ? AND origin IS NULL"
-            for c in _BAND_COLS)
+            for c in BAND_COLS)
         args: list = []
         for value in bands:
             args += [key, value]
@@ -484,7 +210,7 @@ class SqliteStore:
 
     def restore(self, entry: Entry) -> None:
         fp = entry.fp
-        cols = "id, key, model, sha256, pixel_hash, phash, " + ", ".join(_BAND_COLS) + \
+        cols = "id, key, model, sha256, pixel_hash, phash, " + ", ".join(BAND_COLS) + \
             ", width, height, thumbs, embedding, mask_digest, output_digest, nbytes, created, " \
             "last_hit, hits, origin"
         values = (entry.id, entry.key, entry.model, fp.sha256, fp.pixel_hash, fp.phash, *fp.bands,
@@ -570,7 +296,7 @@ class SqliteStore:
         while True:
             with self._index() as db:
                 rows = db.execute(
-                    f"SELECT rowid, {_COLUMNS} FROM entries WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                    f"SELECT rowid, {COLUMNS} FROM entries WHERE rowid > ? ORDER BY rowid LIMIT ?",
                     (last, chunk)).fetchall()
             if not rows:
                 return
@@ -619,4 +345,4 @@ class SqliteStore:
                 self._db.close()
             except sqlite3.Error:
                 pass
-        _HEADERS.release(self._ident)  # after the connection: see _HeaderFds
+        HEADERS.release(self._ident)  # after the connection: see HeaderFds

@@ -7,82 +7,20 @@ Relative paths are resolved against the directory of the config file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from daemon.config.schema import (AFTER_SUCCESS, BACKENDS, COLOURS, CROPS, DEFAULT_IGNORE, FORMATS,
-                                  LOG_FORMATS, METADATA, OBSERVERS, POLICIES, AlphaMatting,
-                                  CacheConfig, CacheLimits, Canvas, Config, ConfigError,
-                                  Deliverable, MatchThresholds, OutputOptions, PruneSchedule,
-                                  StoreConfig, WatchPair)
+from daemon.config.outputs import check_unused_options, parse_outputs
+from daemon.config.reader import Reader
+from daemon.config.schema import (AFTER_SUCCESS, BACKENDS, COLOURS, DEFAULT_IGNORE, LOG_FORMATS,
+                                  METADATA, OBSERVERS, POLICIES, AlphaMatting, CacheConfig,
+                                  CacheLimits, Config, ConfigError, Deliverable, MatchThresholds,
+                                  OutputOptions, PruneSchedule, StoreConfig, WatchPair)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class _Reader:
-    """Walks a YAML mapping, type-checks values and rejects unknown keys."""
-
-    def __init__(self, source: Path, data: Any, path: str):
-        self.source, self.path = source, path
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            self.fail(f"must be a mapping, got {type(data).__name__}")
-        self.data = dict(data)
-        self.seen: set[str] = set()
-
-    def fail(self, message: str, key: str | None = None) -> None:
-        where = f"{self.path}.{key}" if self.path and key else (key or self.path or "<top>")
-        raise ConfigError(f"{self.source}: {where}: {message}")
-
-    def child(self, key: str) -> _Reader:
-        self.seen.add(key)
-        sub = f"{self.path}.{key}" if self.path else key
-        return _Reader(self.source, self.data.get(key), sub)
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any, *, choices=None,
-            minimum: float | None = None, maximum: float | None = None) -> Any:
-        self.seen.add(key)
-        if key not in self.data or self.data[key] is None and default is None:
-            return default
-        value = self.data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if bool not in kinds and isinstance(value, bool) or not isinstance(value, kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            self.fail(f"expected {names}, got {type(value).__name__} {value!r}", key)
-        if choices is not None and value not in choices:
-            self.fail(f"must be one of {', '.join(map(str, choices))}, got {value!r}", key)
-        if minimum is not None and value < minimum:
-            self.fail(f"must be >= {minimum}, got {value!r}", key)
-        if maximum is not None and value > maximum:
-            self.fail(f"must be <= {maximum}, got {value!r}", key)
-        return value
-
-    def path_value(self, key: str, default: Path | None) -> Path | None:
-        raw = self.get(key, str, None)
-        if raw is None:
-            return default
-        return (self.source.parent / os.path.expanduser(raw)).resolve()
-
-    def done(self) -> None:
-        unknown = sorted(map(str, set(self.data) - self.seen))
-        if unknown:
-            key = unknown[0]
-            close = difflib.get_close_matches(key, sorted(self.seen), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            more = f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
-            self.fail(f"unknown key; {hint}known keys here: {', '.join(sorted(self.seen))}{more}",
-                      key)
-
-
-def _parse_options(r: _Reader, base: OutputOptions) -> OutputOptions:
+def _parse_options(r: Reader, base: OutputOptions) -> OutputOptions:
     am = r.child("alpha_matting")
     matting = AlphaMatting(
         enabled=am.get("enabled", bool, base.alpha_matting.enabled),
@@ -112,103 +50,24 @@ def _parse_options(r: _Reader, base: OutputOptions) -> OutputOptions:
     )
 
 
-def _colour_value(r: _Reader, key: str, raw: Any) -> tuple[int, int, int] | None:
-    """``transparent``, ``"#rrggbb"`` or ``[r, g, b]``."""
-    if raw is None or raw == "transparent":
-        return None
-    if isinstance(raw, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", raw):
-        return tuple(int(raw[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
-    if (isinstance(raw, list) and len(raw) == 3
-            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in raw)):
-        return tuple(raw)  # type: ignore[return-value]
-    r.fail(f"must be transparent, \"#rrggbb\" or [r, g, b] with values 0-255, got {raw!r}", key)
-    return None
-
-
-def _margin_value(r: _Reader, raw: Any) -> tuple[float, str]:
-    """``"4%"`` of the subject's longer side, ``"40px"``, or a number of px."""
-    if raw is None:
-        return 0.0, "%"
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw >= 0:
-        return float(raw), "px"
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(%|px)\s*", raw) if isinstance(raw, str) else None
-    if m is None:
-        r.fail(f"must be a percentage like \"4%\" or pixels like \"40px\", got {raw!r}", "margin")
-    value, unit = float(m.group(1)), m.group(2)
-    if unit == "%" and value > 100:
-        r.fail(f"must be at most 100%, got {raw!r}", "margin")
-    return value, unit
-
-
-def _parse_canvas(r: _Reader) -> Canvas | None:
-    if not r.data:
-        return None
-    d = Canvas()
-    aspect_raw = r.get("aspect", str, "1:1")
-    m = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", aspect_raw)
-    if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        r.fail(f"must be a ratio like \"1:1\" or \"4:5\", got {aspect_raw!r}", "aspect")
-    canvas = Canvas(aspect=(int(m.group(1)), int(m.group(2))),
-                    long_edge=r.get("long_edge", int, d.long_edge, minimum=16, maximum=30000),
-                    fill=r.get("fill", float, d.fill, minimum=0.05, maximum=1.0))
-    r.done()
-    return canvas
-
-
-def _parse_outputs(r: _Reader, key: str, default: tuple[Deliverable, ...]
-                   ) -> tuple[Deliverable, ...]:
-    """The ``outputs:`` list: one deliverable each, names unique (they are subfolders)."""
-    r.seen.add(key)
-    raw = r.data.get(key)
-    if raw is None:
-        return default
-    where = f"{r.path}.{key}" if r.path else key
-    if not isinstance(raw, list) or not raw:
-        r.fail("must be a non-empty list of deliverables ({name, format, ...})", key)
-    out: list[Deliverable] = []
-    for i, item in enumerate(raw):
-        d = _Reader(r.source, item, f"{where}[{i}]")
-        base = Deliverable()
-        name = d.get("name", str, None)
-        if name is None:
-            d.fail("is required (it names the outbox subfolder)", "name")
-        if not NAME_RE.match(name):
-            d.fail(f"must be letters, digits, '.', '_' or '-', not starting with '.' "
-                   f"(it becomes a folder name), got {name!r}", "name")
-        for j, other in enumerate(out):
-            if other.name.lower() == name.lower():
-                d.fail(f"{name!r} is also {where}[{j}].name: each output needs its own name",
-                       "name")
-        fmt = d.get("format", str, base.format, choices=FORMATS)
-        bg_raw = d.get("background", (str, list), None)
-        if fmt == "jpeg" and bg_raw == "transparent":
-            d.fail("jpeg cannot be transparent; give a colour (default white)", "background")
-        margin, unit = _margin_value(d, d.get("margin", (str, int, float), None))
-        deliverable = Deliverable(
-            name=name,
-            format=fmt,
-            quality=d.get("quality", int, base.quality, minimum=1, maximum=100),
-            compression=d.get("compression", int, base.compression, minimum=0, maximum=9),
-            lossless=d.get("lossless", bool, base.lossless),
-            background=_colour_value(d, "background", bg_raw),
-            crop=d.get("crop", str, base.crop, choices=CROPS),
-            margin=margin,
-            margin_unit=unit,
-            canvas=_parse_canvas(d.child("canvas")),
-            max_size=d.get("max_size", int, None, minimum=16),
-            colour=d.get("colour", str, base.colour, choices=COLOURS),
-            metadata=d.get("metadata", str, base.metadata, choices=METADATA),
-        )
-        d.done()
-        out.append(deliverable)
-    return tuple(out)
+def _set_at(opts: Reader | None, fallback: str) -> dict[str, str]:
+    """Where each option that deliverables ignore was set: the pair's ``options`` when
+    it names the option, else the ``output:`` section it was inherited from."""
+    own = opts.data if opts is not None else {}
+    matting = own.get("alpha_matting") or {}
+    named = {"only_mask": own.get("only_mask") is not None,
+             "bgcolor": own.get("bgcolor") is not None,
+             "alpha_matting": matting.get("enabled") is not None}
+    return {option: f"{opts.path if here else fallback}.{option}"
+            + (".enabled" if option == "alpha_matting" else "")
+            for option, here in named.items()}
 
 
 def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _parse_watch(r: _Reader, defaults: OutputOptions,
+def _parse_watch(r: Reader, defaults: OutputOptions,
                  default_outputs: tuple[Deliverable, ...]) -> tuple[WatchPair, ...]:
     r.seen.add("watch")
     raw = r.data.get("watch")
@@ -218,7 +77,7 @@ def _parse_watch(r: _Reader, defaults: OutputOptions,
         r.fail("must be a list of {inbox, outbox} pairs", "watch")
     pairs = []
     for i, item in enumerate(raw):
-        w = _Reader(r.source, item, f"watch[{i}]")
+        w = Reader(r.source, item, f"watch[{i}]")
         inbox = w.path_value("inbox", None)
         outbox = w.path_value("outbox", None)
         if inbox is None:
@@ -237,9 +96,13 @@ def _parse_watch(r: _Reader, defaults: OutputOptions,
             recursive=w.get("recursive", bool, True),
             after_success=after,
             options=options,
-            outputs=_parse_outputs(w, "outputs", default_outputs),
+            outputs=parse_outputs(w, "outputs", default_outputs),
         )
         w.done()
+        if pair.outputs:
+            own = "outputs" in w.data and w.data["outputs"] is not None
+            check_unused_options(r.source, f"watch[{i}].outputs" if own else "outputs", options,
+                                 _set_at(opts, "output"))
         pairs.append(pair)
     return tuple(pairs)
 
@@ -284,7 +147,7 @@ def _check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) 
 def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
     """Build a validated Config from already-loaded YAML data."""
     source = Path(source).resolve()
-    r = _Reader(source, data, "")
+    r = Reader(source, data, "")
     out_r = r.child("output")
     defaults = _parse_options(out_r, OutputOptions())
     out_r.done()
@@ -359,7 +222,9 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
     log_format = log_r.get("format", str, "auto", choices=LOG_FORMATS)
     log_r.done()
 
-    outputs = _parse_outputs(r, "outputs", ())
+    outputs = parse_outputs(r, "outputs", ())
+    if outputs:  # `rembgd process` renders `output:` with them
+        check_unused_options(source, "outputs", defaults, _set_at(None, "output"))
     pairs = _parse_watch(r, defaults, outputs)
     umask_raw = r.get("umask", (int, str), 0o022)
     try:
