@@ -42,7 +42,7 @@ class SqliteBackend:
         return store
 
     def corrupt_blob(self, digest: str) -> None:
-        from daemon.cache.sqlite import BlobDir
+        from daemon.cache.blobs import BlobDir
 
         BlobDir(self.dir / "blobs").path(digest).write_bytes(b"bit rot")
 
