@@ -329,3 +329,196 @@ def test_output_section_is_what_process_uses(tree):
     cfg = C.load(_write(tree, data))
     assert cfg.watch[0].options.png_compression == 9
     assert cfg.output_defaults.png_compression == 4 and cfg.output_defaults.only_mask
+
+
+# ------------------------------------------------------------ outputs: deliverables
+
+
+def _with_outputs(*outputs, where: str = "pair") -> dict:
+    data = base()
+    if where == "pair":
+        data["watch"][0]["outputs"] = list(outputs)
+    else:
+        data["outputs"] = list(outputs)
+    return data
+
+
+MASTER = {"name": "master", "format": "png"}
+BAD_OUTPUTS = [
+    # (the second output, key path expected, words expected)
+    ({"name": "x", "format": "gif"}, "watch[0].outputs[1].format", "must be one of png, tiff"),
+    ({"name": "x", "canvas": {"fill": 1.2}}, "watch[0].outputs[1].canvas.fill", "must be <= 1.0"),
+    ({"name": "x", "canvas": {"fill": 0}}, "watch[0].outputs[1].canvas.fill", "must be >= 0.05"),
+    ({"name": "MASTER"}, "watch[0].outputs[1].name", "is also watch[0].outputs[0].name"),
+    ({"name": "a/b"}, "watch[0].outputs[1].name", "folder name"),
+    ({"name": ".hidden"}, "watch[0].outputs[1].name", "not starting with '.'"),
+    ({"name": ".."}, "watch[0].outputs[1].name", "folder name"),
+    ({"name": "web."}, "watch[0].outputs[1].name", "ending with '.'"),
+    ({"name": "nul"}, "watch[0].outputs[1].name", "reserved device name"),
+    ({"name": ""}, "watch[0].outputs[1].name", "folder name"),
+    ({"format": "png"}, "watch[0].outputs[1].name", "is required"),
+    ({"name": 7}, "watch[0].outputs[1].name", "expected str"),
+    ({"name": "x", "format": "jpeg", "background": "transparent"},
+     "watch[0].outputs[1].background", "jpeg cannot be transparent"),
+    ({"name": "x", "background": "#fff"}, "watch[0].outputs[1].background", "#rrggbb"),
+    ({"name": "x", "background": [255, 255, 256]}, "watch[0].outputs[1].background", "0-255"),
+    ({"name": "x", "background": [255, 255, 255, 255]}, "watch[0].outputs[1].background",
+     "[r, g, b]"),
+    ({"name": "x", "crop": "subject", "margin": "5"}, "watch[0].outputs[1].margin", "\"40px\""),
+    ({"name": "x", "crop": "subject", "margin": "-5%"}, "watch[0].outputs[1].margin", "\"4%\""),
+    ({"name": "x", "crop": "subject", "margin": "150%"}, "watch[0].outputs[1].margin",
+     "at most 100%"),
+    ({"name": "x", "crop": "subject", "margin": -3}, "watch[0].outputs[1].margin", "pixels"),
+    ({"name": "x", "margin": "5%"}, "watch[0].outputs[1].margin", "only with crop: subject"),
+    ({"name": "x", "crop": "box"}, "watch[0].outputs[1].crop", "must be one of none, subject"),
+    ({"name": "x", "canvas": {"aspect": "square"}}, "watch[0].outputs[1].canvas.aspect", "ratio"),
+    ({"name": "x", "canvas": {"aspect": "0:1"}}, "watch[0].outputs[1].canvas.aspect", "ratio"),
+    ({"name": "x", "canvas": {"aspect": 4}}, "watch[0].outputs[1].canvas.aspect", "ratio"),
+    ({"name": "x", "canvas": {"aspect": "1:1", "long_edge": 8}},
+     "watch[0].outputs[1].canvas.long_edge", "must be >= 16"),
+    ({"name": "x", "canvas": {"fil": 0.8}}, "watch[0].outputs[1].canvas.fil", "did you mean 'fill'"),
+    ({"name": "x", "canvas": "1:1"}, "watch[0].outputs[1].canvas", "must be a mapping"),
+    ({"name": "x", "quality": 101, "format": "jpeg"}, "watch[0].outputs[1].quality", "<= 100"),
+    ({"name": "x", "quality": 80}, "watch[0].outputs[1].quality", "jpeg and webp only, not png"),
+    ({"name": "x", "format": "jpeg", "compression": 6}, "watch[0].outputs[1].compression",
+     "png and tiff only"),
+    ({"name": "x", "format": "png", "lossless": True}, "watch[0].outputs[1].lossless",
+     "webp only"),
+    ({"name": "x", "max_size": 8}, "watch[0].outputs[1].max_size", "must be >= 16"),
+    ({"name": "x", "colour": "cmyk"}, "watch[0].outputs[1].colour", "keep, srgb"),
+    ({"name": "x", "metadata": "some"}, "watch[0].outputs[1].metadata", "keep, strip"),
+    ({"name": "x", "formt": "png"}, "watch[0].outputs[1].formt", "did you mean 'format'"),
+    ("jpeg", "watch[0].outputs[1]", "must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("second,key,words", BAD_OUTPUTS,
+                         ids=[f"{b[1].rsplit('.', 1)[-1]}={b[0]!r}" for b in BAD_OUTPUTS])
+def test_bad_output_names_key_and_file(tree, second, key, words):
+    message = _error(tree, _with_outputs(MASTER, second), check_folders=False)
+    assert f": {key}: " in message, message
+    assert words in message, message
+
+
+@pytest.mark.parametrize("value,words", [([], "non-empty list"), ({"name": "x"}, "non-empty list"),
+                                         ("png", "non-empty list")])
+def test_outputs_must_be_a_list(tree, value, words):
+    data = base()
+    data["outputs"] = value
+    message = _error(tree, data, check_folders=False)
+    assert ": outputs: " in message and words in message, message
+
+
+def test_top_level_output_errors_name_the_top_level_key(tree):
+    message = _error(tree, _with_outputs(MASTER, {"name": "x", "canvas": {"fill": 2}},
+                                         where="top"), check_folders=False)
+    assert ": outputs[1].canvas.fill: " in message, message
+
+
+def test_valid_outputs_parse_to_deliverables(tree):
+    text = """
+outputs:
+  - {name: master, format: tiff, compression: 0}
+  - name: marketplace
+    format: jpg
+    quality: 92
+    background: "#ffffff"
+    crop: subject
+    margin: 5%
+    canvas: {aspect: 4:5, long_edge: 2000, fill: 0.85}
+    colour: srgb
+  - {name: web, format: WEBP, background: [255, 255, 255], max_size: 1200, metadata: strip}
+  - {name: framed, crop: subject, margin: 40px, background: white}
+  - {name: edge, crop: subject, margin: 12.5}
+watch:
+  - {inbox: in, outbox: out}
+  - {inbox: in2, outbox: out2, outputs: [{name: only, format: png}]}
+"""
+    cfg = C.load(_write(tree, text))
+    master, market, web, framed, edge = cfg.watch[0].outputs
+    assert master == C.Deliverable(name="master", format="tiff", compression=0)
+    assert market == C.Deliverable(
+        name="marketplace", format="jpeg", quality=92, background=(255, 255, 255),
+        crop="subject", margin=5.0, margin_unit="%", colour="srgb",
+        canvas=C.Canvas(aspect=(4, 5), long_edge=2000, fill=0.85))
+    assert market.ext == ".jpg" and market.flattened == (255, 255, 255)
+    assert (web.format, web.background, web.max_size, web.metadata) == \
+        ("webp", (255, 255, 255), 1200, "strip")
+    assert (framed.margin, framed.margin_unit, framed.background) == (40.0, "px", (255, 255, 255))
+    assert (edge.margin, edge.margin_unit) == (12.5, "px")
+    assert master.flattened is None and master.ext == ".tif"
+    # the top-level list is every pair's default and `rembgd process`'s; a pair's own replaces it
+    assert cfg.outputs == cfg.watch[0].outputs
+    assert cfg.watch[1].outputs == (C.Deliverable(name="only"),)
+
+
+def test_jpeg_is_white_by_default_and_canvas_defaults(tree):
+    cfg = C.load(_write(tree, _with_outputs({"name": "j", "format": "jpeg", "canvas": {}})))
+    (j,) = cfg.watch[0].outputs
+    assert j.background is None and j.flattened == (255, 255, 255)
+    assert j.canvas == C.Canvas() == C.Canvas(aspect=(1, 1), long_edge=2000, fill=0.85)
+
+
+def test_no_outputs_is_the_legacy_png(tree):
+    cfg = C.load(_write(tree, base()))
+    assert cfg.watch[0].outputs == () and cfg.outputs == ()
+
+
+@pytest.mark.parametrize("where,option,value,key", [
+    ("output", "bgcolor", [255, 255, 255, 255], "output.bgcolor"),
+    ("output", "only_mask", True, "output.only_mask"),
+    ("output", "alpha_matting", {"enabled": True}, "output.alpha_matting.enabled"),
+    ("pair", "bgcolor", [0, 0, 0, 255], "watch[0].options.bgcolor"),
+    ("pair", "alpha_matting", {"enabled": True}, "watch[0].options.alpha_matting.enabled"),
+])
+def test_legacy_png_options_that_deliverables_ignore_are_errors(tree, where, option, value, key):
+    data = _with_outputs(MASTER)
+    if where == "output":
+        data["output"] = {option: value}
+    else:
+        data["watch"][0]["options"] = {option: value}
+    message = _error(tree, data, check_folders=False)
+    assert f": {key}: has no effect on the deliverables of watch[0].outputs" in message, message
+
+
+def test_legacy_png_options_stay_fine_for_a_pair_without_outputs(tree):
+    data = base()
+    data["output"] = {"bgcolor": [255, 255, 255, 255]}
+    data["watch"].append({"inbox": "in2", "outbox": "out2", "failed_dir": "f2",
+                          "done_dir": "d2", "options": {"bgcolor": None},
+                          "outputs": [MASTER]})
+    message = _error(tree, data)  # pair 1 inherits bgcolor from output:, which it ignores
+    assert ": output.bgcolor: " in message and "watch[1].outputs" in message, message
+    data["watch"].pop()
+    assert C.load(_write(tree, data)).watch[0].options.bgcolor == (255, 255, 255, 255)
+
+
+def test_default_config_outputs_example_parses():
+    """The commented `outputs:` example in config.yaml, uncommented, is valid and says what
+    the README promises: marketplace JPEG on white, square, fill 0.85, sRGB; a web WebP."""
+    lines, inside = [], False
+    for line in (ROOT / "config.yaml").read_text().splitlines():
+        inside = line.startswith("# outputs:") or inside and line.startswith("#   ")
+        lines.append(line[2:] if inside else line)
+    cfg = C.parse(yaml.safe_load("\n".join(lines)), ROOT / "config.yaml", check_folders=False)
+    by_name = {d.name: d for d in cfg.outputs}
+    assert set(by_name) == {"master", "marketplace", "web"}
+    market, web = by_name["marketplace"], by_name["web"]
+    assert market.format == "jpeg" and market.flattened == (255, 255, 255)
+    assert market.crop == "subject" and market.colour == "srgb"
+    assert market.canvas == C.Canvas(aspect=(1, 1), long_edge=2000, fill=0.85)
+    assert web.format == "webp" and web.max_size == 1200
+    assert by_name["master"].format in ("png", "tiff") and by_name["master"].background is None
+
+
+def test_readme_deliverables_example_parses():
+    """The README's `outputs:` example is a valid config (docs never drift from the loader)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Deliverables"):]
+    block = section[section.index("```yaml") + len("```yaml"):]
+    block = block[:block.index("```")]
+    cfg = C.parse(yaml.safe_load(block), ROOT / "README.md", check_folders=False)
+    assert [d.format for d in cfg.outputs] == ["tiff", "jpeg", "webp"]
+    market = cfg.outputs[1]
+    assert (market.margin, market.margin_unit, market.flattened) == (2.0, "%", (255, 255, 255))
+    assert market.canvas == C.Canvas(aspect=(1, 1), long_edge=2000, fill=0.85)
