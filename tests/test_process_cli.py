@@ -360,7 +360,7 @@ def test_same_name_from_two_folders_is_not_overwritten(run_cli, small):
     (line,) = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
     assert line.startswith(f"failed: {tmp / 'y' / 'p.png'}: output ") and "already" in line
     events = [json.loads(ln) for ln in err.splitlines() if ln.startswith("{")]
-    assert [(e["path"], e["outcome"]) for e in events if e["event"] == "processed"] == \
+    assert sorted((e["path"], e["outcome"]) for e in events if e["event"] == "processed") == \
         [(str(tmp / "x" / "p.png"), "miss"), (str(tmp / "y" / "p.png"), "failed")]
 
 

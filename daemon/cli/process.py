@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -112,40 +113,53 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                         budget=PixelBudget(cfg.memory_budget_mp * 1e6))
     try:
         pipeline.targets(plan)  # verify the model now: a missing model fails before any file
-        return _run_jobs(pipeline, plan_jobs(args.paths, args.out, plan, cfg.ignore), cfg.umask)
+        return _run_jobs(pipeline, plan_jobs(args.paths, args.out, plan, cfg.ignore), cfg.umask,
+                         cfg.workers)
     finally:
         if guard is not None:
             guard.close()
 
 
-def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int) -> int:
+def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int, workers: int) -> int:
+    """``workers`` jobs at a time, like the daemon: decoding and encoding overlap with
+    inference. Two inputs that would write the same output are caught before any runs."""
     counts: Counter[str] = Counter()
     failures: list[tuple[Path, str]] = []
     claimed: dict[Path, Path] = {}  # output -> source: two inputs named alike must not clobber
-    bar = tqdm(total=len(jobs), unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
+    runnable: list[jobmod.Job] = []
     for job in jobs:
         out = job.outputs[0].absolute()
         first = claimed.setdefault(out, job.src)
-        if first.absolute() != job.src.absolute():
-            outcome, error = "failed", (f"output {out} is already written for {first}; "
-                                        "process one of them separately or pass their common "
-                                        "folder")
-            log.warning("processed", path=str(job.src), outcome="failed", ms=0.0,
-                        model=job.plan.options.model, error=error)
-        else:
-            res = jobmod.run(job, pipeline, umask=umask)
-            if res.outcome == "retry":
-                res = jobmod.run(job, pipeline, umask=umask)  # one more try, then report
+        if first.absolute() == job.src.absolute():
+            runnable.append(job)
+            continue
+        error = (f"output {out} is already written for {first}; process one of them "
+                 "separately or pass their common folder")
+        log.warning("processed", path=str(job.src), outcome="failed", ms=0.0,
+                    model=job.plan.options.model, error=error)
+        counts["failed"] += 1
+        failures.append((job.src, error))
+    bar = tqdm(total=len(jobs), initial=len(failures), unit="img",
+               disable=not sys.stderr.isatty(), file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="job") as pool:
+        for job, res in zip(runnable, pool.map(lambda j: _run_one(pipeline, j, umask),
+                                               runnable)):
             outcome = "failed" if res.outcome == "retry" else res.outcome
-            error = res.error or ""
-        counts[outcome] += 1
-        if outcome == "failed":
-            failures.append((job.src, error))
-        bar.set_postfix({k: counts[k] for k in TIER_ORDER if counts[k]}, refresh=False)
-        bar.update(1)
+            counts[outcome] += 1
+            if outcome == "failed":
+                failures.append((job.src, res.error or ""))
+            bar.set_postfix({k: counts[k] for k in TIER_ORDER if counts[k]}, refresh=False)
+            bar.update(1)
     bar.close()
     for src, error in failures:
         print(f"failed: {src}: {error}", file=sys.stderr)
     summary = ", ".join(f"{k} {counts[k]}" for k in TIER_ORDER)
     print(f"{len(jobs)} files: {summary}")
     return 1 if failures else 0
+
+
+def _run_one(pipeline: Pipeline, job: jobmod.Job, umask: int) -> jobmod.Outcome:
+    res = jobmod.run(job, pipeline, umask=umask)
+    if res.outcome == "retry":
+        res = jobmod.run(job, pipeline, umask=umask)  # one more try, then report
+    return res
