@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import structlog
+from PIL import Image
 
 from daemon.cache.base import Entry, StoreError
 from daemon.cache.guard import CacheGuard
@@ -53,6 +54,16 @@ class Rendered:
     metrics: dict = field(default_factory=dict)
     inferred: bool = False
     sha256: str | None = None  # of the source bytes
+
+
+@dataclass(frozen=True)
+class _Source:
+    decoded: Decoded
+    small: np.ndarray  # fingerprint.working_copy of decoded.rgb: the model's input
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.decoded.width, self.decoded.height
 
 
 @dataclass
@@ -126,9 +137,13 @@ class Pipeline:
     def _render_decoded(self, data: bytes, sha: str, plan: Plan, wanted: list[Target]
                         ) -> Rendered:
         decoded = decode(data, max_pixels=self.max_pixels)
-        fp = fpmod.fingerprint(data, decoded.rgb, sha256=sha)
+        # One reduced copy (an exact box reduction, shorter side 512-1023 px) feeds the
+        # fingerprints, the embedding and the model: no full-size resize before the mask.
+        small = fpmod.working_copy(Image.fromarray(decoded.rgb, "RGB"))
+        fp = fpmod.fingerprint(data, decoded.rgb, sha256=sha, small=small)
         mkey = wanted[0].mask_key
-        found = self._mask(mkey, plan.options, fp, decoded)
+        found = self._mask(mkey, plan.options, fp, _Source(decoded, np.asarray(small)))
+        del small
         full_mask = fit_mask(found.mask, decoded.width, decoded.height)
         files, errors = {}, {}
         for target in wanted:
@@ -178,10 +193,10 @@ class Pipeline:
     # ------------------------------------------------------------ masks
 
     def _mask(self, mkey: str, options: OutputOptions, fp: fpmod.Fingerprint,
-              decoded: Decoded) -> _Mask:
+              src: _Source) -> _Mask:
         if self.guard is None:
-            return self._infer(mkey, options, fp, decoded, store=False)
-        found, fp = self._lookup(mkey, fp, decoded)
+            return self._infer(mkey, options, fp, src, store=False)
+        found, fp = self._lookup(mkey, fp, src)
         if found is not None:
             return found
         flight = f"flight:{mkey}:{fp.pixel_hash}"
@@ -193,15 +208,15 @@ class Pipeline:
         try:
             if not leader:
                 event.wait(timeout=FLIGHT_TIMEOUT_S)
-                found, fp = self._lookup(mkey, fp, decoded)
+                found, fp = self._lookup(mkey, fp, src)
                 if found is not None:
                     return found
             with self._flight_lease(flight) as waited:  # ...and across processes
                 if waited:
-                    found, fp = self._lookup(mkey, fp, decoded)
+                    found, fp = self._lookup(mkey, fp, src)
                     if found is not None:
                         return found
-                return self._infer(mkey, options, fp, decoded, store=True)
+                return self._infer(mkey, options, fp, src, store=True)
         finally:
             if leader:
                 with self._inflight_lock:
@@ -227,7 +242,7 @@ class Pipeline:
                     self.guard.failed(exc)
             yield waited
 
-    def _lookup(self, mkey: str, fp: fpmod.Fingerprint, decoded: Decoded
+    def _lookup(self, mkey: str, fp: fpmod.Fingerprint, src: _Source
                 ) -> tuple[_Mask | None, fpmod.Fingerprint]:
         """A cached mask for these bytes, these pixels or a verified near-duplicate."""
         for tier, finder, value in (("exact", "find_exact", fp.sha256),
@@ -247,7 +262,7 @@ class Pipeline:
         if not cands:
             return None, fp
         if fp.embedding is None:
-            fp = replace(fp, embedding=self.engines.embedder().embed(decoded.rgb))
+            fp = replace(fp, embedding=self.engines.embedder().embed(src.small))
         for cand in cands:
             verdict = fpmod.verify(fp, cand.fp, t)
             if not verdict.accepted:
@@ -275,13 +290,13 @@ class Pipeline:
         return alias.id if ok else None
 
     def _infer(self, mkey: str, options: OutputOptions, fp: fpmod.Fingerprint,
-               decoded: Decoded, *, store: bool) -> _Mask:
-        mask = predict_mask(self.engines.mask(options.model), decoded.rgb, options)
+               src: _Source, *, store: bool) -> _Mask:
+        mask = predict_mask(self.engines.mask(options.model), src.small, options, src.size)
         self.inferences += 1
         if not store:
             return _Mask(mask, "miss", None)
         if fp.embedding is None:
-            fp = replace(fp, embedding=self.engines.embedder().embed(decoded.rgb))
+            fp = replace(fp, embedding=self.engines.embedder().embed(src.small))
         png = encode_mask(mask)
         entry = self.guard.call(lambda s: s.put(mkey, options.model, fp, png, None), default=None)
         self._call("record", None, "miss")

@@ -87,11 +87,34 @@ def render(full: np.ndarray, mask: np.ndarray, spec: Deliverable, meta: SourceMe
             full, mask = crop(full, box), crop(mask, box)  # views: only the crop is cut out
     elif spec.crop != "none":
         raise ValueError(f"crop must be 'none' or 'subject', not {spec.crop!r}")
+    if _straight_png(full, mask, spec):
+        return _png_with_alpha(full, mask, spec, meta)
     pixels = cutout(full, mask)
     if spec.canvas is not None:
         c = spec.canvas
         pixels = place_on_canvas(pixels, tuple(c.aspect), c.long_edge, c.fill)
     return encode(limit_size(pixels, spec.max_size), spec, meta)
+
+
+def _straight_png(full: np.ndarray, mask: np.ndarray, spec: Deliverable) -> bool:
+    """An 8-bit PNG of the pixels as they are (no canvas, no downscale, no background)."""
+    h, w = mask.shape
+    return (spec.format == "png" and full.dtype == np.uint8 and spec.canvas is None
+            and spec.flattened is None and (not spec.max_size or max(w, h) <= spec.max_size))
+
+
+def _png_with_alpha(rgb: np.ndarray, mask: np.ndarray, spec: Deliverable,
+                    meta: SourceMeta) -> bytes:
+    """The same file as ``encode(cutout(rgb, mask), ...)``, without the HxWx4 copy: the
+    colour transform is per pixel and leaves alpha alone, so it runs on the RGB part,
+    and the PNG writer interleaves the alpha strip by strip."""
+    rgb, icc = _colour(rgb, spec.colour, meta.icc)
+    if spec.metadata == "strip":
+        meta = meta.stripped()
+    elif spec.metadata != "keep":
+        raise ValueError(f"metadata must be 'keep' or 'strip', not {spec.metadata!r}")
+    return encode_png(rgb, level=spec.compression, icc_profile=icc, exif=meta.exif,
+                      xmp=meta.xmp, alpha=np.ascontiguousarray(mask))
 
 
 def encode(pixels: np.ndarray, spec: Deliverable, meta: SourceMeta) -> bytes:

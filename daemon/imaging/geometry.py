@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 Box = tuple[int, int, int, int]
 
@@ -27,6 +26,8 @@ def subject_box(mask: np.ndarray) -> Box | None:
         return None
     oy, ox = int(rows[0]), int(cols[0])
     fg = fg[oy:rows[-1] + 1, ox:cols[-1] + 1]
+    from scipy import ndimage  # lazy: an all-hit run never imports scipy
+
     labels, n = ndimage.label(fg, structure=_EIGHT)
     if n > 1:
         sizes = np.bincount(labels.ravel())

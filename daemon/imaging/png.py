@@ -53,20 +53,29 @@ _MAX_DIM = 2**31 - 1  # PNG limit on width and height
 
 def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None = None,
                exif: bytes | None = None, xmp: bytes | None = None,
-               text: dict[str, str] | None = None) -> bytes:
+               text: dict[str, str] | None = None, alpha: np.ndarray | None = None) -> bytes:
     """Encode ``pixels`` (HxW, HxWx2, HxWx3 or HxWx4; uint8 or uint16) as PNG bytes.
 
     Channels map to grey (L, also HxWx1), grey+alpha (LA), RGB and RGBA; any
     strides; uint16 (either byte order) is written as 16-bit big-endian samples. ``icc_profile`` goes into iCCP, ``exif``
     into eXIf (a leading ``Exif\\0\\0`` is stripped), ``xmp`` into an
     uncompressed iTXt ``XML:com.adobe.xmp`` and ``text`` into tEXt chunks
-    (Latin-1). Raises ValueError for any other dtype, shape, level or option.
+    (Latin-1). ``alpha`` (HxW uint8, with HxWx3 uint8 ``pixels``) is written as the
+    fourth channel of an RGBA PNG, interleaved strip by strip: the same file as
+    encoding the stacked HxWx4 array, without building it (a 24 MP cutout is 96 MB).
+    Raises ValueError for any other dtype, shape, level or option.
     """
     arr = _check_pixels(pixels)
+    if alpha is not None:
+        if arr.dtype != np.uint8 or arr.shape[2] != 3 or not isinstance(alpha, np.ndarray) \
+                or alpha.dtype != np.uint8 or alpha.shape != arr.shape[:2]:
+            raise ValueError(f"alpha must be HxW uint8 with HxWx3 uint8 pixels, got pixels "
+                             f"{pixels.shape} {pixels.dtype} and alpha "
+                             f"{getattr(alpha, 'shape', None)} {getattr(alpha, 'dtype', None)}")
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
         raise ValueError(f"PNG level must be an int from 0 to 9, got {level!r}")
     height, width = arr.shape[:2]
-    channels = arr.shape[2]
+    channels = arr.shape[2] + (alpha is not None)
     depth = 8 * arr.dtype.itemsize
 
     out = bytearray(SIGNATURE)
@@ -88,7 +97,7 @@ def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None 
     for key, value in (text or {}).items():
         _append_chunk(out, b"tEXt", _text_keyword(key) + b"\x00" + _latin1(value, f"text[{key!r}]"))
     pending = bytearray()
-    for piece in _deflate(arr, level):
+    for piece in _deflate(arr, level, alpha):
         pending += piece
         if len(pending) >= IDAT_SIZE:
             full = len(pending) - len(pending) % IDAT_SIZE
@@ -119,7 +128,7 @@ def _check_pixels(pixels: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _deflate(arr: np.ndarray, level: int) -> Iterator[bytes]:
+def _deflate(arr: np.ndarray, level: int, alpha: np.ndarray | None = None) -> Iterator[bytes]:
     """The zlib stream of the filtered scanlines, compressed strip by strip."""
     if level == 0:
         comp, filt, code = zlib.compressobj(0), _filter_none, 0
@@ -129,19 +138,27 @@ def _deflate(arr: np.ndarray, level: int) -> Iterator[bytes]:
         comp = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_FILTERED)
         filt, code = _filter_up, 2
     height, width, channels = arr.shape
+    channels += alpha is not None
     row_bytes = width * channels * arr.dtype.itemsize
     rows = max(1, STRIP_BYTES // row_bytes)
     buf = np.empty((min(rows, height), 1 + row_bytes), np.uint8)
     buf[:, 0] = code  # the filter-type byte that starts every scanline
     prev = np.zeros(row_bytes, np.uint8)  # the row above the first row is all zeros
+    rgba = None if alpha is None else np.empty((min(rows, height), width, 4), np.uint8)
     for r0 in range(0, height, rows):
-        cur = _scanlines(arr[r0:r0 + rows])
+        if rgba is None:
+            cur = _scanlines(arr[r0:r0 + rows])
+        else:  # interleave one strip (cache-sized) instead of a full-size RGBA copy
+            n = min(rows, height - r0)
+            rgba[:n, :, :3] = arr[r0:r0 + n]
+            rgba[:n, :, 3] = alpha[r0:r0 + n]
+            cur = rgba[:n].reshape(n, -1)
         n = cur.shape[0]
         filt(cur, prev, buf[:n, 1:])
         piece = comp.compress(buf[:n])
         if piece:
             yield piece
-        prev = cur[-1].copy()
+        prev = cur[-1].copy()  # (the strip buffer is reused)
     yield comp.flush()
 
 

@@ -24,7 +24,7 @@ from daemon.config import Deliverable, OutputOptions
 from daemon.imaging import deliver
 from daemon.imaging.png import encode_png
 
-MASK_VERSION = 3  # bump when mask prediction changes: old masks become misses
+MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
 RENDER_VERSION = 3  # bump when rendering changes: old stored outputs become misses
 MASK_EDGE = 2048
 
@@ -80,18 +80,27 @@ def fit_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def predict_mask(engine, rgb: np.ndarray, options: OutputOptions) -> np.ndarray:
-    """The model's mask at working size (post-processed if asked)."""
-    size = working_mask_size(rgb.shape[1], rgb.shape[0])
+def predict_mask(engine, rgb: np.ndarray, options: OutputOptions,
+                 full_size: tuple[int, int] | None = None) -> np.ndarray:
+    """The model's mask at the working size of an image of ``full_size`` (width, height).
+
+    ``rgb`` is the model's input: the image itself (``full_size`` None) or a reduced copy
+    of it (``fingerprint.working_copy``, shorter side >= 512 px: U^2-Net sees 320x320).
+    The mask comes back at the input's size and is fitted to the working size; from
+    the reduced copy it agrees with the full-size input at IoU >= 0.98 (tests) at a
+    fraction of the resizing (a 24 MP LANCZOS reduction alone took ~0.35 s).
+    """
+    width, height = full_size or (rgb.shape[1], rgb.shape[0])
+    size = working_mask_size(width, height)
     img = Image.fromarray(rgb, "RGB")
-    if img.size != size:
+    if img.size[0] > size[0]:  # larger than the working size: never feed more than that
         img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     mask = engine.predict(np.asarray(img))
     if options.post_process_mask:
         from rembg.bg import post_process  # lazy: rembg pulls in scipy and numba
 
         mask = np.ascontiguousarray(post_process(mask), dtype=np.uint8)
-    return mask
+    return fit_mask(mask, *size)
 
 
 def render_target(target: Target, decoded, mask: np.ndarray) -> bytes:
