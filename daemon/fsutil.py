@@ -276,12 +276,15 @@ def _open_child_dir(parent_fd: int, name: str, shown: Path, create: bool) -> int
 
 
 @contextmanager
-def dir_under(root: Path, rel_dir: Path = Path(), *, create: bool = True) -> Iterator[int]:
+def dir_under(root: Path, rel_dir: Path = Path(), *, create: bool = True,
+              make_root: bool = True) -> Iterator[int]:
     """An fd of ``root/rel_dir`` (made if missing) reached without following any link
-    below ``root``; ``root`` itself is the admin's choice and may be a link."""
+    below ``root``; ``root`` itself is the admin's choice and may be a link. With
+    ``make_root=False`` a missing ``root`` raises FileNotFoundError: an outbox that
+    vanished is a share outage, never re-created on the local disk under a lost mount."""
     parts = () if str(rel_dir) in ("", ".") else _plain_parts(rel_dir)
     root = Path(root)
-    if create:
+    if create and make_root:
         os.makedirs(root, exist_ok=True)
     fd = os.open(os.path.realpath(root), _DIR_FLAGS)
     try:
@@ -328,11 +331,13 @@ def write_at(dir_fd: int, name: str, data: bytes, mode: int | None = None) -> No
     _fsync_fd_quietly(dir_fd)
 
 
-def atomic_write_under(root: Path, rel: Path, data: bytes, mode: int | None = None) -> Path:
-    """Write ``root/rel`` atomically, making its folders; raises ``LinkedPathError`` if any
-    folder below ``root`` is a symbolic link. Returns ``root/rel``."""
+def atomic_write_under(root: Path, rel: Path, data: bytes, mode: int | None = None, *,
+                       make_root: bool = True) -> Path:
+    """Write ``root/rel`` atomically, making its folders (``root`` too unless
+    ``make_root=False``); raises ``LinkedPathError`` if any folder below ``root`` is a
+    symbolic link. Returns ``root/rel``."""
     parts = _plain_parts(rel)
-    with dir_under(root, Path(*parts[:-1])) as dfd:
+    with dir_under(root, Path(*parts[:-1]), make_root=make_root) as dfd:
         write_at(dfd, parts[-1], data, mode)
     return Path(root, *parts)
 

@@ -68,6 +68,7 @@ class Job:
     after_success: str = "keep"
     ledger: Ledger | None = None  # what was processed, so a changed source is redone
     wait_incomplete: bool = False  # an empty or truncated file is "not_ready", not failed
+    make_outbox: bool = True  # False (the daemon): a vanished outbox is an outage, not re-made
 
     def output_rel(self, name: str) -> Path:
         """Relative to the outbox: the legacy PNG ``<rel>.png``; a deliverable
@@ -127,9 +128,17 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
         if not data and job.wait_incomplete:
             return done("not_ready", error="empty file (0 bytes)", reason="incomplete")
         rendered = pipeline.render(data, job.plan)
+        errors = dict(rendered.errors)  # deliverable -> why it is missing
         for name, payload in rendered.files.items():
-            written.append(atomic_write_under(job.outbox, job.output_rel(name), payload,
-                                              mode=output_mode(umask)))
+            try:
+                written.append(atomic_write_under(job.outbox, job.output_rel(name), payload,
+                                                  mode=output_mode(umask),
+                                                  make_root=job.make_outbox))
+            except OSError as exc:
+                # the legacy PNG, a transient error or a link: the whole file, as before
+                if not name or is_transient(exc) or isinstance(exc, LinkedPathError):
+                    raise
+                errors[name] = exc  # this deliverable only: the others are still written
         now = signature(job.src)
         if now not in (_sig(st), None):
             for path in written:  # older than the new content: redone, never taken as done
@@ -138,9 +147,9 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
                         reason="changed", written=written)
         if job.ledger is not None:
             job.ledger.record(job.rel, st, rendered.sha256,
-                              [job.output_rel(n) for n in rendered.files])
-        if rendered.errors:
-            exc = DeliverableFailed(rendered.errors)
+                              [job.output_rel(n) for n in rendered.files if n not in errors])
+        if errors:
+            exc = DeliverableFailed(errors)
             fail(job, exc, exc.reason)
             return done("failed", error=str(exc), reason=exc.reason, exc=exc,
                         sha256=rendered.sha256, written=written)

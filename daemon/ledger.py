@@ -102,7 +102,9 @@ class Ledger:
                      sha256=sha256, outputs=tuple(Path(o).as_posix() for o in outputs),
                      recorded=time.time(), legacy=legacy)
         data = {"version": VERSION, **rec.__dict__, "outputs": list(rec.outputs)}
-        atomic_write_under(self.outbox, record_name(rel), (json.dumps(data) + "\n").encode())
+        # never re-creates a vanished outbox (a share outage) on the local disk
+        atomic_write_under(self.outbox, record_name(rel), (json.dumps(data) + "\n").encode(),
+                           make_root=False)
         return rec
 
     def state(self, rel: Path, st: os.stat_result) -> str:

@@ -425,10 +425,6 @@ def test_deliverable_that_cannot_render_keeps_the_others(studio, monkeypatch):
     assert "web: OSError: webp encoder out of memory" in side["error"], side
 
 
-@pytest.mark.xfail(strict=True, reason="daemon/job.py writes the deliverables in one loop: the "
-                   "first write error (not transient) aborts it, so the deliverables after it "
-                   "are never written and the sidecar says io_error, not which deliverable; "
-                   "fix: collect per-deliverable write errors into DeliverableFailed")
 def test_deliverable_whose_folder_is_a_file_keeps_the_others(studio):
     """A realistic write failure: someone left a file named like an output's folder."""
     s = studio([MASTER, WEB, MARKET], after_success="move")

@@ -212,7 +212,8 @@ class FileClaims:
         return self.folder / (_hashed(name) + ".claim")
 
     def try_lock(self, name: str, ttl: float) -> str | None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # never parents: a vanished outbox (a lost mount) must not be re-created locally
+        self.folder.mkdir(exist_ok=True)
         path = self._path(name)
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         for _ in range(2):

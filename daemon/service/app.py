@@ -58,6 +58,8 @@ class App:
                             claim_ttl_s=cfg.store.claim_ttl_s, budget=budget)
         for plan in plans.values():
             pipeline.targets(plan)  # every model file verified and keyed now
+        if previous is not None:
+            pipeline.inferences = previous.pipeline.inferences  # a running total
         ledgers = {i: Ledger(p.outbox) for i, p in enumerate(cfg.watch)}
         return cls(cfg, engines, guard, locks, pipeline, plans, ledgers)
 

@@ -97,8 +97,11 @@ class Intake:
             return "skipped"
         job = jobmod.Job(item.path, admitted.rel, pair.outbox, app.plan(item.pair),
                          pair.failed_dir, pair.done_dir, pair.after_success,
-                         ledger=app.ledgers[item.pair], wait_incomplete=True)
+                         ledger=app.ledgers[item.pair], wait_incomplete=True,
+                         make_outbox=False)
         if self.is_done(job, admitted.st):
+            log.debug("up_to_date", path=str(item.path),
+                      reason="the ledger records this very file as processed")
             jobmod.dispose(job)  # e.g. killed after writing, before moving
             self.counters.add("up_to_date")
             return "up_to_date"
@@ -136,7 +139,8 @@ class Intake:
         return outcome.outcome
 
     def is_done(self, job: jobmod.Job, st: os.stat_result) -> bool:
-        """The ledger says this very file (size, mtime, ctime, inode) was processed; an
+        """The ledger says this very file (size, mtime, ctime, inode) was processed (a
+        reload's new deliverables apply to files that arrive or change after it); an
         output written by a version before the ledger counts once, by the old rule."""
         state = job.ledger.state(job.rel, st)
         if state != "unknown":

@@ -33,14 +33,16 @@ class Outage:
     reason: str
     since: float
     tries: int = 0
+    next_try: float = 0.0  # monotonic time of the pair's next probe
 
 
 def folder_problem(pair: WatchPair) -> str | None:
     """Why the pair cannot work now (a missing or unwritable folder), or None.
 
-    The inbox must be a readable folder; the outbox, failed/ and done/ (those that
-    exist or whose parent exists) must accept a new file: a probe file is created
-    and removed, because on a share neither mode bits nor ``os.access`` tell.
+    The inbox must be a readable folder; the outbox (made at start, so missing means
+    the share is gone) and failed/ and done/ (those that exist or whose parent
+    exists: they are made on first use) must accept a new file: a probe file is
+    created and removed, because on a share neither mode bits nor ``os.access`` tell.
     """
     try:
         if not os.path.isdir(pair.inbox):
@@ -52,13 +54,15 @@ def folder_problem(pair: WatchPair) -> str | None:
     if pair.after_success == "move":
         folders.append(("done_dir", pair.done_dir))
     for key, folder in folders:
-        problem = _probe(folder)
+        problem = _probe(folder, must_exist=key == "outbox")
         if problem is not None:
             return f"{key} {folder}: {problem}"
     return None
 
 
-def _probe(folder: Path) -> str | None:
+def _probe(folder: Path, *, must_exist: bool = False) -> str | None:
+    if must_exist and not folder.is_dir():
+        return "missing"
     target = folder if folder.exists() else folder.parent  # created on first use
     if not target.is_dir():
         return "missing (and so is its parent folder)"
@@ -86,10 +90,24 @@ class Standby:
 
     def check(self, index: int, pair: WatchPair) -> float | None:
         """None when the pair works (leaving standby if it was on it); else the delay
-        after which its file should be tried again."""
+        after which its file should be tried again.
+
+        The backoff belongs to the pair, not to each file: while on standby every file
+        is told to come back at the pair's next probe, and only a call at or after that
+        time probes again (and backs off further). So many files arriving during an
+        outage neither probe the share each nor push each other's retry out to the cap,
+        and all of them resume together right after the probe that finds it working."""
+        with self._lock:
+            outage = self._pairs.get(index)
+            now = time.monotonic()
+            if outage is not None and now < outage.next_try:
+                return outage.next_try - now
         problem = folder_problem(pair)
         with self._lock:
             outage = self._pairs.get(index)
+            now = time.monotonic()
+            if outage is not None and now < outage.next_try:  # another thread probed meanwhile
+                return outage.next_try - now
             if problem is None:
                 if outage is not None:
                     del self._pairs[index]
@@ -102,7 +120,9 @@ class Standby:
                           effect="its files wait in the inbox; it resumes on its own")
             outage.reason = problem
             outage.tries += 1
-            return min(MAX_BACKOFF_S, 2.0 ** min(outage.tries, 6))
+            delay = min(MAX_BACKOFF_S, 2.0 ** min(outage.tries, 6))
+            outage.next_try = now + delay
+            return delay
 
     def active(self, index: int) -> bool:
         with self._lock:
