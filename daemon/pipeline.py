@@ -28,8 +28,8 @@ from daemon.coord.leases import try_lease, waiting_lease
 from daemon.imaging import fingerprint as fpmod
 from daemon.budget import PixelBudget
 from daemon.imaging.decode import Decoded, decode, probe_pixels
-from daemon.imaging.render import (Target, decode_mask, encode_mask, fit_mask, mask_key,
-                                   predict_mask, render_target, targets, working_mask_size)
+from daemon.imaging.render import (Target, decode_mask, encode_mask, fit_mask, full_size_mask,
+                                   mask_key, predict_mask, render_target, targets, working_mask_size)
 from daemon.inference.engine import Engines
 
 log = structlog.get_logger("rembgd.pipeline")
@@ -144,7 +144,7 @@ class Pipeline:
         mkey = wanted[0].mask_key
         found = self._mask(mkey, plan.options, fp, _Source(decoded, np.asarray(small)))
         del small
-        full_mask = fit_mask(found.mask, decoded.width, decoded.height)
+        full_mask = full_size_mask(found.mask, decoded.width, decoded.height)
         files, errors = {}, {}
         for target in wanted:
             try:

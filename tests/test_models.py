@@ -18,7 +18,8 @@ from conftest import photo
 from daemon.inference import install as I
 from daemon.inference import models as M
 from daemon.inference import offline
-from daemon.inference.engine import Engines, MaskEngine, session_options
+from daemon.inference.engine import (U2NET_FAMILY, Engines, MaskEngine, U2netSession,
+                                     rembg_session, session_options)
 from daemon.inference.models import ModelError, ModelFile
 
 SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
@@ -285,6 +286,44 @@ def test_mask_on_a_real_photo(shared_engines):
     assert mask.shape == rgb.shape[:2] and mask.dtype == np.uint8
     assert mask.min() < 20 and mask.max() > 235  # both background and subject present
     assert mask[160:200, 100:140].mean() > 128  # the astronaut's face is foreground
+
+
+def test_u2net_family_is_exactly_rembgs_u2net_predict():
+    """The sessions run directly are those whose predict is rembg's U2netSession.predict
+    (u2netp, u2net_human_seg and silueta repeat it without u2net's no-op clip(0, 1))."""
+    import inspect
+
+    from rembg.sessions import sessions
+    from rembg.sessions.base import BaseSession
+
+    def steps(cls) -> list[str]:
+        body = inspect.getsource(cls.predict).split('"""')[2]  # code after the docstring
+        return [line.strip() for line in body.replace(".clip(0, 1)", "").splitlines()
+                if line.strip()]
+
+    reference = steps(sessions["u2net"])
+    assert "pred = (pred - mi) / (ma - mi)" in reference
+    for name in U2NET_FAMILY:
+        assert sessions[name].normalize is BaseSession.normalize
+        assert steps(sessions[name]) == reference, name
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket"])
+def test_direct_u2netp_mask_is_rembgs_byte_for_byte(models_dir, name):
+    """The U^2-Net session without rembg gives rembg's own mask, at the photo's own size."""
+    from PIL import Image
+
+    model = M.checked_mask_model(models_dir, "u2netp")
+    opts = session_options(1)
+    ours, theirs = U2netSession(model, opts), rembg_session(model, opts)
+    img = Image.fromarray(photo(name), "RGB")
+    mask = np.asarray(ours.predict(img)[0])
+    assert mask.shape == img.size[::-1] and mask.min() < 30 and mask.max() > 225
+    assert np.array_equal(mask, np.asarray(theirs.predict(img)[0]))
+
+
+def test_mask_engine_runs_the_u2net_family_without_rembg(shared_engines):
+    assert isinstance(shared_engines.mask("u2netp").session, U2netSession)
 
 
 # ------------------------------------------------------------------------ CLI

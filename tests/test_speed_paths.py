@@ -4,7 +4,7 @@
 - the SciPy-free pHash is imagehash's, bit for bit;
 - the straight-PNG path (alpha interleaved by the writer) is the same file as before;
 - the RGBA colour transform is the RGB transform with the alpha carried over;
-- an all-hit `rembgd process` imports no rembg, pymatting, numba or scipy;
+- an all-miss or all-hit `rembgd process` imports no rembg, pymatting, numba or scipy;
 - the pixel budget serialises two large files and still runs one over the budget.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from daemon.imaging import deliver, fingerprint as fpm
 from daemon.imaging.colour import to_srgb
 from daemon.imaging.geometry import crop, crop_box, subject_box
 from daemon.imaging.meta import SourceMeta
-from daemon.imaging.render import predict_mask, working_mask_size
+from daemon.imaging.render import full_size_mask, predict_mask, working_mask_size
 
 from conftest import pipeline_over, write_config
 
@@ -61,6 +61,23 @@ def test_mask_from_working_copy_matches_full_input(shared_engines, name):
     iou = (a & b).sum() / max(1, (a | b).sum())
     assert b.sum() > 0.02 * b.size  # a real subject, or the comparison means nothing
     assert iou >= 0.98, f"{name}: IoU {iou:.4f}"
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "rocket"])
+def test_bilinear_full_size_mask_agrees_with_lanczos(shared_engines, name):
+    """The 2048 px working mask expanded to 6000x4000: BILINEAR is LANCZOS within 3 levels."""
+    rgb = _photo(name, (1500, 1000))  # the working copy of a 6000x4000 file
+    mask = predict_mask(shared_engines.mask("u2netp"), rgb, OutputOptions(), (6000, 4000))
+    assert mask.shape == (1365, 2048)
+    fast = full_size_mask(mask, 6000, 4000)
+    ref = np.asarray(Image.fromarray(mask).resize((6000, 4000), Image.Resampling.LANCZOS))
+    assert fast.shape == ref.shape == (4000, 6000)
+    a, b = fast >= 128, ref >= 128
+    assert 0.02 * b.size < b.sum() < 0.98 * b.size  # a real subject with an edge
+    diff = np.abs(fast.astype(np.int16) - ref)
+    assert (a & b).sum() / (a | b).sum() >= 0.999
+    assert diff.mean() < 0.05 and diff.max() <= 4
+    assert full_size_mask(mask, 2048, 1365) is mask  # already full size: no copy
 
 
 def test_phash_is_imagehash_bit_for_bit():
@@ -127,29 +144,38 @@ sys.exit(rc)
 """
 
 
-def test_all_hit_process_imports_no_inference_stack(tmp_path, models_dir):
+def _process_probe(cfg: Path, src: Path, out: Path) -> str:
+    """`rembgd process` in a fresh interpreter; its summary, then HEAVY=<modules imported>."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, "--config", str(cfg), "process",
+                           str(src), "-o", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_all_miss_and_all_hit_process_import_no_inference_stack(tmp_path, models_dir):
+    """u2netp runs on ONNX Runtime directly: neither misses nor hits import rembg."""
     src = tmp_path / "src"
     src.mkdir()
     for i, name in enumerate(("coffee", "chelsea")):
         (src / f"{i}.jpg").write_bytes(_jpeg(_photo(name, (640, 480))))
     cfg = write_config(tmp_path, models_dir)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    def process(out: str) -> str:
-        proc = subprocess.run([sys.executable, "-c", _PROBE, "--config", str(cfg), "process",
-                               str(src), "-o", str(tmp_path / out)],
-                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    first = process("out1")
+    first = _process_probe(cfg, src, tmp_path / "out1")
     assert "miss 2" in first and "HEAVY=" in first
-    assert "rembg" in first.split("HEAVY=")[1]  # the probe sees imports when they happen
-    second = process("out2")
+    assert first.split("HEAVY=")[1].strip() == ""
+    second = _process_probe(cfg, src, tmp_path / "out2")
     assert "exact 2" in second
     assert second.split("HEAVY=")[1].strip() == ""
     assert (tmp_path / "out2" / "0.jpg.png").read_bytes() == \
         (tmp_path / "out1" / "0.jpg.png").read_bytes()
+    # the probe sees the imports when they do happen: post-processing is rembg's
+    post = tmp_path / "post"
+    post.mkdir()
+    cfg = write_config(post, models_dir, output={"post_process_mask": True})
+    third = _process_probe(cfg, src, post / "out")
+    assert "miss 2" in third
+    assert "rembg" in third.split("HEAVY=")[1]
 
 
 def test_budget_serialises_two_large_files(tmp_path, models_dir, shared_engines):

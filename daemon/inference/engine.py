@@ -1,13 +1,18 @@
-"""Inference: rembg mask sessions and the EfficientNet-Lite0 embedder on ONNX Runtime.
+"""Inference: mask sessions and the EfficientNet-Lite0 embedder on ONNX Runtime.
 
 One session per model, shared by all workers (``InferenceSession.run`` is
 thread-safe). Mask inference is serialised by a semaphore so that concurrent
 workers overlap decoding/encoding with it instead of oversubscribing the cores.
 
-rembg (and with it pymatting, numba, scipy) is imported only when a mask
-session is created. rembg is handed our verified file directly: its session
-class is subclassed with ``download_models`` returning our path, so no
-environment variable is set and no download can start.
+The U^2-Net family (``U2NET_FAMILY``: u2net, u2netp, u2net_human_seg, silueta),
+which in rembg 2.0.86 all share ``U2netSession.predict``, runs here directly on
+ONNX Runtime (``U2netSession`` below reproduces rembg's pre- and post-processing
+step for step, so the masks are rembg's, byte for byte: tests/test_models.py).
+That spares every process with a miss importing rembg, which pulls in
+pymatting, numba and scipy (~1-2 s). Other models go through rembg's own
+session, imported only when one is created; rembg is handed our verified file
+directly: its session class is subclassed with ``download_models`` returning
+our path, so no environment variable is set and no download can start.
 """
 from __future__ import annotations
 
@@ -25,8 +30,15 @@ from daemon.inference.models import (
     ModelError, ModelFile, check_image_input, checked_embedder, checked_mask_model, model_spec)
 from daemon.inference.offline import refuse_downloads
 
-__all__ = ["Embedder", "Engines", "MaskEngine", "ModelError", "ModelFile", "refuse_downloads",
-           "session_options"]
+__all__ = ["Embedder", "Engines", "MaskEngine", "ModelError", "ModelFile", "U2NET_FAMILY",
+           "U2netSession", "refuse_downloads", "session_options"]
+
+# rembg 2.0.86's sessions whose predict is U2netSession.predict (same normalisation,
+# 320x320 input, min-max output); u2net's extra clip(0, 1) is a no-op on min-max output.
+U2NET_FAMILY = frozenset({"u2net", "u2netp", "u2net_human_seg", "silueta"})
+_U2NET_MEAN = (0.485, 0.456, 0.406)
+_U2NET_STD = (0.229, 0.224, 0.225)
+_U2NET_SIZE = (320, 320)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -38,6 +50,53 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
+
+
+def _load_error(model: ModelFile, exc: Exception) -> ModelError:
+    return ModelError(
+        f"model {model.name!r} at {model.path} does not load ({type(exc).__name__}: "
+        f"{str(exc)[:200]}). Run `{model_spec(model.name).fix('--force')}`")
+
+
+class U2netSession:
+    """rembg 2.0.86's ``U2netSession`` (``BaseSession.normalize`` + ``predict``) without rembg.
+
+    The same interface as rembg's session (``inner_session``, ``predict(img) -> [mask]``)
+    and the same arithmetic, in the same order and dtypes, so the mask is identical.
+    """
+
+    def __init__(self, model: ModelFile, opts: ort.SessionOptions):
+        self.model_name = model.name
+        try:
+            self.inner_session = ort.InferenceSession(str(model.path), sess_options=opts,
+                                                      providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own classes (InvalidProtobuf, NoSuchFile...)
+            raise _load_error(model, exc) from None
+        self._input = self.inner_session.get_inputs()[0].name
+
+    def normalize(self, img: Image.Image) -> dict[str, np.ndarray]:
+        """``BaseSession.normalize(img, mean, std, (320, 320))``: float64 maths, float32 out."""
+        im_ary = np.array(img.convert("RGB").resize(_U2NET_SIZE, Image.Resampling.LANCZOS))
+        im_ary = im_ary / max(np.max(im_ary), 1e-6)
+        tmp = np.zeros((im_ary.shape[0], im_ary.shape[1], 3))
+        for c in range(3):
+            tmp[:, :, c] = (im_ary[:, :, c] - _U2NET_MEAN[c]) / _U2NET_STD[c]
+        return {self._input: np.expand_dims(tmp.transpose((2, 0, 1)), 0).astype(np.float32)}
+
+    def predict(self, img: Image.Image) -> list[Image.Image]:
+        """``U2netSession.predict``: min-max normalised output, uint8, LANCZOS to img.size."""
+        pred = self.inner_session.run(None, self.normalize(img))[0][:, 0, :, :]
+        ma, mi = np.max(pred), np.min(pred)
+        pred = np.squeeze((pred - mi) / (ma - mi))
+        mask = Image.fromarray((pred.clip(0, 1) * 255).astype("uint8"), mode="L")
+        return [mask.resize(img.size, Image.Resampling.LANCZOS)]
+
+
+def mask_session(model: ModelFile, opts: ort.SessionOptions):
+    """The session predicting ``model``'s masks: ours for the U^2-Net family, else rembg's."""
+    if model.name in U2NET_FAMILY:
+        return U2netSession(model, opts)
+    return rembg_session(model, opts)
 
 
 def rembg_session(model: ModelFile, opts: ort.SessionOptions):
@@ -53,18 +112,16 @@ def rembg_session(model: ModelFile, opts: ort.SessionOptions):
     try:
         return pinned(model.name, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own classes (InvalidProtobuf, NoSuchFile...)
-        raise ModelError(
-            f"model {model.name!r} at {path} does not load ({type(exc).__name__}: "
-            f"{str(exc)[:200]}). Run `{model_spec(model.name).fix('--force')}`") from None
+        raise _load_error(model, exc) from None
 
 
 class MaskEngine:
-    """rembg's session for one model, loaded from our verified file only."""
+    """The mask session for one model (see ``mask_session``), loaded from our verified file only."""
 
     def __init__(self, model: ModelFile, threads: int = 0, concurrency: int = 1):
         spec = model_spec(model.name)  # unknown or remote: ModelError before rembg
         self.model = model
-        self.session = rembg_session(model, session_options(threads))
+        self.session = mask_session(model, session_options(threads))
         check_image_input(model.name, self.session.inner_session.get_inputs(), spec.input_size,
                           str(model.path), spec.fix("--force"))
         self._gate = threading.BoundedSemaphore(concurrency)
