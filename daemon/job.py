@@ -18,8 +18,8 @@ from pathlib import Path
 
 import structlog
 
-from daemon.fsutil import (NAME_MAX, LinkedPathError, atomic_write_under, is_transient,
-                           move_under, name_bytes, output_mode, write_failure)
+from daemon.fsutil import NAME_MAX, is_transient, name_bytes, output_mode
+from daemon.nofollow import LinkedPathError, atomic_write_under, move_under, write_failure
 from daemon.imaging.decode import DecodeError, TruncatedImage
 from daemon.inference.models import ModelError
 from daemon.ledger import Ledger

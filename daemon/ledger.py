@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.fsutil import LinkedPathError, atomic_write_under, read_under, unlink_under
+from daemon.nofollow import LinkedPathError, atomic_write_under, read_under, unlink_under
 
 LEDGER_DIR = ".rembgd-ledger"
 VERSION = 1

@@ -14,7 +14,8 @@ import pytest
 from daemon import fsutil
 from daemon.imaging.decode import TruncatedImage
 from daemon.fsutil import (atomic_write_bytes, is_temp_name, move_file, output_name,
-                           safe_relative, write_failure)
+                           safe_relative)
+from daemon.nofollow import write_failure
 from daemon.scan import is_ignored, walk
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.fsutil import LinkedPathError
+from daemon.nofollow import LinkedPathError
 from daemon.ledger import LEDGER_DIR, Ledger, record_name
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from daemon.config import DEFAULT_IGNORE
-from daemon.fsutil import (LinkedPathError, atomic_write_under, is_temp_name, is_transient,
-                           move_under, read_under, remove_stale_temps, temp_name, unlink_under,
-                           write_failure)
+from daemon.fsutil import is_temp_name, is_transient, temp_name
+from daemon.nofollow import (LinkedPathError, atomic_write_under, move_under, read_under,
+                             remove_stale_temps, unlink_under, write_failure)
 from daemon.scan import ignore_reason, is_ignored, path_ignore_reason, walk
 
 

@@ -22,7 +22,7 @@ from daemon.cache.pruner import Pruner
 from daemon.config import Config, ConfigError
 from daemon.inference.models import ModelError
 from daemon.config import WatchPair
-from daemon.fsutil import remove_stale_temps
+from daemon.nofollow import remove_stale_temps
 from daemon.job import Job
 from daemon.scan import walk
 from daemon.service import systemd
