@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon.imaging import fingerprint as fpmod  # noqa: E402
+from daemon.imaging import match  # noqa: E402
 from daemon.config import MatchThresholds  # noqa: E402
 from daemon.imaging.decode import decode  # noqa: E402
 from daemon.imaging.render import fit_mask  # noqa: E402
@@ -394,7 +395,7 @@ def _tier(query: fpmod.Fingerprint, cached: fpmod.Fingerprint, m: dict,
         return "exact", "same bytes"
     if query.pixel_hash == cached.pixel_hash:
         return "pixel", "same pixels"
-    v = fpmod.decide(m, t)
+    v = match.decide(m, t)
     return ("near" if v.accepted else "miss"), v.reason
 
 
@@ -402,9 +403,9 @@ def judge(pairs: list[Pair], t: MatchThresholds) -> None:
     for p in pairs:
         a, b = p.a.fp, p.b.fp
         if a.pixel_hash != b.pixel_hash and not p.fwd:
-            p.fwd, p.rev = fpmod.measure(b, a), fpmod.measure(a, b)
+            p.fwd, p.rev = match.measure(b, a), match.measure(a, b)
             # verify() is decide(measure()): check that once per pair, as the pipeline calls it
-            assert fpmod.verify(b, a, t).accepted == fpmod.decide(p.fwd, t).accepted
+            assert match.verify(b, a, t).accepted == match.decide(p.fwd, t).accepted
         p.tier, p.reason = _tier(b, a, p.fwd, t)
         p.tier_rev, p.reason_rev = _tier(a, b, p.rev, t)
 
@@ -424,7 +425,7 @@ def relax(t: MatchThresholds, r: float, only: str | None = None) -> MatchThresho
     """Thresholds moved towards the negatives: a maximum becomes ``max * (1 + r)``,
     a minimum similarity ``min - r * (1 - min)``; pHash stays capped at 15 (the index)."""
     changes = {}
-    for _, fld, kind in fpmod.CHECKS:
+    for _, fld, kind in match.CHECKS:
         if only is not None and fld != only:
             continue
         v = getattr(t, fld)
@@ -443,7 +444,7 @@ def margin(pairs: list[Pair], t: MatchThresholds) -> tuple[float, Pair | None]:
     for _ in range(30):
         mid = (lo + hi) / 2
         relaxed = relax(t, mid)
-        bad = [p for p, m in neg if fpmod.decide(m, relaxed).accepted]
+        bad = [p for p, m in neg if match.decide(m, relaxed).accepted]
         if bad:
             hi, first = mid, bad[0]
         else:
@@ -453,12 +454,12 @@ def margin(pairs: list[Pair], t: MatchThresholds) -> tuple[float, Pair | None]:
 
 def accepted(neg: list[Pair], t: MatchThresholds) -> int:
     """Negatives that ``t`` would accept in either direction."""
-    return sum(any(fpmod.decide(m, t).accepted for m in p.directions) for p in neg)
+    return sum(any(match.decide(m, t).accepted for m in p.directions) for p in neg)
 
 
 def recall_at(pairs: list[Pair], t: MatchThresholds) -> float:
     pos = [p for p in pairs if p.label == "pos"]
-    ok = sum(p.tier in ("exact", "pixel") or fpmod.decide(p.fwd, t).accepted for p in pos)
+    ok = sum(p.tier in ("exact", "pixel") or match.decide(p.fwd, t).accepted for p in pos)
     return ok / len(pos)
 
 
@@ -496,7 +497,7 @@ def _passes(value: float, limit: float, kind: str) -> bool:
 
 
 def _failing(m: dict, t: MatchThresholds) -> list[str]:
-    return [metric for metric, fld, kind in fpmod.CHECKS
+    return [metric for metric, fld, kind in match.CHECKS
             if not _passes(m[metric], getattr(t, fld), kind)]
 
 
@@ -518,7 +519,7 @@ def _worst(ms: list[dict]) -> str:
     if not ms:
         return "-"
     parts = []
-    for metric, _, kind in fpmod.CHECKS:
+    for metric, _, kind in match.CHECKS:
         vals = [m[metric] for m in ms]
         parts.append(f"{metric} {_fmt(max(vals) if kind == 'max' else min(vals))}")
     return ", ".join(parts)
@@ -527,7 +528,7 @@ def _worst(ms: list[dict]) -> str:
 def _closeness(m: dict, t: MatchThresholds) -> float:
     """How far the *best* rejecting check is beyond its threshold, in relax() units."""
     best = -1.0
-    for metric, fld, kind in fpmod.CHECKS:
+    for metric, fld, kind in match.CHECKS:
         thr, v = getattr(t, fld), m[metric]
         s = (v - thr) / max(abs(thr), 1e-9) if kind == "max" else (thr - v) / max(1 - thr, 1e-9)
         best = max(best, s)
@@ -541,7 +542,7 @@ def _closest(ps: list[Pair], t: MatchThresholds) -> str:
     p, m = min(cands, key=lambda pm: _closeness(pm[1], t))
     fails = _failing(m, t)
     shown = ", ".join(f"`{k}` {_fmt(m[k])}" for k in fails)
-    return f"{p.base}: fails {len(fails)} of {len(fpmod.CHECKS)}: {shown}"
+    return f"{p.base}: fails {len(fails)} of {len(match.CHECKS)}: {shown}"
 
 
 def _room(kind: str, inner: float, outer: float) -> str:
@@ -610,7 +611,7 @@ def report(pairs: list[Pair], t: MatchThresholds, info: dict, elapsed: float, n_
     w("| check | threshold | positives, worst (both ways) | room | sole-guard negatives, "
       "closest | room | all negatives |")
     w("|---|---|---|---|---|---|---|")
-    for metric, fld, kind in fpmod.CHECKS:
+    for metric, fld, kind in match.CHECKS:
         thr = getattr(t, fld)
         pv = [m[metric] for m in pos_m]
         worst_p = max(pv) if kind == "max" else min(pv)
@@ -686,7 +687,7 @@ def report(pairs: list[Pair], t: MatchThresholds, info: dict, elapsed: float, n_
     w("")
     w("| check | r = -0.5 | r = -0.25 | default | r = +0.5 | r = +1 |")
     w("|---|---|---|---|---|---|")
-    for metric, fld, _ in fpmod.CHECKS:
+    for metric, fld, _ in match.CHECKS:
         cells = []
         for rr in (-0.5, -0.25, 0.0, 0.5, 1.0):
             tt = relax(t, rr, only=fld)
@@ -744,7 +745,7 @@ def report(pairs: list[Pair], t: MatchThresholds, info: dict, elapsed: float, n_
         w("")
     w("## Metrics")
     w("")
-    for metric, doc in fpmod.METRIC_DOCS.items():
+    for metric, doc in match.METRIC_DOCS.items():
         w(f"- `{metric}`: {doc}")
     w("")
     return "\n".join(lines)

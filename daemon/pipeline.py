@@ -26,6 +26,7 @@ from daemon.cache.guard import CacheGuard
 from daemon.config import CacheConfig, Deliverable, OutputOptions
 from daemon.coord.leases import try_lease, waiting_lease
 from daemon.imaging import fingerprint as fpmod
+from daemon.imaging import match
 from daemon.budget import PixelBudget
 from daemon.imaging.decode import Decoded, decode, probe_pixels
 from daemon.imaging.render import (Target, decode_mask, encode_mask, fit_mask, full_size_mask,
@@ -264,7 +265,7 @@ class Pipeline:
         if fp.embedding is None:
             fp = replace(fp, embedding=self.engines.embedder().embed(src.small))
         for cand in cands:
-            verdict = fpmod.verify(fp, cand.fp, t)
+            verdict = match.verify(fp, cand.fp, t)
             if not verdict.accepted:
                 log.debug("near_rejected", candidate=cand.id, reason=verdict.reason,
                           **verdict.metrics)

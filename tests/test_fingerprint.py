@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import photo
 from daemon import config as configmod
 from daemon.imaging import fingerprint as fp
+from daemon.imaging import match
 from daemon.config import MatchThresholds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +76,9 @@ def test_hamming_triangle_inequality(a, b, c):
 
 
 def test_aspect_delta_zero_for_same_ratio_and_resizes():
-    assert fp.aspect_delta(640, 480, 640, 480) == 0.0
-    assert fp.aspect_delta(640, 480, 320, 240) == 0.0
-    assert fp.aspect_delta(4000, 3000, 1000, 750) == 0.0
+    assert match.aspect_delta(640, 480, 640, 480) == 0.0
+    assert match.aspect_delta(640, 480, 320, 240) == 0.0
+    assert match.aspect_delta(4000, 3000, 1000, 750) == 0.0
 
 
 @pytest.mark.parametrize("w, h, f", [(451, 300, 0.25), (451, 300, 0.5), (600, 400, 0.33),
@@ -85,20 +86,20 @@ def test_aspect_delta_zero_for_same_ratio_and_resizes():
 def test_aspect_delta_absorbs_rounding_of_resizes(w, h, f):
     """A resize rounds each side to whole pixels; that alone must never look like a crop."""
     rw, rh = max(1, round(w * f)), max(1, round(h * f))
-    assert fp.aspect_delta(w, h, rw, rh) == 0.0
-    assert fp.aspect_delta(rw, rh, w, h) == 0.0
+    assert match.aspect_delta(w, h, rw, rh) == 0.0
+    assert match.aspect_delta(rw, rh, w, h) == 0.0
 
 
 def test_aspect_delta_sees_crops_and_rotations():
-    assert fp.aspect_delta(600, 400, 570, 400) > 0.04  # 5% off one side
-    assert fp.aspect_delta(600, 400, 400, 600) > 0.8  # rotated 90 degrees
-    assert fp.aspect_delta(600, 400, 570, 400) > MatchThresholds().max_aspect_delta
+    assert match.aspect_delta(600, 400, 570, 400) > 0.04  # 5% off one side
+    assert match.aspect_delta(600, 400, 400, 600) > 0.8  # rotated 90 degrees
+    assert match.aspect_delta(600, 400, 570, 400) > MatchThresholds().max_aspect_delta
 
 
 @given(st.integers(16, 5000), st.integers(16, 5000), st.integers(16, 5000), st.integers(16, 5000))
 def test_aspect_delta_symmetric_and_non_negative(a, b, c, d):
-    assert fp.aspect_delta(a, b, c, d) == pytest.approx(fp.aspect_delta(c, d, a, b))
-    assert fp.aspect_delta(a, b, c, d) >= 0.0
+    assert match.aspect_delta(a, b, c, d) == pytest.approx(match.aspect_delta(c, d, a, b))
+    assert match.aspect_delta(a, b, c, d) >= 0.0
 
 
 # ------------------------------------------------------------------ colour, thumbnails
@@ -127,15 +128,15 @@ def test_thumbs_of_another_layout_never_verify():
     assert not old.valid
     a = fingerprint_of(photo("coffee"))
     stale = dataclasses.replace(a, thumbs=old, sha256="other", pixel_hash="other")
-    v = fp.verify(a, stale, MatchThresholds())
+    v = match.verify(a, stale, MatchThresholds())
     assert not v.accepted and v.reason == "missing"
 
 
 def test_compare_size_needs_three_pixels_per_thumbnail_pixel():
-    assert fp.compare_size(4000, 3000, 1000, 750) == 128
-    assert fp.compare_size(451, 300, 451, 300) == 64  # 300 < 3 * 128
-    assert fp.compare_size(451, 300, 113, 75) == 16
-    assert fp.compare_size(20, 20, 20, 20) == 16  # never below 16
+    assert match.compare_size(4000, 3000, 1000, 750) == 128
+    assert match.compare_size(451, 300, 451, 300) == 64  # 300 < 3 * 128
+    assert match.compare_size(451, 300, 113, 75) == 16
+    assert match.compare_size(20, 20, 20, 20) == 16  # never below 16
 
 
 def test_working_copy_keeps_small_images_and_reduces_large_ones():
@@ -151,22 +152,22 @@ def test_working_copy_keeps_small_images_and_reduces_large_ones():
 def test_tone_residual_absorbs_a_quadratic_tone_curve():
     c = np.random.default_rng(1).uniform(0, 100, (32, 32))
     q = 3 + 0.9 * c + 0.001 * c * c
-    assert np.abs(fp.tone_residual(q, c)).max() < 1e-6
+    assert np.abs(match.tone_residual(q, c)).max() < 1e-6
     q2 = q.copy()
     q2[:4, :4] += 20  # a local edit survives the fit
-    assert np.abs(fp.tone_residual(q2, c)).max() > 15
+    assert np.abs(match.tone_residual(q2, c)).max() > 15
 
 
 def test_edge_correlation_identity_shift_and_flat():
     luma = fp.thumbnails(Image.fromarray(photo("astronaut"))).luma.astype(float)
-    assert fp.edge_correlation(luma, luma) == pytest.approx(1.0)
-    assert fp.edge_correlation(luma, luma * 0.8 + 10) == pytest.approx(1.0)
-    assert fp.edge_correlation(luma, np.roll(luma, 2, axis=1)) < 0.9
-    assert fp.edge_correlation(luma, luma[:, ::-1]) < 0.5
+    assert match.edge_correlation(luma, luma) == pytest.approx(1.0)
+    assert match.edge_correlation(luma, luma * 0.8 + 10) == pytest.approx(1.0)
+    assert match.edge_correlation(luma, np.roll(luma, 2, axis=1)) < 0.9
+    assert match.edge_correlation(luma, luma[:, ::-1]) < 0.5
     flat = np.full((64, 64), 50.0)
-    assert fp.edge_correlation(flat, flat) == 1.0
-    assert fp.edge_correlation(flat, flat + 20) == 0.0
-    assert fp.edge_correlation(flat, luma[:64, :64]) == 0.0
+    assert match.edge_correlation(flat, flat) == 1.0
+    assert match.edge_correlation(flat, flat + 20) == 0.0
+    assert match.edge_correlation(flat, luma[:64, :64]) == 0.0
 
 
 def fingerprint_of(rgb: np.ndarray, embedding: np.ndarray | None = None) -> fp.Fingerprint:
@@ -177,9 +178,9 @@ def fingerprint_of(rgb: np.ndarray, embedding: np.ndarray | None = None) -> fp.F
 
 def test_verify_accepts_itself_and_reports_every_metric():
     a = fingerprint_of(photo("astronaut"))
-    v = fp.verify(a, a, MatchThresholds())
+    v = match.verify(a, a, MatchThresholds())
     assert v.accepted and v.reason == "verified"
-    assert {m for m, _, _ in fp.CHECKS} <= set(v.metrics)
+    assert {m for m, _, _ in match.CHECKS} <= set(v.metrics)
     assert v.metrics["edge_corr"] == pytest.approx(1.0)
     assert v.metrics["luma_max"] < 1e-6 and v.metrics["colour_max"] == 0.0
 
@@ -187,7 +188,7 @@ def test_verify_accepts_itself_and_reports_every_metric():
 def test_verify_without_embedding_is_a_miss():
     a = fingerprint_of(photo("astronaut"))
     b = dataclasses.replace(a, embedding=None)
-    v = fp.verify(a, b, MatchThresholds())
+    v = match.verify(a, b, MatchThresholds())
     assert not v.accepted and v.reason == "missing"
 
 
@@ -195,27 +196,27 @@ def test_verify_reasons_follow_check_order():
     rgb = photo("coffee")
     a = fingerprint_of(rgb)
     recoloured = fingerprint_of(np.ascontiguousarray(rgb[..., ::-1]))  # RGB -> BGR
-    v = fp.verify(recoloured, a, MatchThresholds())
+    v = match.verify(recoloured, a, MatchThresholds())
     assert not v.accepted and v.reason in ("phash", "luma", "colour")
-    v = fp.verify(fingerprint_of(np.ascontiguousarray(rgb[:, ::-1])), a, MatchThresholds())
+    v = match.verify(fingerprint_of(np.ascontiguousarray(rgb[:, ::-1])), a, MatchThresholds())
     assert not v.accepted and v.reason in ("phash", "structure")
     wide = fingerprint_of(np.ascontiguousarray(rgb[:, 30:]))
-    assert fp.verify(wide, a, MatchThresholds()).reason == "aspect"
+    assert match.verify(wide, a, MatchThresholds()).reason == "aspect"
 
 
 def test_decide_applies_each_threshold():
     t = MatchThresholds()
     ok = {"aspect_delta": 0.0, "phash": 0, "cosine": 1.0, "edge_corr": 1.0, "luma_max": 0.0,
           "colour_max": 0.0}
-    assert fp.decide(ok, t).accepted
-    for metric, field_name, kind in fp.CHECKS:
+    assert match.decide(ok, t).accepted
+    for metric, field_name, kind in match.CHECKS:
         limit = getattr(t, field_name)
         at = {**ok, metric: limit}
-        assert fp.decide(at, t).accepted, f"{metric} at its threshold passes"
+        assert match.decide(at, t).accepted, f"{metric} at its threshold passes"
         beyond = limit + (1 if kind == "max" else -0.01)
-        v = fp.decide({**ok, metric: beyond}, t)
-        assert not v.accepted and v.reason == fp.REASONS[metric]
-        assert fp.decide({**ok, metric: None}, t).reason == "missing"
+        v = match.decide({**ok, metric: beyond}, t)
+        assert not v.accepted and v.reason == match.REASONS[metric]
+        assert match.decide({**ok, metric: None}, t).reason == "missing"
 
 
 # ------------------------------------------------------------------ defaults
