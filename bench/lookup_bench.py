@@ -232,7 +232,7 @@ def bench_redis(n: int, q: int, seed: int, url: str) -> dict:
                            "cache": {"dir": str(tmp / "cache")}},
                           tmp / "config.yaml", check_folders=False)
     raw = redis.Redis.from_url(url)
-    store = RedisStore(cfg)
+    store = RedisStore(cfg.store, cfg.cache)
 
     def extra(s):
         return {"redis_version": raw.info("server")["redis_version"]}
