@@ -2,9 +2,17 @@
 from daemon.config.loader import (BUILTIN, candidates, default_cache_dir, default_models_dir,
                                   discover, is_builtin, load, load_effective, parse, replace,
                                   state_path)
-from daemon.config.schema import *  # noqa: F401,F403
-from daemon.config.schema import (AFTER_SUCCESS, BACKENDS, DEFAULT_IGNORE, LOG_FORMATS,  # noqa: F401
-                                  OBSERVERS, POLICIES)
+from daemon.config.schema import (AFTER_SUCCESS, BACKENDS, COLOURS, CROPS, DEFAULT_IGNORE,
+                                  FORMAT_EXT, FORMATS, LOG_FORMATS, METADATA, OBSERVERS,
+                                  POLICIES, AlphaMatting, CacheConfig, CacheLimits, Canvas,
+                                  Config, ConfigError, Deliverable, MatchThresholds,
+                                  OutputOptions, PruneSchedule, StoreConfig, WatchPair)
 
-__all__ = ["BUILTIN", "candidates", "default_cache_dir", "default_models_dir", "discover",
-           "is_builtin", "load", "load_effective", "parse", "replace", "state_path"]
+__all__ = [
+    "AFTER_SUCCESS", "BACKENDS", "BUILTIN", "COLOURS", "CROPS", "DEFAULT_IGNORE", "FORMAT_EXT",
+    "FORMATS", "LOG_FORMATS", "METADATA", "OBSERVERS", "POLICIES", "AlphaMatting", "CacheConfig",
+    "CacheLimits", "Canvas", "Config", "ConfigError", "Deliverable", "MatchThresholds",
+    "OutputOptions", "PruneSchedule", "StoreConfig", "WatchPair", "candidates",
+    "default_cache_dir", "default_models_dir", "discover", "is_builtin", "load",
+    "load_effective", "parse", "replace", "state_path",
+]

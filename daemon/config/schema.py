@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 DEFAULT_IGNORE = (
     ".*",  # dotfiles, which also covers ._*, .DS_Store and .syncthing.*
