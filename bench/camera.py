@@ -331,6 +331,73 @@ def verdict(key: str, value: float | None) -> str:
     return f"**not met** (by {miss:.2f}x)"
 
 
+# Where a near hit's time goes: measured by hand (cProfile of Pipeline.render in one process,
+# a warm pipeline over a SQLite cache, u2netp, 2 threads), not by this script. Update with it.
+NEAR_PROFILE = """\
+## Where a near hit's time goes (profile, measured separately)
+
+A 24 MP near hit renders in 0.52-0.57 s inside `Pipeline.render` (warm, one process, quiet
+machine; 0.74-1.1 s in later runs while other jobs shared the 2 cores);
+the daemon reports 0.72-0.84 s for the whole job (`"ms"` in its `processed` events), the rest
+being the job's own read, the 29 MB atomic write with fsync (~90 ms measured alone), the
+ledger and disposal, and sharing 2 cores with the watcher thread.
+
+| step (24 MP near hit) | ms | owner |
+|---|---:|---|
+| JPEG decode (libjpeg-turbo, one thread) | 80 | `imaging/decode.py` |
+| `ImageOps.exif_transpose` copy (orientation 1: a 72 MB copy for nothing) | 40 | `imaging/decode.py` |
+| `np.asarray(PIL image)` (`tobytes`, another 72 MB copy) | 30-58 | `imaging/decode.py` |
+| exact pixel hash (SHA-256 of 72 MB) | 39 | `imaging/fingerprint.py` |
+| working copy, pHash, embedding, mask lookup | ~40 | fingerprint, pipeline |
+| working mask -> full size (BILINEAR; LANCZOS was ~110) | 63 | `imaging/render.py` |
+| PNG, level 1, 2 threads (the single-stream writer was ~330-430) | 160-230 | `imaging/png.py` |
+| stored output for the next exact copy (SHA-256 + blob write + fsync) | ~40 | cache |
+
+At 1 MP the render is 57-60 ms and the job ~80 ms, so the < 80 ms target sits within the noise of
+the job's write, ledger and watcher wake-up. A rerun of the near-hit measure alone on a quieter
+machine (08:31, load 0.9) gave 82 ms at 1 MP and 777 ms at 24 MP (medians of 7).
+
+Reproduce the profile: `.venv/bin/python bench/camera.py --profile-near 24` (or `1`).
+"""
+
+
+def profile_near(mp: str) -> None:
+    """cProfile of one near hit in `Pipeline.render` (warm, in this process), printed."""
+    import cProfile
+    import pstats
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import pipeline_over, write_config  # noqa: E402
+
+    from daemon import config as configmod, runtime
+    from daemon.cache import open_store
+    from daemon.imaging.decode import DEFAULT_MAX_PIXELS
+    from daemon.inference.engine import Engines
+    from daemon.pipeline import Plan
+
+    runtime.configure_imaging(DEFAULT_MAX_PIXELS)
+    tmp = Path(tempfile.mkdtemp(dir=OUT))
+    try:
+        cfg = configmod.load(write_config(tmp, ROOT / "var" / "models", threads=THREADS))
+        pipe = pipeline_over(cfg, Engines(cfg.models_dir, THREADS), open_store(cfg.store, cfg.cache))
+        original = camera_jpeg(424, (6000, 4000) if mp == "24" else (1200, 900))
+        variants = [reencode(original, 88 - 2 * k) for k in range(6)]
+        plan = Plan(cfg.output)
+        log(f"first: {pipe.render(original, plan).tier}; warm-up: {pipe.render(variants[0], plan).tier}")
+        times = []
+        for v in variants[1:5]:
+            t = time.perf_counter()
+            assert pipe.render(v, plan).tier == "near"
+            times.append(round((time.perf_counter() - t) * 1000))
+        log(f"near hits at {mp} MP, Pipeline.render: {times} ms")
+        prof = cProfile.Profile()
+        prof.runcall(pipe.render, variants[5], plan)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_report(data: dict, md: Path, png: Path) -> None:
     c = data["compare"]
     near, hits, rss = data["near"], data["all_hit"], data["rss"]
@@ -407,7 +474,8 @@ def write_report(data: dict, md: Path, png: Path) -> None:
               "models and ONNX Runtime arenas; see the 24 and 100 MP rows for the slope.",
               "", "Reproduce: `.venv/bin/python bench/camera.py` (needs `rembg[cli]==2.0.86` "
               "in the venv, as `make bench` installs); `--quick` for a short run; raw data in "
-              "`bench/out/camera/results.json`.", "", "![camera-size results](camera.png)", ""]
+              "`bench/out/camera/results.json`.", "", NEAR_PROFILE,
+              "![camera-size results](camera.png)", ""]
     md.write_text("\n".join(lines))
     _plot(data, png)
 
@@ -489,8 +557,13 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="re-render camera.md/png from bench/out/camera/results.json")
     ap.add_argument("--out", default=str(BENCH), help="where camera.md and camera.png go")
+    ap.add_argument("--profile-near", choices=("1", "24"),
+                    help="only print a cProfile of one near hit at 1 or 24 MP")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.profile_near:
+        profile_near(args.profile_near)
+        return 0
     path = OUT / "results.json"
     if args.report_only:
         data = json.loads(path.read_text())

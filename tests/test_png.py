@@ -211,6 +211,43 @@ def test_level_1_size_is_close_to_pillow_on_a_photo_cutout():
     assert ours < 1.3 * len(buf.getvalue())
 
 
+def idat_stream(data: bytes) -> bytes:
+    return b"".join(p for k, p in chunks(data) if k == b"IDAT")
+
+
+def png_scanlines(data: bytes) -> bytes:
+    """The filtered scanlines, decompressed by stdlib zlib (which checks the Adler-32)."""
+    return zlib.decompress(idat_stream(data))
+
+
+@pytest.mark.parametrize("level", [0, 1, 6])
+def test_segments_on_threads_are_one_valid_stream_and_deterministic(level):
+    """A 2.4 MP cutout in 1 MiB segments: several deflate runs stitched into one zlib stream."""
+    rgb = np.tile(photo("astronaut"), (3, 4, 1))[:1400, :1700]  # 9.5 MB as RGBA
+    alpha = smooth_alpha(*rgb.shape[:2])
+    with mock.patch.object(png, "SEGMENT_BYTES", 1 << 20), mock.patch.object(png, "THREADS", 2):
+        threaded = encode_png(rgb, alpha=alpha, level=level)
+        assert encode_png(rgb, alpha=alpha, level=level) == threaded  # same bytes every time
+    with mock.patch.object(png, "SEGMENT_BYTES", 1 << 20), mock.patch.object(png, "THREADS", 1):
+        assert encode_png(rgb, alpha=alpha, level=level) == threaded  # threads change nothing
+    stream = idat_stream(threaded)
+    assert stream[:2] == png._ZLIB_HEADER[level] and (stream[0] * 256 + stream[1]) % 31 == 0
+    raw = png_scanlines(threaded)  # one stream: stdlib zlib decodes it whole, Adler-32 checked
+    assert len(raw) == 1400 * (1 + 1700 * 4)
+    assert_decodes_to(threaded, np.dstack([rgb, alpha]))
+    with mock.patch.object(png, "SEGMENT_BYTES", 64 << 20):  # one segment: the same pixels
+        assert assert_decodes_to(encode_png(rgb, alpha=alpha, level=level),
+                                 np.dstack([rgb, alpha])) is None
+
+
+def test_adler32_combine_is_zlibs():
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes() + bytes(70_000) + b"\xff" * 66_000
+    for cut in (0, 1, 65520, 65521, 65522, 200_000, len(data)):
+        a, b = data[:cut], data[cut:]
+        assert png._adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(data)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_fuzz_small_images_round_trip(data):
@@ -222,10 +259,14 @@ def test_fuzz_small_images_round_trip(data):
     level = data.draw(st.integers(0, 9))
     # small strips and IDAT chunks exercise strip boundaries and chunk splitting on tiny images
     strip = data.draw(st.sampled_from([1, 100, png.STRIP_BYTES]))
+    segment = data.draw(st.sampled_from([1, 150, png.SEGMENT_BYTES]))  # rows per deflate segment
+    threads = data.draw(st.sampled_from([1, 2]))
     idat = data.draw(st.sampled_from([1, 13, png.IDAT_SIZE]))
-    with mock.patch.object(png, "STRIP_BYTES", strip), mock.patch.object(png, "IDAT_SIZE", idat):
+    with mock.patch.object(png, "STRIP_BYTES", strip), mock.patch.object(png, "IDAT_SIZE", idat), \
+            mock.patch.object(png, "SEGMENT_BYTES", segment), mock.patch.object(png, "THREADS", threads):
         encoded = encode_png(pixels, level=level)
     assert_decodes_to(encoded, pixels)
+    assert zlib.decompress(idat_stream(encoded)) == png_scanlines(encoded)
 
 
 @pytest.mark.parametrize("pixels, match", [

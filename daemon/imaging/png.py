@@ -26,10 +26,21 @@ at 10-200x the time, so 4-9 keep zlib. Up beats Sub and Paeth on upscaled
 cutouts at the levels measured; Avg is ~3% smaller on native-resolution and
 grainy photos but ~7% larger on smooth cutouts, so Up is kept throughout.
 
-Memory: filtered scanlines exist one strip (~1 MiB raw) at a time (plus a
-strip-sized big-endian copy for uint16); the PNG grows in one bytearray that
-is copied once into the returned bytes, so peak extra memory is about twice
-the output size (measured 52 MB for a 24 MB 24 MP RGBA PNG).
+Threads: the rows are cut into segments (``SEGMENT_BYTES`` raw, 4 MiB) that are
+filtered and deflated independently on up to ``THREADS`` threads (ISA-L, zlib
+and numpy release the GIL); each segment but the last ends in a sync flush,
+so their concatenation is one valid deflate stream, and the zlib trailer's
+Adler-32 is combined from the segments'. The bytes do not depend on the
+number of threads. Segments cost < 0.1% in size (no back-references across a
+boundary, 5 bytes per flush). A real 24 MP RGBA cutout at level 1, median of 5
+on 2 shared cores: 0.33-0.43 s for the single-stream writer before, 0.22-0.27 s
+on two threads (same size, 28.5 MB); at level 6, 5.3 s -> 2.9 s. The Adler-32 is
+stdlib zlib's: ISA-L's, interleaved with zlib deflate, made the deflate ~1.5x slower.
+
+Memory: each thread filters one strip (~1 MiB raw) at a time (plus a
+strip-sized big-endian copy for uint16); the segments' deflate output is
+joined into one stream and that into the returned file, so peak extra memory
+is about twice the output size.
 """
 from __future__ import annotations
 
@@ -84,7 +95,7 @@ def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None 
     channels = arr.shape[2] + (alpha is not None)
     depth = 8 * arr.dtype.itemsize
 
-    out = bytearray(SIGNATURE)
+    out: list = [SIGNATURE]  # the file's pieces, joined once at the end
     _append_chunk(out, b"IHDR", struct.pack(">IIBBBBB", width, height, depth,
                                             _COLOUR_TYPE[channels], 0, 0, 0))
     if icc_profile is not None:
@@ -106,8 +117,10 @@ def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None 
     with memoryview(stream) as view:
         for start in range(0, len(stream), IDAT_SIZE):  # the stream holds >= 6 bytes: >= 1 IDAT
             _append_chunk(out, b"IDAT", view[start:start + IDAT_SIZE])
-    _append_chunk(out, b"IEND", b"")
-    return bytes(out)
+        _append_chunk(out, b"IEND", b"")
+        data = b"".join(out)
+        out.clear()  # (releases the slices of the view)
+    return data
 
 
 # --- pixels -> compressed scanlines ------------------------------------------------------------
@@ -179,7 +192,7 @@ def _segment(arr: np.ndarray, alpha: np.ndarray | None, level: int, r0: int, r1:
         cur = _rows(arr, alpha, s0, min(r1, s0 + rows), rgba)
         n = cur.shape[0]
         filt(cur, prev, buf[:n, 1:])
-        adler = isal_zlib.adler32(buf[:n], adler)
+        adler = zlib.adler32(buf[:n], adler)
         piece = comp.compress(buf[:n])
         if piece:
             pieces.append(piece)
@@ -242,11 +255,9 @@ def _filter_up(cur: np.ndarray, prev: np.ndarray, out: np.ndarray) -> None:
 
 # --- chunks ------------------------------------------------------------------------------------
 
-def _append_chunk(out: bytearray, kind: bytes, data: bytes | bytearray | memoryview) -> None:
-    out += struct.pack(">I", len(data))
-    out += kind
-    out += data
-    out += struct.pack(">I", isal_zlib.crc32(data, isal_zlib.crc32(kind)))
+def _append_chunk(out: list, kind: bytes, data: bytes | bytearray | memoryview) -> None:
+    out += (struct.pack(">I", len(data)), kind, data,
+            struct.pack(">I", isal_zlib.crc32(data, isal_zlib.crc32(kind))))
 
 
 def _as_bytes(value: bytes, name: str) -> bytes:
