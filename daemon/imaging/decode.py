@@ -280,7 +280,8 @@ def _pixels(data: bytes, img: Image.Image, fmt: str) -> tuple[np.ndarray, np.nda
         full = _ORIENT.get(_orientation(img), lambda a: a)(deep)
         full = _on_white16(full)
         return _TO8[full], full, meta
-    img = _exif_transpose(img)
+    if _orientation(img) != 1:  # exif_transpose copies even an upright image (72 MB at 24 MP)
+        img = _exif_transpose(img)
     full = _grey16(img)
     rgb = np.ascontiguousarray(np.asarray(_to_rgb(img), dtype=np.uint8))
     return rgb, (rgb if full is None else full), meta
