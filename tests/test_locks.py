@@ -24,6 +24,13 @@ from daemon.coord.leases import LeaseKeeper, Leases, try_lease, waiting_lease
 from daemon.coord.locks import FileClaims, FlockLocks, RedisLocks, open_locks
 
 
+
+def outbox_claims(tmp_path):
+    """The claim folder of an outbox that exists (the daemon makes the outbox at start;
+    claim files never re-create a vanished one)."""
+    (tmp_path / "outbox").mkdir(exist_ok=True)
+    return tmp_path / "outbox" / ".rembgd-claims"
+
 def redis_store_cfg(tmp_path: Path, prefix: str, url: str = REDIS_URL):
     return configmod.parse(
         {"store": {"backend": "redis", "url": url, "prefix": prefix, "socket_timeout_s": 0.5},
@@ -256,7 +263,7 @@ def test_claim_name_keeps_undecodable_names_distinct():
 
 def test_claim_on_one_machine_is_the_flock_alone(tmp_path):
     a, b = FlockLocks(tmp_path / "locks"), FlockLocks(tmp_path / "locks")
-    claims_dir = tmp_path / "outbox" / ".rembgd-claims"
+    claims_dir = outbox_claims(tmp_path)
     got = claim(a, claims_dir, "claim:inbox/1.jpg", 30)
     assert isinstance(got, Leases) and len(got.leases) == 1
     assert not claims_dir.exists() or not any(claims_dir.iterdir())  # no claim file needed
@@ -269,7 +276,7 @@ def test_claim_on_one_machine_is_the_flock_alone(tmp_path):
 
 def test_claim_across_machines_takes_the_lock_and_a_claim_file(tmp_path, redis_prefix):
     a, b = redis_locks(tmp_path, redis_prefix), redis_locks(tmp_path, redis_prefix)
-    claims_dir = tmp_path / "outbox" / ".rembgd-claims"
+    claims_dir = outbox_claims(tmp_path)
     got = claim(a, claims_dir, "claim:inbox/2.jpg", 30)
     assert got is not None and len(got.leases) == 2
     assert len(list(claims_dir.iterdir())) == 1
@@ -284,7 +291,7 @@ def test_claim_across_machines_takes_the_lock_and_a_claim_file(tmp_path, redis_p
 def test_claim_file_held_elsewhere_releases_the_lock(tmp_path, redis_prefix):
     """A daemon that fell back to claim files holds the file: no claim, and no lock left held."""
     a, b = redis_locks(tmp_path, redis_prefix), redis_locks(tmp_path, redis_prefix)
-    claims_dir = tmp_path / "outbox" / ".rembgd-claims"
+    claims_dir = outbox_claims(tmp_path)
     assert FileClaims(claims_dir).try_lock("claim:inbox/3.jpg", 30)
     assert claim(a, claims_dir, "claim:inbox/3.jpg", 30) is None
     token = b.try_lock("claim:inbox/3.jpg", 30)
@@ -303,7 +310,7 @@ def test_unwritable_claim_file_raises_oserror_and_releases_the_lock(tmp_path, re
 
 
 def test_claim_without_locks_is_the_claim_file_alone(tmp_path):
-    claims_dir = tmp_path / "outbox" / ".rembgd-claims"
+    claims_dir = outbox_claims(tmp_path)
     got = claim(None, claims_dir, "claim:inbox/5.jpg", 30)
     assert got is not None and len(got.leases) == 1 and len(list(claims_dir.iterdir())) == 1
     assert claim(None, claims_dir, "claim:inbox/5.jpg", 30) is None
@@ -348,7 +355,7 @@ def own_redis():
 def test_claim_falls_back_to_claim_files_when_the_backend_is_down(tmp_path, own_redis,
                                                                    redis_prefix):
     down = redis_locks(tmp_path, "fallback", own_redis.url)  # this daemon's Redis goes away
-    claims_dir = tmp_path / "outbox" / ".rembgd-claims"
+    claims_dir = outbox_claims(tmp_path)
     own_redis.kill()
     own_redis.wait(5)
     fallbacks: list[StoreError] = []
