@@ -16,6 +16,8 @@ import time
 import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import structlog
@@ -55,6 +57,12 @@ class Rendered:
     metrics: dict = field(default_factory=dict)
     inferred: bool = False
     sha256: str | None = None  # of the source bytes
+    deferred: list[Callable[[], None]] = field(default_factory=list)  # cache writes to run
+
+    def store(self) -> None:
+        """Run the cache writes held back by ``render(..., defer_store=True)``."""
+        while self.deferred:
+            self.deferred.pop(0)()
 
 
 @dataclass(frozen=True)
@@ -120,10 +128,12 @@ class Pipeline:
 
     # ------------------------------------------------------------ core
 
-    def render(self, data: bytes, plan: Plan) -> Rendered:
+    def render(self, data: bytes, plan: Plan, *, defer_store: bool = False) -> Rendered:
         """Every deliverable of ``plan`` for these image bytes. Raises DecodeError for a
         bad image and ModelError for a missing model; a deliverable that cannot be
-        rendered is reported in ``errors`` while the others are returned."""
+        rendered is reported in ``errors`` while the others are returned. With
+        ``defer_store``, storing the encoded outputs in the cache waits for
+        ``Rendered.store()`` (the job writes the files first)."""
         wanted = self.targets(plan)
         sha = fpmod.sha256_bytes(data)
         stored = self._stored_outputs(wanted, sha)
@@ -133,7 +143,10 @@ class Pipeline:
             return Rendered(files, "exact", entry_id=entry_id, sha256=sha)
 
         with self.budget.hold(probe_pixels(data)):
-            return self._render_decoded(data, sha, plan, wanted)
+            rendered = self._render_decoded(data, sha, plan, wanted)
+        if not defer_store:
+            rendered.store()
+        return rendered
 
     def _render_decoded(self, data: bytes, sha: str, plan: Plan, wanted: list[Target]
                         ) -> Rendered:
@@ -154,12 +167,12 @@ class Pipeline:
                 log.warning("deliverable_failed", output=target.name or "png",
                             error=f"{type(exc).__name__}: {exc}")
                 errors[target.name] = exc
+        deferred = []
         if self.cache.store_outputs:
-            for target in wanted:
-                if target.name in files:
-                    self._store_output(target, fp, found, files[target.name])
+            deferred = [partial(self._store_output, target, fp, found, files[target.name])
+                        for target in wanted if target.name in files]
         return Rendered(files, found.tier, errors, found.entry_id, found.metrics,
-                        inferred=found.tier == "miss", sha256=sha)
+                        inferred=found.tier == "miss", sha256=sha, deferred=deferred)
 
     def _stored_outputs(self, wanted: list[Target], sha: str):
         """Every target's stored bytes for exactly these source bytes, or None."""

@@ -506,8 +506,8 @@ def test_replaced_while_being_processed(service, monkeypatch):
     item.path.write_bytes(jpeg(55, 100, 80))
     real = svc.app.pipeline.render
 
-    def render_then_replace(data, plan):
-        rendered = real(data, plan)
+    def render_then_replace(data, plan, **kw):
+        rendered = real(data, plan, **kw)
         tmp = item.path.with_name(".mid.tmp")
         tmp.write_bytes(jpeg(56, 64, 64))
         os.replace(tmp, item.path)
