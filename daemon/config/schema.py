@@ -131,7 +131,7 @@ class MatchThresholds:
 
 @dataclass(frozen=True)
 class CacheLimits:
-    """Applied by ``daemon.prune``; 0 disables a limit."""
+    """Applied by ``daemon.cache.pruner``; 0 disables a limit."""
 
     max_bytes: int = 2 * 1024**3  # distinct blobs + index
     max_entries: int = 200_000
