@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon.fsutil import NAME_MAX, is_transient, name_bytes, output_mode
+from daemon.fsutil import NAME_MAX, is_transient, name_bytes, output_mode, output_name
 from daemon.nofollow import LinkedPathError, atomic_write_under, move_under, write_failure
 from daemon.imaging.decode import DecodeError, TruncatedImage
 from daemon.inference.models import ModelError
@@ -74,7 +74,7 @@ class Job:
         """Relative to the outbox: the legacy PNG ``<rel>.png``; a deliverable
         ``<name>/<rel><ext>``."""
         if not name:
-            return self.rel.with_name(self.rel.name + ".png")
+            return output_name(self.rel)
         ext = next(d.ext for d in self.plan.outputs if d.name == name)
         return Path(name) / self.rel.with_name(self.rel.name + ext)
 

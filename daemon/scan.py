@@ -1,13 +1,12 @@
-"""Which inbox files are work: ignore patterns (and why), up-to-date checks and folder scans."""
+"""Which inbox files are work: ignore patterns (and why) and folder scans."""
 from __future__ import annotations
 
-import errno
 import fnmatch
 import os
 from pathlib import Path
 from typing import Iterator
 
-from daemon.fsutil import is_temp_name, output_name
+from daemon.fsutil import is_temp_name
 
 
 def ignore_reason(name: str, patterns: tuple[str, ...]) -> str | None:
@@ -44,22 +43,6 @@ def ignored_path(rel: Path, patterns: tuple[str, ...]) -> bool:
     return path_ignore_reason(rel, patterns) is not None
 
 
-def output_is_current(src_stat: os.stat_result, out: Path) -> bool:
-    """An output newer than its source means the source was already processed.
-
-    The previous version's rule, kept for outputs that have no ledger record yet
-    (``daemon.ledger``); it misses a replacement with an older mtime.
-    """
-    try:
-        return out.stat().st_mtime_ns >= src_stat.st_mtime_ns
-    except OSError as exc:
-        # no output yet, or one that cannot exist (a name over NAME_MAX, a file where a
-        # folder of its path should be): not current, and the pipeline reports why
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
-            return False
-        raise
-
-
 def walk(inbox: Path, recursive: bool, patterns: tuple[str, ...]) -> Iterator[tuple[Path, Path]]:
     """(absolute path, path relative to inbox) of candidate files; never follows symlinks."""
     for root, dirs, files in os.walk(inbox, followlinks=False):
@@ -68,15 +51,3 @@ def walk(inbox: Path, recursive: bool, patterns: tuple[str, ...]) -> Iterator[tu
         for name in sorted(files):
             if not is_ignored(name, patterns):
                 yield Path(root) / name, rel_root / name
-
-
-def pending(inbox: Path, outbox: Path, recursive: bool,
-            patterns: tuple[str, ...]) -> Iterator[tuple[Path, Path]]:
-    """Inbox files without an up-to-date output (the catch-up scan, old mtime rule)."""
-    for path, rel in walk(inbox, recursive, patterns):
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            continue
-        if not output_is_current(st, outbox / output_name(rel)):
-            yield path, rel

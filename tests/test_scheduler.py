@@ -1,14 +1,12 @@
 """The settle Scheduler: stability before hand-out, and incomplete files that wait, not fail."""
 from __future__ import annotations
 
-import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from daemon.service.watcher import Scheduler, still_changing
+from daemon.service.watcher import Scheduler
 
 
 class FakeClock:
@@ -167,30 +165,3 @@ def test_the_thread_hands_out_in_real_time(tmp_path):
         assert got == [f]
     finally:
         sched.stop()
-
-
-# -------------------------------------------------------------- still_changing
-
-
-def test_still_changing(tmp_path):
-    f = tmp_path / "a.jpg"
-    f.write_bytes(b"x")
-    assert still_changing(f, 5.0)  # just written
-    old = time.time() - 3600
-    os.utime(f, (old, old))
-    assert not still_changing(f, 0.2)
-    assert not still_changing(tmp_path / "gone.jpg", 0.2)
-
-    def writer_sleep(s):  # the writer appends while we wait
-        with open(f, "ab") as fh:
-            fh.write(b"more")
-        os.utime(f, (old, old))  # even with its mtime kept back, the size tells
-    assert still_changing(f, 0.2, sleep=writer_sleep)
-
-
-def test_still_changing_ignores_a_clock_skewed_future_mtime(tmp_path):
-    f = tmp_path / "a.jpg"
-    f.write_bytes(b"x")
-    future = time.time() + 3600  # a NAS clock an hour ahead
-    os.utime(f, (future, future))
-    assert not still_changing(f, 0.1)

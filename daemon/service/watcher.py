@@ -76,29 +76,6 @@ class _Waiting:
     tries: int = 0
 
 
-def still_changing(path: Path, window_s: float, *, sleep: Callable[[float], None] = time.sleep,
-                   now: Callable[[], float] = time.time) -> bool:
-    """True if ``path``'s size, mtime or inode changed within the last ``window_s``.
-
-    A file modified less than ``window_s`` ago (by its mtime) is changing; otherwise
-    it is sampled twice, ``window_s`` apart (a NAS clock may be skewed, so an mtime
-    in the future does not count). A file that vanishes is not changing.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    age = now() - st.st_mtime
-    if 0 <= age < window_s:
-        return True
-    sleep(window_s)
-    try:
-        st2 = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return (st.st_size, st.st_mtime_ns, st.st_ino) != (st2.st_size, st2.st_mtime_ns, st2.st_ino)
-
-
 class Scheduler:
     """Settles paths, delays retries and re-checks files that are not ready yet;
     feeds ready items to ``submit(pair, path, attempt)``.
