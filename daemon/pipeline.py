@@ -83,6 +83,7 @@ class _Mask:
     mask_digest: str | None = None  # its blob, shared by every output row
     metrics: dict = field(default_factory=dict)
     mask_nbytes: int = 0  # the size of that blob
+    pending: list[Callable[[], None]] = field(default_factory=list)  # cache writes it owes
 
 
 class Pipeline:
@@ -167,10 +168,10 @@ class Pipeline:
                 log.warning("deliverable_failed", output=target.name or "png",
                             error=f"{type(exc).__name__}: {exc}")
                 errors[target.name] = exc
-        deferred = []
+        deferred = list(found.pending)  # the alias row first: output rows name it as origin
         if self.cache.store_outputs:
-            deferred = [partial(self._store_output, target, fp, found, files[target.name])
-                        for target in wanted if target.name in files]
+            deferred += [partial(self._store_output, target, fp, found, files[target.name])
+                         for target in wanted if target.name in files]
         return Rendered(files, found.tier, errors, found.entry_id, found.metrics,
                         inferred=found.tier == "miss", sha256=sha, deferred=deferred)
 
@@ -265,11 +266,13 @@ class Pipeline:
             raw = self._blob(hit, hit.mask_digest) if hit is not None else None
             if raw is not None:
                 self._call("record", hit.id, tier)
-                entry_id = hit.origin or hit.id
+                entry_id, pending = hit.origin or hit.id, []
                 if tier == "pixel" and fp.sha256 != hit.fp.sha256:
-                    entry_id = self._alias(hit, fp, len(raw)) or entry_id
+                    entry_id, write = self._alias(hit, fp, len(raw))
+                    pending.append(write)
                 mask = fit_mask(decode_mask(raw), *working_mask_size(fp.width, fp.height))
-                return _Mask(mask, tier, entry_id, hit.mask_digest, mask_nbytes=len(raw)), fp
+                return _Mask(mask, tier, entry_id, hit.mask_digest, mask_nbytes=len(raw),
+                             pending=pending), fp
 
         t = self.cache.match
         cands = self._call("find_near", mkey, fp.phash, t.phash_radius, default=[])
@@ -288,20 +291,21 @@ class Pipeline:
                 continue
             self._call("record", cand.id, "near")
             mask = fit_mask(decode_mask(raw), *working_mask_size(fp.width, fp.height))
-            alias = self._alias(cand, fp, len(raw))
-            return _Mask(mask, "near", alias or cand.id, cand.mask_digest, verdict.metrics,
-                         len(raw)), fp
+            alias_id, write = self._alias(cand, fp, len(raw))
+            return _Mask(mask, "near", alias_id, cand.mask_digest, verdict.metrics, len(raw),
+                         [write]), fp
         return None, fp
 
-    def _alias(self, hit: Entry, fp: fpmod.Fingerprint, mask_nbytes: int) -> str | None:
+    def _alias(self, hit: Entry, fp: fpmod.Fingerprint, mask_nbytes: int
+               ) -> tuple[str, Callable[[], None]]:
         """New bytes, a known mask: an alias row sharing the original's mask blob (never
-        re-encoded or copied) makes the next copy of these bytes an exact hit."""
+        re-encoded or copied) makes the next copy of these bytes an exact hit. Returns
+        its id and the write, which waits until the files are out (``Rendered.store``)."""
         now = time.time()
         alias = replace(hit, id=uuid.uuid4().hex, fp=replace(fp, embedding=hit.fp.embedding),
                         output_digest=None, nbytes=mask_nbytes, created=now, last_hit=now,
                         hits=0, origin=hit.origin or hit.id)
-        ok = self.guard.call(lambda store: store.restore(alias) or True, default=False)
-        return alias.id if ok else None
+        return alias.id, partial(self.guard.call, lambda store: store.restore(alias))
 
     def _infer(self, mkey: str, options: OutputOptions, fp: fpmod.Fingerprint,
                src: _Source, *, store: bool) -> _Mask:
