@@ -1,3 +1,4 @@
+"""`python -m daemon`: the `rembgd` command line."""
 from .cli import main
 
 raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Coordination between daemons: lock backends, leases and the file-claim policy."""

@@ -1,0 +1,1 @@
+"""Pure image work: decode, fingerprint, match, render, deliverables, PNG, colour, metadata."""

@@ -1,0 +1,1 @@
+"""Inference: ONNX Runtime sessions, the model registry, offline provisioning and checks."""

@@ -1,0 +1,1 @@
+"""The long-running service (`rembgd run`): supervisor, intake, workers, watchers, status."""
