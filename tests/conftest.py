@@ -100,6 +100,26 @@ def render_legacy(pipeline, data: bytes, options):
     return pipeline.render(data, Plan(options))
 
 
+@pytest.fixture
+def models_cli(capsys):
+    """`rembgd models ...` through daemon.cli.models, in this process: (rc, stdout, stderr)."""
+    import argparse
+
+    from daemon import config as configmod
+    from daemon.cli import models as cli_models
+
+    parser = argparse.ArgumentParser(prog="rembgd")
+    cli_models.add_parser(parser.add_subparsers(dest="command"))
+
+    def run(config: Path, *args):
+        cfg = configmod.load(config, check_folders=False)
+        rc = cli_models.run(parser.parse_args(["models", *map(str, args)]), cfg)
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def shared_engines(models_dir):
     from daemon.inference.engine import Engines

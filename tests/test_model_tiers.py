@@ -291,35 +291,16 @@ def test_unlisted_model_without_a_file_says_how(tmp_path):
 # ------------------------------------------------------------------ CLI
 
 
-@pytest.fixture
-def models_cli(capsys):
-    """`rembgd models ...` through daemon.cli.models, in this process: (rc, stdout)."""
-    import argparse
-
-    from daemon import config as C
-    from daemon.cli import models as cli_models
-
-    parser = argparse.ArgumentParser(prog="rembgd")
-    cli_models.add_parser(parser.add_subparsers(dest="command"))
-
-    def run(config: Path, *args):
-        cfg = C.load(config, check_folders=False)
-        rc = cli_models.run(parser.parse_args(["models", *map(str, args)]), cfg)
-        return rc, capsys.readouterr().out
-
-    return run
-
-
 def test_models_list_and_from_cli(tmp_path, u2net_copy, tiny_model, models_dir, models_cli):
     shutil.copy2(models_dir / "efficientnet-lite0.onnx", u2net_copy)
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"models": {"dir": str(u2net_copy)}}))
     with pytest.raises(ModelError, match="--from needs --model"):
         models_cli(cfg, "install", "--from", tiny_model)
-    rc, out = models_cli(cfg, "install", "--model", "isnet-general-use", "--from", tiny_model)
+    rc, out, _ = models_cli(cfg, "install", "--model", "isnet-general-use", "--from", tiny_model)
     assert rc == 0
     assert "warning: md5" in out and "isnet-general-use: installed" in out
-    rc, out = models_cli(cfg, "list", "--json")
+    rc, out, _ = models_cli(cfg, "list", "--json")
     rows = {r["model"]: r for r in json.loads(out)}
     assert set(rows) == {"u2net", "isnet-general-use", "efficientnet-lite0"}
     assert rows["u2net"]["sha256"] == U2NET_SHA256 and rows["u2net"]["status"] == "ok"
@@ -327,7 +308,7 @@ def test_models_list_and_from_cli(tmp_path, u2net_copy, tiny_model, models_dir, 
     assert rows["isnet-general-use"]["source"] == str(tiny_model.resolve())
     assert rows["isnet-general-use"]["size"] == tiny_model.stat().st_size
     assert rows["efficientnet-lite0"]["source_kind"] == "converted"  # no record: re-converted
-    rc, out = models_cli(cfg, "list", "--all")
+    rc, out, _ = models_cli(cfg, "list", "--all")
     assert "bria-rmbg: not installed" in out and "CC BY-NC" in out
     assert "u2net: ok  176.0 MB" in out
 

@@ -54,26 +54,6 @@ def _config(folder: Path, models: Path, **extra) -> Path:
     return path
 
 
-@pytest.fixture
-def models_cli(capsys):
-    """`rembgd models ...` through daemon.cli.models: (exit code, stdout, stderr)."""
-    import argparse
-
-    from daemon import config as C
-    from daemon.cli import models as cli_models
-
-    parser = argparse.ArgumentParser(prog="rembgd")
-    cli_models.add_parser(parser.add_subparsers(dest="command"))
-
-    def run(config: Path, *args):
-        cfg = C.load(config, check_folders=False)
-        rc = cli_models.run(parser.parse_args(["models", *map(str, args)]), cfg)
-        captured = capsys.readouterr()
-        return rc, captured.out, captured.err
-
-    return run
-
-
 def _write_recorded(path: Path, data: bytes) -> None:
     """A model file plus its install record, as `models install` leaves them."""
     path.write_bytes(data)

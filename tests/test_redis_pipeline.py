@@ -23,14 +23,7 @@ from conftest import REDIS_URL, encode, photo, pipeline_over, render_legacy, wri
 from daemon import config as configmod
 from daemon.cache.redis import RedisStore
 from daemon.pipeline import Plan
-from test_store_redis import proxy, wait_for  # noqa: F401  (``proxy`` is a fixture)
-
-
-@pytest.fixture
-def raw():
-    client = redis.Redis.from_url(REDIS_URL)
-    yield client
-    client.close()
+from test_store_redis import proxy, raw, wait_for  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
