@@ -179,16 +179,16 @@ def test_disk_full_injected_enospc(tmp_path, models_dir, shared_engines, monkeyp
 # -------------------------------------------------------------- cache problems
 
 
-def cache_config(tmp_path: Path, models_dir: Path) -> Path:
+def cache_config(tmp_path: Path, models_dir: Path, retry_s: float = 0.5) -> Path:
     return write_config(tmp_path, models_dir, state_file=str(tmp_path / "status.json"),
-                        store={"retry_s": 0.5})
+                        store={"retry_s": retry_s})
 
 
 def status(d: Daemon) -> dict:
     return wait_for(lambda: d.status() or None, timeout=10)
 
 
-def check_degraded_then_recovered(tmp_path: Path, d: Daemon, fix) -> None:
+def check_degraded_then_recovered(tmp_path: Path, d: Daemon, fix, retry_s: float) -> None:
     inbox = tmp_path / "inbox"
     loud = d.wait_log(lambda e: e.get("event") == "cache_unavailable")[0]
     assert loud["level"] == "error" and loud["error"] and "without the cache" in loud["effect"]
@@ -201,7 +201,7 @@ def check_degraded_then_recovered(tmp_path: Path, d: Daemon, fix) -> None:
     drop(inbox, "a2.jpg", img)  # the same bytes: no cache, so a second miss
     d.wait_processed(2)
     assert [e["outcome"] for e in d.processed()] == ["miss", "miss"]
-    time.sleep(2.0)  # several re-open attempts (every 0.5 s): none may leak a descriptor
+    time.sleep(2.2 * retry_s)  # re-open attempts (every retry_s): none may leak a descriptor
     assert proc.num_fds() <= fds + 2, (fds, proc.num_fds())
     fix()
     d.wait_log(lambda e: e.get("event") == "cache_recovered", timeout=30)
@@ -217,7 +217,9 @@ def check_degraded_then_recovered(tmp_path: Path, d: Daemon, fix) -> None:
 def test_cache_read_only_then_fixed(tmp_path, models_dir):
     from daemon.cache.sqlite import SqliteStore
 
-    cfg = cache_config(tmp_path, models_dir)
+    # retry_s 2 s: a write failure keeps the status "unavailable" for longer than the
+    # daemon's 1 s status tick, so a poll of `rembgd status` reliably sees it
+    cfg = cache_config(tmp_path, models_dir, retry_s=2.0)
     cache = tmp_path / "cache"
     SqliteStore(cache).close()  # an existing, healthy cache
     mounted = read_only_bind(cache)
@@ -235,7 +237,7 @@ def test_cache_read_only_then_fixed(tmp_path, models_dir):
             index.rmdir()
     try:
         with Daemon(cfg) as d:
-            check_degraded_then_recovered(tmp_path, d, fix)
+            check_degraded_then_recovered(tmp_path, d, fix, retry_s=2.0)
             if mounted:  # again, while running: the index is open, new writes fail
                 assert read_only_bind(cache)
                 inbox = tmp_path / "inbox"
@@ -246,7 +248,7 @@ def test_cache_read_only_then_fixed(tmp_path, models_dir):
                 drop(inbox, "b2.jpg", picture(82))  # reads work, writes fail: no flapping
                 d.wait_processed(6)
                 fix()
-                time.sleep(0.6)  # store.retry_s without a failure
+                time.sleep(2.1)  # store.retry_s without a failure
                 drop(inbox, "b3.jpg", picture(83))
                 d.wait_processed(7)
                 drop(inbox, "b4.jpg", picture(83))
