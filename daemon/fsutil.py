@@ -5,9 +5,11 @@ admin alone controls (the cache, the models, the status file). The shared
 outbox, ``failed/`` and ``done/`` are written through ``daemon.nofollow``, which
 never follows a link.
 
-Temp files are ``.<name>.rembgd-tmp.<8 hex>`` in the destination folder (hidden,
-so watchers and file browsers skip them), and ``os.replace`` makes the final
-name appear complete or not at all. ``is_temp_name`` matches only that exact
+Temp files are ``.<name>.rembgd-tmp.<host tag>-<pid>-<8 hex>`` in the destination
+folder (hidden, so watchers and file browsers skip them), and ``os.replace``
+makes the final name appear complete or not at all. The host tag and pid say
+who writes it: a temp of this host whose process is gone is an orphan at once
+(``temp_orphaned``); another host's waits for the age rule. ``is_temp_name`` matches only that exact
 pattern (and the previous version's), never a studio's ``photo.rembgd-final.jpg``.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -27,7 +30,8 @@ ERROR_SUFFIX = ".error.json"
 NAME_MAX = 255  # bytes per path component on Linux file systems (ext4, xfs, tmpfs, NFS, SMB)
 STALE_TEMP_S = 600.0
 
-_TEMP_RE = re.compile(r"\A\..+\.rembgd-tmp\.[a-z0-9_]{8}\Z", re.S)  # token_hex or mkstemp
+# [host tag-pid-]token_hex (or mkstemp's 8 characters, before the owner was named)
+_TEMP_RE = re.compile(r"\A\..+\.rembgd-tmp\.(?:([0-9a-f]{8})-([0-9]{1,10})-)?[a-z0-9_]{8}\Z", re.S)
 # what rembgd before 0.x left behind: mkstemp's 8 characters, or the cross-device move temp
 _LEGACY_TEMP_RE = re.compile(r"\A\..+\.rembgd-(?:[a-z0-9_]{8}|move-\d+)\Z", re.S)
 
@@ -108,9 +112,28 @@ def unlink_quietly(path, *, dir_fd: int | None = None) -> None:
 # ------------------------------------------------------------------ temp names
 
 
+def host_tag(host: str | None = None) -> str:
+    """8 hex digits naming a host in temp names (host names may hold any character)."""
+    return hashlib.sha1((host or socket.gethostname()).encode()).hexdigest()[:8]
+
+
 def temp_name(name: str) -> str:
     """A fresh hidden temp name for a file that will be renamed to ``name``."""
-    return f".{clip_name(name, 80)}{TMP_MARK}{secrets.token_hex(4)}"
+    return f".{clip_name(name, 80)}{TMP_MARK}{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def temp_orphaned(name: str) -> bool:
+    """A temp this host wrote whose writing process no longer runs (killed mid-write)."""
+    m = _TEMP_RE.match(name)
+    if m is None or m.group(1) != host_tag():
+        return False
+    try:
+        os.kill(int(m.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # alive (another user's), or not a pid at all
+    return False
 
 
 def is_temp_name(name: str) -> bool:

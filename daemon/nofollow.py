@@ -22,7 +22,7 @@ from typing import Iterator
 
 from daemon.fsutil import (DIR_FLAGS, ERROR_SUFFIX, STALE_TEMP_S, create_temp, fill_temp,
                            fit_name, fsync_fd_quietly, is_temp_name, stamped_name,
-                           unlink_quietly)
+                           temp_orphaned, unlink_quietly)
 
 
 class LinkedPathError(OSError):
@@ -232,8 +232,9 @@ def write_failure(src: Path, rel: Path, failed_dir: Path, *, reason: str, exc: B
 
 def remove_stale_temps(root: Path, older_than_s: float = STALE_TEMP_S, *,
                        now: float | None = None) -> list[Path]:
-    """Remove rembgd's own temp files under ``root`` not modified for ``older_than_s``
-    (left by a kill -9 mid-write); never follows links. Returns what was removed."""
+    """Remove rembgd's own temp files under ``root`` (left by a kill -9 mid-write): this
+    host's whose process is gone at once, any other not modified for ``older_than_s``
+    (another host may still be writing it); never follows links. Returns what was removed."""
     real = os.path.realpath(root)
     if not os.path.isdir(real):
         return []
@@ -245,7 +246,7 @@ def remove_stale_temps(root: Path, older_than_s: float = STALE_TEMP_S, *,
                 continue
             try:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+                if stat.S_ISREG(st.st_mode) and (st.st_mtime < cutoff or temp_orphaned(name)):
                     os.unlink(name, dir_fd=dfd)
                     removed.append(Path(root) / os.path.relpath(os.path.join(folder, name), real))
             except FileNotFoundError:

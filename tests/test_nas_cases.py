@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from PIL import Image
 
 from conftest import encode, photo, write_config
 from daemon.ledger import Ledger
-from harness import Daemon, wait_for
+from harness import ROOT, Daemon, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -341,18 +342,25 @@ def test_stale_temp_files_are_removed_at_start_fresh_ones_kept(tmp_path, models_
     old = time.time() - 20 * 60
     stale = [outbox / temp_name("a.jpg.png"), outbox / "sub" / temp_name("b.jpg.png"),
              failed / temp_name("c.jpg")]
-    fresh = outbox / temp_name("d.jpg.png")  # a live writer (another host) may own it
+    fresh = outbox / temp_name("d.jpg.png")  # this test process is alive: a live writer
+    other_host = outbox / ".f.jpg.png.rembgd-tmp.0badc0de-1-0123abcd"  # may still be writing
     studio = outbox / "e.rembgd-final.jpg.png"  # a studio's name, not a temp
-    for p in (*stale, fresh, studio):
+    for p in (*stale, fresh, other_host, studio):
         p.write_bytes(os.urandom(64 * 1024))
     for p in (*stale, studio):
         os.utime(p, (old, old))
+    # a writer of this host killed mid-write a moment ago: its temp is fresh, its pid gone
+    subprocess.run([sys.executable, "-c", "import sys; from daemon.fsutil import temp_name; "
+                    "open(sys.argv[1] + '/' + temp_name('k.jpg.png'), 'wb').write(b'x' * 999)",
+                    str(outbox / "sub")], check=True, cwd=ROOT)
+    orphans = [p for p in (outbox / "sub").iterdir() if p.name.startswith(".k.jpg.png")]
+    assert len(orphans) == 1
 
     with Daemon(cfg) as d:
-        assert not any(p.exists() for p in stale)
-        assert fresh.exists() and studio.exists()
+        assert not any(p.exists() for p in stale + orphans)
+        assert fresh.exists() and other_host.exists() and studio.exists()
         logged = named(d, "stale_temps_removed")
-        assert sum(e["count"] for e in logged) == len(stale), logged
+        assert sum(e["count"] for e in logged) == len(stale) + 1, logged
 
 
 def test_real_name_with_rembgd_marker_is_processed(tmp_path, models_dir):
