@@ -329,6 +329,56 @@ def test_reload_applies_threads_in_process(tmp_path, models_dir, shared_engines)
         svc.app.close()
 
 
+# ------------------------------------------ issue 20.2: a re-created inbox
+
+
+@pytest.mark.parametrize("observer", ["inotify", "polling"])
+def test_inbox_deleted_and_recreated_is_watched_again(tmp_path, models_dir, observer):
+    cfg = config(tmp_path, models_dir, rescan_interval_s=0, observer=observer)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    with Daemon(cfg) as d:
+        (inbox / "a.jpg").write_bytes(jpg(*A))
+        wait_for(lambda: done_for(d, inbox / "a.jpg"), timeout=30)
+        shutil.rmtree(inbox)
+        ev = d.wait_log(lambda e: e.get("event") == "pair_standby", timeout=20)[0]
+        assert f"inbox {inbox} is missing" in ev["reason"], ev
+        st = wait_for(lambda: (s := d.status()).get("state") == "standby" and s, timeout=10)
+        assert "inbox" in st["standby"]["0"]["reason"], st
+
+        inbox.mkdir()  # rescan_interval_s: 0, so only a new watch or its catch-up finds these
+        (inbox / "b.jpg").write_bytes(jpg(*B))
+        ev = d.wait_log(lambda e: e.get("event") == "inbox_watched_again", timeout=20)[0]
+        assert ev["change"] == "returned", ev
+        d.wait_log(lambda e: e.get("event") == "pair_resumed", timeout=20)
+        wait_for(lambda: done_for(d, inbox / "b.jpg"), timeout=30)
+        (inbox / "c.jpg").write_bytes(jpg(*C))  # seen by the new watch
+        wait_for(lambda: done_for(d, inbox / "c.jpg"), timeout=30)
+        assert size_of(outbox / "b.jpg.png") == B[1:] and size_of(outbox / "c.jpg.png") == C[1:]
+        wait_for(lambda: d.status().get("state") == "idle", timeout=10)
+        for event in ("pair_standby", "pair_resumed", "inbox_watched_again"):
+            assert len(named(d, event)) == 1, (event, named(d, event))  # logged once
+
+
+def test_inbox_replaced_by_another_folder_is_watched_again(tmp_path, models_dir):
+    cfg = config(tmp_path, models_dir, rescan_interval_s=0)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    fresh = tmp_path / "inbox.new"
+    fresh.mkdir()
+    (fresh / "pre.jpg").write_bytes(jpg(*C))  # there before the swap: the catch-up's
+    with Daemon(cfg) as d:
+        (inbox / "a.jpg").write_bytes(jpg(*A))
+        wait_for(lambda: done_for(d, inbox / "a.jpg"), timeout=30)
+        inbox.rename(tmp_path / "inbox.old")  # the folder is swapped in one instant:
+        fresh.rename(inbox)  # never missing at a tick, but another inode
+        ev = d.wait_log(lambda e: e.get("event") == "inbox_watched_again", timeout=20)[0]
+        assert ev["change"] == "replaced", ev
+        wait_for(lambda: done_for(d, inbox / "pre.jpg"), timeout=30)
+        (inbox / "b.jpg").write_bytes(jpg(*B))
+        wait_for(lambda: done_for(d, inbox / "b.jpg"), timeout=30)
+        assert size_of(outbox / "pre.jpg.png") == C[1:] and size_of(outbox / "b.jpg.png") == B[1:]
+        assert len(named(d, "inbox_watched_again")) == 1
+
+
 # ------------------------------------------------------ 5, 6. temp names
 
 

@@ -124,6 +124,13 @@ class Standby:
             outage.next_try = now + delay
             return delay
 
+    def wake(self, index: int) -> None:
+        """Let the next ``check`` of the pair probe now (a missing folder came back)."""
+        with self._lock:
+            outage = self._pairs.get(index)
+            if outage is not None:
+                outage.next_try = 0.0
+
     def active(self, index: int) -> bool:
         with self._lock:
             return index in self._pairs

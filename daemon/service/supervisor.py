@@ -31,6 +31,7 @@ from daemon.service.intake import Intake, WorkItem
 from daemon.service.standby import Standby
 from daemon.service.status import Counters, build_status, progress_fields, write_status
 from daemon.service.watcher import InboxHandler, Scheduler, choose_observer, make_observer
+from daemon.service.watches import Watches
 from daemon.service.workers import RetryPolicy, Workers
 
 log = structlog.get_logger("rembgd.service")
@@ -60,7 +61,7 @@ class Supervisor:
                              self.retry_policy.later, self.scheduler, self.standby)
         self.workers = Workers(cfg.workers, cfg.queue_size, self.intake.process, self.counters,
                                self.stop_event, self._model_error)
-        self.observer = None
+        self.watches: Watches | None = None
         self.handlers: list[InboxHandler] = []
         self.observer_kind = "none"
         self.pruner: Pruner | None = None
@@ -85,34 +86,48 @@ class Supervisor:
     def _start_watching(self) -> None:
         pairs = self.cfg.watch
         kind = choose_observer(self.cfg.observer, [p.inbox for p in pairs])
-        observer = make_observer(kind, self.cfg.poll_interval_s, full_scan_s=FULL_SCAN_S,
-                                 ignore=self.cfg.ignore)
-        self.handlers = []
+        watches = Watches(make_observer(kind, self.cfg.poll_interval_s,
+                                        full_scan_s=FULL_SCAN_S, ignore=self.cfg.ignore), kind)
         for i, pair in enumerate(pairs):
             handler = InboxHandler(i, pair.inbox, pair.recursive, self.cfg.ignore, self.scheduler,
                                    self._scan_dir)
-            observer.schedule(handler, str(pair.inbox), recursive=pair.recursive)
-            self.handlers.append(handler)
-        observer.start()
-        self.observer, self.observer_kind = observer, kind
+            if not watches.add(handler, pair.recursive):
+                self.standby.check(i, pair)  # a missing inbox: standby, watched once it is back
+        watches.start()
+        self.watches, self.handlers, self.observer_kind = watches, watches.handlers, kind
         log.info("watching", observer=kind, inboxes=[str(p.inbox) for p in pairs])
 
     def _stop_watching(self) -> None:
-        if self.observer is not None:
-            self.observer.stop()
-            self.observer.join(timeout=5)
-            self.observer = None
+        if self.watches is not None:
+            self.watches.stop()
+            self.watches = None
+
+    def _follow_inboxes(self) -> None:
+        """An inbox gone puts its pair on standby; one back (or replaced by another folder,
+        or remounted) is watched again, resumes at once and gets a catch-up scan."""
+        for index, change in self.watches.refresh() if self.watches is not None else ():
+            pair = self.cfg.watch[index]
+            if change == "lost":
+                self.standby.check(index, pair)  # logs pair_standby (once)
+                continue
+            log.warning("inbox_watched_again", inbox=str(pair.inbox), change=change,
+                        effect="catch-up scan of the inbox")
+            self.standby.wake(index)
+            self.standby.check(index, pair)  # logs pair_resumed when it was on standby
+            self.rescan(only=index)
 
     def _scan_dir(self, pair_index: int, folder: Path) -> None:
         pair = self.cfg.watch[pair_index]
         for path, _ in walk(folder, pair.recursive, self.cfg.ignore):
             self.scheduler.settle(pair_index, path)
 
-    def rescan(self, *, immediate: bool = False) -> int:
-        """Queue every inbox file the ledger does not know as processed (catch-up and
-        safety net); also clears this daemon's stale temp files from the outputs."""
+    def rescan(self, *, immediate: bool = False, only: int | None = None) -> int:
+        """Queue every inbox file (of pair ``only``, or all) the ledger does not know as
+        processed (catch-up and safety net); also clears stale temp files from the outputs."""
         n = 0
         for i, pair in enumerate(self.cfg.watch):
+            if only is not None and i != only:
+                continue
             self._clean_temps(pair)
             for path, rel in walk(pair.inbox, pair.recursive, self.cfg.ignore):
                 # with move/delete, a file still in the inbox is not finished even when
@@ -274,6 +289,7 @@ class Supervisor:
             now = time.monotonic()
             if heartbeat:
                 systemd.notify("WATCHDOG=1")
+            self._follow_inboxes()
             if self.reload_requested.is_set():
                 self.reload()
             if self.cfg.rescan_interval_s and now - last_rescan >= self.cfg.rescan_interval_s:
