@@ -15,14 +15,22 @@ outputs written (names relative to the outbox).
   ``same_content(rel, sha256)`` it is done (e.g. ``touch``, a chmod, another host's
   inode numbers; refresh with ``record``), else it is processed again, whether
   its mtime is newer or older (``rsync -a``, ``cp -p``).
-* ``"unknown"``: no record (or an unreadable one): a new file, or one processed by
-  the version before the ledger.
+* ``"unknown"``: no record (or an unreadable one): a new file, one processed by
+  a version before the ledger, or a record lost (ledger deleted, torn record).
 
-Migration (outputs written before the ledger existed): ``adopt_legacy`` applies
-the old rule once (output mtime >= source mtime) and, if it holds, writes a
-record without a sha256, so from then on any change to the source is seen; such
-a record's ``same_content`` is always False, so a "changed" legacy file is redone
-rather than trusted. Without an output (or an older one) the file is processed.
+Without a trustworthy record the content decides (``vouch``): every output
+carries the sha256 of the source it was made from (``daemon.imaging.stamp``);
+when each output's stamp equals the source's sha256 the record is written again
+and the file is done, otherwise it is processed. An mtime never vouches for a
+file, however old: an ``rsync -a`` of another photo keeps its own old mtime.
+
+Migration (outputs written before stamps): only on upgrade, i.e. while the
+outbox has no ``ADOPTED_MARK`` (written after the first full scan of this
+version, so once), the old rule applies to a file with no record file at all
+and no stamped output: an output at least as new as its source is adopted as
+done with a record without a sha256, so from then on any change to the source
+is seen; such a record's ``same_content`` is always False, so a "changed"
+legacy file is redone rather than trusted.
 """
 from __future__ import annotations
 
@@ -35,10 +43,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.nofollow import LinkedPathError, atomic_write_under, read_under, unlink_under
+import structlog
+
+from daemon.imaging.stamp import read_stamp
+from daemon.nofollow import (LinkedPathError, atomic_write_under, open_under, read_under,
+                             unlink_under)
 
 LEDGER_DIR = ".rembgd-ledger"
+ADOPTED_MARK = ".rembgd-ledger-adopted"  # legacy outputs were adopted here: never again
 VERSION = 1
+
+log = structlog.get_logger("rembgd.ledger")
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class Ledger:
     def __init__(self, outbox: Path, *, host: str | None = None):
         self.outbox = Path(outbox)
         self.host = host or socket.gethostname()
+        self._adoption_closed = False  # memo: once the mark is seen it stays
 
     def get(self, rel: Path) -> Record | None:
         """The record for ``rel``, or None (absent, unreadable or for another path)."""
@@ -119,10 +135,55 @@ class Ledger:
         rec = self.get(rel)
         return rec is not None and rec.sha256 is not None and rec.sha256 == sha256
 
-    def adopt_legacy(self, rel: Path, st: os.stat_result, output: Path) -> bool:
-        """For an inbox file with no record: if the previous version's rule says done
-        (``output``, relative to the outbox, is at least as new as the source), record
-        it as such (no sha256) and return True; else False (process it)."""
+    def vouch(self, rel: Path, st: os.stat_result, src: Path, outputs: list[Path]) -> bool:
+        """For an inbox file with no trustworthy record (``state`` says "unknown"): True,
+        with the record written again, when every output (relative to the outbox)
+        carries the sha256 of ``src`` as it is; else False (process it). Outputs with no
+        stamp at all count only on upgrade, by the old rule (see the module docstring)."""
+        stamps = [self._stamp(out) for out in outputs]
+        if any(stamp is not None for stamp in stamps):
+            sha = _sha256_file(src)
+            if all(stamp == sha for stamp in stamps):
+                self.record(rel, st, sha, outputs)
+                log.debug("ledger_record_restored", path=_rel_text(rel),
+                          reason="its outputs carry the source's sha256")
+                return True
+            return False
+        if self._record_present(rel) or not self.adoption_open():
+            return False  # a torn record is no upgrade; after the upgrade only content counts
+        return self._adopt_legacy(rel, st, outputs[0])
+
+    def _stamp(self, output: Path) -> str | None:
+        try:
+            with open_under(self.outbox, output) as fh:
+                return read_stamp(fh)
+        except OSError:  # missing, a link (never vouches), unreadable: no stamp
+            return None
+
+    def _record_present(self, rel: Path) -> bool:
+        try:
+            os.lstat(self.outbox / record_name(rel))
+        except OSError:
+            return False
+        return True
+
+    def adoption_open(self) -> bool:
+        """True until the first full scan of this version over the outbox is done."""
+        if not self._adoption_closed:
+            self._adoption_closed = os.path.lexists(self.outbox / ADOPTED_MARK)
+        return not self._adoption_closed
+
+    def close_adoption(self) -> None:
+        """The upgrade's scan is done: outputs without a stamp never vouch again."""
+        if self.adoption_open():
+            atomic_write_under(self.outbox, Path(ADOPTED_MARK),
+                               json.dumps({"version": VERSION, "time": time.time()}).encode(),
+                               make_root=False)
+            self._adoption_closed = True
+
+    def _adopt_legacy(self, rel: Path, st: os.stat_result, output: Path) -> bool:
+        """The previous version's rule: done if ``output`` (relative to the outbox) is at
+        least as new as the source; then recorded as such (no sha256)."""
         try:
             out_st = os.stat(self.outbox / output, follow_symlinks=False)
         except OSError as exc:
@@ -137,3 +198,9 @@ class Ledger:
     def forget(self, rel: Path) -> bool:
         """Drop the record of ``rel`` (its source was moved to done/ or deleted)."""
         return unlink_under(self.outbox, record_name(rel))
+
+
+def _sha256_file(path: Path) -> str:
+    """sha256 of a regular file, opened without following a link."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -18,7 +18,7 @@ import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from daemon.fsutil import (DIR_FLAGS, ERROR_SUFFIX, STALE_TEMP_S, create_temp, fill_temp,
                            fit_name, fsync_fd_quietly, is_temp_name, stamped_name,
@@ -140,8 +140,9 @@ def atomic_write_under(root: Path, rel: Path, data: bytes, mode: int | None = No
     return Path(root, *parts)
 
 
-def read_under(root: Path, rel: Path) -> bytes:
-    """The bytes of ``root/rel``, opened without following any link below ``root``."""
+def open_under(root: Path, rel: Path) -> BinaryIO:
+    """``root/rel`` open for reading (binary), without following any link below ``root``;
+    raises ``LinkedPathError`` for a link and OSError (EINVAL) for a non-regular file."""
     parts = _plain_parts(rel)
     with dir_under(root, Path(*parts[:-1]), create=False) as dfd:
         try:
@@ -151,9 +152,16 @@ def read_under(root: Path, rel: Path) -> bytes:
             if exc.errno == errno.ELOOP:
                 raise LinkedPathError(Path(root, *parts)) from None
             raise
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(Path(root, *parts)))
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise OSError(errno.EINVAL, "not a regular file", str(Path(root, *parts)))
+    return fh
+
+
+def read_under(root: Path, rel: Path) -> bytes:
+    """The bytes of ``root/rel``, opened without following any link below ``root``."""
+    with open_under(root, rel) as fh:
         return fh.read()
 
 

@@ -5,7 +5,9 @@ encode), then a cached mask for the same bytes, the same pixels or a verified
 near-duplicate, and only then inference. One mask feeds every deliverable.
 Masks are keyed by what changes a mask (model, its checksum, post-processing);
 encoded outputs by the mask key plus the deliverable's render options, so a
-new deliverable or another background re-renders from the cached mask.
+new deliverable or another background re-renders from the cached mask. Every
+file is stamped with its source's sha256 (``daemon.imaging.stamp``); the cache
+stores them unstamped.
 
 It never sees a path: ``daemon.job`` reads the source and writes the files.
 """
@@ -32,7 +34,8 @@ from daemon.imaging import match
 from daemon.budget import PixelBudget
 from daemon.imaging.decode import Decoded, decode, probe_pixels
 from daemon.imaging.render import (Target, decode_mask, encode_mask, fit_mask, full_size_mask,
-                                   mask_key, predict_mask, render_target, targets, working_mask_size)
+                                   mask_key, predict_mask, render_target, stamp_files, targets,
+                                   working_mask_size)
 from daemon.inference.engine import Engines
 
 log = structlog.get_logger("rembgd.pipeline")
@@ -141,10 +144,12 @@ class Pipeline:
         if stored is not None:
             files, entry_id = stored
             self._call("record", entry_id, "exact")
-            return Rendered(files, "exact", entry_id=entry_id, sha256=sha)
+            return Rendered(stamp_files(files, wanted, sha), "exact", entry_id=entry_id,
+                            sha256=sha)
 
         with self.budget.hold(probe_pixels(data)):
             rendered = self._render_decoded(data, sha, plan, wanted)
+        rendered.files = stamp_files(rendered.files, wanted, sha)  # the cache keeps them plain
         if not defer_store:
             rendered.store()
         return rendered

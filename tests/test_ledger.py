@@ -7,10 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from daemon.imaging.png import encode_png
+from daemon.imaging.stamp import stamp
+from daemon.ledger import ADOPTED_MARK, LEDGER_DIR, Ledger, record_name
 from daemon.nofollow import LinkedPathError
-from daemon.ledger import LEDGER_DIR, Ledger, record_name
 
 
 def sha(data: bytes) -> str:
@@ -139,20 +142,65 @@ def test_undecodable_names_get_records(dirs):
     assert Ledger(outbox).state(rel, st) == "done"
 
 
-def test_legacy_outputs_are_adopted_by_the_old_rule_once(dirs):
+def _png(data: bytes | None = None) -> bytes:
+    """A real PNG output; stamped with ``data``'s sha256 when given."""
+    out = encode_png(np.full((8, 8, 4), 200, np.uint8))
+    return out if data is None else stamp(out, "png", sha(data))
+
+
+def test_legacy_outputs_are_adopted_by_the_old_rule_only_on_upgrade(dirs):
     inbox, outbox = dirs
     ledger = Ledger(outbox)
     st = _put(inbox / REL, b"photo one", T0)
     out = Path("shoot/a.jpg.png")
-    assert not ledger.adopt_legacy(REL, st, out)  # no output: process it
+    assert not ledger.vouch(REL, st, inbox / REL, [out])  # no output: process it
     (outbox / "shoot").mkdir()
-    _put(outbox / out, b"png", T0 - 10**9)
-    assert not ledger.adopt_legacy(REL, st, out)  # an output older than the source
+    _put(outbox / out, _png(), T0 - 10**9)
+    assert not ledger.vouch(REL, st, inbox / REL, [out])  # an output older than the source
     os.utime(outbox / out, ns=(T0 + 10**9, T0 + 10**9))
-    assert ledger.adopt_legacy(REL, st, out)
+    assert ledger.vouch(REL, st, inbox / REL, [out])
     assert ledger.state(REL, st) == "done" and ledger.get(REL).legacy
     # after adoption, a replacement with an older mtime is seen, and the hash cannot vouch
     (inbox / REL).unlink()
     st2 = _put(inbox / REL, b"photo two", T0 - 10**12)
     assert ledger.state(REL, st2) == "changed"
     assert not ledger.same_content(REL, sha(b"photo one"))
+    # the upgrade's scan is over: with the record lost, an mtime vouches for nothing
+    ledger.close_adoption()
+    shutil.rmtree(outbox / LEDGER_DIR)
+    assert not Ledger(outbox).vouch(REL, st2, inbox / REL, [out])
+    assert not Ledger(outbox).adoption_open() and (outbox / ADOPTED_MARK).is_file()
+
+
+def test_without_a_record_the_output_stamp_decides(dirs):
+    inbox, outbox = dirs
+    ledger = Ledger(outbox)
+    out = Path("shoot/a.jpg.png")
+    (outbox / "shoot").mkdir()
+    st = _put(inbox / REL, b"photo one", T0)
+    _put(outbox / out, _png(b"photo one"), T0 + 10**9)
+    assert ledger.vouch(REL, st, inbox / REL, [out])  # the ledger was lost: content decides
+    rec = ledger.get(REL)
+    assert rec.sha256 == sha(b"photo one") and not rec.legacy and ledger.state(REL, st) == "done"
+    # rsync -a of another photo, 4 days older than the output, with the record lost or torn
+    (inbox / REL).unlink()
+    st2 = _put(inbox / REL, b"photo two", T0 - 4 * 86400 * 10**9)
+    for damage in ("lost", "torn"):
+        if damage == "lost":
+            shutil.rmtree(outbox / LEDGER_DIR)
+        else:
+            ledger.record(REL, st, sha(b"photo one"), [out])
+            (outbox / record_name(REL)).write_text("garbage")
+        assert ledger.state(REL, st2) == "unknown"
+        assert not ledger.vouch(REL, st2, inbox / REL, [out]), damage
+        assert ledger.get(REL) is None  # never rewritten as legacy
+    # a torn record with an unstamped (pre-stamp) output is no upgrade either
+    _put(outbox / out, _png(), T0 + 10**9)
+    assert ledger.adoption_open() and not ledger.vouch(REL, st2, inbox / REL, [out])
+    # every output must carry the stamp
+    other = Path("web/shoot/a.jpg.webp")
+    (outbox / "web/shoot").mkdir(parents=True)
+    _put(outbox / out, _png(b"photo two"), T0)
+    _put(outbox / other, b"RIFF\x04\x00\x00\x00WEBP", T0)
+    assert not ledger.vouch(REL, st2, inbox / REL, [out, other])
+    assert ledger.vouch(REL, st2, inbox / REL, [out])

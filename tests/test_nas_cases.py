@@ -23,6 +23,7 @@ is covered in tests/test_faults.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -174,6 +175,89 @@ def test_replaced_input_with_older_mtime_and_move_is_processed_not_just_moved(tm
         assert size_of(out) == B[1:]
         moved = sorted(p.read_bytes() for p in done_dir.iterdir())
         assert moved == sorted([jpg(*A), jpg(*B)])  # both kept, nothing overwritten
+
+
+# ------------------------------- issue 20.1: a lost or torn ledger record
+
+
+def stamp_of(path: Path) -> str | None:
+    from daemon.imaging.stamp import read_stamp
+
+    with open(path, "rb") as fh:
+        return read_stamp(fh)
+
+
+def sha_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lost_or_torn_ledger_never_makes_a_replaced_photo_done(tmp_path, models_dir):
+    from daemon.ledger import LEDGER_DIR, record_name
+
+    cfg = config(tmp_path, models_dir)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    x, y, z = inbox / "x.jpg", inbox / "y.jpg", inbox / "z.jpg"
+    four_days_ago = time.time() - 4 * 86400
+    ledger = Ledger(outbox)
+    with Daemon(cfg) as d:
+        for f, photo_ in ((x, A), (y, A), (z, C)):
+            f.write_bytes(jpg(*photo_))
+        wait_for(lambda: all(done_for(d, f) for f in (x, y, z)), timeout=30)
+        for f in (x, y, z):  # each output names its source by content
+            assert stamp_of(outbox / (f.name + ".png")) == sha_of(f)
+        shutil.rmtree(outbox / LEDGER_DIR)  # x's record lost...
+        torn = outbox / record_name(Path("y.jpg"))
+        torn.parent.mkdir(parents=True)
+        torn.write_text("garbage")  # ...y's torn
+        replace_like_rsync(x, jpg(*B), four_days_ago)  # another photo, a 4-day-old mtime
+        replace_like_rsync(y, jpg(*B), four_days_ago)
+        wait_for(lambda: len(done_for(d, x)) == 2 and len(done_for(d, y)) == 2, timeout=30)
+        assert size_of(outbox / "x.jpg.png") == B[1:] and size_of(outbox / "y.jpg.png") == B[1:]
+        for f in (x, y):  # the records hold the new content, never "legacy" with no sha256
+            rec = wait_for(lambda: ledger.get(Path(f.name)), timeout=10)
+            assert rec.sha256 == sha_of(f) and not rec.legacy, rec
+        d.quiet()
+        assert len(done_for(d, z)) == 1
+        assert d.stop() == 0
+
+    shutil.rmtree(outbox / LEDGER_DIR)  # lost while stopped; z replaced meanwhile
+    replace_like_rsync(z, jpg(*D), four_days_ago)
+    with Daemon(cfg) as d2:
+        started = named(d2, "started")[0]
+        assert started["catch_up"] == 1, started  # z only: x and y's outputs vouch for them
+        wait_for(lambda: done_for(d2, z), timeout=30)
+        assert size_of(outbox / "z.jpg.png") == D[1:]
+        d2.quiet()
+        assert not done_for(d2, x) and not done_for(d2, y)
+        for f in (x, y, z):
+            assert ledger.state(Path(f.name), f.stat()) == "done"
+            assert ledger.get(Path(f.name)).sha256 == sha_of(f)
+
+
+def test_legacy_outputs_are_adopted_once_on_upgrade_never_after(tmp_path, models_dir):
+    from daemon.ledger import ADOPTED_MARK, LEDGER_DIR
+
+    cfg = config(tmp_path, models_dir)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    x, y = inbox / "x.jpg", inbox / "y.jpg"
+    four_days_ago = time.time() - 4 * 86400
+    for f, photo_ in ((x, A), (y, C)):  # what the version before stamps left: no stamp,
+        f.write_bytes(jpg(*photo_))  # no ledger, outputs newer than their sources
+        os.utime(f, (four_days_ago, four_days_ago))
+        Image.new("RGBA", (8, 8)).save(outbox / (f.name + ".png"))
+    with Daemon(cfg) as d:
+        assert named(d, "started")[0]["catch_up"] == 0  # the upgrade: adopted by mtime
+        assert Ledger(outbox).get(Path("x.jpg")).legacy
+        assert (outbox / ADOPTED_MARK).is_file()
+        assert d.stop() == 0
+
+    shutil.rmtree(outbox / LEDGER_DIR)  # after the upgrade, an mtime vouches for nothing:
+    replace_like_rsync(x, jpg(*B), four_days_ago - 3600)  # x is another photo now
+    with Daemon(cfg) as d2:
+        assert named(d2, "started")[0]["catch_up"] == 2  # unstamped outputs: both redone
+        wait_for(lambda: done_for(d2, x) and done_for(d2, y), timeout=30)
+        assert size_of(outbox / "x.jpg.png") == B[1:] and size_of(outbox / "y.jpg.png") == C[1:]
+        assert stamp_of(outbox / "x.jpg.png") == sha_of(x)
 
 
 # ------------------------------------------------------ 2. incomplete files

@@ -10,7 +10,7 @@ Formats:
 - tiff: ``tifffile``, 8 or 16 bits, alpha as an *unassociated* extra sample
   (ExtraSamples = 2, what Photoshop and GIMP open as transparency), deflate
   with the horizontal predictor when ``compression > 0``; ICC (34675), XMP
-  (700), IPTC (33723). EXIF: only its IFD0 text tags (description, make,
+  (700), IPTC (33723), the source stamp's placeholder (``daemon.imaging.stamp``). EXIF: only its IFD0 text tags (description, make,
   model, software, date, artist, copyright) become TIFF tags; the Exif and
   GPS sub-IFDs are not written.
 - webp, jpeg: Pillow, 8 bits (16-bit pixels rounded to v / 257). ICC, EXIF
@@ -34,6 +34,7 @@ from daemon.imaging.decode import to8
 from daemon.imaging.geometry import crop, crop_box, limit_size, place_on_canvas, subject_box
 from daemon.imaging.meta import EXIF_PREFIX, SourceMeta, photoshop_iptc_segment
 from daemon.imaging.png import encode_png
+from daemon.imaging.stamp import TIFF_PLACEHOLDER, TIFF_TAG
 
 _TIFF_TEXT_TAGS = (271, 272, 315, 33432)  # Make, Model, Artist, Copyright
 _JPEG_APP1_MAX = 0xFFFF - 2
@@ -154,6 +155,7 @@ def _tiff(pixels, spec: Deliverable, icc, meta: SourceMeta) -> bytes:
 
     text = _exif_text_tags(meta.exif)
     extratags = [(tag, "s", 0, text[tag], True) for tag in _TIFF_TEXT_TAGS if tag in text]
+    extratags.append((TIFF_TAG, "s", 0, TIFF_PLACEHOLDER, True))  # filled in by stamp.stamp
     if meta.xmp:
         extratags.append((700, 1, len(meta.xmp), meta.xmp, True))  # BYTE
     if meta.iptc:

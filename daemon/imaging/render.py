@@ -23,10 +23,12 @@ from PIL import Image
 from daemon.config import Deliverable, OutputOptions
 from daemon.imaging import deliver
 from daemon.imaging.png import encode_png
+from daemon.imaging.stamp import stamp
 
 MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
-RENDER_VERSION = 4  # bump when rendering changes: old stored outputs become misses
-# (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS)
+RENDER_VERSION = 5  # bump when rendering changes: old stored outputs become misses
+# (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
+#  5: TIFF carries the source-stamp placeholder tag, daemon.imaging.stamp)
 MASK_EDGE = 2048
 
 
@@ -66,6 +68,12 @@ def targets(mkey: str, options: OutputOptions, outputs: tuple[Deliverable, ...])
                        options.model, options)]
     return [Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "out": asdict(d)}),
                    options.model, options, d) for d in outputs]
+
+
+def stamp_files(files: dict[str, bytes], wanted: list[Target], sha256: str) -> dict[str, bytes]:
+    """Each rendered file stamped with its source's sha256 (``daemon.imaging.stamp``)."""
+    fmt = {t.name: t.deliverable.format if t.deliverable is not None else "png" for t in wanted}
+    return {name: stamp(data, fmt[name], sha256) for name, data in files.items()}
 
 
 def working_mask_size(width: int, height: int) -> tuple[int, int]:

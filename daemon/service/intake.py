@@ -140,12 +140,13 @@ class Intake:
 
     def is_done(self, job: jobmod.Job, st: os.stat_result) -> bool:
         """The ledger says this very file (size, mtime, ctime, inode) was processed (a
-        reload's new deliverables apply to files that arrive or change after it); an
-        output written by a version before the ledger counts once, by the old rule."""
+        reload's new deliverables apply to files that arrive or change after it);
+        without a trustworthy record, its outputs' stamps must name its sha256."""
         state = job.ledger.state(job.rel, st)
         if state != "unknown":
             return state == "done"
-        return job.ledger.adopt_legacy(job.rel, st, job.output_rel(job.output_names[0]))
+        return job.ledger.vouch(job.rel, st, job.src,
+                                [job.output_rel(n) for n in job.output_names])
 
     def _on_standby(self, item: WorkItem, app: App) -> bool:
         """A pair on standby, or whose outbox or inbox is gone, waits (checked again)."""
