@@ -67,6 +67,18 @@ class Daemon:
                              capture_output=True, text=True, cwd=ROOT)
         return json.loads(out.stdout) if out.returncode == 0 else {}
 
+    def quiet(self, ticks: int = 2, timeout: float = 30) -> dict:
+        """Wait until the daemon was idle (nothing queued, settling or in progress) at
+        ``ticks`` ticks in a row, all after this call: whatever it would have done about
+        what happened before, it has done. The status file is rewritten every tick."""
+        from daemon import config as configmod
+        from daemon.service.status import read_status
+
+        path = configmod.state_path(configmod.load(self.config))
+        start = (read_status(path) or {}).get("ticks", 0)
+        return wait_for(lambda: (s := read_status(path)) and s.get("ticks", 0) >= start + ticks
+                        and s.get("idle_ticks", 0) >= ticks and s, timeout=timeout)
+
     def cpu_seconds(self) -> float:
         t = psutil.Process(self.proc.pid).cpu_times()
         return t.user + t.system

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from daemon.fsutil import atomic_write_bytes
+from daemon.fsutil import atomic_write_bytes, temp_name, unlink_quietly
 
 
 class Counters:
@@ -64,6 +64,8 @@ def build_status(sup) -> dict:
         "counters": c,
         "inferences": app.pipeline.inferences if app is not None else 0,
         "events_seen": sum(h.events for h in sup.handlers),
+        "ticks": sup.ticks,  # the main loop's ticks (about 1 s); idle_ticks: idle ones in a row
+        "idle_ticks": sup.idle_ticks,
         "standby": sup.standby.snapshot(),
         "cache": guard.status() if guard is not None else {"backend": "disabled",
                                                            "available": False},
@@ -79,8 +81,19 @@ def progress_fields(st: dict) -> dict:
             "misses": counts.get("miss", 0), "failed": counts.get("failed", 0)}
 
 
-def write_status(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+def write_status(path: Path, data: dict, *, durable: bool = True) -> None:
+    """Atomically; ``durable`` False skips the fsyncs (the tick counters, every second)."""
+    text = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+    if durable:
+        atomic_write_bytes(path, text)
+        return
+    tmp = path.with_name(temp_name(path.name))
+    try:
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+    except OSError:
+        unlink_quietly(tmp)
+        raise
 
 
 def read_status(path: Path) -> dict | None:
