@@ -269,3 +269,53 @@ def test_transaction_commits_or_rolls_back(tmp_path, fps):
         names = {r[0] for r in db.execute("SELECT name FROM meta")}
     assert "bench" in names and "gone" not in names
     store.close()
+
+
+# ------------------------------------------------- verify --repair after a heal
+
+
+def test_verify_repair_keeps_the_blobs_a_heal_kept(tmp_path, fps, models_dir):
+    """Issue 20.4: the heal says "blobs are kept and reused"; --repair must agree."""
+    import sys
+
+    from conftest import write_config
+    from harness import ROOT
+
+    cfg = write_config(tmp_path, models_dir, cache={"dir": str(tmp_path / "cache")})
+    cache = tmp_path / "cache"
+    store = SqliteStore(cache)
+    rows = fill(store, fps)
+    blobs = sorted(p.name for p in (cache / "blobs").glob("*/*"))
+    assert len(blobs) == len(rows)
+    store.close()
+    (cache / "index.sqlite3").write_bytes(b"garbage, not SQLite " * 400)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "daemon", "-c", str(cfg), "cache",
+                               "verify", *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120)
+
+    res = cli("--repair")  # opens (heals) and repairs in one go, as the issue ran it
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "blobs are kept and reused" in res.stderr
+    assert f"{len(blobs)} blobs kept from the healed index" in res.stdout, res.stdout
+    assert sorted(p.name for p in (cache / "blobs").glob("*/*")) == blobs  # all kept
+    healed = SqliteStore(cache)  # and reused: the same mask's put finds its blob
+    ino = healed.blobs.path(rows[0].mask_digest).stat().st_ino
+    assert healed.put(KEY, "u2netp", fps[0], mask_of(0), None).mask_digest == rows[0].mask_digest
+    assert healed.blobs.path(rows[0].mask_digest).stat().st_ino == ino
+    stray = healed.put_blob(b"written after the heal, no row")  # a real orphan
+    healed.close()
+    res = cli("--repair")
+    assert res.returncode == 0 and "deleted 0 rows and 1 orphan blobs" in res.stdout, res.stdout
+    assert not (cache / "blobs" / stray[:2] / stray).exists()
+    assert (cache / "blobs" / blobs[-1][:2] / blobs[-1]).exists()
+
+    # ttl_days (90) after the heal, the pruner's age rule no longer keeps them
+    moved = next(p for p in cache.iterdir() if ".corrupt-" in p.name)
+    long_ago = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() - 91 * 86400))
+    moved.rename(cache / f"index.sqlite3.corrupt-{long_ago}")
+    res = cli("--repair")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"deleted 0 rows and {len(blobs) - 1} orphan blobs" in res.stdout, res.stdout
+    assert sorted(p.name for p in (cache / "blobs").glob("*/*")) == [rows[0].mask_digest]

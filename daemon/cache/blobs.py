@@ -54,6 +54,13 @@ class BlobDir:
             return None
         return data
 
+    def mtime(self, digest: str) -> float | None:
+        """When the blob's file was written (None: absent)."""
+        try:
+            return self.path(digest).stat().st_mtime
+        except OSError:
+            return None
+
     def delete(self, digest: str) -> None:
         try:
             self.path(digest).unlink()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from daemon.cache.policy import Rec, estimate_blob_sizes, policy_order, slim
 from daemon.config import CacheConfig, StoreConfig
@@ -93,15 +93,20 @@ def clear(store, model: str | None = None) -> int:
     return delete_ids(store, ids)
 
 
-def verify(store, repair: bool = False) -> dict:
+def verify(store, repair: bool = False, *,
+           kept: Callable[[str], bool] = lambda digest: False) -> dict:
     """Rows whose blobs are missing or corrupt, and blobs no row references.
 
     "missing": the digest is not among ``store.blob_digests()``; "corrupt": it
     is, but ``store.get_blob`` (which checks the sha256) returns None. Reads
-    every referenced blob once. With ``repair``: bad rows are deleted (the store
-    then drops blobs nothing references), and orphan blobs that are still
-    unreferenced on a second look (a live daemon writes a blob just before its
-    row) are deleted.
+    every referenced blob once. ``kept(digest)``: an unreferenced blob a healed
+    index kept on purpose (``SqliteStore.kept_by_heal``): reported as kept, not as a
+    problem, and never deleted. No blob says which key and fingerprints it was
+    stored under, so none can be indexed again from its bytes; a kept one is
+    reused when the same mask or output is stored again. With ``repair``: bad
+    rows are deleted (the store then drops blobs nothing references), and the
+    other orphan blobs that are still unreferenced on a second look (a live
+    daemon writes a blob just before its row) are deleted.
     """
     store.flush()
     recs = slim(store.entries())
@@ -112,12 +117,15 @@ def verify(store, repair: bool = False) -> dict:
             users.setdefault(d, []).append(r.id)
     missing = sorted(d for d in users if d not in present)
     corrupt = sorted(d for d in users if d in present and store.get_blob(d) is None)
-    orphans = sorted(present - set(users))
+    unreferenced = present - set(users)
+    kept_blobs = sorted(d for d in unreferenced if kept(d))
+    orphans = sorted(unreferenced - set(kept_blobs))
     bad_rows = sorted({i for d in missing + corrupt for i in users[d]})
     ids = {r.id for r in recs}
     report: dict[str, Any] = {
         "rows": len(recs), "blobs": len(present),
         "missing_blobs": missing, "corrupt_blobs": corrupt, "orphan_blobs": orphans,
+        "kept_blobs": kept_blobs,
         "bad_rows": bad_rows,
         "aliases_without_origin": sum(1 for r in recs if r.origin and r.origin not in ids),
         "problems": len(missing) + len(corrupt) + len(orphans),

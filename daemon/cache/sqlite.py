@@ -30,7 +30,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import structlog
 
@@ -38,8 +38,8 @@ from daemon.cache.base import (TIERS, Entry, HitBuffer, StoreDamaged, StoreError
                                StoreUnavailable, describe, embedding_bytes, fingerprint_from)
 from daemon.cache.blobs import BlobDir
 from daemon.cache.sqlite_index import (BAND_COLS, COLUMNS, HEADERS, INDEX_NAME, SCHEMA_VERSION,
-                                       file_problem, header_problem, is_damage, open_index,
-                                       quick_check)
+                                       file_problem, header_problem, is_damage, last_set_aside,
+                                       open_index, quick_check)
 from daemon.imaging.fingerprint import Fingerprint, hamming
 
 __all__ = ["SqliteStore", "BlobDir", "INDEX_NAME", "SCHEMA_VERSION", "header_problem"]
@@ -228,6 +228,19 @@ class SqliteStore:
     def blob_digests(self) -> Iterator[str]:
         with self._files():
             yield from self.blobs.digests()
+
+    def kept_by_heal(self, ttl_days: float) -> Callable[[str], bool]:
+        """Which blobs a heal kept: present when the index was last set aside, within
+        ``ttl_days`` of it (0: no age limit), as the pruner's age rule would keep a row
+        hit then. Such a blob without a row is reused by the next ``put`` of its bytes."""
+        healed = last_set_aside(self.dir)
+        if healed is None or (ttl_days > 0 and time.time() - healed > ttl_days * 86400):
+            return lambda digest: False
+
+        def kept(digest: str) -> bool:
+            written = self.blobs.mtime(digest)
+            return written is not None and written <= healed + 1  # (whole seconds in the name)
+        return kept
 
     def delete_blob(self, digest: str) -> None:
         with self._files():

@@ -280,6 +280,18 @@ def connect(index_path: Path) -> sqlite3.Connection:
     return db
 
 
+def last_set_aside(folder: Path) -> float | None:
+    """When the last damaged index in ``folder`` was set aside (from its name), if ever."""
+    times = []
+    for p in folder.glob(f"{INDEX_NAME}.corrupt-*"):
+        stamp = p.name[len(INDEX_NAME) + len(".corrupt-"):][:15]
+        try:
+            times.append(time.mktime(time.strptime(stamp, "%Y%m%d-%H%M%S")))
+        except ValueError:
+            continue
+    return max(times, default=None)
+
+
 def set_aside(index_path: Path, exc: sqlite3.Error) -> Path:
     """Rename the damaged index (and its -wal/-shm) aside; raise if that is impossible."""
     folder = index_path.parent

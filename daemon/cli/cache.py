@@ -13,6 +13,7 @@ from daemon.cache.archive import ArchiveError, export_archive, import_archive
 from daemon.cache.base import StoreError
 from daemon.cache.maintenance import clear, iso, stats, verify
 from daemon.cache.pruner import Pruner
+from daemon.cache.sqlite import SqliteStore
 from daemon.config import Config
 from daemon.coord.locks import open_locks
 
@@ -71,7 +72,9 @@ def run(args, cfg: Config) -> int:
             print(f"cleared {n} entries {which}".rstrip())
             return 0
         if command == "verify":
-            report = verify(store, repair=getattr(args, "repair", False))
+            kept = store.kept_by_heal(cfg.cache.limits.ttl_days) \
+                if isinstance(store, SqliteStore) else (lambda digest: False)
+            report = verify(store, repair=getattr(args, "repair", False), kept=kept)
             print_verify(report)
             return 1 if report["problems"] and not report["repaired"] else 0
         if command == "export":
@@ -185,6 +188,9 @@ def print_verify(rep: dict) -> None:
                   + (" ..." if len(rep[key]) > 5 else ""))
     if rep["bad_rows"]:
         print(f"  {len(rep['bad_rows'])} rows with a missing or corrupt blob")
+    if rep["kept_blobs"]:
+        print(f"  {len(rep['kept_blobs'])} blobs kept from the healed index (no row refers to "
+              "them; reused when the same mask is stored again, removed after ttl_days)")
     if rep["aliases_without_origin"]:
         print(f"  note: {rep['aliases_without_origin']} aliases outlived their origin "
               "(fine: they keep their own blobs)")
