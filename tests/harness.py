@@ -71,13 +71,19 @@ class Daemon:
         """Wait until the daemon was idle (nothing queued, settling or in progress) at
         ``ticks`` ticks in a row, all after this call: whatever it would have done about
         what happened before, it has done. The status file is rewritten every tick."""
+        return self.wait_ticks(ticks, idle=True, timeout=timeout)
+
+    def wait_ticks(self, ticks: int, *, idle: bool = False, timeout: float = 30) -> dict:
+        """Wait until the daemon's main loop ran ``ticks`` more ticks (each one publishes
+        the status, probes the cache and the inboxes); ``idle``: all of them idle."""
         from daemon import config as configmod
         from daemon.service.status import read_status
 
         path = configmod.state_path(configmod.load(self.config))
         start = (read_status(path) or {}).get("ticks", 0)
         return wait_for(lambda: (s := read_status(path)) and s.get("ticks", 0) >= start + ticks
-                        and s.get("idle_ticks", 0) >= ticks and s, timeout=timeout)
+                        and (not idle or s.get("idle_ticks", 0) >= ticks) and s,
+                        timeout=timeout)
 
     def cpu_seconds(self) -> float:
         t = psutil.Process(self.proc.pid).cpu_times()

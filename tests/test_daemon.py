@@ -64,7 +64,7 @@ def test_chunked_write_processed_once_after_complete(tmp_path, cfg):
         chunked_write(tmp_path / "inbox" / "reopened.jpg", synthetic(1), chunks=5, pause=0.2,
                       reopen=True)
         d.wait_processed(2)
-        time.sleep(1.5)  # nothing else may happen afterwards
+        d.quiet()  # nothing else may happen afterwards
         done = per_path(d.processed())
     assert done == {str(tmp_path / "inbox" / "slow.jpg"): 1,
                     str(tmp_path / "inbox" / "reopened.jpg"): 1}, done
@@ -77,14 +77,14 @@ def test_rename_in_rsync_style(tmp_path, cfg):
     with Daemon(cfg) as d:
         tmp = tmp_path / "inbox" / ".coffee.jpg.Xy12ab"  # rsync's temp name
         tmp.write_bytes(encode(photo("coffee"), "JPEG"))
-        time.sleep(1.0)  # the daemon must ignore the temp name meanwhile
+        d.quiet()  # the daemon must ignore the temp name meanwhile
         assert not list((tmp_path / "outbox").iterdir())
         os.rename(tmp, tmp_path / "inbox" / "coffee.jpg")
         part = tmp_path / "inbox" / "rocket.jpg.part"
         part.write_bytes(encode(photo("rocket"), "JPEG"))
         os.rename(part, tmp_path / "inbox" / "rocket.jpg")
         d.wait_processed(2)
-        time.sleep(1.0)
+        d.quiet()
         assert sorted(per_path(d.processed()).values()) == [1, 1]
     assert sorted(p.name for p in complete_pngs(tmp_path / "outbox")) == \
         ["coffee.jpg.png", "rocket.jpg.png"]
@@ -99,7 +99,7 @@ def test_polling_mode_and_subfolders(tmp_path, models_dir):
         chunked_write(sub / "a.jpg", synthetic(2), chunks=4, pause=0.3)
         chunked_write(sub / "a.png", encode(photo("astronaut"), "PNG"), chunks=4, pause=0.3)
         d.wait_processed(2)
-        time.sleep(1.5)
+        d.quiet()
         assert sorted(per_path(d.processed()).values()) == [1, 1]
     outs = complete_pngs(tmp_path / "outbox")
     assert sorted(p.relative_to(tmp_path / "outbox").as_posix() for p in outs) == \
@@ -142,7 +142,7 @@ def test_event_storm_is_bounded_and_idle_cpu(tmp_path, cfg):
     with Daemon(cfg) as d:
         (tmp_path / "inbox" / "one.jpg").write_bytes(encode(photo("chelsea"), "JPEG"))
         d.wait_processed(1)
-        time.sleep(1.5)
+        d.quiet()
         events_after_work = d.status()["events_seen"]
         cpu0 = d.cpu_seconds()
         time.sleep(5)
@@ -216,7 +216,7 @@ def test_kill9_mid_batch_then_restart_exactly_once(tmp_path, models_dir):
     d2 = Daemon(cfg, log=tmp_path / "run2.log")
     with d2:
         wait_for(lambda: len(list((tmp_path / "done").glob("*.jpg"))) == 10, timeout=90)
-        time.sleep(1)
+        d2.quiet()
     done = per_path(d1.processed()) + per_path(d2.processed())
     assert all(n == 1 for n in done.values()), done  # nothing processed twice
     assert len(done) <= 10
@@ -287,7 +287,7 @@ def test_copied_in_file_is_queued_once(tmp_path, cfg):
         for i in range(2):
             (tmp_path / "inbox" / f"c{i}.jpg").write_bytes(synthetic(60 + i))
         d.wait_processed(2)
-        time.sleep(2.0)  # longer than settle_s: a stale settle check would fire by now
+        d.quiet()  # a stale settle check would fire by now
         assert d.stop() == 0
     stopped = [e for e in d.events() if e.get("event") == "stopped"][-1]
     assert stopped.get("queued_total") == 2, stopped

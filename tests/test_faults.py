@@ -14,6 +14,7 @@ Real faults where this machine allows them, injected ones where it does not:
 from __future__ import annotations
 
 import errno
+import math
 import os
 import random
 import sqlite3
@@ -126,7 +127,7 @@ def test_disk_full_outbox_tmpfs(tmp_path, models_dir):
             assert not (tmp_path / "failed").exists()
             filler.unlink()  # space is back
             wait_for(lambda: all((outbox / f"{n}.png").exists() for n in names), timeout=90)
-            time.sleep(0.5)
+            d.quiet()
             done = Counter(e["path"] for e in d.processed() if e["outcome"] != "retry")
             assert d.proc.poll() is None
         assert sorted(p.name for p in visible_outputs_complete(outbox)) == \
@@ -201,7 +202,7 @@ def check_degraded_then_recovered(tmp_path: Path, d: Daemon, fix, retry_s: float
     drop(inbox, "a2.jpg", img)  # the same bytes: no cache, so a second miss
     d.wait_processed(2)
     assert [e["outcome"] for e in d.processed()] == ["miss", "miss"]
-    time.sleep(2.2 * retry_s)  # re-open attempts (every retry_s): none may leak a descriptor
+    d.wait_ticks(math.ceil(2.2 * retry_s))  # re-opens (each tick after retry_s): no fd leak
     assert proc.num_fds() <= fds + 2, (fds, proc.num_fds())
     fix()
     d.wait_log(lambda e: e.get("event") == "cache_recovered", timeout=30)
@@ -247,8 +248,8 @@ def test_cache_read_only_then_fixed(tmp_path, models_dir):
                 wait_for(lambda: d.status()["cache"]["available"] is False, timeout=10)
                 drop(inbox, "b2.jpg", picture(82))  # reads work, writes fail: no flapping
                 d.wait_processed(6)
-                fix()
-                time.sleep(2.1)  # store.retry_s without a failure
+                fix()  # store.retry_s without a failure: recovered
+                d.wait_log(lambda e: e.get("event") == "cache_recovered", count=2, timeout=30)
                 drop(inbox, "b3.jpg", picture(83))
                 d.wait_processed(7)
                 drop(inbox, "b4.jpg", picture(83))
@@ -369,7 +370,7 @@ def test_kill9_at_20_random_points_exactly_once(tmp_path, models_dir):
     logs.append(final)
     with final:
         wait_for(lambda: not list(inbox.iterdir()), timeout=90)
-        time.sleep(0.5)
+        final.quiet()
     processed = Counter()
     for d in logs:
         processed.update(e["path"] for e in d.processed() if e["outcome"] != "retry")
@@ -429,7 +430,7 @@ def test_security_umask_links_listeners(tmp_path, models_dir):
         drop(inbox, "bad.jpg", b"not an image")
         d.wait_processed(2)
         d.wait_log(lambda e: e.get("event") == "skipped" and e["path"].endswith("linked-later"))
-        time.sleep(0.5)
+        d.quiet()
         assert not [c for c in proc.net_connections(kind="all")
                     if c.status == psutil.CONN_LISTEN]
     out = outbox / "sub" / "ok.jpg.png"

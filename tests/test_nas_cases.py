@@ -151,7 +151,7 @@ def test_replaced_input_with_older_mtime_is_redone_live_and_across_restart(tmp_p
         wait_for(lambda: done_for(d2, a), timeout=30)
         wait_for(lambda: size_of(outbox / "a.jpg.png") == D[1:], timeout=10)
         assert done_for(d2, a)[0]["outcome"] in SUCCESS
-        time.sleep(0.5)  # a wrongly queued file would be processed by now (settle 0.2 s)
+        d2.quiet()  # a wrongly queued file would be processed by now
         assert not done_for(d2, b) and not done_for(d2, keep)
         assert size_of(outbox / "keep.jpg.png") == C[1:]
 
@@ -299,7 +299,7 @@ def test_incomplete_files_wait_and_only_a_stuck_empty_file_fails(tmp_path, model
         wait_for(lambda: all(done_for(d, inbox / n) for n in names), timeout=30)
         wait_for(lambda: (failed / "empty.jpg.error.json").exists(), timeout=20)
         failed_after = time.monotonic() - t0
-        time.sleep(0.5)  # a second processing of any of them would show by now
+        d.quiet()  # a second processing of any of them would show by now
         for n in names:
             runs = done_for(d, inbox / n)
             assert [e["outcome"] for e in runs] in ([o] for o in SUCCESS), (n, runs)
@@ -521,7 +521,9 @@ def _outage_then_recovery(d: Daemon, tmp_path: Path, break_it, mend_it, names: l
     st = wait_for(lambda: (s := d.status()).get("state") == "standby" and s, timeout=10)
     assert "outbox" in st["standby"]["0"]["reason"], st
     check_during()
-    time.sleep(1.0)  # the files keep arriving at the workers while the share is out
+    # every file reached a worker and was held while the share is out
+    wait_for(lambda: d.status().get("counters", {}).get("standby_waits", 0) >= len(names),
+             timeout=20)
     check_during()
     assert not done_for(d, inbox / names[0])
     mend_it()
