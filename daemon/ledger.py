@@ -24,9 +24,10 @@ when each output's stamp equals the source's sha256 the record is written again
 and the file is done, otherwise it is processed. An mtime never vouches for a
 file, however old: an ``rsync -a`` of another photo keeps its own old mtime.
 
-Migration (outputs written before stamps): only on upgrade, i.e. while the
-outbox has no ``ADOPTED_MARK`` (written after the first full scan of this
-version, so once), the old rule applies to a file with no record file at all
+Migration (outputs written before stamps): only on upgrade, i.e. until this
+version's first full scan of the outbox is done (``adopted_mark``, a file in the
+daemon's state folder, so that losing the ledger does not reopen it), the old
+rule applies to a file with no record file at all
 and no stamped output: an output at least as new as its source is adopted as
 done with a record without a sha256, so from then on any change to the source
 is seen; such a record's ``same_content`` is always False, so a "changed"
@@ -45,12 +46,12 @@ from pathlib import Path
 
 import structlog
 
+from daemon.fsutil import atomic_write_bytes
 from daemon.imaging.stamp import read_stamp
 from daemon.nofollow import (LinkedPathError, atomic_write_under, open_under, read_under,
                              unlink_under)
 
 LEDGER_DIR = ".rembgd-ledger"
-ADOPTED_MARK = ".rembgd-ledger-adopted"  # legacy outputs were adopted here: never again
 VERSION = 1
 
 log = structlog.get_logger("rembgd.ledger")
@@ -90,10 +91,14 @@ def _rel_text(rel: Path) -> str:
 class Ledger:
     """The ledger of one outbox. Cheap to create; holds no state beyond the folder."""
 
-    def __init__(self, outbox: Path, *, host: str | None = None):
+    def __init__(self, outbox: Path, *, host: str | None = None,
+                 adopted_mark: Path | None = None):
+        """``adopted_mark``: the file that says the upgrade's adoption is over (None: no
+        adoption at all, e.g. a ledger opened only to be read)."""
         self.outbox = Path(outbox)
         self.host = host or socket.gethostname()
-        self._adoption_closed = False  # memo: once the mark is seen it stays
+        self.adopted_mark = adopted_mark
+        self._adoption_closed = adopted_mark is None  # memo: once the mark is seen it stays
 
     def get(self, rel: Path) -> Record | None:
         """The record for ``rel``, or None (absent, unreadable or for another path)."""
@@ -170,15 +175,14 @@ class Ledger:
     def adoption_open(self) -> bool:
         """True until the first full scan of this version over the outbox is done."""
         if not self._adoption_closed:
-            self._adoption_closed = os.path.lexists(self.outbox / ADOPTED_MARK)
+            self._adoption_closed = os.path.lexists(self.adopted_mark)
         return not self._adoption_closed
 
     def close_adoption(self) -> None:
         """The upgrade's scan is done: outputs without a stamp never vouch again."""
         if self.adoption_open():
-            atomic_write_under(self.outbox, Path(ADOPTED_MARK),
-                               json.dumps({"version": VERSION, "time": time.time()}).encode(),
-                               make_root=False)
+            atomic_write_bytes(self.adopted_mark, json.dumps(
+                {"outbox": str(self.outbox), "time": time.time()}).encode())
             self._adoption_closed = True
 
     def _adopt_legacy(self, rel: Path, st: os.stat_result, output: Path) -> bool:
@@ -204,3 +208,9 @@ def _sha256_file(path: Path) -> str:
     """sha256 of a regular file, opened without following a link."""
     with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def adopted_mark(state_dir: Path, outbox: Path) -> Path:
+    """Where the daemon notes that ``outbox``'s upgrade adoption is over."""
+    return Path(state_dir, "ledger-adopted",
+                hashlib.sha1(os.fsencode(os.path.abspath(outbox))).hexdigest()[:16])

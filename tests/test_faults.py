@@ -14,6 +14,7 @@ Real faults where this machine allows them, injected ones where it does not:
 from __future__ import annotations
 
 import errno
+import hashlib
 import math
 import os
 import random
@@ -400,9 +401,14 @@ def test_restart_finishes_a_file_killed_between_output_and_move(tmp_path, models
     cfg = configmod.load(path)
     svc = Supervisor(cfg)
     svc.app = App.build(cfg, engines=shared_engines)
+    from daemon.imaging.png import encode_png
+    from daemon.imaging.stamp import stamp
+
     src = tmp_path / "inbox" / "k.jpg"
     src.write_bytes(picture(95))
-    (tmp_path / "outbox" / "k.jpg.png").write_bytes(b"written before the kill")
+    written = stamp(encode_png(np.zeros((4, 4, 4), np.uint8)), "png",  # as a job writes it:
+                    hashlib.sha256(picture(95)).hexdigest())  # stamped with its source
+    (tmp_path / "outbox" / "k.jpg.png").write_bytes(written)  # ...then the kill: no record
     assert svc.rescan(immediate=True) == 1  # the catch-up scan must not skip it
     svc.intake.process(svc.workers.queue.get_nowait())
     assert svc.counters.get("up_to_date") == 1

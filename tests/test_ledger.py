@@ -12,7 +12,7 @@ import pytest
 
 from daemon.imaging.png import encode_png
 from daemon.imaging.stamp import stamp
-from daemon.ledger import ADOPTED_MARK, LEDGER_DIR, Ledger, record_name
+from daemon.ledger import LEDGER_DIR, Ledger, adopted_mark, record_name
 from daemon.nofollow import LinkedPathError
 
 
@@ -150,7 +150,8 @@ def _png(data: bytes | None = None) -> bytes:
 
 def test_legacy_outputs_are_adopted_by_the_old_rule_only_on_upgrade(dirs):
     inbox, outbox = dirs
-    ledger = Ledger(outbox)
+    mark = adopted_mark(inbox.parent / "state", outbox)
+    ledger = Ledger(outbox, adopted_mark=mark)
     st = _put(inbox / REL, b"photo one", T0)
     out = Path("shoot/a.jpg.png")
     assert not ledger.vouch(REL, st, inbox / REL, [out])  # no output: process it
@@ -168,13 +169,15 @@ def test_legacy_outputs_are_adopted_by_the_old_rule_only_on_upgrade(dirs):
     # the upgrade's scan is over: with the record lost, an mtime vouches for nothing
     ledger.close_adoption()
     shutil.rmtree(outbox / LEDGER_DIR)
-    assert not Ledger(outbox).vouch(REL, st2, inbox / REL, [out])
-    assert not Ledger(outbox).adoption_open() and (outbox / ADOPTED_MARK).is_file()
+    again = Ledger(outbox, adopted_mark=mark)  # a restart
+    assert not again.adoption_open() and mark.is_file()
+    assert not again.vouch(REL, st2, inbox / REL, [out])
+    assert not Ledger(outbox).adoption_open()  # a ledger opened only to be read adopts nothing
 
 
 def test_without_a_record_the_output_stamp_decides(dirs):
     inbox, outbox = dirs
-    ledger = Ledger(outbox)
+    ledger = Ledger(outbox, adopted_mark=adopted_mark(inbox.parent / "state", outbox))
     out = Path("shoot/a.jpg.png")
     (outbox / "shoot").mkdir()
     st = _put(inbox / REL, b"photo one", T0)

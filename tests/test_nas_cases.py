@@ -235,7 +235,8 @@ def test_lost_or_torn_ledger_never_makes_a_replaced_photo_done(tmp_path, models_
 
 
 def test_legacy_outputs_are_adopted_once_on_upgrade_never_after(tmp_path, models_dir):
-    from daemon.ledger import ADOPTED_MARK, LEDGER_DIR
+    from daemon import config as configmod
+    from daemon.ledger import LEDGER_DIR, adopted_mark
 
     cfg = config(tmp_path, models_dir)
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
@@ -248,7 +249,8 @@ def test_legacy_outputs_are_adopted_once_on_upgrade_never_after(tmp_path, models
     with Daemon(cfg) as d:
         assert named(d, "started")[0]["catch_up"] == 0  # the upgrade: adopted by mtime
         assert Ledger(outbox).get(Path("x.jpg")).legacy
-        assert (outbox / ADOPTED_MARK).is_file()
+        state_dir = configmod.state_path(configmod.load(cfg)).parent
+        assert adopted_mark(state_dir, outbox).is_file()  # the upgrade is over
         assert d.stop() == 0
 
     shutil.rmtree(outbox / LEDGER_DIR)  # after the upgrade, an mtime vouches for nothing:
@@ -461,6 +463,50 @@ def test_inbox_replaced_by_another_folder_is_watched_again(tmp_path, models_dir)
         wait_for(lambda: done_for(d, inbox / "b.jpg"), timeout=30)
         assert size_of(outbox / "pre.jpg.png") == C[1:] and size_of(outbox / "b.jpg.png") == B[1:]
         assert len(named(d, "inbox_watched_again")) == 1
+
+
+# ------------------------------------------ issue 20.3: renamed mid-job
+
+
+@pytest.mark.parametrize("outputs", ["legacy", "deliverables"])
+def test_file_renamed_while_processed_leaves_no_output_under_its_old_name(
+        tmp_path, models_dir, shared_engines, outputs):
+    """The rename lands inside the job (after the read, before the writes): in-process, as
+    a real process cannot be made to hit that instant; the watcher's half is below."""
+    from daemon import config as configmod
+    from daemon.service.app import App
+    from daemon.service.intake import WorkItem
+    from daemon.service.supervisor import Supervisor
+
+    extra = {} if outputs == "legacy" else {"watch": [{
+        "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+        "outputs": [{"name": "master", "format": "tiff"}, {"name": "web", "format": "webp"}]}]}
+    svc = Supervisor(configmod.load(config(tmp_path, models_dir, **extra)))
+    svc.app = App.build(svc.cfg, engines=shared_engines)
+    inbox, outbox = svc.cfg.watch[0].inbox, svc.cfg.watch[0].outbox
+    ren, renamed = inbox / "ren.jpg", inbox / "renamed.jpg"
+    ren.write_bytes(jpg(*A))
+    render = svc.app.pipeline.render
+
+    def render_then_rename(*args, **kw):
+        rendered = render(*args, **kw)
+        ren.rename(renamed)  # the studio renames it while it is being processed
+        return rendered
+
+    svc.app.pipeline.render = render_then_rename
+    try:
+        assert svc.intake.process(WorkItem(0, ren)) == "vanished"
+        svc.app.pipeline.render = render
+        assert svc.intake.process(WorkItem(0, renamed)) in SUCCESS
+    finally:
+        svc.app.close()
+    live = sorted(p.relative_to(outbox).as_posix() for p in outbox.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and ".rembgd-" not in str(p))
+    assert live == (["renamed.jpg.png"] if outputs == "legacy" else
+                    ["master/renamed.jpg.tiff", "web/renamed.jpg.webp"]), live
+    ledger = Ledger(outbox)
+    assert ledger.get(Path("ren.jpg")) is None  # the ledger knows no processed ren.jpg
+    assert ledger.state(Path("renamed.jpg"), renamed.stat()) == "done"
 
 
 # ------------------------------------------------------ 5, 6. temp names

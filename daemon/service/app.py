@@ -15,7 +15,8 @@ from daemon.cache.pruner import Pruner
 from daemon.config import Config, WatchPair
 from daemon.coord.locks import LockBackend
 from daemon.inference.engine import Engines
-from daemon.ledger import Ledger
+from daemon import config as configmod
+from daemon.ledger import Ledger, adopted_mark
 from daemon.pipeline import Pipeline, Plan
 
 log = structlog.get_logger("rembgd.service")
@@ -60,7 +61,9 @@ class App:
             pipeline.targets(plan)  # every model file verified and keyed now
         if previous is not None:
             pipeline.inferences = previous.pipeline.inferences  # a running total
-        ledgers = {i: Ledger(p.outbox) for i, p in enumerate(cfg.watch)}
+        state_dir = configmod.state_path(cfg).parent
+        ledgers = {i: Ledger(p.outbox, adopted_mark=adopted_mark(state_dir, p.outbox))
+                   for i, p in enumerate(cfg.watch)}
         return cls(cfg, engines, guard, locks, pipeline, plans, ledgers)
 
     def shares_cache_with(self, other: App) -> bool:
