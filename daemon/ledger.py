@@ -140,13 +140,18 @@ class Ledger:
         rec = self.get(rel)
         return rec is not None and rec.sha256 is not None and rec.sha256 == sha256
 
-    def vouch(self, rel: Path, st: os.stat_result, src: Path, outputs: list[Path]) -> bool:
+    def vouch(self, rel: Path, st: os.stat_result, src: Path, outputs: list[Path], *,
+              hash_source: bool = True) -> bool:
         """For an inbox file with no trustworthy record (``state`` says "unknown"): True,
         with the record written again, when every output (relative to the outbox)
         carries the sha256 of ``src`` as it is; else False (process it). Outputs with no
-        stamp at all count only on upgrade, by the old rule (see the module docstring)."""
+        stamp at all count only on upgrade, by the old rule (see the module docstring).
+        ``hash_source`` False (a scan: no reading of whole photos): stamped outputs give
+        False, and the worker that gets the file checks again, hashing it."""
         stamps = [self._stamp(out) for out in outputs]
         if any(stamp is not None for stamp in stamps):
+            if not hash_source:
+                return False
             sha = _sha256_file(src)
             if all(stamp == sha for stamp in stamps):
                 self.record(rel, st, sha, outputs)

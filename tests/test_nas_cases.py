@@ -224,10 +224,11 @@ def test_lost_or_torn_ledger_never_makes_a_replaced_photo_done(tmp_path, models_
     replace_like_rsync(z, jpg(*D), four_days_ago)
     with Daemon(cfg) as d2:
         started = named(d2, "started")[0]
-        assert started["catch_up"] == 1, started  # z only: x and y's outputs vouch for them
+        assert started["catch_up"] == 3, started  # no records: the workers look at each
         wait_for(lambda: done_for(d2, z), timeout=30)
         assert size_of(outbox / "z.jpg.png") == D[1:]
-        d2.quiet()
+        st = d2.quiet()
+        assert st["counters"]["up_to_date"] == 2, st  # x and y: their outputs vouch for them
         assert not done_for(d2, x) and not done_for(d2, y)
         for f in (x, y, z):
             assert ledger.state(Path(f.name), f.stat()) == "done"

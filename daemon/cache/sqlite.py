@@ -234,12 +234,12 @@ class SqliteStore:
         ``ttl_days`` of it (0: no age limit), as the pruner's age rule would keep a row
         hit then. Such a blob without a row is reused by the next ``put`` of its bytes."""
         healed = last_set_aside(self.dir)
-        if healed is None or (ttl_days > 0 and time.time() - healed > ttl_days * 86400):
+        if healed is None or (ttl_days > 0 and time.time() - healed[0] > ttl_days * 86400):
             return lambda digest: False
 
         def kept(digest: str) -> bool:
             written = self.blobs.mtime(digest)
-            return written is not None and written <= healed + 1  # (whole seconds in the name)
+            return written is not None and written <= healed[1]
         return kept
 
     def delete_blob(self, digest: str) -> None:

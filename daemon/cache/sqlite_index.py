@@ -280,16 +280,18 @@ def connect(index_path: Path) -> sqlite3.Connection:
     return db
 
 
-def last_set_aside(folder: Path) -> float | None:
-    """When the last damaged index in ``folder`` was set aside (from its name), if ever."""
-    times = []
+def last_set_aside(folder: Path) -> tuple[float, float] | None:
+    """When the last damaged index in ``folder`` was set aside, if ever: the time in its
+    name (whole seconds) and its ctime (the rename's instant, to the nanosecond)."""
+    found = []
     for p in folder.glob(f"{INDEX_NAME}.corrupt-*"):
         stamp = p.name[len(INDEX_NAME) + len(".corrupt-"):][:15]
         try:
-            times.append(time.mktime(time.strptime(stamp, "%Y%m%d-%H%M%S")))
-        except ValueError:
+            found.append((time.mktime(time.strptime(stamp, "%Y%m%d-%H%M%S")),
+                          p.stat().st_ctime))
+        except (ValueError, OSError):
             continue
-    return max(times, default=None)
+    return max(found, default=None)
 
 
 def set_aside(index_path: Path, exc: sqlite3.Error) -> Path:

@@ -138,15 +138,17 @@ class Intake:
         self.counters.add(outcome.outcome)
         return outcome.outcome
 
-    def is_done(self, job: jobmod.Job, st: os.stat_result) -> bool:
+    def is_done(self, job: jobmod.Job, st: os.stat_result, *, hash_source: bool = True) -> bool:
         """The ledger says this very file (size, mtime, ctime, inode) was processed (a
         reload's new deliverables apply to files that arrive or change after it);
-        without a trustworthy record, its outputs' stamps must name its sha256."""
+        without a trustworthy record, its outputs' stamps must name its sha256
+        (``hash_source`` False: not checked here, see ``Ledger.vouch``)."""
         state = job.ledger.state(job.rel, st)
         if state != "unknown":
             return state == "done"
         return job.ledger.vouch(job.rel, st, job.src,
-                                [job.output_rel(n) for n in job.output_names])
+                                [job.output_rel(n) for n in job.output_names],
+                                hash_source=hash_source)
 
     def _on_standby(self, item: WorkItem, app: App) -> bool:
         """A pair on standby, or whose outbox or inbox is gone, waits (checked again)."""

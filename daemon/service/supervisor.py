@@ -160,7 +160,7 @@ class Supervisor:
         job = Job(path, rel, self.cfg.watch[index].outbox, self.app.plan(index),
                   ledger=self.app.ledgers[index])
         try:
-            return self.intake.is_done(job, st)
+            return self.intake.is_done(job, st, hash_source=False)  # the workers hash
         except OSError:
             return False  # the intake looks again, and says why
 
