@@ -93,6 +93,15 @@ def pipeline_over(cfg, engines, store=None):
                     claim_ttl_s=cfg.store.claim_ttl_s)
 
 
+def unstamped(data: bytes) -> bytes:
+    """A rendered PNG without its source stamp (a tEXt chunk right after IHDR): what the
+    cache stores, the same for every source of the same pixels."""
+    from daemon.imaging.stamp import KEY, read_stamp
+
+    assert read_stamp(io.BytesIO(data)) is not None
+    return data[:33] + data[33 + 12 + len(KEY) + 1 + 64:]
+
+
 def render_legacy(pipeline, data: bytes, options):
     """The legacy single-PNG plan (the `output:` section); ``.files[""]`` is the PNG."""
     from daemon.pipeline import Plan

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode, photo, pipeline_over, render_legacy, write_config
+from conftest import encode, photo, pipeline_over, render_legacy, unstamped, write_config
 from daemon import config as configmod
 from daemon.imaging import fingerprint as fpmod
 from daemon.config import AlphaMatting
-from daemon.imaging.stamp import KEY as STAMP_KEY, read_stamp
+from daemon.imaging.stamp import read_stamp
 from daemon.imaging.decode import decode
 from daemon.config import Config
 from daemon.pipeline import Pipeline, Plan
@@ -57,13 +57,6 @@ class Cached:
 
 def png(rendered) -> bytes:
     return rendered.files[""]
-
-
-def unstamped(data: bytes) -> bytes:
-    """A PNG without its source stamp (a tEXt chunk right after IHDR): as the cache
-    stores it, the same for every source of the same pixels."""
-    assert read_stamp(io.BytesIO(data)) is not None
-    return data[:33] + data[33 + 12 + len(STAMP_KEY) + 1 + 64:]
 
 
 @pytest.fixture

@@ -466,6 +466,31 @@ def test_inbox_replaced_by_another_folder_is_watched_again(tmp_path, models_dir)
         assert len(named(d, "inbox_watched_again")) == 1
 
 
+def test_inbox_remounted_is_watched_again(tmp_path, models_dir):
+    cfg = config(tmp_path, models_dir, rescan_interval_s=0)
+    inbox, outbox, share = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "share"
+    share.mkdir()
+    (share / "on-share.jpg").write_bytes(jpg(*B))
+    if os.geteuid() != 0 or _run("mount", "--bind", str(share), str(share)).returncode:
+        pytest.skip("a bind mount needs root and mount permission")
+    _run("umount", "-l", str(share))
+    mounted = False
+    try:
+        with Daemon(cfg) as d:
+            assert _run("mount", "--bind", str(share), str(inbox)).returncode == 0  # a remount
+            mounted = True
+            ev = d.wait_log(lambda e: e.get("event") == "inbox_watched_again", timeout=20)[0]
+            assert ev["change"] == "replaced", ev
+            wait_for(lambda: done_for(d, inbox / "on-share.jpg"), timeout=30)  # the catch-up
+            (inbox / "later.jpg").write_bytes(jpg(*C))  # and the new watch
+            wait_for(lambda: done_for(d, inbox / "later.jpg"), timeout=30)
+            assert size_of(outbox / "on-share.jpg.png") == B[1:]
+            assert size_of(outbox / "later.jpg.png") == C[1:]
+    finally:
+        if mounted:
+            _run("umount", "-l", str(inbox))
+
+
 # ------------------------------------------ issue 20.3: renamed mid-job
 
 
