@@ -37,6 +37,7 @@ COLOURS = ("keep", "srgb")
 METADATA = ("keep", "strip")
 CROPS = ("none", "subject")
 FORMAT_EXT = {"png": ".png", "tiff": ".tif", "webp": ".webp", "jpeg": ".jpg"}
+COLOUR_DOC = "keep: embed the source's ICC profile; srgb: convert to sRGB (littleCMS)"
 
 
 class ConfigError(ValueError):
@@ -93,9 +94,8 @@ class OutputOptions:
         type_doc="[r, g, b, a], 0-255, or null")
     png_compression: int = setting(1, "zlib level; 1-3: ISA-L (7-12x Pillow's speed at "
                                    "24 MP), 4-9: zlib", minimum=0, maximum=9)
-    colour: str = setting("keep", "keep the source's ICC profile | srgb: convert to sRGB",
-                          choices=COLOURS)
-    metadata: str = setting("keep", "keep EXIF (orientation 1), XMP, IPTC | strip",
+    colour: str = setting("keep", COLOUR_DOC, choices=COLOURS)
+    metadata: str = setting("keep", "keep: EXIF (orientation set to 1) and XMP; strip: none",
                             choices=METADATA)
 
     @property
@@ -109,7 +109,7 @@ class Canvas:
     """Place the (cropped) subject on a frame of a fixed aspect ratio."""
 
     aspect: tuple[int, int] = setting((1, 1), "width:height of the frame",
-                                      type_doc='"W:H", 1-100 each side', default_doc='"1:1"')
+                                      type_doc='"W:H", 1-100 each side', default_doc='`"1:1"`')
     long_edge: int = setting(2000, "px of the frame's longer side", minimum=16, maximum=30000)
     fill: float = setting(0.85, "the subject's longer side spans this fraction of the frame",
                           minimum=0.05, maximum=1.0)
@@ -123,7 +123,7 @@ class Deliverable:
 
     name: str = setting("cutout", "the outbox subfolder it goes to: 1-64 letters, digits, "
                         "., _, -; unique per list, ignoring case", default_doc="required")
-    format: str = setting("png", "png | tiff (alias tif) | webp | jpeg (alias jpg)",
+    format: str = setting("png", "aliases: jpg, tif",
                           choices=FORMATS)
     quality: int = setting(90, "jpeg and lossy webp (jpeg >= 90: 4:4:4 chroma)",
                            minimum=1, maximum=100)
@@ -138,16 +138,15 @@ class Deliverable:
                         "under 0.1% of the subject ignored)", choices=CROPS)
     margin: float = setting(0.0, "around the subject box, with crop: subject",
                             type_doc='"5%" of its longer side, "40px", or a number of px',
-                            default_doc="0")
+                            default_doc="`0`")
     margin_unit: str = setting("%", key=None)  # "%" | "px", from `margin`
-    canvas: Canvas | None = setting(None, "centre the subject on a frame; see below",
-                                    type_doc="mapping or null")
+    canvas: Canvas | None = setting(None, "centre the subject on a frame",
+                                    default_doc="`null`")
     max_size: int | None = setting(None, "longest edge in px, downscale only",
                                    minimum=16, maximum=65535)
-    colour: str = setting("keep", "keep the source's ICC profile | srgb: convert to sRGB",
-                          choices=COLOURS)
-    metadata: str = setting("keep", "keep EXIF (orientation 1), XMP, IPTC | strip",
-                            choices=METADATA)
+    colour: str = setting("keep", COLOUR_DOC, choices=COLOURS)
+    metadata: str = setting("keep", "keep: EXIF (orientation set to 1), XMP, and IPTC where "
+                            "the format holds it (JPEG, TIFF); strip: none", choices=METADATA)
 
     @property
     def ext(self) -> str:
@@ -169,12 +168,12 @@ class WatchPair:
     inbox: Path = setting(doc="the hot folder watched for new images", default_doc="required")
     outbox: Path = setting(doc="where the outputs go", default_doc="required")
     failed_dir: Path = setting(doc="broken files, each with a <name>.error.json sidecar",
-                               default_doc='"failed" beside the outbox')
+                               default_doc="`failed` beside the outbox")
     done_dir: Path = setting(doc="originals, with after_success: move",
-                             default_doc='"done" beside the inbox')
+                             default_doc="`done` beside the inbox")
     recursive: bool = setting(True, "watch subfolders too")
-    after_success: str = setting("keep", "the source once every output is written: keep | "
-                                 "move (to done_dir) | delete", choices=AFTER_SUCCESS)
+    after_success: str = setting("keep", "the source, once every output is written; move: "
+                                 "to done_dir", choices=AFTER_SUCCESS)
     options: OutputOptions = setting(factory=OutputOptions, doc="this pair's overrides of "
                                      "any `output:` key", type_doc="mapping",
                                      default_doc="`output:`")
@@ -234,7 +233,7 @@ class CacheConfig:
     """The mask cache: index, mask blobs and stored outputs."""
 
     dir: Path = setting(factory=default_cache_dir, doc="the SQLite index and the blobs",
-                        default_doc="$XDG_CACHE_HOME/rembgd")
+                        default_doc="`$XDG_CACHE_HOME/rembgd`")
     enabled: bool = setting(True, "false: every file is inferred, nothing is stored")
     store_outputs: bool = setting(True, "keep the encoded outputs too: exact repeats skip "
                                   "decoding and encoding")
@@ -248,10 +247,10 @@ class StoreConfig:
     """Where the cache index lives: SQLite in ``cache.dir``, or Redis shared by several
     machines."""
 
-    backend: str = setting("sqlite", "sqlite (embedded) | redis (shared by several "
-                           "machines)", choices=BACKENDS)
-    url: str = setting("redis://127.0.0.1:6379/0", "the Redis server")
-    prefix: str = setting("rembgd", "Redis key prefix")
+    backend: str = setting("sqlite", "sqlite: embedded; redis: shared by several "
+                           "machines", choices=BACKENDS)
+    url: str = setting("redis://127.0.0.1:6379/0", "the Redis server (backend: redis)")
+    prefix: str = setting("rembgd", "Redis key prefix (backend: redis)")
     local_lru_entries: int = setting(2048, "in-process tier in front of Redis", minimum=0)
     claim_ttl_s: float = setting(60.0, "a claim on a file lapses this long after its last "
                                  "renewal", minimum=1)
@@ -266,13 +265,12 @@ class Config:
 
     source: Path = setting(key=None)  # the file it was read from
     watch: tuple[WatchPair, ...] = setting(doc="inbox -> outbox pairs; `rembgd run` needs "
-                                           "at least one", type_doc="list of pairs",
-                                           default_doc="none")
+                                           "at least one", default_doc="none")
     cache: CacheConfig = setting()
     store: StoreConfig = setting()
     models_dir: Path = setting(factory=default_models_dir, key="models.dir",
                                doc="the provisioned models (`rembgd models install`)",
-                               default_doc="$XDG_DATA_HOME/rembgd/models")
+                               default_doc="`$XDG_DATA_HOME/rembgd/models`")
     observer: str = setting("auto", "auto: polling when an inbox is on a network file "
                             "system (SMB/CIFS, NFS...), else inotify", choices=OBSERVERS)
     poll_interval_s: float = setting(2.0, "how often the poller looks", minimum=0.05)
@@ -292,7 +290,7 @@ class Config:
     memory_budget_mp: float = setting(120.0, "decoded megapixels in flight across workers "
                                       "(a bigger file runs alone)", minimum=1)
     umask: int = setting(0o022, "permissions of the files written",
-                         type_doc="octal string", default_doc='"022"')
+                         type_doc="octal string", default_doc='`"022"`')
     retry_attempts: int = setting(5, "retries of a transient error of one file (disk "
                                   "full, EACCES, vanished file)", minimum=0)
     retry_backoff_s: float = setting(1.0, "the first retry's delay, doubled each time",
@@ -303,11 +301,11 @@ class Config:
     log_format: str = setting("auto", "auto: json under systemd or when not a TTY, text "
                               "on a TTY", key="logging.format", choices=LOG_FORMATS)
     state_file: Path | None = setting(None, "the status file `rembgd status` reads",
-                                      default_doc="<cache.dir>/status.json")
+                                      default_doc="`<cache.dir>/status.json`")
     output: OutputOptions = setting(factory=OutputOptions)
     outputs: tuple[Deliverable, ...] = setting(
         (), "deliverables of every pair and of `rembgd process`; none: the single PNG of "
-        "`output:`", type_doc="list of deliverables", default_doc="none")
+        "`output:`", default_doc="none")
 
     @property
     def output_defaults(self) -> OutputOptions:
