@@ -27,11 +27,11 @@ file, however old: an ``rsync -a`` of another photo keeps its own old mtime.
 Migration (outputs written before stamps): only on upgrade, i.e. until this
 version's first full scan of the outbox is done (``adopted_mark``, a file in the
 daemon's state folder, so that losing the ledger does not reopen it), the old
-rule applies to a file with no record file at all
-and no stamped output: an output at least as new as its source is adopted as
-done with a record without a sha256, so from then on any change to the source
-is seen; such a record's ``same_content`` is always False, so a "changed"
-legacy file is redone rather than trusted.
+rule applies to a file with no record file at all and no stamped output: an
+output at least as new as its source is adopted as done with a record without a
+sha256, so from then on any change to the source is seen; such a record's
+``same_content`` is always False, so a "changed" legacy file is redone rather
+than trusted.
 """
 from __future__ import annotations
 
@@ -149,6 +149,10 @@ class Ledger:
         ``hash_source`` False (a scan: no reading of whole photos): stamped outputs give
         False, and the worker that gets the file checks again, hashing it."""
         stamps = [self._stamp(out) for out in outputs]
+        torn = self._record_present(rel)
+        if torn and hash_source:
+            log.warning("ledger_record_unreadable", path=_rel_text(rel),
+                        effect="the source stamps in its outputs decide whether it is redone")
         if any(stamp is not None for stamp in stamps):
             if not hash_source:
                 return False
@@ -159,7 +163,7 @@ class Ledger:
                           reason="its outputs carry the source's sha256")
                 return True
             return False
-        if self._record_present(rel) or not self.adoption_open():
+        if torn or not self.adoption_open():
             return False  # a torn record is no upgrade; after the upgrade only content counts
         return self._adopt_legacy(rel, st, outputs[0])
 
