@@ -19,7 +19,8 @@ from pathlib import Path
 import structlog
 
 from daemon.fsutil import NAME_MAX, is_transient, name_bytes, output_mode, output_name
-from daemon.nofollow import LinkedPathError, atomic_write_under, move_under, write_failure
+from daemon.nofollow import (LinkedPathError, atomic_write_under, move_under,
+                             unlink_under, write_failure)
 from daemon.imaging.decode import DecodeError, TruncatedImage
 from daemon.inference.models import ModelError
 from daemon.ledger import Ledger
@@ -93,7 +94,7 @@ class Job:
 @dataclass
 class Outcome:
     job: Job
-    outcome: str  # exact|pixel|near|miss|failed|retry|not_ready
+    outcome: str  # exact|pixel|near|miss|failed|retry|not_ready|vanished
     ms: float
     error: str | None = None
     reason: str | None = None
@@ -141,7 +142,11 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
                 errors[name] = exc  # this deliverable only: the others are still written
         rendered.store()  # the cache copy of the outputs: after the files, off the latency
         now = signature(job.src)
-        if now not in (_sig(st), None):
+        if now is None:  # renamed or deleted meanwhile: no output may outlive its name
+            withdraw(job, written)
+            return done("vanished", reason="vanished", error="renamed or deleted while it "
+                        "was processed; its outputs were removed")
+        if now != _sig(st):
             for path in written:  # older than the new content: redone, never taken as done
                 os.utime(path, ns=(st.st_mtime_ns, st.st_mtime_ns))
             return done("retry", error="the source changed while it was being processed",
@@ -179,6 +184,16 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
         fail(job, exc, "internal_error")
         return done("failed", error=f"{type(exc).__name__}: {exc}", reason="internal_error",
                     exc=exc)
+
+
+def withdraw(job: Job, written: list[Path]) -> None:
+    """Remove outputs of a source that no longer exists under its name (never published
+    as its deliverables; no ledger record)."""
+    for path in written:
+        try:
+            unlink_under(job.outbox, path.relative_to(job.outbox))
+        except OSError as exc:
+            log.error("output_not_withdrawn", path=str(path), error=str(exc))
 
 
 def dispose(job: Job) -> None:

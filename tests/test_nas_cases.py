@@ -529,10 +529,48 @@ def test_file_renamed_while_processed_leaves_no_output_under_its_old_name(
     live = sorted(p.relative_to(outbox).as_posix() for p in outbox.rglob("*")
                   if p.is_file() and not p.name.startswith(".") and ".rembgd-" not in str(p))
     assert live == (["renamed.jpg.png"] if outputs == "legacy" else
-                    ["master/renamed.jpg.tiff", "web/renamed.jpg.webp"]), live
+                    ["master/renamed.jpg.tif", "web/renamed.jpg.webp"]), live
     ledger = Ledger(outbox)
     assert ledger.get(Path("ren.jpg")) is None  # the ledger knows no processed ren.jpg
     assert ledger.state(Path("renamed.jpg"), renamed.stat()) == "done"
+
+
+def test_file_renamed_while_a_daemon_processes_it(tmp_path, models_dir):
+    """The same on a real daemon: renamed as soon as the daemon has read the file (inotify
+    tells), while it infers and encodes a 12 MP photo (about a second)."""
+    from watchdog.events import FileClosedNoWriteEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    cfg = config(tmp_path, models_dir)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    staged = tmp_path / "ren.jpg"
+    staged.write_bytes(jpg("astronaut", 4000, 3000))
+    read = threading.Event()
+
+    class Reads(FileSystemEventHandler):
+        def on_any_event(self, event):
+            if isinstance(event, FileClosedNoWriteEvent) and event.src_path.endswith("ren.jpg"):
+                read.set()
+
+    observer = Observer()
+    observer.schedule(Reads(), str(inbox))
+    observer.start()
+    try:
+        with Daemon(cfg) as d:
+            os.rename(staged, inbox / "ren.jpg")
+            assert read.wait(30)  # the job read it: now it infers, encodes, writes
+            os.rename(inbox / "ren.jpg", inbox / "renamed.jpg")
+            ev = wait_for(lambda: done_for(d, inbox / "ren.jpg"), timeout=60)[0]
+            assert ev["outcome"] == "vanished", ev
+            wait_for(lambda: done_for(d, inbox / "renamed.jpg"), timeout=60)
+            d.quiet()
+    finally:
+        observer.stop()
+        observer.join()
+    assert sorted(p.name for p in outbox.iterdir() if not p.name.startswith(".")) == \
+        ["renamed.jpg.png"]
+    assert size_of(outbox / "renamed.jpg.png") == (4000, 3000)
+    assert Ledger(outbox).get(Path("ren.jpg")) is None
 
 
 # ------------------------------------------------------ 5, 6. temp names
