@@ -140,7 +140,8 @@ class Supervisor:
                 else:
                     self.scheduler.settle(i, path)
                 n += 1
-            self._close_adoption(i)
+            if pair.inbox.is_dir():  # a full scan of it was made
+                self._close_adoption(i)
         return n
 
     def _close_adoption(self, index: int) -> None:
