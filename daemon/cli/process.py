@@ -144,7 +144,7 @@ def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int, workers: i
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="job") as pool:
         for job, res in zip(runnable, pool.map(lambda j: _run_one(pipeline, j, umask),
                                                runnable)):
-            outcome = "failed" if res.outcome == "retry" else res.outcome
+            outcome = "failed" if res.kind == "retry" else res.kind
             counts[outcome] += 1
             if outcome == "failed":
                 failures.append((job.src, res.error or ""))
@@ -160,6 +160,6 @@ def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int, workers: i
 
 def _run_one(pipeline: Pipeline, job: jobmod.Job, umask: int) -> jobmod.Outcome:
     res = jobmod.run(job, pipeline, umask=umask)
-    if res.outcome == "retry":
+    if res.kind == "retry":
         res = jobmod.run(job, pipeline, umask=umask)  # one more try, then report
     return res
