@@ -111,7 +111,7 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
         data = read_regular_file(job.src, root=job.src.parents[len(job.rel.parts) - 1])
         if not data and job.wait_incomplete:
             return Outcome(job, "not_ready", error="empty file (0 bytes)", reason="incomplete")
-        rendered = pipeline.render(data, job.plan, defer_store=True)
+        rendered = pipeline.render(data, job.plan)
         errors = dict(rendered.errors)  # deliverable -> why it is missing
         for name, payload in rendered.files.items():
             try:
@@ -123,7 +123,8 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
                 if not name or is_transient(exc) or isinstance(exc, LinkedPathError):
                     raise
                 errors[name] = exc  # this deliverable only: the others are still written
-        rendered.store()  # the cache copy of the outputs: after the files, off the latency
+        if rendered.cache_writes:  # the cache copy of the outputs: after the files
+            pipeline.masks.commit(rendered.cache_writes)
         now = signature(job.src)
         if now not in (_sig(st), None):
             for path in written:  # older than the new content: redone, never taken as done

@@ -29,6 +29,7 @@ from conftest import photo, write_config
 from daemon import config as configmod
 from daemon import job as jobmod
 from daemon.imaging import fingerprint as fpmod
+from daemon.imaging import keys as keysmod
 from daemon.imaging import render as rendermod
 from daemon.imaging.colour import srgb_profile
 from daemon.imaging.decode import decode
@@ -457,17 +458,17 @@ def test_cache_rows_of_another_key_version_are_misses(studio, monkeypatch):
     fp = fpmod.fingerprint(data, decoded.rgb, s.app.engines.embedder().embed(decoded.rgb))
     wrong_mask = rendermod.encode_mask(np.zeros((H, W), np.uint8))
     wrong_output = save(np.zeros((H, W, 4), np.uint8), "PNG")
-    mask_now, render_now = rendermod.MASK_VERSION, rendermod.RENDER_VERSION
+    mask_now, render_now = keysmod.MASK_VERSION, keysmod.RENDER_VERSION
     for mask_v, render_v in ((mask_now - 1, render_now - 1), (mask_now - 1, render_now),
                              (mask_now, render_now - 1)):
         with monkeypatch.context() as m:
-            m.setattr(rendermod, "MASK_VERSION", mask_v)
-            m.setattr(rendermod, "RENDER_VERSION", render_v)
-            mkey = rendermod.mask_key(plan.options, checksum)
-            (target,) = rendermod.targets(mkey, plan.options, plan.outputs)
+            m.setattr(keysmod, "MASK_VERSION", mask_v)
+            m.setattr(keysmod, "RENDER_VERSION", render_v)
+            mkey = keysmod.mask_key(plan.options, checksum)
+            (target,) = keysmod.targets(mkey, plan.options, plan.outputs)
         if mask_v != mask_now:  # a mask row under the current key would be a valid row
-            s.app.guard.call(lambda st: st.put(mkey, "u2netp", fp, wrong_mask, None))
-        s.app.guard.call(lambda st: st.put(target.output_key, "u2netp", fp, wrong_mask,
+            s.app.cache.guard.call(lambda st: st.put(mkey, "u2netp", fp, wrong_mask, None))
+        s.app.cache.guard.call(lambda st: st.put(target.output_key, "u2netp", fp, wrong_mask,
                                            wrong_output))
     assert s.app.pipeline.targets(plan)[0].output_key != target.output_key
     engine = s.app.engines.mask("u2netp")

@@ -360,8 +360,8 @@ def test_local_tier_serves_blobs_but_never_deleted_entries(stores, raw, fps):
 def test_lease_keeps_a_claim_across_machines_until_released(tmp_path, redis_prefix, stores):
     a, b = stores(), stores()
     cfg = store_cfg(tmp_path, redis_prefix)
-    la = open_locks(cfg.store, tmp_path / "cache", store=a)
-    lb = open_locks(cfg.store, tmp_path / "cache", store=b)
+    la = open_locks(cfg.store, tmp_path / "cache", link=a.link)
+    lb = open_locks(cfg.store, tmp_path / "cache", link=b.link)
     assert isinstance(la, RedisLocks) and la.link is a.link  # one connection, one breaker
     lease = try_lease(la, "claim:inbox/shoot/001.jpg", 0.6, LeaseKeeper())
     assert lease is not None
@@ -386,7 +386,7 @@ def proxied(tmp_path, prefix, proxy, backoff: float):
 
 def test_outage_fails_fast_and_recovers(tmp_path, redis_prefix, proxy, fps):
     cfg, s = proxied(tmp_path, redis_prefix, proxy, 0.3)
-    locks = open_locks(cfg.store, tmp_path / "cache", store=s)
+    locks = open_locks(cfg.store, tmp_path / "cache", link=s.link)
     fp = fps["coffee"]
     e = s.put(KEY, "u2netp", fp, b"mask", b"out")
     assert s.health().available and s.health().outages == 0

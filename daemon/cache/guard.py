@@ -33,18 +33,16 @@ DAMAGED_REOPEN_S = 1.0  # a damaged store is re-opened at once, at most this oft
 class CacheGuard:
     """Opens, watches and re-opens the configured store; thread-safe.
 
-    ``opener`` (tests): a callable returning a fresh store, instead of ``open_store``.
-    ``locks``: the lock backend that goes with the store (None when the cache
-    is disabled); it stays valid for the guard's life.
+    ``opener``: a callable returning a fresh store, instead of ``open_store``
+    (``daemon.service.app.open_cache`` shares one Redis connection this way).
+    Built only for an enabled cache; the lock backend is not the guard's.
     """
 
     def __init__(self, store_cfg: StoreConfig, cache_cfg: CacheConfig, *,
                  opener: Callable[[], Store] | None = None):
         from daemon.cache import open_store
-        from daemon.coord.locks import open_locks
 
         self.store_cfg, self.cache_cfg = store_cfg, cache_cfg
-        self.enabled = cache_cfg.enabled
         self._opener = opener or (lambda: open_store(store_cfg, cache_cfg))
         self._state = threading.Lock()  # guards the counters and flags below
         self._opening = threading.Lock()  # one (re-)open at a time; others do not wait
@@ -57,10 +55,7 @@ class CacheGuard:
         self._opened_at = float("-inf")  # last open attempt
         self._healed_at = float("-inf")  # last re-open because of damage
         self._damaged = False
-        self.locks = None
-        if self.enabled:
-            self._open()
-            self.locks = open_locks(store_cfg, cache_cfg.dir, store=self._store)
+        self._open()
 
     # ------------------------------------------------------------ public
 
@@ -90,7 +85,8 @@ class CacheGuard:
         return result
 
     def failed(self, exc: StoreError) -> None:
-        """Record a failure of a related backend call made outside ``call`` (e.g. a lock)."""
+        """Record a failure of a related backend call made outside ``call`` (a lock, a
+        claim): one outage, logged once, whichever call saw it."""
         self._failed(exc, self._store)
 
     def status(self) -> dict:
@@ -98,9 +94,6 @@ class CacheGuard:
 
         Cheap: ``store.health()`` (no scan); notices a damaged index and re-opens it.
         """
-        if not self.enabled:
-            return {"backend": "disabled", "available": False, "error": None,
-                    "store_errors": self.store_errors, "outages": self.outages}
         store = self._usable()
         health = store.health() if store is not None else None
         if health is not None and not health.available:
@@ -125,19 +118,10 @@ class CacheGuard:
             store, self._store = self._store, None
             if store is not None:
                 store.close()
-            locks, self.locks = self.locks, None
-            closer = getattr(locks, "close", None)  # FlockLocks: drop any flock still held
-            if closer is not None:
-                closer()
-            link = getattr(locks, "link", None)
-            if link is not None and link is not getattr(store, "link", None):
-                link.close()  # Redis locks opened on a connection of their own
 
     # ----------------------------------------------------------- opening
 
     def _usable(self) -> Store | None:
-        if not self.enabled:
-            return None
         store = self._store
         now = time.monotonic()
         if self._damaged and now - self._healed_at >= DAMAGED_REOPEN_S:

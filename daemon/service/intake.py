@@ -14,6 +14,7 @@ from typing import Callable
 import structlog
 
 from daemon import job as jobmod
+from daemon.cache.base import StoreError
 from daemon.coord.claims import claim, claim_name
 from daemon.fate import Outcome, finish
 from daemon.fsutil import safe_relative
@@ -108,7 +109,7 @@ class Intake:
         try:
             lease = claim(app.locks, pair.outbox / CLAIMS_DIR,
                           claim_name(pair.inbox.name, admitted.rel), app.cfg.store.claim_ttl_s,
-                          on_fallback=lambda _exc: self.counters.add("claim_fallbacks"))
+                          on_fallback=lambda exc: self._claim_fallback(exc, app))
         except OSError as exc:  # the claim file cannot be written (full or read-only outbox)
             outcome = Outcome(job, "retry", error=str(exc), reason="transient", exc=exc)
             return self._transient(item, outcome, app)
@@ -129,6 +130,12 @@ class Intake:
         finally:
             lease.release()
         return self._account(item, outcome, app)
+
+    def _claim_fallback(self, exc: StoreError, app: App) -> None:
+        """The lock backend failed and the claim file stood in: one more sign of a cache
+        outage, for the guard to report."""
+        self.counters.add("claim_fallbacks")
+        app.cache.guard.failed(exc)
 
     def _account(self, item: WorkItem, outcome: Outcome, app: App) -> str:
         """Count a finished outcome and schedule what comes next (a wait, a retry)."""

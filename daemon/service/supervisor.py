@@ -213,26 +213,17 @@ class Supervisor:
         systemd.notify(f"STATUS={st['line']}")
 
     def _maybe_prune(self) -> None:
+        """Start a prune run when one is due; a failing store is reported by the cache
+        guard (and the run retried on the next schedule)."""
         self.pruner = self.app.pruner_for(self.pruner) if self.app else None
         if self.pruner is None or (self._prune_thread and self._prune_thread.is_alive()):
             return
-        try:
-            due = self.pruner.due(time.time())
-        except Exception as exc:  # noqa: BLE001 - the cache guard reports the store itself
-            log.warning("prune_check_failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        if due:
-            pruner = self.pruner
-            self._prune_thread = threading.Thread(target=self._prune, args=(pruner,),
-                                                  name="prune", daemon=True)
+        pruner, guard = self.pruner, self.app.cache.guard
+        if guard.call(lambda _store: pruner.due(time.time()), default=False):
+            self._prune_thread = threading.Thread(
+                target=guard.call, args=(lambda _store: pruner.run(dry_run=False),),
+                name="prune", daemon=True)
             self._prune_thread.start()
-
-    @staticmethod
-    def _prune(pruner: Pruner) -> None:
-        try:
-            pruner.run(dry_run=False)
-        except Exception as exc:  # noqa: BLE001 - retried on the next schedule
-            log.warning("prune_failed", error=f"{type(exc).__name__}: {exc}")
 
     # --------------------------------------------------------------- run
 
@@ -249,7 +240,7 @@ class Supervisor:
         self._start_watching()
         found = self.rescan()
         log.info("started", pid=os.getpid(), catch_up=found, workers=self.cfg.workers,
-                 cache=self.cfg.store.backend if self.app.guard else "disabled")
+                 cache=self.cfg.store.backend if self.app.cache else "disabled")
         systemd.notify("READY=1")
         self._main_loop()
         return self._shutdown()
