@@ -109,7 +109,7 @@ class RedisStore:
 
     def health(self) -> StoreHealth:
         if self._closed:
-            return StoreHealth(False, self.link.outages, "the Redis store is closed")
+            return StoreHealth(False, error="the Redis store is closed")
         return self.link.health()
 
     def _call(self, fn: Callable, *args, **kw):

@@ -51,7 +51,6 @@ class RedisLink:
         self._down = False
         self._down_until = 0.0
         self._backoff = self.BACKOFF_START_S
-        self.outages = 0
         self.last_error: str | None = None
 
     @property
@@ -67,7 +66,7 @@ class RedisLink:
             except StoreError:
                 pass
         down = self._down
-        return StoreHealth(available=not down, outages=self.outages,
+        return StoreHealth(available=not down,
                            error=self.last_error if down else None)
 
     def call(self, fn: Callable, *args, **kw):
@@ -98,7 +97,6 @@ class RedisLink:
             now = time.monotonic()
             if not self._down:
                 self._down = True
-                self.outages += 1
                 self._backoff = self.BACKOFF_START_S
             elif now < self._down_until:
                 return  # another thread's failure already set this window

@@ -216,13 +216,14 @@ class FileClaims:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
-    def _path(self, name: str) -> Path:
+    def path(self, name: str) -> Path:
+        """The claim file of ``name``."""
         return self.folder / (_hashed(name) + ".claim")
 
     def try_lock(self, name: str, ttl: float) -> str | None:
         # never parents: a vanished outbox (a lost mount) must not be re-created locally
         self.folder.mkdir(exist_ok=True)
-        path = self._path(name)
+        path = self.path(name)
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         for _ in range(2):
             try:
@@ -253,7 +254,7 @@ class FileClaims:
         return None
 
     def refresh_lock(self, name: str, token: str, ttl: float) -> bool:
-        path = self._path(name)
+        path = self.path(name)
         try:
             if path.read_text() != token:
                 return False
@@ -263,7 +264,7 @@ class FileClaims:
             return False
 
     def unlock(self, name: str, token: str) -> None:
-        path = self._path(name)
+        path = self.path(name)
         try:
             if path.read_text() == token:
                 path.unlink()

@@ -1,6 +1,6 @@
 """The supervisor: lifecycle, reload, the tick loop and shutdown of `rembgd run`.
 
-start: build the App (every model verified) -> workers -> settle scheduler ->
+start: build the App (every model verified) -> workers -> settle queue ->
 watchers -> catch-up scan -> READY=1. The tick loop sends WATCHDOG=1, runs
 rescans and pruning, and publishes the status. SIGHUP builds a new App from the
 re-read config and swaps it in, or refuses (naming the cause) and keeps the
@@ -30,7 +30,8 @@ from daemon.service.app import App
 from daemon.service.intake import Intake, WorkItem
 from daemon.service.standby import Standby
 from daemon.service.status import Counters, build_status, progress_fields, write_status
-from daemon.service.watcher import InboxHandler, Scheduler, choose_observer, make_observer
+from daemon.service.settle import SettleQueue
+from daemon.service.watcher import InboxHandler, choose_observer, make_observer
 from daemon.service.workers import RetryPolicy, Workers
 
 log = structlog.get_logger("rembgd.service")
@@ -50,7 +51,7 @@ class Supervisor:
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.exit_code = 0
-        self.scheduler = Scheduler(cfg.settle_s, self._submit_from_scheduler,
+        self.scheduler = SettleQueue(cfg.settle_s, self._submit_from_scheduler,
                                    incomplete_timeout_s=cfg.incomplete_timeout_s)
         self.retry_policy = RetryPolicy(self._schedule_retry, self.counters,
                                         lambda: self.cfg.retry_attempts,
@@ -97,7 +98,7 @@ class Supervisor:
         self.observer, self.observer_kind = observer, kind
         log.info("watching", observer=kind, inboxes=[str(p.inbox) for p in pairs])
 
-    def _stop_watching(self) -> None:
+    def stop_watching(self) -> None:
         if self.observer is not None:
             self.observer.stop()
             self.observer.join(timeout=5)
@@ -193,7 +194,7 @@ class Supervisor:
             self._make_roots(pair)
         if old is not None and not app.shares_cache_with(old):
             old.close()
-        self._stop_watching()
+        self.stop_watching()
         self._start_watching()
         self.rescan()
         log.info("config_reloaded", source=str(new.source), pairs=len(new.watch),
@@ -287,7 +288,7 @@ class Supervisor:
         self.stop_event.set()
         if self.pruner is not None:
             self.pruner.cancel()  # stops after the current small batch
-        self._stop_watching()
+        self.stop_watching()
         self.scheduler.stop()
         self.workers.join()
         if self._prune_thread is not None:
