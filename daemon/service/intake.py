@@ -1,5 +1,9 @@
 """Intake: a queued path -> admission (one pass of checks) -> Job -> claim -> job.run.
 
+The source's fate is applied by ``daemon.fate.finish`` (inside ``job.run``, or
+here for a file the ledger already records as done); the intake counts the
+outcome and schedules what comes next: a wait, a retry or standby.
+
 ``Intake.process(item)`` is the public seam the tests drive: it does exactly
 what a worker does with one queued path, and returns what happened.
 """

@@ -40,20 +40,12 @@ class _Waiting:
 
 
 class SettleQueue:
-    """Settles paths, delays retries and re-checks files that are not ready yet;
-    feeds ready items to ``submit(pair, path, attempt)``.
+    """Feeds due paths to ``submit(pair, path, attempt)`` (see the module docstring).
 
-    A single thread sleeps until the next due time (no polling when idle).
-    ``submit`` may block (bounded queue): that is the back-pressure.
-
-    A worker that finds a handed-out file not ready (empty, truncated while its
-    writer may still be at it) calls ``not_ready``: the path comes back after a
-    capped exponential backoff and once it has again been unchanged for
-    ``settle_s``. After ``incomplete_timeout_s`` without any change ``not_ready``
-    returns False: the worker then fails it as incomplete.
-
-    ``clock`` (monotonic seconds) can be a fake: tests drive the scheduler with
-    ``run_due()`` and never start the thread.
+    ``submit`` may block (bounded queue): that is the back-pressure. ``not_ready``
+    returns False once ``incomplete_timeout_s`` has passed without a change: the
+    worker then fails the file as incomplete. ``clock`` (monotonic seconds) can be
+    a fake: tests drive the queue with ``run_due()`` and never start the thread.
     """
 
     def __init__(self, settle_s: float, submit: Callable[[int, Path, int], None], *,
