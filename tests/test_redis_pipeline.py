@@ -182,7 +182,7 @@ def test_two_machines_infer_a_new_image_once(machines):
 def test_pipeline_degrades_to_no_cache_during_an_outage(proxy, machines):  # noqa: F811
     cfg, (p,) = machines(1, url=proxy.url, socket_timeout_s=0.5, retry_s=0.3)
     store = store_of(p)
-    store.link.BACKOFF_START_S = 0.2
+    store.link.outage.BACKOFF_START_S = 0.2
     opts = cfg.output_defaults
     cached = encode(photo("coffee"), "JPEG", quality=90)
     assert render_legacy(p, cached, opts).tier == "miss"

@@ -380,7 +380,7 @@ def proxied(tmp_path, prefix, proxy, backoff: float):
 
     cfg = store_cfg(tmp_path, prefix, url=proxy.url, socket_timeout_s=0.5)
     s = RedisStore(cfg.store, cfg.cache)
-    s.link.BACKOFF_START_S = backoff
+    s.link.outage.BACKOFF_START_S = backoff
     return cfg, s
 
 
@@ -442,7 +442,7 @@ def test_unresponsive_redis_times_out(tmp_path, redis_prefix, proxy, fps):
     assert not s.health().available
     t0 = time.monotonic()
     fresh = RedisStore(cfg.store, cfg.cache)  # a daemon starting during the outage: no raise
-    fresh.link.BACKOFF_START_S = 0.2
+    fresh.link.outage.BACKOFF_START_S = 0.2
     assert time.monotonic() - t0 < 3
     assert not fresh.health().available
     proxy.stall = False
@@ -486,7 +486,7 @@ def test_guard_degrades_during_an_outage_and_recovers(tmp_path, redis_prefix, pr
 
     def opener():
         s = RedisStore(cfg.store, cfg.cache)
-        s.link.BACKOFF_START_S = 0.2
+        s.link.outage.BACKOFF_START_S = 0.2
         return s
 
     fp = fps["coffee"]
@@ -508,3 +508,29 @@ def test_guard_degrades_during_an_outage_and_recovers(tmp_path, redis_prefix, pr
     assert events == ["cache_unavailable", "cache_recovered"], events
     down = next(x for x in logs if x["event"] == "cache_unavailable")
     assert down["log_level"] == "error" and "without the cache" in down["effect"]
+
+
+def test_the_cache_its_locks_and_its_guard_share_one_outage(tmp_path, redis_prefix, proxy, fps):
+    """open_cache: a lock that cannot reach Redis opens the fail-fast window for the store
+    too (one connection, one Outage), and the guard reports that very outage."""
+    from daemon.service.app import open_cache
+
+    cfg = store_cfg(tmp_path, redis_prefix, url=proxy.url, socket_timeout_s=0.5, retry_s=0.3)
+    cache = open_cache(cfg)
+    try:
+        assert cache.guard.outage is cache.link.outage
+        assert cache.guard.call(lambda s: s.count()) == 0
+        proxy.stop()
+        took, exc = timed(lambda: cache.locks.try_lock("claim:inbox/a.jpg", 5))
+        assert isinstance(exc, StoreUnavailable) and isinstance(exc.__cause__, REDIS_DOWN)
+        t0 = time.monotonic()
+        assert cache.guard.call(lambda s: s.find_exact(KEY, fps["coffee"].sha256),
+                                default="down") == "down"
+        assert time.monotonic() - t0 < 0.05  # no network: the lock's failure already told
+        st = cache.guard.status()
+        assert not st["available"] and st["outages"] == 1 and "ConnectionError" in st["error"]
+        proxy.start()
+        assert wait_for(lambda: cache.guard.status()["available"], timeout=5)
+        assert cache.locks.try_lock("claim:inbox/a.jpg", 5)
+    finally:
+        cache.close()

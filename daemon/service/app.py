@@ -16,6 +16,7 @@ import structlog
 from daemon.budget import PixelBudget
 from daemon.cache import open_store
 from daemon.cache.guard import CacheGuard
+from daemon.cache.outage import Outage
 from daemon.cache.pruner import Pruner
 from daemon.config import Config, WatchPair
 from daemon.coord.locks import LockBackend, open_locks
@@ -46,16 +47,16 @@ class Cache:
 
 def open_cache(cfg: Config) -> Cache | None:
     """The one place that decides whether the cache is on (``cache.enabled``) and builds
-    its store, guard and locks. Redis: the store and its locks share one connection, so
-    an outage is one outage (one breaker) for both."""
+    its store, guard and locks. Redis: the store and its locks share one connection,
+    which records into the guard's ``Outage``: one outage, one fail-fast window, for all."""
     if not cfg.cache.enabled:
         return None
-    link = None
+    outage, link = Outage(), None
     if cfg.store.backend == "redis":
         from daemon.cache.redis_link import RedisLink
 
-        link = RedisLink(cfg.store)
-    guard = CacheGuard(cfg.store, cfg.cache,
+        link = RedisLink(cfg.store, outage)
+    guard = CacheGuard(cfg.store, cfg.cache, outage=outage,
                        opener=lambda: open_store(cfg.store, cfg.cache, link=link))
     return Cache(guard, open_locks(cfg.store, cfg.cache.dir, link=link), link)
 
