@@ -1,4 +1,5 @@
-"""Storage backends behind one Protocol (``base.Store``); ``guard.CacheGuard`` watches them."""
+"""Storage backends behind one Protocol (``base.Store``); ``guard.CacheGuard`` watches them
+and ``mask_cache.MaskCache`` reads and writes masks through the guard."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
