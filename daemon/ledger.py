@@ -48,8 +48,7 @@ import structlog
 
 from daemon.fsutil import atomic_write_bytes
 from daemon.imaging.stamp import read_stamp
-from daemon.nofollow import (LinkedPathError, atomic_write_under, open_under, read_under,
-                             unlink_under)
+from daemon.nofollow import LinkedPathError, atomic_write_under, open_under, read_under
 
 LEDGER_DIR = ".rembgd-ledger"
 VERSION = 1
@@ -207,10 +206,6 @@ class Ledger:
             return False
         self.record(rel, st, None, [output], legacy=True)
         return True
-
-    def forget(self, rel: Path) -> bool:
-        """Drop the record of ``rel`` (its source was moved to done/ or deleted)."""
-        return unlink_under(self.outbox, record_name(rel))
 
 
 def _sha256_file(path: Path) -> str:
