@@ -20,6 +20,15 @@ Defect -> test:
 
 Defect 7 (polling CPU) is a benchmark (bench/polling_idle.py) and 9 (cache heal)
 is covered in tests/test_faults.py.
+
+Issue 20:
+
+1. a lost or torn ledger record, a replaced photo -> ``test_lost_or_torn_ledger_*``,
+   ``test_legacy_outputs_are_adopted_once_*`` (the stamps: tests/test_stamp.py)
+2. an inbox deleted and re-created, replaced, remounted -> ``test_inbox_*_watched_again``
+3. a file renamed while it is processed -> ``test_file_renamed_while_*``
+4. ``cache verify --repair`` after a heal -> tests/test_cache_heal.py
+5. this host's orphaned temps -> ``test_stale_temp_files_*``
 """
 from __future__ import annotations
 
