@@ -6,13 +6,14 @@ from daemon.config.schema import (AFTER_SUCCESS, BACKENDS, COLOURS, CROPS, DEFAU
                                   FORMAT_EXT, FORMATS, LOG_FORMATS, METADATA, OBSERVERS,
                                   POLICIES, AlphaMatting, CacheConfig, CacheLimits, Canvas,
                                   Config, ConfigError, Deliverable, MatchThresholds,
-                                  OutputOptions, PruneSchedule, StoreConfig, WatchPair)
+                                  OutputOptions, PruneSchedule, Secret, StoreConfig, WatchPair,
+                                  WebConfig)
 
 __all__ = [
     "AFTER_SUCCESS", "BACKENDS", "BUILTIN", "COLOURS", "CROPS", "DEFAULT_IGNORE", "FORMAT_EXT",
     "FORMATS", "LOG_FORMATS", "METADATA", "OBSERVERS", "POLICIES", "AlphaMatting", "CacheConfig",
     "CacheLimits", "Canvas", "Config", "ConfigError", "Deliverable", "MatchThresholds",
-    "OutputOptions", "PruneSchedule", "StoreConfig", "WatchPair", "candidates",
+    "OutputOptions", "PruneSchedule", "Secret", "StoreConfig", "WatchPair", "WebConfig", "candidates",
     "default_cache_dir", "default_models_dir", "discover", "is_builtin", "load",
     "load_effective", "parse", "replace", "state_path",
 ]

@@ -19,6 +19,7 @@ from daemon.config.schema import (AFTER_SUCCESS, BACKENDS, COLOURS, DEFAULT_IGNO
                                   METADATA, OBSERVERS, POLICIES, AlphaMatting, CacheConfig,
                                   CacheLimits, Config, ConfigError, Deliverable, MatchThresholds,
                                   OutputOptions, PruneSchedule, StoreConfig, WatchPair)
+from daemon.config.schema import LOCAL_HOSTS, Secret, WebConfig
 
 def _parse_options(r: Reader, base: OutputOptions) -> OutputOptions:
     am = r.child("alpha_matting")
@@ -105,6 +106,32 @@ def _parse_watch(r: Reader, defaults: OutputOptions,
                                  _set_at(opts, "output"))
         pairs.append(pair)
     return tuple(pairs)
+
+
+def _parse_web(r: Reader) -> WebConfig | None:
+    """``web: {listen: HOST:PORT, token: ...}``; absent: None (no server). Off localhost
+    the token is required, and every request must then carry it."""
+    if "web" not in r.data:
+        r.seen.add("web")
+        return None
+    w = r.child("web")
+    d = WebConfig()
+    listen = w.get("listen", str, f"{d.host}:{d.port}")
+    token = w.get("token", str, None)
+    w.done()
+    host, sep, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        w.fail(f"must be HOST:PORT such as 127.0.0.1:8765 or [::1]:8765, got {listen!r}",
+               "listen")
+    if token is not None and len(token) < 16:
+        w.fail("must be at least 16 characters (e.g. the output of `openssl rand -hex 16`)",
+               "token")
+    web = WebConfig(host, int(port), Secret(token) if token else None)
+    if not web.local and web.token is None:
+        w.fail(f"is required when web.listen is {listen} (not {' or '.join(LOCAL_HOSTS)}): "
+               "every request must then carry it", "token")
+    return web
 
 
 def _check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) -> None:
@@ -262,6 +289,7 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
         state_file=r.path_value("state_file", None),
         output=defaults,
         outputs=outputs,
+        web=_parse_web(r),
     )
     r.done()
     if check_folders:

@@ -168,6 +168,45 @@ class StoreConfig:
     retry_s: float = 10.0  # how often an unavailable cache (store) is re-opened
 
 
+class Secret:
+    """A password-like value: shown as hidden in ``config show``, logs and reprs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+    __str__ = __repr__
+
+
+LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")  # `web.listen` without a token
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The status page and /metrics (``web:``); absent: no HTTP server at all."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: Secret | None = None  # required unless host is in LOCAL_HOSTS
+
+    @property
+    def local(self) -> bool:
+        return self.host in LOCAL_HOSTS
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path
@@ -195,6 +234,7 @@ class Config:
     state_file: Path | None = None
     output: OutputOptions = field(default_factory=OutputOptions)  # the `output:` section
     outputs: tuple[Deliverable, ...] = ()  # the top-level `outputs:`, every pair's default
+    web: WebConfig | None = None  # the `web:` section; None: no HTTP server
 
     @property
     def output_defaults(self) -> OutputOptions:
