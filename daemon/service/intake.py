@@ -51,6 +51,7 @@ class Intake:
         self._later = later
         self.scheduler = scheduler
         self.standby = standby
+        self.listeners: list[Callable[[int, jobmod.Outcome], None]] = []  # each finished job
 
     def admit(self, inbox: Path, path: Path, ignore: tuple[str, ...]) -> Admitted | None:
         """Every check a path must pass before it is work, once; None (logged) if not."""
@@ -136,6 +137,8 @@ class Intake:
         if outcome.outcome == "retry":
             return self._transient(item, job, outcome, app)
         self.counters.add(outcome.outcome)
+        for listener in self.listeners:
+            listener(item.pair, outcome)
         return outcome.outcome
 
     def is_done(self, job: jobmod.Job, st: os.stat_result) -> bool:

@@ -27,6 +27,7 @@ from daemon.job import Job
 from daemon.scan import walk
 from daemon.service import systemd
 from daemon.service.app import App
+from daemon.service.console import Web
 from daemon.service.intake import Intake, WorkItem
 from daemon.service.standby import Standby
 from daemon.service.status import Counters, build_status, progress_fields, write_status
@@ -67,6 +68,8 @@ class Supervisor:
         self._prune_thread: threading.Thread | None = None
         self.started = time.time()
         self.state = "starting"
+        self.web = Web(self)  # the status page, when the config has `web:`
+        self.intake.listeners.append(self.web.record)
 
     # ------------------------------------------------------------ set-up
 
@@ -196,6 +199,7 @@ class Supervisor:
         self._stop_watching()
         self._start_watching()
         self.rescan()
+        self.web.apply(new)
         log.info("config_reloaded", source=str(new.source), pairs=len(new.watch),
                  threads=new.threads, log_level=new.log_level)
         systemd.notify("READY=1")
@@ -251,6 +255,7 @@ class Supervisor:
         log.info("started", pid=os.getpid(), catch_up=found, workers=self.cfg.workers,
                  cache=self.cfg.store.backend if self.app.guard else "disabled")
         systemd.notify("READY=1")
+        self.web.apply(self.cfg)
         self._main_loop()
         return self._shutdown()
 
@@ -294,6 +299,7 @@ class Supervisor:
         self.state = "stopping"
         systemd.notify("STOPPING=1")
         self.stop_event.set()
+        self.web.close()
         if self.pruner is not None:
             self.pruner.cancel()  # stops after the current small batch
         self._stop_watching()

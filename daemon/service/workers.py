@@ -80,6 +80,11 @@ class Workers:
             except queue.Full:
                 continue
 
+    def busy_paths(self) -> list[Path]:
+        """The files workers are on now."""
+        with self._lock:
+            return list(self._active)
+
     def join(self, timeout: float = 600) -> None:
         for t in self.threads:
             t.join(timeout=timeout)  # the current file finishes; nothing new starts

@@ -1,0 +1,185 @@
+"""The supervisor's side of the web page: the ``Controller`` and the server's lifecycle.
+
+``Console`` reads the running Supervisor (its current config, standby, workers,
+status) and acts on its folders, always link-proof: Retry moves a file from
+failed/ back into the inbox and drops its sidecar, and the watcher picks it up like
+any new file. ``Web`` starts the server after READY, restarts it when a reload
+changes ``web:`` and stops it on shutdown; the recent-outputs journal it opens is
+fed from the job outcomes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import structlog
+
+from daemon.config import Config, WatchPair
+from daemon.fsutil import ERROR_SUFFIX, fit_name, safe_relative
+from daemon.inference.models import mask_model_path
+from daemon.inference.registry import local_specs
+from daemon.job import Outcome
+from daemon.nofollow import move_between, unlink_under
+from daemon.web.controller import FailedFile, PairView, RecentOutput
+from daemon.web.journal import Journal
+from daemon.web.server import WebServer
+from daemon.web.thumbs import Thumbnails
+
+log = structlog.get_logger("rembgd.web")
+
+TIERS = ("exact", "pixel", "near", "miss")
+MAX_FAILED = 200  # listed on the page, newest first
+
+
+class Console:
+    """The ``daemon.web.controller.Controller`` of a running Supervisor."""
+
+    def __init__(self, sup, journal: Journal):
+        self.sup = sup
+        self.journal = journal
+
+    def _pair(self, index: int) -> WatchPair:
+        pairs = self.sup.cfg.watch
+        if not 0 <= index < len(pairs):
+            raise FileNotFoundError(f"no pair {index} in the running config")
+        return pairs[index]
+
+    # ----------------------------------------------------------- reading
+
+    def snapshot(self) -> dict:
+        st = self.sup.status()
+        busy = self.sup.workers.busy_paths()
+        pairs = []
+        for i, p in enumerate(self.sup.cfg.watch):
+            outage = st["standby"].get(str(i))
+            if outage is not None:
+                state, why = "standby", outage["reason"]
+            elif any(p.inbox in path.parents for path in busy):
+                state, why = "busy", None
+            else:
+                state, why = "watching", None
+            pairs.append(PairView(i, str(p.inbox), str(p.outbox), state, why))
+        return {"pairs": pairs, "queued": st["queued"], "in_progress": st["in_progress"],
+                "line": st["line"]}
+
+    def recent_outputs(self, limit: int) -> list[RecentOutput]:
+        return self.journal.last(limit)
+
+    def failed_files(self) -> list[FailedFile]:
+        found: list[FailedFile] = []
+        for i, p in enumerate(self.sup.cfg.watch):
+            for folder, _dirs, files in os.walk(p.failed_dir, followlinks=False):
+                for name in files:
+                    if name.endswith(ERROR_SUFFIX) and not name.startswith("."):
+                        entry = _failed_entry(i, p.failed_dir, Path(folder, name))
+                        if entry is not None:
+                            found.append(entry)
+        found.sort(key=lambda f: f.time, reverse=True)
+        return found[:MAX_FAILED]
+
+    def review_items(self) -> list:
+        return []
+
+    def roots(self, pair: int) -> dict[str, Path]:
+        p = self._pair(pair)
+        roots = {"outbox": p.outbox, "failed": p.failed_dir, "inbox": p.inbox}
+        if p.after_success == "move":
+            roots["done"] = p.done_dir
+        return roots
+
+    def models(self) -> list[str]:
+        models_dir = self.sup.cfg.models_dir
+        return [s.name for s in local_specs() if mask_model_path(models_dir, s.name).is_file()]
+
+    def metrics(self) -> tuple[bytes, str]:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------- actions
+
+    def retry(self, pair: int, rel: str) -> Path:
+        p = self._pair(pair)
+        rel_path = Path(rel)
+        landed = move_between(p.failed_dir, rel_path, p.inbox, rel_path)
+        unlink_under(p.failed_dir, rel_path.parent / fit_name(rel_path.name, ERROR_SUFFIX))
+        return landed
+
+    def approve(self, pair: int, item_id: str) -> list[Path]:
+        raise NotImplementedError
+
+    def redo(self, pair: int, item_id: str, model: str) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------- journal
+
+    def record(self, pair: int, outcome: Outcome) -> None:
+        """A job outcome: a delivered file goes into the recent-outputs journal."""
+        if outcome.outcome not in TIERS:
+            return
+        job = outcome.job
+        source_root = {"keep": "inbox", "move": "done"}.get(job.after_success)
+        entry = RecentOutput(
+            time=time.time(), pair=pair, source_root=source_root, source_rel=job.rel.as_posix(),
+            outputs=tuple(Path(os.path.relpath(w, job.outbox)).as_posix()
+                          for w in outcome.written),
+            tier=outcome.outcome, model=job.plan.options.model, ms=round(outcome.ms, 1))
+        try:
+            self.journal.add(entry)
+        except sqlite3.Error as exc:  # the file is delivered; only the page misses it
+            log.warning("web_journal_failed", path=str(job.src), error=str(exc))
+
+
+def _failed_entry(pair: int, failed_dir: Path, sidecar: Path) -> FailedFile | None:
+    """The failed file a sidecar describes (None if it is unreadable or the file is gone)."""
+    try:
+        record = json.loads(sidecar.read_bytes())
+        rel = safe_relative(Path(record["file"]), failed_dir)
+        os.lstat(failed_dir / rel)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return FailedFile(pair, rel.as_posix(), str(record.get("reason", "")),
+                      str(record.get("error", "")),
+                      float(record.get("unix_time") or sidecar.stat().st_mtime))
+
+
+class Web:
+    """The page's server and journal, following the config's ``web:`` section."""
+
+    def __init__(self, sup):
+        self.sup = sup
+        self.console: Console | None = None
+        self._server: WebServer | None = None
+        self._running: tuple | None = None  # (web config, cache dir) being served
+
+    def apply(self, cfg: Config) -> None:
+        """Start, restart or stop the server to match ``cfg.web``."""
+        wanted = (cfg.web, cfg.cache.dir) if cfg.web is not None else None
+        if wanted == self._running:
+            return
+        self.close()
+        if wanted is None:
+            return
+        state = cfg.cache.dir / "web"
+        console = Console(self.sup, Journal(state / "recent.sqlite"))
+        server = WebServer(cfg.web, console, Thumbnails(state / "thumbs"))
+        try:
+            url = server.start()
+        except OSError as exc:
+            console.journal.close()
+            log.error("web_unavailable", listen=f"{cfg.web.host}:{cfg.web.port}",
+                      error=str(exc), effect="no status page; files are still processed")
+            return
+        self.console, self._server, self._running = console, server, wanted
+        log.info("web_listening", url=url, token=cfg.web.token is not None)
+
+    def record(self, pair: int, outcome: Outcome) -> None:
+        if self.console is not None:
+            self.console.record(pair, outcome)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self.console.journal.close()
+        self.console, self._server, self._running = None, None, None
