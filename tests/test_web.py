@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,12 @@ def test_path_traversal_links_and_foreign_hosts_are_refused(local, tmp_path):
     assert fetch(url, "/retry", method="POST",
                  form={"pair": 0, "path": "evil.jpg", "form_token": token})[0] == 400
     assert secret.read_text() == "not for the web" and (tmp / "failed" / "keep.jpg").exists()
+    odd = '<img src=x onerror="alert(1)">.jpg'
+    (tmp / "failed" / odd).write_bytes(b"x")
+    (tmp / "failed" / (odd + ".error.json")).write_text(json.dumps(
+        {"file": str(tmp / "failed" / odd), "reason": "<b>why</b>", "error": "x"}))
+    page = fetch(url, "/")[2].decode()
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;.jpg" in page and "<b>why" not in page
     assert fetch(url, "/", headers={"Host": "attacker.example:80"})[0] == 403  # DNS rebinding
     assert fetch(url, "/", headers={"Host": "127.evil.example"})[0] == 403
 
@@ -165,5 +172,12 @@ def test_off_localhost_the_token_is_required(tmp_path, models_dir):
                              form={"pair": 0, "path": "a.jpg", "form_token": form_token(html)})
         assert status == 303 and not failed.exists()
         daemon.wait_log(lambda e: e.get("event") == "processed" and e.get("outcome") == "miss")
+
+        write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0"})  # reload: restarted
+        daemon.signal(signal.SIGHUP)
+        local_url = daemon.wait_log(lambda e: e.get("event") == "web_listening", count=2)[1]["url"]
+        assert urlsplit(local_url).hostname == "127.0.0.1" and fetch(local_url, "/")[0] == 200
+        with pytest.raises(ConnectionRefusedError):
+            fetch(url, "/")
     finally:
         daemon.stop()
