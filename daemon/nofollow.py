@@ -200,12 +200,13 @@ def _copy_in(src: Path, dir_fd: int, name: str, src_dir_fd: int | None = None) -
     return name
 
 
-def move_under(src: Path, root: Path, rel: Path, *, src_dir_fd: int | None = None) -> Path:
+def move_under(src: Path, root: Path, rel: Path, *, src_dir_fd: int | None = None,
+               make_root: bool = True) -> Path:
     """Move ``src`` (relative to ``src_dir_fd`` if given) to ``root/rel`` (or a free
     stamped name beside it; nothing is overwritten), across file systems too; never
     through a link below ``root``. Returns where it landed."""
     parts = _plain_parts(rel)
-    with dir_under(root, Path(*parts[:-1])) as dfd:
+    with dir_under(root, Path(*parts[:-1]), make_root=make_root) as dfd:
         name = _unique_name_at(dfd, parts[-1])
         try:
             os.rename(src, name, src_dir_fd=src_dir_fd, dst_dir_fd=dfd)
@@ -220,7 +221,8 @@ def move_under(src: Path, root: Path, rel: Path, *, src_dir_fd: int | None = Non
 
 def move_between(src_root: Path, src_rel: Path, root: Path, rel: Path) -> Path:
     """Move the regular file ``src_root/src_rel`` to ``root/rel`` (or a free stamped name
-    beside it), never through a link below either root. Returns where it landed."""
+    beside it), never through a link below either root; a missing ``root`` is an error
+    (a lost share is never re-created on the local disk). Returns where it landed."""
     src_parts = _plain_parts(src_rel)
     with dir_under(src_root, Path(*src_parts[:-1]), create=False) as sfd:
         st = os.stat(src_parts[-1], dir_fd=sfd, follow_symlinks=False)
@@ -228,7 +230,7 @@ def move_between(src_root: Path, src_rel: Path, root: Path, rel: Path) -> Path:
             raise LinkedPathError(Path(src_root, *src_parts))
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(Path(src_root, *src_parts)))
-        return move_under(Path(src_parts[-1]), root, rel, src_dir_fd=sfd)
+        return move_under(Path(src_parts[-1]), root, rel, src_dir_fd=sfd, make_root=False)
 
 
 def write_failure(src: Path, rel: Path, failed_dir: Path, *, reason: str, exc: BaseException,

@@ -22,7 +22,7 @@ from daemon.fsutil import ERROR_SUFFIX, fit_name, safe_relative
 from daemon.inference.models import mask_model_path
 from daemon.inference.registry import local_specs
 from daemon.job import Outcome
-from daemon.nofollow import move_between, unlink_under
+from daemon.nofollow import move_between, read_under, unlink_under
 from daemon.web.controller import FailedFile, PairView, RecentOutput
 from daemon.web.journal import Journal
 from daemon.web.server import WebServer
@@ -69,16 +69,21 @@ class Console:
         return self.journal.last(limit)
 
     def failed_files(self) -> list[FailedFile]:
-        found: list[FailedFile] = []
+        """The newest ``MAX_FAILED`` (by sidecar mtime: only those sidecars are read)."""
+        sidecars: list[tuple[float, int, Path]] = []
         for i, p in enumerate(self.sup.cfg.watch):
             for folder, _dirs, files in os.walk(p.failed_dir, followlinks=False):
                 for name in files:
                     if name.endswith(ERROR_SUFFIX) and not name.startswith("."):
-                        entry = _failed_entry(i, p.failed_dir, Path(folder, name))
-                        if entry is not None:
-                            found.append(entry)
-        found.sort(key=lambda f: f.time, reverse=True)
-        return found[:MAX_FAILED]
+                        try:
+                            mtime = os.lstat(os.path.join(folder, name)).st_mtime
+                        except FileNotFoundError:
+                            continue
+                        sidecars.append((mtime, i, Path(folder, name)))
+        sidecars.sort(key=lambda s: s[0], reverse=True)
+        found = (_failed_entry(i, self.sup.cfg.watch[i].failed_dir, sidecar)
+                 for _, i, sidecar in sidecars[:MAX_FAILED])
+        return [f for f in found if f is not None]
 
     def review_items(self) -> list:
         return []
@@ -134,14 +139,14 @@ class Console:
 def _failed_entry(pair: int, failed_dir: Path, sidecar: Path) -> FailedFile | None:
     """The failed file a sidecar describes (None if it is unreadable or the file is gone)."""
     try:
-        record = json.loads(sidecar.read_bytes())
+        record = json.loads(read_under(failed_dir, safe_relative(sidecar, failed_dir)))
         rel = safe_relative(Path(record["file"]), failed_dir)
         os.lstat(failed_dir / rel)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return FailedFile(pair, rel.as_posix(), str(record.get("reason", "")),
                       str(record.get("error", "")),
-                      float(record.get("unix_time") or sidecar.stat().st_mtime))
+                      float(record.get("unix_time") or 0.0))
 
 
 class Web:
