@@ -22,14 +22,13 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
-from PIL import UnidentifiedImageError
 
 from daemon.config import WebConfig
 from daemon.nofollow import LinkedPathError, open_under
 from daemon.web.auth import Gate
 from daemon.web.controller import ROOTS, Controller
 from daemon.web.page import login_page, status_page
-from daemon.web.thumbs import Thumbnails
+from daemon.web.thumbs import ThumbnailError, Thumbnails
 
 log = structlog.get_logger("rembgd.web")
 
@@ -147,15 +146,15 @@ class Handler(BaseHTTPRequestHandler):
             self._text(HTTPStatus.BAD_REQUEST, f"refused: {exc}")
         except (FileNotFoundError, NotADirectoryError):
             self._text(HTTPStatus.NOT_FOUND, "not found")
-        except UnidentifiedImageError:
-            self._text(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "not an image")
+        except ThumbnailError as exc:
+            self._text(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"no thumbnail: {exc}")
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # not a regular file
                 return self._text(HTTPStatus.BAD_REQUEST, f"refused: {exc.strerror}")
             log.warning("web_error", path=self.path, error=str(exc))
             self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc.strerror or exc}")
-        except (ConnectionError, socket.timeout):
-            pass  # the client went away
 
     # ---------------------------------------------------------------- GET
 
@@ -167,7 +166,7 @@ class Handler(BaseHTTPRequestHandler):
     def _get(self, site: Site) -> None:
         path, params = self._query()
         if path == "/login":
-            return self._html(login_page())
+            return self._html(login_page()) if site.gate.needs_login else self._redirect("/")
         if not site.gate.authenticated(self.headers):
             if path == "/":
                 return self._redirect("/login")

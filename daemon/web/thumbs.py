@@ -21,6 +21,11 @@ from daemon.imaging.decode import register_codecs
 from daemon.nofollow import open_under
 
 SIZE = 256
+
+
+class ThumbnailError(ValueError):
+    """The file is not an image Pillow can make a thumbnail of (or it is too big)."""
+
 TRIM_EVERY = 100
 
 
@@ -32,8 +37,8 @@ class Thumbnails:
         self._made = 0
 
     def get(self, root: Path, rel: Path) -> bytes:
-        """The WebP thumbnail of ``root/rel``: cached, or made now (OSError if the file
-        cannot be read through plain folders, PIL's errors if it is not an image)."""
+        """The WebP thumbnail of ``root/rel``: cached, or made now. OSError if the file
+        cannot be read through plain folders; ThumbnailError if it is no usable image."""
         with open_under(root, rel) as fh:
             st = os.fstat(fh.fileno())
             identity = f"{os.path.realpath(root)}\0{rel}\0{st.st_dev}\0{st.st_ino}\0" \
@@ -44,7 +49,10 @@ class Thumbnails:
             except FileNotFoundError:
                 pass
             with self._making:
-                data = self._make(fh)
+                try:
+                    data = self._make(fh)
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                    raise ThumbnailError(f"{type(exc).__name__}: {exc}") from None
         atomic_write_bytes(path, data)
         self._note_made()
         return data
