@@ -6,11 +6,13 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from daemon.config import OutputOptions
+from daemon.config.schema import ReviewConfig
 from daemon.imaging import confidence
 from daemon.imaging.render import predict_mask
 from tests.conftest import photo
 
 W, H = 900, 600
+ROUTE_BELOW = ReviewConfig().min_confidence
 
 
 def _coverage(draw_fn) -> np.ndarray:
@@ -53,7 +55,7 @@ def test_the_models_own_mask_of_a_clean_shot_scores_above_the_routing_threshold(
     alpha, rgb = bottle
     mask = predict_mask(shared_engines.mask("u2netp"), rgb, OutputOptions())
     assert ((mask >= 128) == (alpha >= 128)).mean() > 0.97  # the model did find the bottle
-    assert confidence.score(mask, rgb).score >= confidence.ROUTE_BELOW
+    assert confidence.score(mask, rgb).score >= ROUTE_BELOW
 
 
 def test_fragments_lower_the_score(bottle):
@@ -61,7 +63,7 @@ def test_fragments_lower_the_score(bottle):
     blobs = _coverage(lambda d, s: [d.ellipse(((60 + 150 * i) * s, 480 * s, (130 + 150 * i) * s,
                                                 560 * s), fill=255) for i in range(2)])
     c = confidence.score(np.maximum(alpha, blobs), rgb)
-    assert c.score < confidence.ROUTE_BELOW
+    assert c.score < ROUTE_BELOW
     assert c.signals.pieces == 3 and "3 pieces" in c.reasons[0]
 
 
@@ -70,7 +72,7 @@ def test_a_subject_cut_by_the_frame_on_several_sides_scores_low(bottle):
     wide = _coverage(lambda d, s: d.rectangle((0, 0, W * s, 300 * s), fill=255))
     c = confidence.score(wide, rgb)
     assert set(c.signals.sides) == {"top", "left", "right"}
-    assert c.score < confidence.ROUTE_BELOW
+    assert c.score < ROUTE_BELOW
     assert any("cut by the frame" in r for r in c.reasons)
 
 
@@ -98,7 +100,7 @@ def test_a_subject_the_colour_of_its_backdrop_is_flagged(bottle):
     rgb[:30] = 40  # a dark strip at the top, so the image has a range to compare with
     c = confidence.score(alpha, rgb)
     assert c.signals.contrast < 0.1
-    assert c.score < confidence.ROUTE_BELOW and "backdrop in colour" in c.reasons[0]
+    assert c.score < ROUTE_BELOW and "backdrop in colour" in c.reasons[0]
 
 
 def test_a_busy_backdrop_is_flagged(bottle):

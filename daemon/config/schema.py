@@ -105,6 +105,15 @@ class Deliverable:
 
 
 @dataclass(frozen=True)
+class ReviewConfig:
+    """A pair's ``review:``: cutouts whose mask confidence is below ``min_confidence`` go to
+    ``dir`` (default ``<outbox>/../review``) instead of the outbox (daemon/review.py)."""
+
+    min_confidence: float = 0.62  # calibrated by bench/routing.py (bench/routing.md)
+    dir: Path | None = None
+
+
+@dataclass(frozen=True)
 class WatchPair:
     inbox: Path
     outbox: Path
@@ -114,6 +123,7 @@ class WatchPair:
     after_success: str = "keep"
     options: OutputOptions = field(default_factory=OutputOptions)
     outputs: tuple[Deliverable, ...] = ()  # empty: the single legacy PNG of `options`
+    review: ReviewConfig | None = None  # None: every cutout goes to the outbox
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ penalty that starts past a free allowance; the score is ``exp(-sum)``:
 - ``busy backdrop`` (needs the image): texture in the backdrop away from the
   subject: not a studio sweep, where the model takes backdrop for subject.
 
-An empty mask, or one that is all subject, scores 0. Weights, allowances and
-the routing threshold come from ``bench/routing.py`` (``bench/routing.md``).
+An empty mask, or one that is all subject, scores 0. The weights and allowances
+were set on ``bench/routing.py``'s scenes; the routing threshold it chose is the
+default of a pair's ``review.min_confidence`` (``bench/routing.md``).
 """
 from __future__ import annotations
 
@@ -43,7 +44,6 @@ FRAME = (1, 0.7)  # per side cut beyond the first
 CONTRAST = (0.5, 5.0)  # penalised below the allowance
 CLUTTER = (0.006, 60.0)
 REASON_FLOOR = 0.05  # a penalty below this (score x 0.95) is not worth naming
-ROUTE_BELOW = 0.62  # the threshold bench/routing.py chose: review.min_confidence's default
 
 
 @dataclass(frozen=True)
