@@ -29,6 +29,7 @@ import structlog
 
 from daemon import job as jobmod
 from daemon.config import WatchPair
+from daemon.config.schema import ReviewConfig
 from daemon.fsutil import fsync_fd_quietly
 from daemon.nofollow import (LinkedPathError, atomic_write_under, dir_under, read_under,
                              unlink_under)
@@ -86,8 +87,7 @@ def item_id(source_rel: Path) -> str:
 
 def review_dir(pair: WatchPair) -> Path:
     """The pair's review folder: ``review.dir``, by default ``<outbox>/../review``."""
-    configured = pair.review.dir if pair.review is not None else None
-    return configured or Path(pair.outbox).parent / "review"
+    return (pair.review or ReviewConfig()).folder(pair.outbox)
 
 
 def _sidecar(id_: str) -> Path:
