@@ -25,8 +25,8 @@ from daemon.config.folders import check_folders as check_pair_folders
 from daemon.config.outputs import check_unused_options, parse_outputs
 from daemon.config.reader import Reader
 from daemon.config.schema import (DEFAULT_IGNORE, LOCAL_HOSTS, CacheConfig, Config, ConfigError,
-                                  Deliverable, OutputOptions, PruneSchedule, Secret, WatchPair,
-                                  WebConfig, split_listen)
+                                  Deliverable, OutputOptions, PruneSchedule, ReviewConfig, Secret,
+                                  WatchPair, WebConfig, split_listen)
 
 
 def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
@@ -113,9 +113,11 @@ def _pair(w: Reader, output: OutputOptions, outputs: tuple[Deliverable, ...]) ->
         w.fail("is required", "outbox")
     opts = w.child("options")
     options = _output_options(opts, output)
+    review = read_section(w.child("review"), ReviewConfig) \
+        if w.raw("review") is not None else None
     pair = read_section(w, WatchPair, given={
         "inbox": inbox, "outbox": outbox, "options": options,
-        "outputs": parse_outputs(w, "outputs", outputs)},
+        "outputs": parse_outputs(w, "outputs", outputs), "review": review},
         defaults={"failed_dir": outbox.parent / "failed", "done_dir": inbox.parent / "done"})
     if pair.outputs:
         own = w.data.get("outputs") is not None

@@ -161,6 +161,21 @@ class Deliverable:
 
 
 @dataclass(frozen=True)
+class ReviewConfig:
+    """A pair's ``review:``: cutouts whose mask confidence is below ``min_confidence`` go to
+    ``dir`` instead of the outbox, each with a sidecar saying why (daemon/review.py)."""
+
+    min_confidence: float = setting(0.62, "route a cutout whose mask confidence (0-1) is "
+                                    "below this; 0.62 was calibrated by bench/routing.py",
+                                    minimum=0.0, maximum=1.0)
+    dir: Path | None = setting(None, "where held cutouts go (subfolders mirror the outbox)",
+                               default_doc="`review` beside the outbox")
+
+    def folder(self, outbox: Path) -> Path:
+        return self.dir or Path(outbox).parent / "review"
+
+
+@dataclass(frozen=True)
 class WatchPair:
     """An inbox watched for images and the outbox their outputs go to (subfolders
     mirrored). No folder may lie inside another pair's inbox."""
@@ -180,6 +195,9 @@ class WatchPair:
     outputs: tuple[Deliverable, ...] = setting(
         (), "this pair's own deliverables; they replace the top-level list",
         type_doc="list of deliverables", default_doc="the top-level `outputs:`")
+    review: ReviewConfig | None = setting(
+        None, "route low-confidence cutouts to a review folder instead of the outbox",
+        default_doc="off: every cutout goes to the outbox")
 
 
 @dataclass(frozen=True)
