@@ -43,8 +43,9 @@ def start(config: Path) -> tuple[Daemon, str]:
     return daemon, event["url"]
 
 
-def form_token(html: bytes) -> str:
-    return re.search(rb'name="form_token" value="([^"]+)"', html).group(1).decode()
+def form_token(html: bytes | str) -> str:
+    text = html.decode() if isinstance(html, bytes) else html
+    return re.search(r'name="form_token" value="([^"]+)"', text).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,55 @@ def test_page_lists_outputs_failures_and_serves_thumbnails(local):
             assert thumb.mode == ("RGBA" if root == "outbox" else "RGB")  # the cutout's alpha
     assert len(list((tmp / "cache" / "web" / "thumbs").iterdir())) == 2  # cached on disk
     assert daemon.status()["running"]  # `rembgd status` keeps working
+
+    status, headers, body = fetch(url, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    text = body.decode()
+    inbox = tmp / "inbox"
+    assert f'rembgd_files_processed_total{{pair="{inbox}",tier="miss"}} 1.0' in text
+    assert f'rembgd_files_failed_total{{pair="{inbox}",reason="unsupported"}} 1.0' in text
+    assert "rembgd_queue_depth 0.0" in text and f'rembgd_pair_standby{{pair="{inbox}"}} 0.0' in text
+
+
+def test_review_approve_and_redo(local):
+    """A cutout held for review (as obs's routing holds it) is approved into the outbox;
+    another is redone with a different model."""
+    from daemon import review
+
+    tmp, daemon, url = local
+    folder = tmp / "review"
+    cutout = tmp / "outbox" / "cat.jpg.png"
+    folder.mkdir()
+    cutout.rename(folder / "cat.jpg.png")  # routed to review instead of the outbox
+    review.hold(folder, review.new_item(str(tmp / "inbox"), Path("cat.jpg"),
+                                        [Path("cat.jpg.png")], 0.31, ("uncertain edge",),
+                                        "u2netp", "miss"))
+    html = fetch(url, "/")[2].decode()
+    assert "Waiting for review (1)" in html and "uncertain edge" in html and "0.31" in html
+    item = re.search(r'name="item" value="([0-9a-f]{40})"', html).group(1)
+    status, _, data = fetch(url, "/thumb?" + urlencode(
+        {"pair": 0, "root": "review", "path": "cat.jpg.png"}))
+    assert status == 200 and Image.open(io.BytesIO(data)).mode == "RGBA"
+    for bad in ("../x", "not-an-id", item + "/.."):
+        assert fetch(url, "/approve", method="POST", form={
+            "pair": 0, "item": bad, "form_token": form_token(html)})[0] in (400, 404)
+    status, _, _ = fetch(url, "/approve", method="POST",
+                         form={"pair": 0, "item": item, "form_token": form_token(html)})
+    assert status == 303 and cutout.is_file() and not (folder / "cat.jpg.png").exists()
+    assert "nothing waiting for review" in fetch(url, "/")[2].decode()
+
+    before = len(daemon.processed())
+    review.hold(folder, review.new_item(str(tmp / "inbox"), Path("cat.jpg"), [], 0.2, (),
+                                        "u2net_human_seg", "miss"))
+    html = fetch(url, "/")[2].decode()
+    assert ">Redo with u2netp<" in html
+    assert fetch(url, "/redo", method="POST", form={
+        "pair": 0, "item": item, "model": "bria-rmbg", "form_token": form_token(html)})[0] == 409
+    status, _, _ = fetch(url, "/redo", method="POST", form={
+        "pair": 0, "item": item, "model": "u2netp", "form_token": form_token(html)})
+    assert status == 303
+    redone = daemon.wait_log(lambda e: e.get("event") == "processed", count=before + 1)[-1]
+    assert redone["path"] == str(tmp / "inbox" / "cat.jpg") and redone["model"] == "u2netp"
 
 
 def test_retry_moves_the_failed_file_back_and_it_is_processed(local):

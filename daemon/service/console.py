@@ -13,17 +13,21 @@ import json
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import structlog
 
+from daemon import review
 from daemon.config import Config, WatchPair
 from daemon.fsutil import ERROR_SUFFIX, fit_name, safe_relative
-from daemon.inference.models import mask_model_path
+from daemon.inference.models import ModelError, mask_model_path
 from daemon.inference.registry import local_specs
 from daemon.job import Outcome
 from daemon.nofollow import move_between, read_under, unlink_under
-from daemon.web.controller import FailedFile, PairView, RecentOutput
+from daemon.service.intake import WorkItem
+from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused
 from daemon.web.journal import Journal
 from daemon.web.server import WebServer
 from daemon.web.thumbs import Thumbnails
@@ -85,12 +89,15 @@ class Console:
                  for _, i, sidecar in sidecars[:MAX_FAILED])
         return [f for f in found if f is not None]
 
-    def review_items(self) -> list:
-        return []
+    def review_items(self) -> list[review.ReviewItem]:
+        items = [item for p in self.sup.cfg.watch
+                 for item in review.list_items(review.review_dir(p))]
+        return sorted(items, key=lambda item: -item.created)
 
     def roots(self, pair: int) -> dict[str, Path]:
         p = self._pair(pair)
-        roots = {"outbox": p.outbox, "failed": p.failed_dir, "inbox": p.inbox}
+        roots = {"outbox": p.outbox, "failed": p.failed_dir, "inbox": p.inbox,
+                 "review": review.review_dir(p)}
         if p.after_success == "move":
             roots["done"] = p.done_dir
         return roots
@@ -100,7 +107,7 @@ class Console:
         return [s.name for s in local_specs() if mask_model_path(models_dir, s.name).is_file()]
 
     def metrics(self) -> tuple[bytes, str]:
-        raise NotImplementedError
+        return self.sup.metrics.render()
 
     # ----------------------------------------------------------- actions
 
@@ -112,10 +119,20 @@ class Console:
         return landed
 
     def approve(self, pair: int, item_id: str) -> list[Path]:
-        raise NotImplementedError
+        with _review_errors():
+            return review.approve(self._pair(pair), item_id)
 
     def redo(self, pair: int, item_id: str, model: str) -> None:
-        raise NotImplementedError
+        p = self._pair(pair)
+        if model not in self.models():
+            raise Refused(f"{model!r} is not an installed model ({', '.join(self.models())})")
+        try:
+            self.sup.app.engines.preload([model])  # a broken file is refused here, not in a worker
+        except ModelError as exc:
+            raise Refused(str(exc)) from None
+        with _review_errors():
+            review.redo(p, item_id, model, lambda path, m: self.sup.workers.submit(
+                WorkItem(pair, path, model=m)))
 
     # ----------------------------------------------------------- journal
 
@@ -134,6 +151,17 @@ class Console:
             self.journal.add(entry)
         except sqlite3.Error as exc:  # the file is delivered; only the page misses it
             log.warning("web_journal_failed", path=str(job.src), error=str(exc))
+
+
+@contextmanager
+def _review_errors() -> Iterator[None]:
+    """obs's review errors as the Controller's: no such item (404), or refused (409)."""
+    try:
+        yield
+    except review.NotFound as exc:
+        raise FileNotFoundError(str(exc)) from None
+    except review.ReviewError as exc:
+        raise Refused(str(exc)) from None
 
 
 def _failed_entry(pair: int, failed_dir: Path, sidecar: Path) -> FailedFile | None:

@@ -5,6 +5,7 @@ what a worker does with one queued path, and returns what happened.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class WorkItem:
     pair: int  # index into the current config's watch pairs
     path: Path
     attempt: int = 0
+    model: str | None = None  # a redo with another model (the review page): done or not
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,15 @@ class Intake:
         admitted = self.admit(pair.inbox, item.path, app.cfg.ignore)
         if admitted is None:
             return "skipped"
-        job = jobmod.Job(item.path, admitted.rel, pair.outbox, app.plan(item.pair),
+        plan = app.plan(item.pair)
+        if item.model is not None:
+            plan = dataclasses.replace(plan, options=dataclasses.replace(plan.options,
+                                                                         model=item.model))
+        job = jobmod.Job(item.path, admitted.rel, pair.outbox, plan,
                          pair.failed_dir, pair.done_dir, pair.after_success,
                          ledger=app.ledgers[item.pair], wait_incomplete=True,
                          make_outbox=False)
-        if self.is_done(job, admitted.st):
+        if item.model is None and self.is_done(job, admitted.st):
             log.debug("up_to_date", path=str(item.path),
                       reason="the ledger records this very file as processed")
             jobmod.dispose(job)  # e.g. killed after writing, before moving
@@ -124,7 +130,7 @@ class Intake:
             except FileNotFoundError:
                 self.counters.add("vanished")
                 return "vanished"
-            if self.is_done(job, st):  # another daemon finished it meanwhile
+            if item.model is None and self.is_done(job, st):  # another daemon finished it
                 jobmod.dispose(job)
                 self.counters.add("up_to_date")
                 return "up_to_date"

@@ -28,6 +28,7 @@ from daemon.scan import walk
 from daemon.service import systemd
 from daemon.service.app import App
 from daemon.service.console import Web
+from daemon.service.metrics import Metrics
 from daemon.service.intake import Intake, WorkItem
 from daemon.service.standby import Standby
 from daemon.service.status import Counters, build_status, progress_fields, write_status
@@ -69,7 +70,9 @@ class Supervisor:
         self.started = time.time()
         self.state = "starting"
         self.web = Web(self)  # the status page, when the config has `web:`
-        self.intake.listeners.append(self.web.record)
+        self.metrics = Metrics(queue_depth=self._queue_depth, standby=self._standby_pairs,
+                               cache=self._cache_entries)
+        self.intake.listeners += [self.web.record, self._count]
 
     # ------------------------------------------------------------ set-up
 
@@ -161,6 +164,26 @@ class Supervisor:
         except OSError as exc:
             log.warning("folder_unavailable", folder=str(pair.outbox), error=str(exc),
                         effect="the pair waits on standby until it works")
+
+    # ----------------------------------------------------------- metrics
+
+    def _count(self, pair: int, outcome) -> None:
+        label = str(self.cfg.watch[pair].inbox) if pair < len(self.cfg.watch) else "?"
+        if outcome.outcome == "failed":
+            self.metrics.failed(label, outcome.reason or "unknown")
+        else:
+            self.metrics.processed(label, outcome.outcome, outcome.ms / 1000)
+
+    def _queue_depth(self) -> int:
+        return self.workers.queue.qsize() + len(self.scheduler)
+
+    def _standby_pairs(self) -> dict[str, bool]:
+        return {str(p.inbox): self.standby.active(i) for i, p in enumerate(self.cfg.watch)}
+
+    def _cache_entries(self) -> dict:
+        guard = self.app.guard if self.app is not None else None
+        return {"entries": guard.call(lambda store: store.count(), default=None)
+                if guard is not None else None}
 
     # ----------------------------------------------------------- control
 

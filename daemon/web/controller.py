@@ -13,6 +13,10 @@ from typing import Protocol
 ROOTS = ("outbox", "failed", "review", "inbox", "done")  # the only folders files come from
 
 
+class Refused(ValueError):
+    """An action that cannot be done now; the message says why (HTTP 409)."""
+
+
 @dataclass(frozen=True)
 class PairView:
     index: int
@@ -56,7 +60,7 @@ class Controller(Protocol):
         """Files in failed/ with a sidecar, newest first."""
 
     def review_items(self) -> list:
-        """``daemon.review.ReviewItem`` of every pair, oldest first."""
+        """``daemon.review.ReviewItem`` of every pair, newest first."""
 
     def roots(self, pair: int) -> dict[str, Path]:
         """The pair's folders by ``ROOTS`` name; FileNotFoundError for an unknown pair
@@ -66,10 +70,12 @@ class Controller(Protocol):
         """Move failed/<rel> back into the inbox (its sidecar removed); where it landed."""
 
     def approve(self, pair: int, item_id: str) -> list[Path]:
-        """Move a review item's outputs to the outbox."""
+        """Move a review item's outputs to the outbox (FileNotFoundError: no such item;
+        Refused: it cannot be approved, e.g. an output is missing)."""
 
     def redo(self, pair: int, item_id: str, model: str) -> None:
-        """Process a review item's source again with ``model``."""
+        """Queue a review item's source again with ``model`` (Refused: an unknown or
+        broken model, or the source is gone)."""
 
     def models(self) -> list[str]:
         """Installed mask models a review item can be redone with."""

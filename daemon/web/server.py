@@ -26,7 +26,7 @@ import structlog
 from daemon.config import WebConfig
 from daemon.nofollow import LinkedPathError, open_under
 from daemon.web.auth import Gate
-from daemon.web.controller import ROOTS, Controller
+from daemon.web.controller import ROOTS, Controller, Refused
 from daemon.web.page import login_page, status_page
 from daemon.web.thumbs import ThumbnailError, Thumbnails
 
@@ -144,6 +144,8 @@ class Handler(BaseHTTPRequestHandler):
             self._text(HTTPStatus.BAD_REQUEST, f"refused: {exc}")
         except LinkedPathError as exc:
             self._text(HTTPStatus.BAD_REQUEST, f"refused: {exc}")
+        except Refused as exc:
+            self._text(HTTPStatus.CONFLICT, f"refused: {exc}")
         except (FileNotFoundError, NotADirectoryError):
             self._text(HTTPStatus.NOT_FOUND, "not found")
         except ThumbnailError as exc:
