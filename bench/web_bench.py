@@ -3,10 +3,13 @@
 For each journal size (default 100 and 10,000 outputs) a work folder gets that many
 real output files (outbox) and sources (done/), the recent-outputs journal gets one
 row per output (written with ``daemon.web.journal.Journal``, as the daemon does), and
-failed/ gets 20 failed files with sidecars. A daemon is started on it, and each
-request is timed from connect to the last byte: the page (median and p95 over
-``--requests``), /metrics, and the thumbnails of the newest outputs (made on the
-first request, cached after). Writes bench/web.md.
+failed/ gets 20 failed files with sidecars. A first daemon run processes one real
+photo, and its SQLite cache index is then grown to ``--cache-entries`` rows (copies of
+that real row: each /metrics scrape counts them). A second daemon processes 6 real
+photos (misses and exact hits, so /metrics has series), and then each request is
+timed from connect to the last byte: the page (median and p95 over ``--requests``),
+/metrics, and the thumbnails of the newest outputs (made on the first request, cached
+after).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import http.client
 import io
 import json
 import re
+import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -49,6 +54,17 @@ def sample_files() -> tuple[bytes, bytes]:
     return src.getvalue(), out.getvalue()
 
 
+def photos() -> list[bytes]:
+    import skimage.data
+
+    out = []
+    for name in ("astronaut", "coffee", "rocket"):
+        buf = io.BytesIO()
+        Image.fromarray(getattr(skimage.data, name)()).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
 def seed(work: Path, n: int, models: Path) -> Path:
     src, png = sample_files()
     inbox, outbox, done, failed = (work / d for d in ("inbox", "outbox", "done", "failed"))
@@ -75,9 +91,47 @@ def seed(work: Path, n: int, models: Path) -> Path:
     cfg.write_text(yaml.safe_dump({
         "watch": [{"inbox": str(inbox), "outbox": str(outbox), "done_dir": str(done),
                    "failed_dir": str(failed), "after_success": "move"}],
-        "models": {"dir": str(models)}, "cache": {"dir": str(work / "cache")},
-        "logging": {"format": "json"}, "web": {"listen": "127.0.0.1:0"}}))
+        "models": {"dir": str(models)},
+        "logging": {"format": "json"}, "web": {"listen": "127.0.0.1:0"},
+        "cache": {"dir": str(work / "cache"), "limits": {"max_entries": 0, "max_bytes": 0}},
+        "settle_s": 0.2}))
     return cfg
+
+
+def wait_for_log(proc: subprocess.Popen, log: Path, events: tuple[str, ...]) -> None:
+    """Until one of ``events`` is logged: the start-up prune pass over the whole index
+    (hourly after that) would otherwise share the CPU with the requests timed."""
+    deadline = time.monotonic() + 300
+    while not any(e in log.read_text(errors="replace") for e in events):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"no {events[0]} in {log}")
+        time.sleep(0.2)
+
+
+def drop_and_wait(work: Path, proc: subprocess.Popen, files: dict[str, bytes]) -> None:
+    """Drop ``files`` into the inbox and wait until the daemon has moved them to done/."""
+    for name, data in files.items():
+        (work / "inbox" / name).write_bytes(data)
+    deadline = time.monotonic() + 300
+    while any((work / "inbox").iterdir()):  # after_success: move
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"photos not processed (see {work})")
+        time.sleep(0.2)
+
+
+def grow_cache_index(work: Path, rows: int) -> int:
+    """Copy the index's first real row until it holds ``rows`` entries (new ids)."""
+    db = sqlite3.connect(work / "cache" / "index.sqlite3")
+    cols = [c[1] for c in db.execute("PRAGMA table_info(entries)")]
+    have = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+    select = ", ".join("e.id || '-' || n.i" if c == "id" else f"e.{c}" for c in cols)
+    db.execute(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+               f"INSERT INTO entries ({', '.join(cols)}) SELECT {select} FROM entries e, n "
+               f"WHERE e.rowid = (SELECT min(rowid) FROM entries)", (max(0, rows - have),))
+    db.commit()
+    total = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+    db.close()
+    return total
 
 
 def timed_get(port: int, path: str) -> tuple[float, int, bytes]:
@@ -105,13 +159,22 @@ def run_daemon(cfg: Path, log: Path) -> tuple[subprocess.Popen, int]:
     raise SystemExit("daemon did not start its web server")
 
 
-def measure(n: int, requests: int, models: Path) -> dict:
+def measure(n: int, requests: int, models: Path, cache_entries: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"rembgd-web-{n}-"))
-    t0 = time.perf_counter()
     cfg = seed(work, n, models)
-    seeded_s = time.perf_counter() - t0
+    pool = photos()
+    proc, _port = run_daemon(cfg, work / "daemon-first.log")  # makes the cache index
+    try:
+        drop_and_wait(work, proc, {"first.jpg": pool[0]})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    entries = grow_cache_index(work, cache_entries)
     proc, port = run_daemon(cfg, work / "daemon.log")
     try:
+        drop_and_wait(work, proc, {f"{batch}{i}.jpg": data for batch in "ab"
+                                   for i, data in enumerate(pool)})  # misses and exact hits
+        wait_for_log(proc, work / "daemon.log", ('"cache_pruned"', '"cache_prune_skipped"'))
         for _ in range(5):  # warm-up: imports, first connections
             timed_get(port, "/")
             timed_get(port, "/metrics")
@@ -123,27 +186,36 @@ def measure(n: int, requests: int, models: Path) -> dict:
         cached = [timed_get(port, t.replace("&amp;", "&"))[0] for t in thumbs]
         metrics = [timed_get(port, "/metrics") for _ in range(requests)]
         assert all(status == 200 for _, status, _ in metrics)
+        scraped = metrics[-1][2].decode()
+        counted = float(re.search(r"^rembgd_cache_entries (\S+)$", scraped, re.M).group(1))
+        assert counted >= entries  # the grown index, plus this run's misses
+        assert 'tier="exact"}' in scraped and 'tier="miss"}' in scraped
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    shutil.rmtree(work, ignore_errors=True)
     ms = sorted(t for t, _, _ in page)
     mm = sorted(t for t, _, _ in metrics)
-    return {"outputs": n, "seed_s": seeded_s, "page_median": statistics.median(ms),
+    return {"outputs": n, "cache_entries": entries, "page_median": statistics.median(ms),
             "page_p95": ms[int(len(ms) * 0.95) - 1], "page_kb": len(page[-1][2]) / 1024,
             "metrics_median": statistics.median(mm), "metrics_p95": mm[int(len(mm) * 0.95) - 1],
             "thumbs": len(thumbs), "thumb_first": statistics.median(first),
-            "thumb_cached": statistics.median(cached), "work": str(work)}
+            "thumb_cached": statistics.median(cached)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--outputs", type=int, nargs="+", default=[100, 10_000])
     ap.add_argument("--requests", type=int, default=50)
+    ap.add_argument("--cache-entries", type=int, default=200_000,
+                    help="rows in the cache index (the default cache.limits.max_entries)")
     ap.add_argument("--models", type=Path, default=ROOT / "var" / "models")
     ap.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
     args, _unknown = ap.parse_known_args(argv)
-    rows = [measure(n, args.requests, args.models) for n in args.outputs]
-    lines = ["| outputs in journal + outbox | page median ms | page p95 ms | page KiB | "
+    rows = [measure(n, args.requests, args.models, args.cache_entries) for n in args.outputs]
+    lines = [f"cache index: {rows[0]['cache_entries']:,} entries; {args.requests} requests "
+             "each; times from connect to the last byte", "",
+             "| outputs in journal + outbox | page median ms | page p95 ms | page KiB | "
              "/metrics median ms | /metrics p95 ms | thumbnail first ms | thumbnail cached ms |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
