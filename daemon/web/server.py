@@ -140,9 +140,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._text(HTTPStatus.FORBIDDEN, "Host not allowed (use 127.0.0.1 or localhost)")
         try:
             action(site)
-        except BadRequest as exc:
-            self._text(HTTPStatus.BAD_REQUEST, f"refused: {exc}")
-        except LinkedPathError as exc:
+        except (BadRequest, LinkedPathError) as exc:
             self._text(HTTPStatus.BAD_REQUEST, f"refused: {exc}")
         except Refused as exc:
             self._text(HTTPStatus.CONFLICT, f"refused: {exc}")
@@ -157,6 +155,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._text(HTTPStatus.BAD_REQUEST, f"refused: {exc.strerror}")
             log.warning("web_error", path=self.path, error=str(exc))
             self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc.strerror or exc}")
+        except Exception:  # a bug: logged with its traceback; the daemon carries on
+            log.exception("web_internal_error", path=self.path)
+            self._text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the daemon's log)")
 
     # ---------------------------------------------------------------- GET
 
