@@ -116,6 +116,7 @@ class Console:
         rel_path = Path(rel)
         landed = move_between(p.failed_dir, rel_path, p.inbox, rel_path)
         unlink_under(p.failed_dir, rel_path.parent / fit_name(rel_path.name, ERROR_SUFFIX))
+        self.sup.scheduler.settle(pair, landed, complete=True)  # a poller may see it late
         return landed
 
     def approve(self, pair: int, item_id: str) -> list[Path]:
