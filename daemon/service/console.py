@@ -24,7 +24,7 @@ from daemon.config import Config, WatchPair
 from daemon.fsutil import ERROR_SUFFIX, fit_name, safe_relative
 from daemon.inference.models import ModelError, mask_model_path
 from daemon.inference.registry import local_specs
-from daemon.job import Outcome
+from daemon.fate import Outcome
 from daemon.nofollow import move_between, read_under, unlink_under
 from daemon.service.intake import WorkItem
 from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused
@@ -139,7 +139,7 @@ class Console:
 
     def record(self, pair: int, outcome: Outcome) -> None:
         """A job outcome: a delivered file goes into the recent-outputs journal."""
-        if outcome.outcome not in TIERS:
+        if outcome.kind not in TIERS:
             return
         job = outcome.job
         source_root = {"keep": "inbox", "move": "done"}.get(job.after_success)
@@ -147,7 +147,7 @@ class Console:
             time=time.time(), pair=pair, source_root=source_root, source_rel=job.rel.as_posix(),
             outputs=tuple(Path(os.path.relpath(w, job.outbox)).as_posix()
                           for w in outcome.written),
-            tier=outcome.outcome, model=job.plan.options.model, ms=round(outcome.ms, 1))
+            tier=outcome.kind, model=job.plan.options.model, ms=round(outcome.ms, 1))
         try:
             self.journal.add(entry)
         except sqlite3.Error as exc:  # the file is delivered; only the page misses it

@@ -1,6 +1,6 @@
 """The supervisor: lifecycle, reload, the tick loop and shutdown of `rembgd run`.
 
-start: build the App (every model verified) -> workers -> settle scheduler ->
+start: build the App (every model verified) -> workers -> settle queue ->
 watchers -> catch-up scan -> READY=1. The tick loop sends WATCHDOG=1, runs
 rescans and pruning, and publishes the status. SIGHUP builds a new App from the
 re-read config and swaps it in, or refuses (naming the cause) and keeps the
@@ -27,12 +27,13 @@ from daemon.job import Job
 from daemon.scan import walk
 from daemon.service import systemd
 from daemon.service.app import App
-from daemon.service.console import Web
+from daemon.service.console import TIERS, Web
 from daemon.service.metrics import Metrics
 from daemon.service.intake import Intake, WorkItem
 from daemon.service.standby import Standby
 from daemon.service.status import Counters, build_status, progress_fields, write_status
-from daemon.service.watcher import InboxHandler, Scheduler, choose_observer, make_observer
+from daemon.service.settle import SettleQueue
+from daemon.service.watcher import InboxHandler, choose_observer, make_observer
 from daemon.service.workers import RetryPolicy, Workers
 
 log = structlog.get_logger("rembgd.service")
@@ -52,7 +53,7 @@ class Supervisor:
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.exit_code = 0
-        self.scheduler = Scheduler(cfg.settle_s, self._submit_from_scheduler,
+        self.scheduler = SettleQueue(cfg.settle_s, self._submit_from_scheduler,
                                    incomplete_timeout_s=cfg.incomplete_timeout_s)
         self.retry_policy = RetryPolicy(self._schedule_retry, self.counters,
                                         lambda: self.cfg.retry_attempts,
@@ -103,7 +104,7 @@ class Supervisor:
         self.observer, self.observer_kind = observer, kind
         log.info("watching", observer=kind, inboxes=[str(p.inbox) for p in pairs])
 
-    def _stop_watching(self) -> None:
+    def stop_watching(self) -> None:
         if self.observer is not None:
             self.observer.stop()
             self.observer.join(timeout=5)
@@ -169,10 +170,10 @@ class Supervisor:
 
     def _count(self, pair: int, outcome) -> None:
         label = str(self.cfg.watch[pair].inbox) if pair < len(self.cfg.watch) else "?"
-        if outcome.outcome == "failed":
+        if outcome.kind == "failed":
             self.metrics.failed(label, outcome.reason or "unknown")
-        else:
-            self.metrics.processed(label, outcome.outcome, outcome.ms / 1000)
+        elif outcome.kind in TIERS:  # not "up_to_date": nothing was processed
+            self.metrics.processed(label, outcome.kind, outcome.ms / 1000)
 
     def _queue_depth(self) -> int:
         return self.workers.queue.qsize() + len(self.scheduler)
@@ -181,9 +182,9 @@ class Supervisor:
         return {str(p.inbox): self.standby.active(i) for i, p in enumerate(self.cfg.watch)}
 
     def _cache_entries(self) -> dict:
-        guard = self.app.guard if self.app is not None else None
-        return {"entries": guard.call(lambda store: store.count(), default=None)
-                if guard is not None else None}
+        cache = self.app.cache if self.app is not None else None
+        return {"entries": cache.guard.call(lambda store: store.count(), default=None)
+                if cache is not None else None}
 
     # ----------------------------------------------------------- control
 
@@ -219,7 +220,7 @@ class Supervisor:
             self._make_roots(pair)
         if old is not None and not app.shares_cache_with(old):
             old.close()
-        self._stop_watching()
+        self.stop_watching()
         self._start_watching()
         self.rescan()
         self.web.apply(new)
@@ -240,26 +241,17 @@ class Supervisor:
         systemd.notify(f"STATUS={st['line']}")
 
     def _maybe_prune(self) -> None:
+        """Start a prune run when one is due; a failing store is reported by the cache
+        guard (and the run retried on the next schedule)."""
         self.pruner = self.app.pruner_for(self.pruner) if self.app else None
         if self.pruner is None or (self._prune_thread and self._prune_thread.is_alive()):
             return
-        try:
-            due = self.pruner.due(time.time())
-        except Exception as exc:  # noqa: BLE001 - the cache guard reports the store itself
-            log.warning("prune_check_failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        if due:
-            pruner = self.pruner
-            self._prune_thread = threading.Thread(target=self._prune, args=(pruner,),
-                                                  name="prune", daemon=True)
+        pruner, guard = self.pruner, self.app.cache.guard
+        if guard.call(lambda _store: pruner.due(time.time()), default=False):
+            self._prune_thread = threading.Thread(
+                target=guard.call, args=(lambda _store: pruner.run(dry_run=False),),
+                name="prune", daemon=True)
             self._prune_thread.start()
-
-    @staticmethod
-    def _prune(pruner: Pruner) -> None:
-        try:
-            pruner.run(dry_run=False)
-        except Exception as exc:  # noqa: BLE001 - retried on the next schedule
-            log.warning("prune_failed", error=f"{type(exc).__name__}: {exc}")
 
     # --------------------------------------------------------------- run
 
@@ -276,7 +268,7 @@ class Supervisor:
         self._start_watching()
         found = self.rescan()
         log.info("started", pid=os.getpid(), catch_up=found, workers=self.cfg.workers,
-                 cache=self.cfg.store.backend if self.app.guard else "disabled")
+                 cache=self.cfg.store.backend if self.app.cache else "disabled")
         systemd.notify("READY=1")
         self.web.apply(self.cfg)
         self._main_loop()
@@ -325,7 +317,7 @@ class Supervisor:
         self.web.close()
         if self.pruner is not None:
             self.pruner.cancel()  # stops after the current small batch
-        self._stop_watching()
+        self.stop_watching()
         self.scheduler.stop()
         self.workers.join()
         if self._prune_thread is not None:
