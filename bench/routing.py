@@ -239,6 +239,23 @@ def write_markdown(path, calib, held, threshold, args, load, elapsed) -> None:
     w("\nGlass: the truth is alpha 0.3-0.6 inside opaque walls, so its IoU is low by "
       "definition (bench/quality.md); u2netp answers with a clean opaque tumbler, which only "
       "the colour signal (the backdrop shows through) can flag.\n")
+    w("Where the held-out errors come from:\n")
+    bad = [r for r in held if r.iou < BAD_IOU]
+    glass = [r for r in bad if r.kind == "glass"]
+    w(f"- bad masks that are glass: {len(glass)} of {len(bad)}; routed: "
+      f"{sum(r.conf.score < threshold for r in glass)} (a clean opaque mask; nothing in the "
+      "mask says it should have been see-through)")
+    false = [r for r in held if r.iou > GOOD_IOU and r.conf.score < threshold]
+    for label, needle in (("busy backdrop", "busy backdrop"),
+                          ("subject close to its backdrop in colour", "backdrop in colour"),
+                          ("cut by the frame", "cut by the frame"),
+                          ("uncertain alpha", "uncertain alpha")):
+        n = sum(bool(r.conf.reasons) and needle in r.conf.reasons[0] for r in false)
+        w(f"- good masks routed with \"{label}\" as the main reason: {n} of {len(false)}")
+    w("\nThe image signals (colour, busy backdrop) describe a scene u2netp often gets wrong, "
+      "not the mask: on seeds where the model copes with those scenes they route good masks. "
+      "The mask signals (uncertain alpha, fragments, frame) route few good masks but miss "
+      "clean-looking wrong masks (glass, a prop taken for the subject).\n")
     w("Held out, per variant (mean IoU / mean score / routed):\n")
     w("| variant | " + " | ".join(gt.KINDS) + " |")
     w("|---|" + "---|" * len(gt.KINDS))
