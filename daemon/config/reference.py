@@ -47,9 +47,11 @@ def _section(title: str, cls: type) -> list[str]:
         if key is None:
             continue
         inner = _nested(hint) if "type_doc" not in rules else None
-        meaning, default = rules.get("doc", ""), _default(f)
-        if inner is not None:
-            path = (key if cls is Config else f"{title}.{key}")
+        meaning = rules.get("doc", "")
+        if inner is None:
+            default = _default(f)
+        else:  # a section of its own, after this table
+            path = key if cls is Config else f"{title}.{key}"
             path += "[]" if typing.get_origin(hint) is tuple else ""
             nested += _section(path, inner)
             see = f"see [{path}](#{path.replace('.', '').replace('[]', '')})"
