@@ -28,11 +28,11 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -96,14 +96,12 @@ def variant(sc: gt.Scene, name: str, seed: int) -> gt.Scene:
         photo = _photo(rng.choice(["rocket", "coffee", "astronaut", "immunohistochemistry"]), h, w)
         if name == "props":
             cover = Image.new("L", (w, h), 0)
-            from PIL import ImageDraw
-
             d = ImageDraw.Draw(cover)
             for _ in range(int(rng.integers(2, 5))):
                 cx, cy = rng.uniform(0, w), rng.uniform(0.3 * h, h)
                 rx, ry = rng.uniform(0.03, 0.1) * w, rng.uniform(0.05, 0.2) * h
-                (d.ellipse if rng.random() < 0.5 else d.rectangle)((cx - rx, cy - ry, cx + rx, cy + ry),
-                                                                    fill=255)
+                shape = d.ellipse if rng.random() < 0.5 else d.rectangle
+                shape((cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
             weight = np.asarray(cover, np.float32) / 255 * _away(alpha, 12)
         else:
             weight = _away(alpha, 12)
@@ -213,8 +211,9 @@ def write_markdown(path, calib, held, threshold, args, load, elapsed) -> None:
     w(f"Command: `.venv/bin/python bench/routing.py --per-kind {args.per_kind} "
       f"--threads {args.threads}`  ")
     w(f"Scenes: `bench/groundtruth.py` version {gt.GENERATOR_VERSION}, {args.per_kind} per kind "
-      f"per seed, each plain and in {len(VARIANTS) - 1} harder variants ({', '.join(VARIANTS[1:])}; "
-      f"see the module docstring), 1224x816; model u2netp through the daemon's own mask path.  ")
+      f"per seed, each plain and in {len(VARIANTS) - 1} harder variants "
+      f"({', '.join(VARIANTS[1:])}; see the module docstring), 1224x816; model u2netp through "
+      "the daemon's own mask path.  ")
     w(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.2f} at start "
       f"(shared); run took {elapsed:.0f} s.\n")
     w("Calibration: the weights in `daemon/imaging/confidence.py` were set by hand while looking "
