@@ -1,0 +1,53 @@
+"""Cache keys: what a cached mask and a stored output depend on, and their versions.
+
+A mask key covers only what changes the mask (the model, its file's checksum,
+post-processing, the working size); an output key covers the mask key plus
+every render option of one deliverable, so a new deliverable or another
+background re-renders from the cached mask. Changing any of them is a miss,
+never a stale hit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from daemon.config import Deliverable, OutputOptions
+
+MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
+RENDER_VERSION = 4  # bump when rendering changes: old stored outputs become misses
+# (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS)
+MASK_EDGE = 2048  # the working mask's long side (see daemon.imaging.render)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One file to write for a source: the legacy PNG (name "") or a deliverable."""
+
+    name: str
+    mask_key: str
+    output_key: str
+    model: str
+    options: OutputOptions
+    deliverable: Deliverable | None = None
+
+
+def _digest(payload: dict) -> str:
+    blob = json.dumps(payload, sort_keys=True, default=list).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def mask_key(options: OutputOptions, model_checksum: str) -> str:
+    """Only what changes the mask: the model, its file's checksum, post-processing."""
+    return _digest({"v": MASK_VERSION, "model": options.model, "checksum": model_checksum,
+                    "post_process": options.post_process_mask, "edge": MASK_EDGE})
+
+
+def targets(mkey: str, options: OutputOptions, outputs: tuple[Deliverable, ...]) -> list[Target]:
+    """The files one source becomes; output keys cover every render option."""
+    if not outputs:
+        legacy = {k: v for k, v in asdict(options).items() if k not in ("model", "post_process_mask")}
+        return [Target("", mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "legacy": legacy}),
+                       options.model, options)]
+    return [Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "out": asdict(d)}),
+                   options.model, options, d) for d in outputs]
