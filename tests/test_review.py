@@ -183,9 +183,9 @@ def test_redo_delivers_to_the_outbox_and_drops_the_item(svc, tmp_path):
     _, busy = _drop_shots(pair.inbox)
     assert svc.intake.process(WorkItem(0, busy)) == "review"
     [item] = review.list_items(review.review_dir(pair))
-    with pytest.raises(review.ReviewError, match="not-a-model"):
-        svc.redo(0, item.id, "not-a-model")
-    assert svc.redo(0, item.id, "u2netp") == "exact"  # delivered whatever the score
+    # as the web page's Redo does, but processed here and now rather than queued
+    assert review.redo(pair, item.id, "u2netp", lambda path, model: svc.intake.process(
+        WorkItem(0, path, model=model))) == "exact"  # delivered whatever its score
     assert (pair.outbox / "busy.png.png").is_file() and (pair.done_dir / "busy.png").is_file()
     assert review.list_items(review.review_dir(pair)) == []
     assert not (tmp_path / "review" / "busy.png.png").exists()

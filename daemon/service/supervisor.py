@@ -26,7 +26,6 @@ from daemon.nofollow import remove_stale_temps
 from daemon.job import Job
 from daemon.scan import walk
 from daemon.service import systemd
-from daemon import review
 from daemon.service.app import App
 from daemon.service.metrics import Metrics
 from daemon.service.intake import Intake, WorkItem
@@ -59,8 +58,8 @@ class Supervisor:
                                         lambda: self.cfg.retry_attempts,
                                         lambda: self.cfg.retry_backoff_s)
         self.standby = Standby()
-        self.metrics = Metrics(queue_depth=lambda: self.workers.queue.qsize() + len(self.scheduler),
-                               standby=self._standby_pairs, cache=self._cache_entries)
+        self.metrics = Metrics(queue_depth=self._queue_depth, standby=self._standby_pairs,
+                               cache=self._cache_entries)
         self.intake = Intake(lambda: self.app, self.counters, self.retry_policy.retry,
                              self.retry_policy.later, self.scheduler, self.standby, self.metrics)
         self.workers = Workers(cfg.workers, cfg.queue_size, self.intake.process, self.counters,
@@ -209,23 +208,13 @@ class Supervisor:
     def status(self) -> dict:
         return build_status(self)
 
-    # ------------------------------------------------------------ review and metrics
+    # ------------------------------------------------------------ metrics (read at scrape)
 
-    def redo(self, pair: int, item_id: str, model: str) -> str:
-        """Process a review item's source again with ``model``, in the caller's thread (the
-        web page's request); its outputs go to the outbox. Returns the outcome's name;
-        ReviewError for an unknown item or a model that is not installed."""
-        app = self.app
-        try:
-            app.engines.model_file(model)
-            return review.redo(app.pair(pair), item_id, model, lambda path, m: self.intake.process(
-                WorkItem(pair, path, model=m)))
-        except ModelError as exc:  # not installed or broken: refused, the daemon runs on
-            raise review.ReviewError(f"cannot redo with {model}: {exc}") from None
+    def _queue_depth(self) -> int:
+        return self.workers.queue.qsize() + len(self.scheduler)
 
     def _standby_pairs(self) -> dict[str, bool]:
-        on = self.standby.snapshot()
-        return {str(p.inbox): str(i) in on for i, p in enumerate(self.cfg.watch)}
+        return {str(p.inbox): self.standby.active(i) for i, p in enumerate(self.cfg.watch)}
 
     def _cache_entries(self) -> dict:
         cache = self.app.cache if self.app is not None else None
