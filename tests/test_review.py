@@ -23,7 +23,8 @@ def _pair(tmp_path: Path, after_success: str = "keep") -> WatchPair:
                      review=ReviewConfig(min_confidence=0.5))
 
 
-def _held(pair: WatchPair, rel: str = "shoot/cat.jpg", confidence: float = 0.2) -> review.ReviewItem:
+def _held(pair: WatchPair, rel: str = "shoot/cat.jpg", confidence: float = 0.2
+          ) -> review.ReviewItem:
     """A source in the inbox whose cutout is held for review (as the daemon leaves it)."""
     src = pair.inbox / rel
     src.parent.mkdir(parents=True, exist_ok=True)
