@@ -28,11 +28,11 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -96,14 +96,12 @@ def variant(sc: gt.Scene, name: str, seed: int) -> gt.Scene:
         photo = _photo(rng.choice(["rocket", "coffee", "astronaut", "immunohistochemistry"]), h, w)
         if name == "props":
             cover = Image.new("L", (w, h), 0)
-            from PIL import ImageDraw
-
             d = ImageDraw.Draw(cover)
             for _ in range(int(rng.integers(2, 5))):
                 cx, cy = rng.uniform(0, w), rng.uniform(0.3 * h, h)
                 rx, ry = rng.uniform(0.03, 0.1) * w, rng.uniform(0.05, 0.2) * h
-                (d.ellipse if rng.random() < 0.5 else d.rectangle)((cx - rx, cy - ry, cx + rx, cy + ry),
-                                                                    fill=255)
+                shape = d.ellipse if rng.random() < 0.5 else d.rectangle
+                shape((cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
             weight = np.asarray(cover, np.float32) / 255 * _away(alpha, 12)
         else:
             weight = _away(alpha, 12)
@@ -213,8 +211,9 @@ def write_markdown(path, calib, held, threshold, args, load, elapsed) -> None:
     w(f"Command: `.venv/bin/python bench/routing.py --per-kind {args.per_kind} "
       f"--threads {args.threads}`  ")
     w(f"Scenes: `bench/groundtruth.py` version {gt.GENERATOR_VERSION}, {args.per_kind} per kind "
-      f"per seed, each plain and in {len(VARIANTS) - 1} harder variants ({', '.join(VARIANTS[1:])}; "
-      f"see the module docstring), 1224x816; model u2netp through the daemon's own mask path.  ")
+      f"per seed, each plain and in {len(VARIANTS) - 1} harder variants "
+      f"({', '.join(VARIANTS[1:])}; see the module docstring), 1224x816; model u2netp through "
+      "the daemon's own mask path.  ")
     w(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.2f} at start "
       f"(shared); run took {elapsed:.0f} s.\n")
     w("Calibration: the weights in `daemon/imaging/confidence.py` were set by hand while looking "
@@ -239,6 +238,23 @@ def write_markdown(path, calib, held, threshold, args, load, elapsed) -> None:
     w("\nGlass: the truth is alpha 0.3-0.6 inside opaque walls, so its IoU is low by "
       "definition (bench/quality.md); u2netp answers with a clean opaque tumbler, which only "
       "the colour signal (the backdrop shows through) can flag.\n")
+    w("Where the held-out errors come from:\n")
+    bad = [r for r in held if r.iou < BAD_IOU]
+    glass = [r for r in bad if r.kind == "glass"]
+    w(f"- bad masks that are glass: {len(glass)} of {len(bad)}; routed: "
+      f"{sum(r.conf.score < threshold for r in glass)} (a clean opaque mask; nothing in the "
+      "mask says it should have been see-through)")
+    false = [r for r in held if r.iou > GOOD_IOU and r.conf.score < threshold]
+    for label, needle in (("busy backdrop", "busy backdrop"),
+                          ("subject close to its backdrop in colour", "backdrop in colour"),
+                          ("cut by the frame", "cut by the frame"),
+                          ("uncertain alpha", "uncertain alpha")):
+        n = sum(bool(r.conf.reasons) and needle in r.conf.reasons[0] for r in false)
+        w(f"- good masks routed with \"{label}\" as the main reason: {n} of {len(false)}")
+    w("\nThe image signals (colour, busy backdrop) describe a scene u2netp often gets wrong, "
+      "not the mask: on seeds where the model copes with those scenes they route good masks. "
+      "The mask signals (uncertain alpha, fragments, frame) route few good masks but miss "
+      "clean-looking wrong masks (glass, a prop taken for the subject).\n")
     w("Held out, per variant (mean IoU / mean score / routed):\n")
     w("| variant | " + " | ".join(gt.KINDS) + " |")
     w("|---|" + "---|" * len(gt.KINDS))

@@ -10,6 +10,11 @@ happened and its ``fate`` what becomes of the source:
   the outbox sends it to ``failed/``'s top level).
 * ``RETRY`` (retry): left in place; the caller's retry policy schedules it and,
   when it is exhausted, finishes ``outcome.given_up(attempts)``.
+* ``REVIEW`` (review: the mask's confidence is below the pair's
+  ``review.min_confidence``): the job wrote the outputs to the review folder
+  with a sidecar (``daemon.review``); the source stays until the item is
+  approved (then ``after_success`` applies) or redone. ``under_review``: a
+  rescan met such a source again; it stays too.
 * ``WAIT`` (not_ready: empty or still being written): left in place; the settle
   queue re-checks it and, past ``incomplete_timeout_s``, finishes
   ``outcome.timed_out(seconds)``.
@@ -45,10 +50,12 @@ class Fate(enum.Enum):
     FAIL = "fail"
     RETRY = "retry"
     WAIT = "wait"
+    REVIEW = "review"
 
 
 FATES = {"exact": Fate.DELIVER, "pixel": Fate.DELIVER, "near": Fate.DELIVER,
          "miss": Fate.DELIVER, "up_to_date": Fate.DELIVER, "failed": Fate.FAIL,
+         "review": Fate.REVIEW, "under_review": Fate.REVIEW,
          "retry": Fate.RETRY, "not_ready": Fate.WAIT}
 
 
@@ -63,6 +70,8 @@ class Outcome:
     sha256: str | None = None  # of the source bytes, once read
     written: list[Path] = field(default_factory=list)  # outputs written by this attempt
     detail: str | None = None  # the failed/ sidecar's text (default: ``str(exc)``)
+    tier: str | None = None  # where the mask came from (exact, pixel, near, miss), once rendered
+    inference_s: float | None = None  # seconds of mask inference (a miss)
 
     @property
     def fate(self) -> Fate:
@@ -104,7 +113,8 @@ def finish(outcome: Outcome) -> Outcome:
             return finish(replace(failure, ms=outcome.ms, sha256=outcome.sha256))
     elif fate is Fate.FAIL:
         _fail(outcome)
-    # RETRY and WAIT: the source stays where it is; the caller schedules it again
+    # RETRY and WAIT: the source stays where it is; the caller schedules it again.
+    # REVIEW: it stays until a reviewer approves (daemon.review.approve finishes it) or redoes
     return outcome
 
 

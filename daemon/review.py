@@ -23,20 +23,23 @@ import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import structlog
 
-from daemon import job as jobmod
 from daemon.config import WatchPair
 from daemon.config.schema import ReviewConfig
+from daemon.fate import Outcome, finish
 from daemon.fsutil import fsync_fd_quietly
+from daemon.imaging.confidence import Confidence
 from daemon.nofollow import (LinkedPathError, atomic_write_under, dir_under, read_under,
                              unlink_under)
 from daemon.pipeline import Plan
 
 log = structlog.get_logger("rembgd.review")
 
+T = TypeVar("T")
+TIERS = ("exact", "pixel", "near", "miss")
 SIDECARS = ".rembgd-review"
 _ID = re.compile(r"[0-9a-f]{40}")
 
@@ -69,6 +72,8 @@ class ReviewItem:
         """Raises ValueError for a malformed sidecar, or one naming a path that is not
         plain and relative (a sidecar is never trusted to lead out of its folders)."""
         d = json.loads(data)
+        if d["tier"] not in TIERS:
+            raise ValueError(f"tier {d['tier']!r} is not one of {', '.join(TIERS)}")
         for rel in [d["source_rel"], *d["outputs"]]:
             p = Path(str(rel))
             if p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) \
@@ -96,12 +101,26 @@ def _sidecar(id_: str) -> Path:
     return Path(SIDECARS) / f"{id_}.json"
 
 
+def is_held(route: ReviewConfig | None, judged: Confidence | None) -> bool:
+    """Whether a cutout goes to review: its pair routes and its score is below the bar."""
+    return route is not None and judged is not None and judged.score < route.min_confidence
+
+
 def hold(review_dir: Path, item: ReviewItem) -> Path:
     """Record ``item`` (its outputs already written under ``review_dir``)."""
     path = atomic_write_under(review_dir, _sidecar(item.id), item.to_json())
     log.info("review_held", source=item.source_rel, pair=item.pair, id=item.id,
              confidence=item.confidence, reasons=list(item.reasons), outputs=list(item.outputs))
     return path
+
+
+def is_waiting(review_dir: Path, source_rel: Path) -> bool:
+    """Whether ``source_rel``'s cutout waits in ``review_dir``."""
+    try:
+        read_under(review_dir, _sidecar(item_id(source_rel)))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def get(review_dir: Path, id_: str) -> ReviewItem:
@@ -171,9 +190,11 @@ def approve(pair: WatchPair, id_: str) -> list[Path]:
     unlink_under(folder, _sidecar(item.id))
     log.info("review_approved", source=item.source_rel, pair=item.pair, id=item.id,
              outputs=[str(p) for p in moved])
+    from daemon.job import Job  # here: the job imports this module to hold its cutouts
+
     rel = Path(item.source_rel)
-    jobmod.dispose(jobmod.Job(pair.inbox / rel, rel, pair.outbox, Plan(pair.options, pair.outputs),
-                              pair.failed_dir, pair.done_dir, pair.after_success))
+    finish(Outcome(Job(pair.inbox / rel, rel, pair.outbox, Plan(pair.options, pair.outputs),
+                       pair.failed_dir, pair.done_dir, pair.after_success), item.tier))
     return moved
 
 
@@ -195,10 +216,10 @@ def drop_for(review_dir: Path, source_rel: Path, why: str) -> bool:
     return True
 
 
-def redo(pair: WatchPair, id_: str, model: str, submit: Callable[[Path, str], None]
-         ) -> ReviewItem:
-    """Hand the item's source back for processing with ``model`` (``submit(path, model)``);
-    its outputs go to the outbox, and the item is dropped once they are written."""
+def redo(pair: WatchPair, id_: str, model: str, submit: Callable[[Path, str], T]) -> T:
+    """Hand the item's source back for processing with ``model``: ``submit(path, model)``,
+    whose result is returned. Its outputs go to the outbox, and the item is dropped once
+    they are written (the job's ``drop_for``)."""
     item = get(review_dir(pair), id_)
     inbox = pair.inbox
     source = inbox / item.source_rel
@@ -208,10 +229,9 @@ def redo(pair: WatchPair, id_: str, model: str, submit: Callable[[Path, str], No
         raise ReviewError(f"the source {item.source_rel} is no longer in {inbox}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ReviewError(f"the source {item.source_rel} is not a regular file")
-    submit(source, model)
     log.info("review_redo", source=item.source_rel, pair=item.pair, id=item.id, model=model,
              was=item.model)
-    return item
+    return submit(source, model)
 
 
 def new_item(pair: str, source_rel: Path, outputs: list[Path], confidence: float,

@@ -15,19 +15,19 @@ W, H = 900, 600
 ROUTE_BELOW = ReviewConfig().min_confidence
 
 
-def _coverage(draw_fn) -> np.ndarray:
+def coverage(draw_fn) -> np.ndarray:
     """Anti-aliased coverage (uint8) drawn at 4x and box-reduced."""
     big = Image.new("L", (W * 4, H * 4), 0)
     draw_fn(ImageDraw.Draw(big), 4)
     return np.asarray(big.resize((W, H), Image.Resampling.BOX))
 
 
-def _bottle(d, s):
+def bottle_shape(d, s):
     d.rounded_rectangle((380 * s, 150 * s, 520 * s, 520 * s), radius=40 * s, fill=255)
     d.rectangle((425 * s, 70 * s, 475 * s, 160 * s), fill=255)
 
 
-def _studio_shot(alpha: np.ndarray, texture: str = "coffee") -> np.ndarray:
+def studio_shot(alpha: np.ndarray, texture: str = "coffee") -> np.ndarray:
     """A photo-textured subject composited on a smooth grey sweep."""
     subject = np.asarray(Image.fromarray(photo(texture)).resize((W, H)), np.float32)
     y = np.linspace(0, 1, H, dtype=np.float32)[:, None, None]
@@ -36,10 +36,18 @@ def _studio_shot(alpha: np.ndarray, texture: str = "coffee") -> np.ndarray:
     return np.clip(np.rint(a * subject + (1 - a) * sweep), 0, 255).astype(np.uint8)
 
 
+def busy_shot(alpha: np.ndarray) -> np.ndarray:
+    """A plain light subject in front of a photo (not a studio sweep): u2netp takes part
+    of the backdrop for subject (IoU about 0.6)."""
+    a = alpha.astype(np.float32)[..., None] / 255
+    backdrop = np.asarray(Image.fromarray(photo("astronaut")).resize((W, H)), np.float32)
+    return np.rint(a * 200 + (1 - a) * backdrop).astype(np.uint8)
+
+
 @pytest.fixture(scope="module")
 def bottle():
-    alpha = _coverage(_bottle)
-    return alpha, _studio_shot(alpha)
+    alpha = coverage(bottle_shape)
+    return alpha, studio_shot(alpha)
 
 
 def test_a_clean_mask_on_a_real_photo_scores_high(bottle):
@@ -60,7 +68,7 @@ def test_the_models_own_mask_of_a_clean_shot_scores_above_the_routing_threshold(
 
 def test_fragments_lower_the_score(bottle):
     alpha, rgb = bottle
-    blobs = _coverage(lambda d, s: [d.ellipse(((60 + 150 * i) * s, 480 * s, (130 + 150 * i) * s,
+    blobs = coverage(lambda d, s: [d.ellipse(((60 + 150 * i) * s, 480 * s, (130 + 150 * i) * s,
                                                 560 * s), fill=255) for i in range(2)])
     c = confidence.score(np.maximum(alpha, blobs), rgb)
     assert c.score < ROUTE_BELOW
@@ -69,7 +77,7 @@ def test_fragments_lower_the_score(bottle):
 
 def test_a_subject_cut_by_the_frame_on_several_sides_scores_low(bottle):
     _, rgb = bottle
-    wide = _coverage(lambda d, s: d.rectangle((0, 0, W * s, 300 * s), fill=255))
+    wide = coverage(lambda d, s: d.rectangle((0, 0, W * s, 300 * s), fill=255))
     c = confidence.score(wide, rgb)
     assert set(c.signals.sides) == {"top", "left", "right"}
     assert c.score < ROUTE_BELOW
@@ -105,10 +113,7 @@ def test_a_subject_the_colour_of_its_backdrop_is_flagged(bottle):
 
 def test_a_busy_backdrop_is_flagged(bottle):
     alpha, _ = bottle
-    a = alpha.astype(np.float32)[..., None] / 255
-    backdrop = np.asarray(Image.fromarray(photo("astronaut")).resize((W, H)), np.float32)
-    rgb = np.rint(a * 200 + (1 - a) * backdrop).astype(np.uint8)
-    c = confidence.score(alpha, rgb)
+    c = confidence.score(alpha, busy_shot(alpha))
     assert c.signals.clutter > 0.02
     assert any("busy backdrop" in r for r in c.reasons)
 

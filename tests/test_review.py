@@ -11,7 +11,8 @@ from daemon import review
 from daemon.config import WatchPair
 from daemon.config.schema import ReviewConfig
 from daemon.nofollow import LinkedPathError, atomic_write_under
-from tests.conftest import encode, photo
+from tests.conftest import encode, photo, write_config
+from tests.test_confidence import bottle_shape, busy_shot, coverage, studio_shot
 
 
 def _pair(tmp_path: Path, after_success: str = "keep") -> WatchPair:
@@ -22,7 +23,8 @@ def _pair(tmp_path: Path, after_success: str = "keep") -> WatchPair:
                      review=ReviewConfig(min_confidence=0.5))
 
 
-def _held(pair: WatchPair, rel: str = "shoot/cat.jpg", confidence: float = 0.2) -> review.ReviewItem:
+def _held(pair: WatchPair, rel: str = "shoot/cat.jpg", confidence: float = 0.2
+          ) -> review.ReviewItem:
     """A source in the inbox whose cutout is held for review (as the daemon leaves it)."""
     src = pair.inbox / rel
     src.parent.mkdir(parents=True, exist_ok=True)
@@ -113,9 +115,78 @@ def test_a_link_in_the_review_folder_is_never_followed(tmp_path):
 def test_redo_submits_the_source_with_the_model(tmp_path):
     pair = _pair(tmp_path)
     item = _held(pair)
-    submitted = []
-    review.redo(pair, item.id, "u2net", lambda path, model: submitted.append((path, model)))
-    assert submitted == [(pair.inbox / "shoot" / "cat.jpg", "u2net")]
+    assert review.redo(pair, item.id, "u2net", lambda path, model: (path, model)) == \
+        (pair.inbox / "shoot" / "cat.jpg", "u2net")
     (pair.inbox / "shoot" / "cat.jpg").unlink()
     with pytest.raises(review.ReviewError, match="no longer in"):
         review.redo(pair, item.id, "u2net", lambda *_: pytest.fail("submitted"))
+
+
+# ------------------------------------------------------------------ in the daemon
+
+
+@pytest.fixture
+def svc(tmp_path, models_dir, shared_engines):
+    """A real Supervisor (no threads) over a pair with review on and after_success: move."""
+    from daemon import config as configmod
+    from daemon.service.app import App
+    from daemon.service.supervisor import Supervisor
+
+    path = write_config(tmp_path, models_dir, watch=[{
+        "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+        "after_success": "move", "review": {}}])
+    cfg = configmod.load(path)
+    s = Supervisor(cfg, engines=shared_engines)
+    s.app = App.build(cfg, engines=shared_engines)
+    yield s
+    s.app.close()
+
+
+def _drop_shots(inbox: Path) -> tuple[Path, Path]:
+    alpha = coverage(bottle_shape)
+    clean, busy = inbox / "clean.png", inbox / "busy.png"
+    clean.write_bytes(encode(studio_shot(alpha), "PNG"))
+    busy.write_bytes(encode(busy_shot(alpha), "PNG"))
+    return clean, busy
+
+
+def test_a_low_confidence_cutout_is_held_for_review_and_approved(svc, tmp_path):
+    from daemon.service.intake import WorkItem
+
+    pair = svc.cfg.watch[0]
+    clean, busy = _drop_shots(pair.inbox)
+    assert svc.intake.process(WorkItem(0, clean)) == "miss"
+    assert (pair.outbox / "clean.png.png").is_file() and (pair.done_dir / "clean.png").is_file()
+
+    assert svc.intake.process(WorkItem(0, busy)) == "review"
+    held = tmp_path / "review" / "busy.png.png"
+    assert held.is_file() and not (pair.outbox / "busy.png.png").exists()
+    assert busy.is_file()  # not disposed of while under review
+    [item] = review.list_items(review.review_dir(pair))
+    assert item.source_rel == "busy.png" and item.outputs == ("busy.png.png",)
+    assert item.confidence < ReviewConfig().min_confidence and item.reasons
+    assert (item.model, item.tier) == ("u2netp", "miss")
+    assert svc.rescan(immediate=True) == 1  # after_success: move: the intake looks again
+    assert svc.intake.process(svc.workers.queue.get_nowait()) == "under_review"
+    assert busy.is_file()  # left for the reviewer
+
+    data = held.read_bytes()
+    assert review.approve(pair, item.id) == [pair.outbox / "busy.png.png"]
+    assert (pair.outbox / "busy.png.png").read_bytes() == data
+    assert not busy.exists() and (pair.done_dir / "busy.png").is_file()  # after_success
+    assert review.list_items(review.review_dir(pair)) == []
+
+
+def test_redo_delivers_to_the_outbox_and_drops_the_item(svc, tmp_path):
+    from daemon.service.intake import WorkItem
+
+    pair = svc.cfg.watch[0]
+    _, busy = _drop_shots(pair.inbox)
+    assert svc.intake.process(WorkItem(0, busy)) == "review"
+    [item] = review.list_items(review.review_dir(pair))
+    # as the web page's Redo does, but processed here and now rather than queued
+    assert review.redo(pair, item.id, "u2netp", lambda path, model: svc.intake.process(
+        WorkItem(0, path, model=model))) == "exact"  # delivered whatever its score
+    assert (pair.outbox / "busy.png.png").is_file() and (pair.done_dir / "busy.png").is_file()
+    assert review.list_items(review.review_dir(pair)) == []
+    assert not (tmp_path / "review" / "busy.png.png").exists()

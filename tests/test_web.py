@@ -126,6 +126,7 @@ def test_review_approve_and_redo(local):
     assert status == 303
     redone = daemon.wait_log(lambda e: e.get("event") == "processed", count=before + 1)[-1]
     assert redone["path"] == str(tmp / "inbox" / "cat.jpg") and redone["model"] == "u2netp"
+    wait_for(lambda: "nothing waiting for review" in fetch(url, "/")[2].decode())  # dropped
 
 
 def test_retry_moves_the_failed_file_back_and_it_is_processed(local):

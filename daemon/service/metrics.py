@@ -75,7 +75,7 @@ class Metrics:
                  standby: Callable[[], dict[str, bool]] | None = None,
                  cache: Callable[[], dict] | None = None) -> None:
         self.queue_depth, self.standby, self.cache = queue_depth, standby, cache
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self._files = Counter("rembgd_files_processed", "Files processed, by pair and tier "
                               "(exact, pixel, near, miss)", ["pair", "tier"],
                               registry=self.registry)

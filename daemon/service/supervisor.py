@@ -27,7 +27,7 @@ from daemon.job import Job
 from daemon.scan import walk
 from daemon.service import systemd
 from daemon.service.app import App
-from daemon.service.console import TIERS, Web
+from daemon.service.console import Web
 from daemon.service.metrics import Metrics
 from daemon.service.intake import Intake, WorkItem
 from daemon.service.standby import Standby
@@ -59,8 +59,10 @@ class Supervisor:
                                         lambda: self.cfg.retry_attempts,
                                         lambda: self.cfg.retry_backoff_s)
         self.standby = Standby()
+        self.metrics = Metrics(queue_depth=self._queue_depth, standby=self._standby_pairs,
+                               cache=self._cache_entries)
         self.intake = Intake(lambda: self.app, self.counters, self.retry_policy.retry,
-                             self.retry_policy.later, self.scheduler, self.standby)
+                             self.retry_policy.later, self.scheduler, self.standby, self.metrics)
         self.workers = Workers(cfg.workers, cfg.queue_size, self.intake.process, self.counters,
                                self.stop_event, self._model_error)
         self.observer = None
@@ -71,9 +73,7 @@ class Supervisor:
         self.started = time.time()
         self.state = "starting"
         self.web = Web(self)  # the status page, when the config has `web:`
-        self.metrics = Metrics(queue_depth=self._queue_depth, standby=self._standby_pairs,
-                               cache=self._cache_entries)
-        self.intake.listeners += [self.web.record, self._count]
+        self.intake.listeners.append(self.web.record)
 
     # ------------------------------------------------------------ set-up
 
@@ -166,26 +166,6 @@ class Supervisor:
             log.warning("folder_unavailable", folder=str(pair.outbox), error=str(exc),
                         effect="the pair waits on standby until it works")
 
-    # ----------------------------------------------------------- metrics
-
-    def _count(self, pair: int, outcome) -> None:
-        label = str(self.cfg.watch[pair].inbox) if pair < len(self.cfg.watch) else "?"
-        if outcome.kind == "failed":
-            self.metrics.failed(label, outcome.reason or "unknown")
-        elif outcome.kind in TIERS:  # not "up_to_date": nothing was processed
-            self.metrics.processed(label, outcome.kind, outcome.ms / 1000)
-
-    def _queue_depth(self) -> int:
-        return self.workers.queue.qsize() + len(self.scheduler)
-
-    def _standby_pairs(self) -> dict[str, bool]:
-        return {str(p.inbox): self.standby.active(i) for i, p in enumerate(self.cfg.watch)}
-
-    def _cache_entries(self) -> dict:
-        cache = self.app.cache if self.app is not None else None
-        return {"entries": cache.guard.call(lambda store: store.count(), default=None)
-                if cache is not None else None}
-
     # ----------------------------------------------------------- control
 
     def request_stop(self, *_args) -> None:
@@ -231,6 +211,20 @@ class Supervisor:
 
     def status(self) -> dict:
         return build_status(self)
+
+    # ------------------------------------------------------------ metrics (read at scrape)
+
+    def _queue_depth(self) -> int:
+        return self.workers.queue.qsize() + len(self.scheduler)
+
+    def _standby_pairs(self) -> dict[str, bool]:
+        return {str(p.inbox): self.standby.active(i) for i, p in enumerate(self.cfg.watch)}
+
+    def _cache_entries(self) -> dict:
+        cache = self.app.cache if self.app is not None else None
+        if cache is None:
+            return {}
+        return {"entries": cache.guard.call(lambda store: store.count(), default=None)}
 
     def _publish(self) -> None:
         st = self.status()
