@@ -52,7 +52,9 @@ def form_token(html: bytes | str) -> str:
 def local(tmp_path_factory, models_dir):
     """A daemon with the page on 127.0.0.1 (no token), one photo done and one file failed."""
     tmp = tmp_path_factory.mktemp("web")
-    config = write_config(tmp, models_dir, web={"listen": "127.0.0.1:0"})
+    config = write_config(tmp, models_dir, web={"listen": "127.0.0.1:0"}, watch=[{
+        "inbox": str(tmp / "inbox"), "outbox": str(tmp / "outbox"),
+        "review": {"min_confidence": 0.0}}])  # nothing is held but what a test holds
     (tmp / "inbox" / "cat.jpg").write_bytes(encode(photo("chelsea")))
     (tmp / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
     daemon, url = start(config)
