@@ -7,7 +7,7 @@ CONFIG ?= config.yaml
 STAMP  := $(VENV)/.installed-stamp
 MODELS := var/models/.provisioned
 
-.PHONY: install models run test bench lint clean
+.PHONY: install models run test bench docs lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 
 bench: models $(BENCH_STAMP)
 	@set -e; for b in $(BENCHES); do echo "== $$b $(BENCH_ARGS)"; $(BIN)/python $$b $(BENCH_ARGS); done
+
+# docs/configuration.md is generated from daemon/config/schema.py; tests/test_config_reference.py
+# fails until it is regenerated after a config key changes.
+docs: $(STAMP)
+	$(BIN)/rembgd config reference > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

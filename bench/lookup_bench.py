@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from daemon import config as configmod  # noqa: E402
 from daemon.imaging.fingerprint import EMBED_DIM, Fingerprint, Thumbs  # noqa: E402
 from daemon.cache.base import Entry  # noqa: E402
+from daemon.cache.maintenance import bulk_load  # noqa: E402
 
 KEY = hashlib.sha256(b"bench-cache-key").hexdigest()[:32]
 THUMB_BYTES = Thumbs.NBYTES  # the real layout, whatever LUMA_SIZE / AB_SIZE are
@@ -80,37 +81,6 @@ def flip_random(rng: np.random.Generator, code: np.ndarray, d: int) -> bytes:
     return np.packbits(bits).tobytes()
 
 
-# ------------------------------------------------------------ bulk helpers
-
-
-def extra_pragmas(store, fill: bool) -> None:
-    """During the bulk fill only: a 512 MB page cache and no fsync (back to the store's own
-    settings before anything is timed)."""
-    with store._mutex:
-        store._db.execute(f"PRAGMA cache_size={-512 * 1024 if fill else -2000}")
-        store._db.execute(f"PRAGMA synchronous={'OFF' if fill else 'NORMAL'}")
-
-
-def bulk_sqlite(store, batch: list[tuple[Entry, bytes]]) -> None:
-    """One transaction per batch of rows. No blob files: SqliteStore's lookups never read
-    them, and 100,000 small files cost minutes to create and delete on a disk mounted
-    with ``discard`` (every unlink waits for the device), which measures nothing here."""
-    with store._mutex:
-        store._db.execute("BEGIN")
-        for e, _ in batch:
-            store.restore(e)
-        store._db.execute("COMMIT")
-
-
-def bulk_redis(store, batch: list[tuple[Entry, bytes]]) -> None:
-    """One non-transactional pipeline per batch, with the store's own key layout."""
-    with store.client.pipeline(transaction=False) as pipe:
-        for e, mask in batch:
-            pipe.set(store._k_blob(e.mask_digest), mask, ex=store.key_ttl_s or None)
-            store._queue_entry(pipe, e)
-        pipe.execute()
-
-
 # ------------------------------------------------------------------ timing
 
 _T0 = time.perf_counter()
@@ -137,8 +107,8 @@ def timed(fn, args_list) -> tuple[dict[str, float], list]:
     return stats(samples), results
 
 
-def run_backend(name: str, store, bulk, n: int, q: int, seed: int, extra,
-                after_fill=lambda store: None) -> dict:
+def run_backend(name: str, store, n: int, q: int, seed: int, extra, blobs: bool) -> dict:
+    """Fill ``store`` through ``bulk_load`` (with the mask blobs if ``blobs``), time queries."""
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
     synth = Synth(rng)
@@ -146,14 +116,13 @@ def run_backend(name: str, store, bulk, n: int, q: int, seed: int, extra,
     t0 = time.perf_counter()
     for start in range(0, n, BATCH):
         batch = synth.batch(codes[start:start + BATCH])
-        bulk(store, batch)
+        bulk_load(store, ((e, mask if blobs else None) for e, mask in batch), BATCH)
         shas += [e.fp.sha256 for e, _ in batch]
         pixels += [e.fp.pixel_hash for e, _ in batch]
         ids += [e.id for e, _ in batch]
         if (start // BATCH) % 20 == 0:
             say(f"{name}: {start + len(batch):,} / {n:,} entries")
     fill_s = time.perf_counter() - t0
-    after_fill(store)
     assert store.count() == n, store.count()
 
     qrng = np.random.default_rng(seed + 1)
@@ -204,15 +173,15 @@ def bench_sqlite(n: int, q: int, seed: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="rembgd-bench-"))
     try:
         store = SqliteStore(tmp / "cache")
-        extra_pragmas(store, fill=True)
 
         def extra(s):
             size = sum(p.stat().st_size for p in s.dir.glob("index.sqlite3*"))
             return {"footprint": f"index.sqlite3 (+ WAL) {size / 1e6:,.0f} MB = "
                                  f"{size / n:,.0f} B/entry, without blob files"}
 
-        res = run_backend("sqlite", store, bulk_sqlite, n, q, seed, extra,
-                          after_fill=lambda s: extra_pragmas(s, fill=False))
+        # no blob files: SQLite's lookups never read them, and 100,000 small files cost
+        # minutes to create and delete on a disk mounted with `discard`
+        res = run_backend("sqlite", store, n, q, seed, extra, blobs=False)
         store.close()
         return res
     finally:
@@ -238,7 +207,7 @@ def bench_redis(n: int, q: int, seed: int, url: str) -> dict:
         return {"redis_version": raw.info("server")["redis_version"]}
 
     try:
-        res = run_backend("redis", store, bulk_redis, n, q, seed, extra)
+        res = run_backend("redis", store, n, q, seed, extra, blobs=True)
     finally:
         store.close()
         say("redis: measuring (MEMORY USAGE of every 10th key) and removing the bench keys")
@@ -323,7 +292,7 @@ def write_report(path: Path, n: int, q: int, results: dict, total_s: float,
         for query, s in res["rows"].items():
             lines.append(f"| {backend} | {query} | {s['p50']:.3f} | {s['p95']:.3f} | "
                          f"{s['p99']:.3f} | {s['mean']:.3f} |")
-    lines += ["", "| backend | fill (bulk helper) | footprint | near recall (d ≤ 10) | "
+    lines += ["", "| backend | fill (`bulk_load`) | footprint | near recall (d ≤ 10) | "
               "mean near results | random codes with a neighbour |", "|---|---:|---|---:|---:|---:|"]
     for backend, res in results.items():
         if "fill_s" not in res:

@@ -1,4 +1,4 @@
-"""Measuring tools for bench/run.py: output timing, process-tree sampling, a daemon launcher."""
+"""Measuring tools for bench/run.py: output timing, process monitoring, a daemon launcher."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,9 @@ import psutil
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from common import Sampler, now, tree, tree_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
-now = time.monotonic
 
 
 # ------------------------------------------------------------------ outputs
@@ -81,94 +82,56 @@ class OutputRecorder(FileSystemEventHandler):
 # ---------------------------------------------------------------- processes
 
 
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        p = psutil.Process(pid)
-        return [p, *p.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def tree_rss(pid: int) -> int:
-    total = 0
-    for p in tree(pid):
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-def tree_cpu(pid: int) -> float:
-    total = 0.0
-    for p in tree(pid):
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
-class Monitor(threading.Thread):
-    """Samples the RSS of registered process trees (and, if asked, their inet sockets)."""
+class Monitor:
+    """A ``Sampler`` per labelled process tree: RSS and CPU time every ``interval`` s, and the
+    inet peers it connects to (every third sample) when asked."""
 
     def __init__(self, interval: float = 0.2):
-        super().__init__(name="monitor", daemon=True)
         self.interval = interval
-        self.lock = threading.Lock()
-        self.pids: dict[str, tuple[int, bool]] = {}
-        self.series: dict[str, list[tuple[float, int, float]]] = {}  # (t, rss, cpu s)
+        self.samplers: dict[str, Sampler] = {}
         self.remote: dict[str, set[str]] = {}
-        self._stop = threading.Event()
-        self._tick = 0
 
     def watch(self, label: str, pid: int, net: bool = False) -> None:
-        with self.lock:
-            self.pids[label] = (pid, net)
-            self.series.setdefault(label, [])
-            self.remote.setdefault(label, set())
-        self._sample(label, pid, net)
+        peers = self.remote.setdefault(label, set())
+
+        def extra(_proc: psutil.Process) -> dict:
+            sampler = self.samplers.get(label)
+            if net and (sampler is None or len(sampler.samples) % 3 == 0):
+                peers.update(inet_peers(pid))
+            return {"cpu": tree_cpu(pid)}
+
+        self.samplers[label] = Sampler(pid, self.interval, extra)
 
     def unwatch(self, label: str) -> None:
-        with self.lock:
-            self.pids.pop(label, None)
+        if label in self.samplers:
+            self.samplers[label].finish()
+
+    def series(self, label: str) -> list[tuple[float, int, float]]:
+        """(t, rss, cpu s) of every sample."""
+        sampler = self.samplers.get(label)
+        return [(s["t"], s["rss"], s["cpu"]) for s in sampler.samples] if sampler else []
 
     def peak(self, label: str) -> int:
-        return max((s[1] for s in self.series.get(label, [])), default=0)
+        return self.samplers[label].peak if label in self.samplers else 0
 
     def cpu_since(self, label: str, t: float) -> tuple[float, float] | None:
         """(time, cpu seconds) of the first sample at or after ``t``."""
-        with self.lock:
-            for s in self.series.get(label, []):
-                if s[0] >= t:
-                    return s[0], s[2]
-        return None
-
-    def _sample(self, label: str, pid: int, net: bool) -> None:
-        t, rss, cpu = now(), tree_rss(pid), tree_cpu(pid)
-        if rss:
-            with self.lock:
-                self.series[label].append((t, rss, cpu))
-        if net:
-            for p in tree(pid):
-                try:
-                    for c in p.net_connections(kind="inet"):
-                        if c.raddr:
-                            self.remote[label].add(f"{c.raddr.ip}:{c.raddr.port}")
-                except psutil.Error:
-                    pass
-
-    def run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._tick += 1
-            with self.lock:
-                items = list(self.pids.items())
-            for label, (pid, net) in items:
-                self._sample(label, pid, net and self._tick % 3 == 0)
+        return next(((s[0], s[2]) for s in self.series(label) if s[0] >= t), None)
 
     def stop(self) -> None:
-        self._stop.set()
+        for sampler in self.samplers.values():
+            sampler.finish()
+
+
+def inet_peers(pid: int) -> set[str]:
+    found = set()
+    for p in tree(pid):
+        try:
+            found.update(f"{c.raddr.ip}:{c.raddr.port}"
+                         for c in p.net_connections(kind="inet") if c.raddr)
+        except psutil.Error:
+            pass
+    return found
 
 
 # ------------------------------------------------------------------- drops

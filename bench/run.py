@@ -42,15 +42,15 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
-import yaml
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import workloads as wlmod  # noqa: E402
+from common import tree_cpu, tree_rss, write_config  # noqa: E402
 from measure import (Daemon, Monitor, OutputRecorder, drop_direct, drop_rename, now,  # noqa: E402
-                     stop_process, tree_cpu, tree_rss)
+                     stop_process)
 
 OUT = BENCH / "out" / "run"
 HITS = ("exact", "pixel", "near")
@@ -84,7 +84,6 @@ class Ctx:
         self.threads = args.threads
         self.models = Path(args.models).resolve()
         self.mon = Monitor()
-        self.mon.start()
         self.rembg = str(Path(sys.executable).with_name("rembg"))
         self.env = {
             **os.environ,
@@ -283,22 +282,11 @@ class RembgFolder:
         return res
 
 
-def write_config(ctx: Ctx, d: Path) -> Path:
-    """Paths, threads and JSON logs; everything else is rembgd's built-in default."""
+def fresh_config(ctx: Ctx, d: Path) -> Path:
+    """Empty folders, paths, threads and JSON logs; the rest is rembgd's built-in default."""
     for sub in ("inbox", "outbox", "cache"):
         shutil.rmtree(d / sub, ignore_errors=True)
-        (d / sub).mkdir(parents=True)
-    data = {
-        "watch": [{"inbox": str(d / "inbox"), "outbox": str(d / "outbox"), "recursive": True,
-                   "after_success": "keep"}],
-        "models": {"dir": str(ctx.models)},
-        "cache": {"dir": str(d / "cache")},
-        "threads": ctx.threads,
-        "logging": {"level": "info", "format": "json"},
-    }
-    path = d / "config.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return write_config(d, ctx.models, threads=ctx.threads, logging={"level": "info"})
 
 
 def wait_processed(daemon: Daemon, names: set[str], timeout: float) -> dict[str, dict]:
@@ -317,7 +305,7 @@ def wait_processed(daemon: Daemon, names: set[str], timeout: float) -> dict[str,
 
 def phase_rembgd(ctx: Ctx, wl: wlmod.Workload, probe: bool) -> tuple[dict, Daemon]:
     d = ctx.dir(wl.name, "rembgd")
-    cfg = write_config(ctx, d)
+    cfg = fresh_config(ctx, d)
     logf = d / "rembgd.log"
     logf.unlink(missing_ok=True)
     daemon = Daemon(cfg, logf, ctx.env).start()
@@ -345,7 +333,7 @@ def phase_rembgd(ctx: Ctx, wl: wlmod.Workload, probe: bool) -> tuple[dict, Daemo
     outcomes = Counter(got[n]["outcome"] for n in names if n in got)
     n = len(names)
     # memory through the work: before the drop, once 10% of outputs exist, at the end
-    series = list(ctx.mon.series[label])
+    series = ctx.mon.series(label)
     order = sorted(rec.times[k + ".png"] for k in lat)
     t10 = order[max(0, len(order) // 10 - 1)] if order else t0
     rss_at = lambda t: min(series, key=lambda s: abs(s[0] - t))[1] if series else 0  # noqa: E731
@@ -480,7 +468,7 @@ def idle_cpu(ctx: Ctx, label: str, pid: int, seconds: float) -> dict:
 
 def phase_rembgd_process(ctx: Ctx, wl: wlmod.Workload, src: Path) -> dict:
     d = ctx.dir(wl.name, "rembgd_process")
-    cfg = write_config(ctx, d)
+    cfg = fresh_config(ctx, d)
     out = d / "out"
     rec = OutputRecorder(out)
     label = f"{wl.name}/rembgd process"

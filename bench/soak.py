@@ -26,14 +26,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
-import yaml
 from PIL import Image
+
+from common import Sampler, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "cat",
@@ -66,29 +65,6 @@ def contents() -> list[bytes]:
     return originals + near + pixel
 
 
-class Sampler(threading.Thread):
-    def __init__(self, pid: int, done, interval: float):
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.done, self.interval = done, interval
-        self.samples: list[dict] = []
-        self.stop = threading.Event()
-        self.t0 = time.monotonic()
-
-    def sample(self) -> None:
-        with self.proc.oneshot():
-            self.samples.append({"t": time.monotonic() - self.t0, "done": self.done(),
-                                 "rss": self.proc.memory_info().rss / 2**20,
-                                 "fds": self.proc.num_fds(), "threads": self.proc.num_threads()})
-
-    def run(self) -> None:
-        while not self.stop.wait(self.interval):
-            try:
-                self.sample()
-            except psutil.Error:
-                return
-
-
 def slope(xs: list[float], ys: list[float]) -> float:
     if len(xs) < 3 or max(xs) == min(xs):
         return 0.0
@@ -114,12 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     inbox, outbox, staging = work / "inbox", work / "outbox", work / "staging"
     for d in (inbox, outbox, staging):
         d.mkdir()
-    cfg = work / "config.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "watch": [{"inbox": str(inbox), "outbox": str(outbox), "after_success": "delete"}],
-        "models": {"dir": str(args.models)}, "cache": {"dir": str(work / "cache")},
-        "settle_s": 0.2, "threads": 2, "workers": 2, "progress_interval_s": 10,
-        "logging": {"format": "json"}}))
+    cfg = write_config(work, args.models, pair={"after_success": "delete"}, settle_s=0.2,
+                       threads=2, workers=2, progress_interval_s=10)
     log_path = work / "daemon.log"
     outputs = lambda: sum(1 for _ in os.scandir(outbox))  # noqa: E731
     log_fh = open(log_path, "ab")
@@ -131,9 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"daemon did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.1)
-        sampler = Sampler(proc.pid, outputs, args.interval)
-        sampler.sample()
-        sampler.start()
+        sampler = Sampler(proc.pid, args.interval, lambda p: {
+            "done": outputs(), "fds": p.num_fds(), "threads": p.num_threads()})
         t0 = time.monotonic()
         fed = 0
         while fed < args.files:  # feed in batches, keeping the backlog bounded
@@ -155,9 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.1)
         elapsed = time.monotonic() - t0
         time.sleep(2.0)  # idle: lease threads, temp descriptors and queues drain
+        sampler.finish()
         sampler.sample()
-        sampler.stop.set()
-        sampler.join()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
@@ -172,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.get("event") == "processed":
             tiers[e["outcome"]] = tiers.get(e["outcome"], 0) + 1
     errors = [e for e in events if e.get("level") == "error"]
-    report = write_report(args, sampler.samples, elapsed, tiers, errors, len(list(inbox.iterdir())))
+    samples = [{**x, "t": x["t"] - sampler.samples[0]["t"], "rss": x["rss"] / 2**20}
+               for x in sampler.samples]
+    report = write_report(args, samples, elapsed, tiers, errors, len(list(inbox.iterdir())))
     print(report)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -370,3 +370,26 @@ def test_bugs_are_not_store_errors(store):
     with pytest.raises(Exception) as info:
         store.find_near(KEY, None, 10)
     assert not isinstance(info.value, StoreError)
+
+
+def test_bulk_load_finds_every_entry_as_stored(backend, store, real):
+    from daemon.cache.maintenance import bulk_load
+
+    base = real["coffee"]
+    masks = [mask_bytes(200 + i) for i in range(5)]
+    entries = [Entry(id=f"bulk-{i}", key=KEY, model="u2netp", fp=variant(base, 3 * i, "bulk"),
+                     mask_digest=hashlib.sha256(m).hexdigest(), output_digest=None,
+                     nbytes=len(m), created=1_000_000.0 + i, last_hit=1_200_000.0, hits=i)
+               for i, m in enumerate(masks)]
+    assert bulk_load(store, zip(entries, masks), batch=2) == 5  # three batches
+    assert store.count() == 5
+    for e, m in zip(entries, masks):
+        same_entry(store.find_exact(KEY, e.fp.sha256), e)
+        same_entry(store.find_pixel(KEY, e.fp.pixel_hash), e)
+        assert store.get_blob(e.mask_digest) == m
+    assert [x.id for x in store.find_near(KEY, base.phash, 7)] == ["bulk-0", "bulk-1", "bulk-2"]
+    assert {x.id for x in backend.open().entries()} == {e.id for e in entries}
+    again = dataclasses.replace(entries[1], hits=40)
+    assert bulk_load(store, [(again, None)]) == 1  # an id already stored is replaced
+    assert store.count() == 5 and store.find_exact(KEY, again.fp.sha256).hits == 40
+    assert store.get_blob(again.mask_digest) == masks[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Protocol
+from typing import ClassVar, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -156,6 +156,9 @@ class Store(Protocol):
 
     def restore(self, entry: Entry) -> None:
         """Insert ``entry`` as-is (id, times, hits); its blobs must already be stored."""
+
+    def restore_many(self, entries: list[Entry], blobs: Iterable[bytes] = ()) -> None:
+        """``blobs`` first, then every entry as ``restore`` would, in one batch."""
 
     def close(self) -> None:
         """Flush what can be flushed and release the backend; never raises ``StoreError``."""

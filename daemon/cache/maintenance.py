@@ -1,14 +1,17 @@
-"""Cache maintenance on any backend, through the Store Protocol: stats, clear, verify.
+"""Cache maintenance on any backend, through the Store Protocol: stats, clear, verify,
+bulk load.
 
 Library code: it returns data; ``daemon.cli.cache`` prints it.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import time
 from collections import Counter
 from typing import Any, Iterable
 
+from daemon.cache.base import Entry
 from daemon.cache.policy import Rec, estimate_blob_sizes, policy_order, slim
 from daemon.config import CacheConfig, StoreConfig
 
@@ -33,6 +36,17 @@ def delete_ids(store, ids: list[str], pause_s: float = 0.005) -> int:
     for batch in _batches(ids):
         n += store.delete(batch)
         time.sleep(pause_s)
+    return n
+
+
+def bulk_load(store, rows: Iterable[tuple[Entry, bytes | None]], batch: int = 1000) -> int:
+    """Seed a store with ``(entry, mask blob)`` rows, ``batch`` at a time (one transaction or
+    pipeline each): for benchmarks and tests. Entries keep their ids, times and hits. A None
+    blob writes none: SQLite's lookups still find the entry, Redis's treat it as missing."""
+    rows, n = iter(rows), 0
+    while chunk := list(itertools.islice(rows, batch)):
+        store.restore_many([e for e, _ in chunk], [b for _, b in chunk if b is not None])
+        n += len(chunk)
     return n
 
 

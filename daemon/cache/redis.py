@@ -40,7 +40,7 @@ import hashlib
 import threading
 import time
 import uuid
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import structlog
@@ -118,9 +118,6 @@ class RedisStore:
         return self.link.call(fn, *args, **kw)
 
     # ------------------------------------------------------------- keys
-
-    def _k_blob(self, digest: str) -> str:  # also used by bench/lookup_bench.py
-        return self.keys.blob(digest)
 
     # ------------------------------------------------------------ lookups
 
@@ -245,7 +242,24 @@ class RedisStore:
             if not there and d in blobs:
                 self._call(self.client.set, self.keys.blob(d), blobs[d], ex=self.key_ttl_s or None)
 
-    def _queue_entry(self, pipe, entry: Entry) -> None:  # also used by bench/lookup_bench.py
+    def restore_many(self, entries: list[Entry], blobs: Iterable[bytes] = ()) -> None:
+        """Write ``blobs``, then insert ``entries`` as-is, new ones in one pipeline; an id
+        already stored is replaced as ``restore`` does."""
+        known = self._call(self.client.hmget, self.keys.ids, [e.id for e in entries]) \
+            if entries else []
+        with self.client.pipeline(transaction=False) as pipe:
+            for data in blobs:
+                pipe.set(self.keys.blob(hashlib.sha256(data).hexdigest()), data,
+                         ex=self.key_ttl_s or None)
+            for e, there in zip(entries, known):
+                if there is None:
+                    self._queue_entry(pipe, e)
+            self._call(pipe.execute)
+        for e, there in zip(entries, known):
+            if there is not None:
+                self.restore(e)
+
+    def _queue_entry(self, pipe, entry: Entry) -> None:
         self.keys.queue_entry(pipe, entry, self.key_ttl_s)
 
     def record(self, entry_id: str | None, tier: str) -> None:

@@ -30,7 +30,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import structlog
 
@@ -209,17 +209,30 @@ class SqliteStore:
         return entry
 
     def restore(self, entry: Entry) -> None:
-        fp = entry.fp
+        self.restore_many([entry])
+
+    def restore_many(self, entries: list[Entry], blobs: Iterable[bytes] = ()) -> None:
+        """Write ``blobs``, then insert or replace ``entries`` as-is in one transaction."""
+        with self._files():
+            for data in blobs:
+                self.blobs.put(data)
         cols = "id, key, model, sha256, pixel_hash, phash, " + ", ".join(BAND_COLS) + \
             ", width, height, thumbs, embedding, mask_digest, output_digest, nbytes, created, " \
             "last_hit, hits, origin"
-        values = (entry.id, entry.key, entry.model, fp.sha256, fp.pixel_hash, fp.phash, *fp.bands,
-                  fp.width, fp.height, fp.thumbs.to_bytes(), embedding_bytes(fp.embedding),
-                  entry.mask_digest, entry.output_digest, entry.nbytes, entry.created,
-                  entry.last_hit, entry.hits, entry.origin)
+        rows = [(e.id, e.key, e.model, e.fp.sha256, e.fp.pixel_hash, e.fp.phash, *e.fp.bands,
+                 e.fp.width, e.fp.height, e.fp.thumbs.to_bytes(), embedding_bytes(e.fp.embedding),
+                 e.mask_digest, e.output_digest, e.nbytes, e.created, e.last_hit, e.hits,
+                 e.origin) for e in entries]
+        marks = ",".join("?" * len(cols.split(",")))
         with self._index() as db:
-            db.execute(f"INSERT OR REPLACE INTO entries ({cols}) VALUES "
-                             f"({','.join('?' * len(values))})", values)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(f"INSERT OR REPLACE INTO entries ({cols}) VALUES ({marks})", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     def put_blob(self, data: bytes) -> str:
         with self._files():

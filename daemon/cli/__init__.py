@@ -1,4 +1,4 @@
-"""Command line: ``rembgd run | process | status | config show | models ... | cache ...``.
+"""Command line: ``rembgd run | process | status | config show|reference | models | cache``.
 
 The only part of rembgd that prints. The config is found by discovery
 (``--config``, ``$REMBGD_CONFIG``, ``./config.yaml``,
@@ -17,7 +17,7 @@ from daemon import config as configmod
 from daemon.cli import cache as cache_cli
 from daemon.cli import models as models_cli
 from daemon.cli import process as process_cli
-from daemon.config import Config, ConfigError
+from daemon.config import Config, ConfigError, reference
 from daemon.inference.models import ModelError
 
 EXIT_CONFIG = 2
@@ -44,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-c", "--config", dest="config_sub", help=argparse.SUPPRESS)
     st.add_argument("--json", action="store_true")
 
-    conf = sub.add_parser("config", help="show the effective config and where it came from")
+    conf = sub.add_parser("config", help="the effective config and where it came from, "
+                          "or the reference of every key")
     csub = conf.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the effective config (YAML-like JSON)")
     show.add_argument("-c", "--config", dest="config_sub", help=argparse.SUPPRESS)
+    csub.add_parser("reference", help="print every config key, its type, default and meaning "
+                    "(Markdown: docs/configuration.md)")
 
     models_cli.add_parser(sub)
     cache_cli.add_parser(sub)
@@ -88,6 +91,9 @@ def cmd_config_show(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "config" and args.config_command == "reference":
+        print(reference.markdown(), end="")  # the schema's, whatever config is in force
+        return 0
     try:
         cfg = load_config(args, check_folders=args.command == "run")
     except ConfigError as exc:

@@ -1,18 +1,18 @@
-"""Configuration: the schema (frozen dataclasses) and the YAML loader with discovery."""
-from daemon.config.loader import (BUILTIN, candidates, default_cache_dir, default_models_dir,
-                                  discover, is_builtin, load, load_effective, parse, replace,
-                                  state_path)
+"""Configuration: the schema (frozen dataclasses), the YAML loader and config discovery."""
+from daemon.config.discovery import BUILTIN, candidates, discover, is_builtin, load_effective
+from daemon.config.loader import load, parse
 from daemon.config.schema import (AFTER_SUCCESS, BACKENDS, COLOURS, CROPS, DEFAULT_IGNORE,
-                                  FORMAT_EXT, FORMATS, LOG_FORMATS, METADATA, OBSERVERS,
-                                  POLICIES, AlphaMatting, CacheConfig, CacheLimits, Canvas,
-                                  Config, ConfigError, Deliverable, MatchThresholds,
-                                  OutputOptions, PruneSchedule, StoreConfig, WatchPair)
+                                  FORMAT_EXT, FORMATS, LOG_FORMATS, LOG_LEVELS, METADATA,
+                                  OBSERVERS, POLICIES, AlphaMatting, CacheConfig, CacheLimits,
+                                  Canvas, Config, ConfigError, Deliverable, MatchThresholds,
+                                  OutputOptions, PruneSchedule, StoreConfig, WatchPair,
+                                  default_cache_dir, default_models_dir, replace, state_path)
 
 __all__ = [
     "AFTER_SUCCESS", "BACKENDS", "BUILTIN", "COLOURS", "CROPS", "DEFAULT_IGNORE", "FORMAT_EXT",
-    "FORMATS", "LOG_FORMATS", "METADATA", "OBSERVERS", "POLICIES", "AlphaMatting", "CacheConfig",
-    "CacheLimits", "Canvas", "Config", "ConfigError", "Deliverable", "MatchThresholds",
-    "OutputOptions", "PruneSchedule", "StoreConfig", "WatchPair", "candidates",
-    "default_cache_dir", "default_models_dir", "discover", "is_builtin", "load",
+    "FORMATS", "LOG_FORMATS", "LOG_LEVELS", "METADATA", "OBSERVERS", "POLICIES", "AlphaMatting",
+    "CacheConfig", "CacheLimits", "Canvas", "Config", "ConfigError", "Deliverable",
+    "MatchThresholds", "OutputOptions", "PruneSchedule", "StoreConfig", "WatchPair",
+    "candidates", "default_cache_dir", "default_models_dir", "discover", "is_builtin", "load",
     "load_effective", "parse", "replace", "state_path",
 ]

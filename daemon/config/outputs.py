@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from daemon.config.fields import read_key, read_section
 from daemon.config.reader import Reader
-from daemon.config.schema import (COLOURS, CROPS, FORMATS, METADATA, Canvas, ConfigError,
-                                  Deliverable, OutputOptions)
+from daemon.config.schema import FORMATS, Canvas, ConfigError, Deliverable, OutputOptions
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
@@ -55,7 +55,6 @@ def parse_outputs(r: Reader, key: str, default: tuple[Deliverable, ...]
 
 
 def parse_deliverable(d: Reader) -> Deliverable:
-    base = Deliverable()
     name = _name(d)
     fmt = _format(d)
     for key, formats in APPLIES_TO.items():
@@ -64,28 +63,14 @@ def parse_deliverable(d: Reader) -> Deliverable:
     bg_raw = d.raw("background")
     if fmt == "jpeg" and bg_raw == "transparent":
         d.fail("jpeg cannot be transparent; give a colour (default white)", "background")
-    crop = d.get("crop", str, base.crop, choices=CROPS)
+    crop = read_key(d, Deliverable, "crop")
     margin_raw = d.raw("margin")
     if margin_raw is not None and crop != "subject":
         d.fail("applies only with crop: subject", "margin")
     margin, unit = _margin(d, margin_raw)
-    deliverable = Deliverable(
-        name=name,
-        format=fmt,
-        quality=d.get("quality", int, base.quality, minimum=1, maximum=100),
-        compression=d.get("compression", int, base.compression, minimum=0, maximum=9),
-        lossless=d.get("lossless", bool, base.lossless),
-        background=_colour(d, "background", bg_raw),
-        crop=crop,
-        margin=margin,
-        margin_unit=unit,
-        canvas=_canvas(d),
-        max_size=d.get("max_size", int, None, minimum=16, maximum=65535),
-        colour=d.get("colour", str, base.colour, choices=COLOURS),
-        metadata=d.get("metadata", str, base.metadata, choices=METADATA),
-    )
-    d.done()
-    return deliverable
+    return read_section(d, Deliverable, given={
+        "name": name, "format": fmt, "background": _colour(d, "background", bg_raw),
+        "crop": crop, "margin": margin, "margin_unit": unit, "canvas": _canvas(d)})
 
 
 def _name(d: Reader) -> str:
@@ -101,7 +86,7 @@ def _name(d: Reader) -> str:
 
 
 def _format(d: Reader) -> str:
-    fmt = d.get("format", str, Deliverable().format)
+    fmt = d.get("format", str, Deliverable.format)
     fmt = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
     if fmt not in FORMATS:
         d.fail(f"must be one of {', '.join(FORMATS)}, got {d.data['format']!r}", "format")
@@ -127,7 +112,7 @@ def _colour(d: Reader, key: str, raw: Any) -> tuple[int, int, int] | None:
 def _margin(d: Reader, raw: Any) -> tuple[float, str]:
     """``"4%"`` of the subject's longer side, ``"40px"``, or a number of px."""
     if raw is None:
-        return 0.0, "%"
+        return Deliverable.margin, Deliverable.margin_unit
     if isinstance(raw, (int, float)) and not isinstance(raw, bool) and 0 <= raw <= 100_000:
         return float(raw), "px"
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(%|px)\s*", raw) if isinstance(raw, str) else None
@@ -144,23 +129,18 @@ def _canvas(d: Reader) -> Canvas | None:
         d.seen.add("canvas")
         return None
     c = d.child("canvas")
-    base = Canvas()
     raw = c.raw("aspect")
     if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 60:
         raw = "%d:%d" % divmod(raw, 60)  # YAML 1.1 reads an unquoted 4:5 as 4*60+5 = 245
     m = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", raw) if isinstance(raw, str) else None
     if raw is None:
-        aspect = base.aspect
+        aspect = Canvas.aspect
     elif m is None or not 1 <= int(m.group(1)) <= 100 or not 1 <= int(m.group(2)) <= 100:
         c.fail(f"must be a ratio like \"1:1\" or \"4:5\" (1-100 each side), got {raw!r}",
                "aspect")
     else:
         aspect = (int(m.group(1)), int(m.group(2)))
-    canvas = Canvas(aspect=aspect,
-                    long_edge=c.get("long_edge", int, base.long_edge, minimum=16, maximum=30000),
-                    fill=c.get("fill", float, base.fill, minimum=0.05, maximum=1.0))
-    c.done()
-    return canvas
+    return read_section(c, Canvas, given={"aspect": aspect})
 
 
 def check_unused_options(source, where_outputs: str, options: OutputOptions,

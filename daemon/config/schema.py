@@ -1,12 +1,18 @@
-"""The config schema: frozen dataclasses, their defaults and the allowed choices.
+"""The config schema: frozen dataclasses, their defaults, rules and one line of meaning each.
 
-Each component is handed its own section (``cache``, ``store``, a pair's
-``options``...), never the whole Config.
+Every config key is a field declared with :func:`setting`: its default, its doc line (for
+docs/configuration.md) and its rules (``minimum``, ``maximum``, ``choices``). The loader
+reads fields by these rules and the reference is generated from them, so a key is declared
+once. Most components get their own section (``cache``, ``store``, a pair's ``options``);
+the service and the CLI get the whole Config.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import os
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_IGNORE = (
     ".*",  # dotfiles, which also covers ._*, .DS_Store and .syncthing.*
@@ -22,35 +28,75 @@ DEFAULT_IGNORE = (
 )
 AFTER_SUCCESS = ("keep", "move", "delete")
 OBSERVERS = ("auto", "inotify", "polling")
-POLICIES = ("lru", "lfu", "lfu-decay")  # daemon/prune.py; bench/prune_policy.md
+POLICIES = ("lru", "lfu", "lfu-decay")  # daemon/cache/policy.py; bench/prune_policy.md
 BACKENDS = ("sqlite", "redis")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
+FORMATS = ("png", "tiff", "webp", "jpeg")
+COLOURS = ("keep", "srgb")
+METADATA = ("keep", "strip")
+CROPS = ("none", "subject")
+FORMAT_EXT = {"png": ".png", "tiff": ".tif", "webp": ".webp", "jpeg": ".jpg"}
+COLOUR_DOC = "keep: embed the source's ICC profile; srgb: convert to sRGB (littleCMS)"
 
 
 class ConfigError(ValueError):
     """A config problem, phrased as ``<file>: <key>: <what is wrong>``."""
 
 
+def setting(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING,
+            **rules: Any) -> Any:
+    """A config key: its default (or ``factory``), its meaning and the loader's rules.
+
+    Rules: ``minimum``, ``maximum``, ``choices``; ``key``: the YAML path when it is not
+    the field name (``"logging.level"``), None for a field that is no key; ``type_doc``
+    and ``default_doc``: how the reference shows a type or default it cannot derive.
+    """
+    return field(default=default, default_factory=factory, metadata={"doc": doc, **rules})
+
+
+def default_models_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "rembgd" / "models"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "rembgd"
+
+
 @dataclass(frozen=True)
 class AlphaMatting:
-    enabled: bool = False
-    foreground_threshold: int = 240
-    background_threshold: int = 10
-    erode_size: int = 10
+    """rembg's alpha matting of the mask's edges (the single PNG of ``output:`` only)."""
+
+    enabled: bool = setting(False, "matte the edges; slow: about 45 s and 3.4 GB at 6 MP")
+    foreground_threshold: int = setting(240, "trimap: mask values above it are foreground",
+                                        minimum=0, maximum=255)
+    background_threshold: int = setting(10, "trimap: mask values below it are background",
+                                        minimum=0, maximum=255)
+    erode_size: int = setting(10, "erosion of the trimap's sure regions, in px",
+                              minimum=0, maximum=100)
 
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """Everything that changes the output pixels or bytes; all of it is in the cache key."""
+    """The single PNG a pair without ``outputs:`` writes, and the model. Everything here is
+    in the cache key: ``model`` and ``post_process_mask`` key the mask, the rest the PNG."""
 
-    model: str = "u2netp"
-    only_mask: bool = False
-    post_process_mask: bool = False
-    alpha_matting: AlphaMatting = field(default_factory=AlphaMatting)
-    bgcolor: tuple[int, int, int, int] | None = None
-    png_compression: int = 1
-    colour: str = "keep"  # the legacy PNG: keep the source's ICC profile | srgb
-    metadata: str = "keep"  # keep EXIF (orientation 1), XMP, IPTC | strip
+    model: str = setting("u2netp", "the segmentation model (offline default; bria-rmbg, "
+                         "whose licence needs a paid agreement, is never chosen silently)")
+    only_mask: bool = setting(False, "write the 8-bit grey mask instead of the cutout")
+    post_process_mask: bool = setting(False, "rembg's mask post-processing (smooths and "
+                                      "thresholds the mask)")
+    alpha_matting: AlphaMatting = setting(factory=AlphaMatting)
+    bgcolor: tuple[int, int, int, int] | None = setting(
+        None, "a background colour instead of transparency, e.g. [255, 255, 255, 255]",
+        type_doc="[r, g, b, a], 0-255, or null")
+    png_compression: int = setting(1, "zlib level; 1-3: ISA-L (7-12x Pillow's speed at "
+                                   "24 MP), 4-9: zlib", minimum=0, maximum=9)
+    colour: str = setting("keep", COLOUR_DOC, choices=COLOURS)
+    metadata: str = setting("keep", "keep: EXIF (orientation set to 1) and XMP; strip: none",
+                            choices=METADATA)
 
     @property
     def mask_options(self) -> tuple:
@@ -58,39 +104,49 @@ class OutputOptions:
         return (self.model, self.post_process_mask)
 
 
-FORMATS = ("png", "tiff", "webp", "jpeg")
-COLOURS = ("keep", "srgb")
-METADATA = ("keep", "strip")
-CROPS = ("none", "subject")
-FORMAT_EXT = {"png": ".png", "tiff": ".tif", "webp": ".webp", "jpeg": ".jpg"}
-
-
 @dataclass(frozen=True)
 class Canvas:
-    """Place the (cropped) subject on a canvas of a fixed aspect ratio."""
+    """Place the (cropped) subject on a frame of a fixed aspect ratio."""
 
-    aspect: tuple[int, int] = (1, 1)  # width:height, e.g. (4, 5)
-    long_edge: int = 2000  # px of the canvas's longer side
-    fill: float = 0.85  # the subject's longer side spans this fraction of the frame
+    aspect: tuple[int, int] = setting((1, 1), "width:height of the frame",
+                                      type_doc='"W:H", 1-100 each side', default_doc='`"1:1"`')
+    long_edge: int = setting(2000, "px of the frame's longer side", minimum=16, maximum=30000)
+    fill: float = setting(0.85, "the subject's longer side spans this fraction of the frame",
+                          minimum=0.05, maximum=1.0)
 
 
 @dataclass(frozen=True)
 class Deliverable:
-    """One file written per source: a master, a marketplace JPEG, a web WebP..."""
+    """One file written per source, to ``<outbox>/<name>/<subfolders>/<source name><ext>``.
+    A key that cannot apply (``quality`` on a PNG, ``margin`` without ``crop: subject``, a
+    transparent JPEG) is an error."""
 
-    name: str = "cutout"  # the subfolder of the outbox it goes to; unique per pair
-    format: str = "png"  # png | tiff | webp | jpeg
-    quality: int = 90  # jpeg and lossy webp
-    compression: int = 1  # png: zlib level 0-9; tiff: 0 none, >0 deflate at that level
-    lossless: bool = False  # webp
-    background: tuple[int, int, int] | None = None  # None: transparent (jpeg: white)
-    crop: str = "none"  # none | subject
-    margin: float = 0.0  # around the subject box: % of its longer side (5 = 5%), or px
-    margin_unit: str = "%"  # "%" | "px"
-    canvas: Canvas | None = None
-    max_size: int | None = None  # longest edge in px, downscale only
-    colour: str = "keep"  # keep the source's ICC profile | convert to srgb
-    metadata: str = "keep"  # keep EXIF (orientation 1), XMP, IPTC | strip
+    name: str = setting("cutout", "the outbox subfolder it goes to: 1-64 letters, digits, "
+                        "., _, -; unique per list, ignoring case", default_doc="required")
+    format: str = setting("png", "aliases: jpg, tif",
+                          choices=FORMATS)
+    quality: int = setting(90, "jpeg and lossy webp (jpeg >= 90: 4:4:4 chroma)",
+                           minimum=1, maximum=100)
+    compression: int = setting(1, "png: zlib level 0-9; tiff: 0 none, >0 deflate at that "
+                               "level", minimum=0, maximum=9)
+    lossless: bool = setting(False, "webp: lossless")
+    background: tuple[int, int, int] | None = setting(
+        None, "flatten onto this colour; jpeg always flattens",
+        type_doc='transparent, white, black, "#rrggbb" or [r, g, b]',
+        default_doc="transparent (jpeg: white)")
+    crop: str = setting("none", "subject: crop to the alpha's box (alpha >= 10%, specks "
+                        "under 0.1% of the subject ignored)", choices=CROPS)
+    margin: float = setting(0.0, "around the subject box, with crop: subject",
+                            type_doc='"5%" of its longer side, "40px", or a number of px',
+                            default_doc="`0`")
+    margin_unit: str = setting("%", key=None)  # "%" | "px", from `margin`
+    canvas: Canvas | None = setting(None, "centre the subject on a frame",
+                                    default_doc="`null`")
+    max_size: int | None = setting(None, "longest edge in px, downscale only",
+                                   minimum=16, maximum=65535)
+    colour: str = setting("keep", COLOUR_DOC, choices=COLOURS)
+    metadata: str = setting("keep", "keep: EXIF (orientation set to 1), XMP, and IPTC where "
+                            "the format holds it (JPEG, TIFF); strip: none", choices=METADATA)
 
     @property
     def ext(self) -> str:
@@ -106,97 +162,160 @@ class Deliverable:
 
 @dataclass(frozen=True)
 class WatchPair:
-    inbox: Path
-    outbox: Path
-    failed_dir: Path
-    done_dir: Path
-    recursive: bool = True
-    after_success: str = "keep"
-    options: OutputOptions = field(default_factory=OutputOptions)
-    outputs: tuple[Deliverable, ...] = ()  # empty: the single legacy PNG of `options`
+    """An inbox watched for images and the outbox their outputs go to (subfolders
+    mirrored). No folder may lie inside another pair's inbox."""
+
+    inbox: Path = setting(doc="the hot folder watched for new images", default_doc="required")
+    outbox: Path = setting(doc="where the outputs go", default_doc="required")
+    failed_dir: Path = setting(doc="broken files, each with a <name>.error.json sidecar",
+                               default_doc="`failed` beside the outbox")
+    done_dir: Path = setting(doc="originals, with after_success: move",
+                             default_doc="`done` beside the inbox")
+    recursive: bool = setting(True, "watch subfolders too")
+    after_success: str = setting("keep", "the source, once every output is written; move: "
+                                 "to done_dir", choices=AFTER_SUCCESS)
+    options: OutputOptions = setting(factory=OutputOptions, doc="this pair's overrides of "
+                                     "any `output:` key", type_doc="mapping",
+                                     default_doc="`output:`")
+    outputs: tuple[Deliverable, ...] = setting(
+        (), "this pair's own deliverables; they replace the top-level list",
+        type_doc="list of deliverables", default_doc="the top-level `outputs:`")
 
 
 @dataclass(frozen=True)
 class MatchThresholds:
-    """Near-duplicate acceptance (``fingerprint.verify``): a cached mask is reused only if
+    """Near-duplicate acceptance (``imaging.match.verify``): a cached mask is reused only if
     every check passes. Calibrated by bench/calibrate.py; see bench/calibration.md."""
 
-    phash_radius: int = 12  # of 256 bits; candidates beyond it are never looked at (max 15)
-    min_cosine: float = 0.50  # EfficientNet-Lite0: a loose semantic gate only
-    max_aspect_delta: float = 0.01  # |log aspect ratio| beyond 1-pixel rounding
-    min_edge_corr: float = 0.96  # luma gradient correlation: crops, flips, rotations, moves
-    max_luma_delta: float = 6.0  # L* units, largest local residual after a tone-curve fit
-    max_colour_delta: float = 8.0  # a*b* units, largest local chroma change: recolours
+    phash_radius: int = setting(12, "pHash candidates within this many of 256 bits (the "
+                                "banded index reaches 15)", minimum=0, maximum=15)
+    min_cosine: float = setting(0.50, "EfficientNet-Lite0 embedding cosine: a loose "
+                                "semantic gate only", minimum=-1, maximum=1)
+    max_aspect_delta: float = setting(0.01, "|log aspect ratio| beyond 1-pixel rounding",
+                                      minimum=0)
+    min_edge_corr: float = setting(0.96, "luma-gradient correlation: rejects crops, flips, "
+                                   "rotations, moves", minimum=-1, maximum=1)
+    max_luma_delta: float = setting(6.0, "largest local L* change after a tone-curve fit: "
+                                    "local edits", minimum=0)
+    max_colour_delta: float = setting(8.0, "largest local a*b* change: recolours of the "
+                                      "object or the whole", minimum=0)
 
 
 @dataclass(frozen=True)
 class CacheLimits:
-    """Applied by ``daemon.cache.pruner``; 0 disables a limit."""
+    """Applied by the pruner (``daemon.cache.pruner``); 0 disables a limit."""
 
-    max_bytes: int = 2 * 1024**3  # distinct blobs + index
-    max_entries: int = 200_000
-    ttl_days: float = 90.0  # since the last hit
-    policy: str = "lru"
-    low_water: float = 0.9  # a crossed size limit is pruned down to this fraction of it
+    max_bytes: int = setting(2 * 1024**3, "distinct blobs (shared ones once) + index",
+                             minimum=0)
+    max_entries: int = setting(200_000, "cached entries", minimum=0)
+    ttl_days: float = setting(90.0, "since the last hit (an old entry hit today stays)",
+                              minimum=0)
+    policy: str = setting("lru", "lfu-decay: frequency with aging (bench/prune_policy.md)",
+                          choices=POLICIES)
+    low_water: float = setting(0.9, "a crossed size limit is pruned down to this fraction "
+                               "of it", minimum=0.5, maximum=1)
 
 
 @dataclass(frozen=True)
 class PruneSchedule:
-    interval_s: float = 3600.0  # 0: no periodic run
-    daily_at: str | None = None  # "HH:MM", local time
-    limit_check_s: float = 60.0  # how often the cheap "limit crossed" check may run
+    """When the pruner runs: at start-up, every ``interval_s``, at ``daily_at``, and when a
+    limit is crossed."""
+
+    interval_s: float = setting(3600.0, "0: no periodic run", minimum=0)
+    daily_at: str | None = setting(None, "local time of a daily run",
+                                   type_doc='"HH:MM" or null')
+    limit_check_s: float = setting(60.0, "how often the cheap \"limit crossed\" check runs",
+                                   minimum=1)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    dir: Path
-    enabled: bool = True
-    store_outputs: bool = True
-    match: MatchThresholds = field(default_factory=MatchThresholds)
-    limits: CacheLimits = field(default_factory=CacheLimits)
-    prune: PruneSchedule = field(default_factory=PruneSchedule)
+    """The mask cache: index, mask blobs and stored outputs."""
+
+    dir: Path = setting(factory=default_cache_dir, doc="the SQLite index and the blobs",
+                        default_doc="`$XDG_CACHE_HOME/rembgd`")
+    enabled: bool = setting(True, "false: every file is inferred, nothing is stored")
+    store_outputs: bool = setting(True, "keep the encoded outputs too: exact repeats skip "
+                                  "decoding and encoding")
+    match: MatchThresholds = setting(factory=MatchThresholds)
+    limits: CacheLimits = setting(factory=CacheLimits)
+    prune: PruneSchedule = setting(factory=PruneSchedule)
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    backend: str = "sqlite"
-    url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "rembgd"
-    local_lru_entries: int = 2048
-    claim_ttl_s: float = 60.0
-    socket_timeout_s: float = 2.0
-    retry_s: float = 10.0  # how often an unavailable cache (store) is re-opened
+    """Where the cache index lives: SQLite in ``cache.dir``, or Redis shared by several
+    machines."""
+
+    backend: str = setting("sqlite", "sqlite: embedded; redis: shared by several "
+                           "machines", choices=BACKENDS)
+    url: str = setting("redis://127.0.0.1:6379/0", "the Redis server (backend: redis)")
+    prefix: str = setting("rembgd", "Redis key prefix (backend: redis)")
+    local_lru_entries: int = setting(2048, "in-process tier in front of Redis", minimum=0)
+    claim_ttl_s: float = setting(60.0, "a claim on a file lapses this long after its last "
+                                 "renewal", minimum=1)
+    socket_timeout_s: float = setting(2.0, "Redis socket timeout", minimum=0.05)
+    retry_s: float = setting(10.0, "while the cache is unusable, re-open it this often",
+                             minimum=0.1)
 
 
 @dataclass(frozen=True)
 class Config:
-    source: Path
-    watch: tuple[WatchPair, ...]
-    cache: CacheConfig
-    store: StoreConfig
-    models_dir: Path
-    observer: str = "auto"
-    poll_interval_s: float = 2.0
-    settle_s: float = 1.0
-    rescan_interval_s: float = 300.0
-    progress_interval_s: float = 10.0
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    workers: int = 2
-    queue_size: int = 256
-    threads: int = 0  # ONNX intra-op threads; 0 = all cores
-    max_image_pixels: int = 100_000_000
-    memory_budget_mp: float = 120.0  # decoded megapixels in flight across workers
-    umask: int = 0o022
-    retry_attempts: int = 5
-    retry_backoff_s: float = 1.0
-    incomplete_timeout_s: float = 900.0  # an empty or growing file waits this long, then fails
-    log_level: str = "info"
-    log_format: str = "auto"
-    state_file: Path | None = None
-    output: OutputOptions = field(default_factory=OutputOptions)  # the `output:` section
-    outputs: tuple[Deliverable, ...] = ()  # the top-level `outputs:`, every pair's default
+    """The whole config file."""
+
+    source: Path = setting(key=None)  # the file it was read from
+    watch: tuple[WatchPair, ...] = setting(doc="inbox -> outbox pairs; `rembgd run` needs "
+                                           "at least one", default_doc="none")
+    cache: CacheConfig = setting()
+    store: StoreConfig = setting()
+    models_dir: Path = setting(factory=default_models_dir, key="models.dir",
+                               doc="the provisioned models (`rembgd models install`)",
+                               default_doc="`$XDG_DATA_HOME/rembgd/models`")
+    observer: str = setting("auto", "auto: polling when an inbox is on a network file "
+                            "system (SMB/CIFS, NFS...), else inotify", choices=OBSERVERS)
+    poll_interval_s: float = setting(2.0, "how often the poller looks", minimum=0.05)
+    settle_s: float = setting(1.0, "size and mtime must be stable this long before a file "
+                              "is processed", minimum=0)
+    rescan_interval_s: float = setting(300.0, "safety-net rescan; 0 disables", minimum=0)
+    progress_interval_s: float = setting(10.0, "a `progress` log line this often while "
+                                         "busy", minimum=0.1)
+    ignore: tuple[str, ...] = setting(DEFAULT_IGNORE, "names never processed",
+                                      type_doc="list of glob patterns")
+    workers: int = setting(2, "jobs at once: decode, fingerprint and encode overlap with "
+                           "inference (restart to change)", minimum=1, maximum=64)
+    queue_size: int = setting(256, "files queued at most (restart to change)", minimum=1)
+    threads: int = setting(0, "ONNX Runtime intra-op threads; 0 = all cores",
+                           minimum=0, maximum=256)
+    max_image_pixels: int = setting(100_000_000, "decompression-bomb limit", minimum=1)
+    memory_budget_mp: float = setting(120.0, "decoded megapixels in flight across workers "
+                                      "(a bigger file runs alone)", minimum=1)
+    umask: int = setting(0o022, "permissions of the files written",
+                         type_doc="octal string", default_doc='`"022"`')
+    retry_attempts: int = setting(5, "retries of a transient error of one file (disk "
+                                  "full, EACCES, vanished file)", minimum=0)
+    retry_backoff_s: float = setting(1.0, "the first retry's delay, doubled each time",
+                                     minimum=0)
+    incomplete_timeout_s: float = setting(900.0, "an empty, truncated or still-changing "
+                                          "file waits this long, then fails", minimum=0)
+    log_level: str = setting("info", "log level", key="logging.level", choices=LOG_LEVELS)
+    log_format: str = setting("auto", "auto: json under systemd or when not a TTY, text "
+                              "on a TTY", key="logging.format", choices=LOG_FORMATS)
+    state_file: Path | None = setting(None, "the status file `rembgd status` reads",
+                                      default_doc="`<cache.dir>/status.json`")
+    output: OutputOptions = setting(factory=OutputOptions)
+    outputs: tuple[Deliverable, ...] = setting(
+        (), "deliverables of every pair and of `rembgd process`; none: the single PNG of "
+        "`output:`", default_doc="none")
 
     @property
     def output_defaults(self) -> OutputOptions:
         """The `output:` section (what `rembgd process` uses), without per-pair overrides."""
         return self.output
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    return dataclasses.replace(cfg, **changes)
+
+
+def state_path(cfg: Config) -> Path:
+    return cfg.state_file or cfg.cache.dir / "status.json"
