@@ -31,7 +31,8 @@ from daemon.imaging import fingerprint as fpmod
 from daemon.imaging import match
 from daemon.budget import PixelBudget
 from daemon.imaging.decode import Decoded, decode, probe_pixels
-from daemon.imaging.render import (Target, decode_mask, encode_mask, fit_mask, full_size_mask,
+from daemon.imaging.refine import refine
+from daemon.imaging.render import (Target, decode_mask, encode_mask, fit_mask,
                                    mask_key, predict_mask, render_target, targets, working_mask_size)
 from daemon.inference.engine import Engines
 
@@ -159,11 +160,12 @@ class Pipeline:
         mkey = wanted[0].mask_key
         found = self._mask(mkey, plan.options, fp, _Source(decoded, np.asarray(small)))
         del small
-        full_mask = full_size_mask(found.mask, decoded.width, decoded.height)
-        files, errors = {}, {}
+        files, errors, full_masks = {}, {}, {}  # one full-size mask per refine mode
         for target in wanted:
             try:
-                files[target.name] = render_target(target, decoded, full_mask)
+                if target.refine not in full_masks:
+                    full_masks[target.refine] = refine(decoded.rgb, found.mask, target.refine)
+                files[target.name] = render_target(target, decoded, full_masks[target.refine])
             except Exception as exc:  # one deliverable's fault; the others still ship
                 log.warning("deliverable_failed", output=target.name or "png",
                             error=f"{type(exc).__name__}: {exc}")

@@ -3,9 +3,10 @@
 A mask is predicted (and cached) at a working size of at most ``MASK_EDGE``
 pixels on the long side: U^2-Net sees 320x320, so a larger mask holds nothing
 more, and a 24 MP mask would cost 24 MB of cache and seconds of resizing. It
-is expanded to the image's full size once per file (``full_size_mask``), and
-every deliverable is rendered from that one full-size mask, for hits and misses
-alike (a hit is byte-identical to what a miss would have written).
+is made full size once per file and ``refine`` mode (``imaging.refine``: against
+the file's own pixels, so a near hit's edges follow the NEW photo), and every
+target with that mode is rendered from it, for hits and misses alike (a hit is
+byte-identical to what a miss would have written).
 
 The legacy ``output:`` PNG keeps rembg's own cutout for alpha matting and
 background colours; everything else goes through ``imaging.deliver``.
@@ -25,8 +26,9 @@ from daemon.imaging import deliver
 from daemon.imaging.png import encode_png
 
 MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
-RENDER_VERSION = 4  # bump when rendering changes: old stored outputs become misses
-# (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS)
+RENDER_VERSION = 5  # bump when rendering changes: old stored outputs become misses
+# (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
+#  5: refine, on by default, and OpenCV's bilinear upscale)
 MASK_EDGE = 2048
 
 
@@ -40,6 +42,7 @@ class Target:
     model: str
     options: OutputOptions
     deliverable: Deliverable | None = None
+    refine: str = "none"  # imaging.refine mode: the deliverable's, else the options'
 
 
 def _digest(payload: dict) -> str:
@@ -59,13 +62,24 @@ def legacy_deliverable(options: OutputOptions) -> Deliverable:
 
 
 def targets(mkey: str, options: OutputOptions, outputs: tuple[Deliverable, ...]) -> list[Target]:
-    """The files one source becomes; output keys cover every render option."""
+    """The files one source becomes; output keys cover every render option.
+
+    ``refine`` keys the outputs, not the mask: it runs at render time on the cached
+    working mask, so toggling it re-renders from the cache without a new inference.
+    """
     if not outputs:
-        legacy = {k: v for k, v in asdict(options).items() if k not in ("model", "post_process_mask")}
-        return [Target("", mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "legacy": legacy}),
-                       options.model, options)]
-    return [Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "out": asdict(d)}),
-                   options.model, options, d) for d in outputs]
+        legacy = {k: v for k, v in asdict(options).items()
+                  if k not in ("model", "post_process_mask", "refine")}
+        return [Target("", mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "legacy": legacy,
+                                          "refine": options.refine}),
+                       options.model, options, refine=options.refine)]
+    out = []
+    for d in outputs:
+        mode = d.refine or options.refine
+        out.append(Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey,
+                                                 "out": asdict(d), "refine": mode}),
+                          options.model, options, d, mode))
+    return out
 
 
 def working_mask_size(width: int, height: int) -> tuple[int, int]:
@@ -78,20 +92,6 @@ def fit_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     if mask.shape == (height, width):
         return mask
     img = Image.fromarray(mask, "L").resize((width, height), Image.Resampling.LANCZOS)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def full_size_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The working-size mask expanded to the image's (width, height), for rendering.
-
-    BILINEAR, not LANCZOS: the mask holds no detail finer than the model's 320 px, and
-    on real 24 MP masks (2048 px -> 6000 px) BILINEAR agrees with LANCZOS at IoU >= 0.9998,
-    mean |diff| 0.01 and max 3 levels, in ~60 ms instead of ~110 ms (bench/camera.md).
-    Hits and misses both come through here, so they stay byte-identical.
-    """
-    if mask.shape == (height, width):
-        return mask
-    img = Image.fromarray(mask, "L").resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 
