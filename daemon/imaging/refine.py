@@ -14,8 +14,9 @@ alpha inside that band only, from the full-size pixels, with a local two-colour 
   mixed pixels (hair, a soft edge, glass) their coverage; the distance term keeps a
   third colour opaque (a dark rim, a strand unlike the body: the projection would call
   it backdrop); ``sigma`` is the backdrop's local noise, so noise is not lifted to alpha;
-- low contrast (|F - B| near the noise: white on white) trusts the mask instead, in
-  proportion (``CONTRAST``).
+- low contrast (|F - B| near ``CONTRAST``: white on white) or a busy backdrop (its
+  spread sigma rivals |F - B|: shelves, foliage, not a studio sweep) trusts the mask
+  instead, in proportion.
 
 Statistics are box sums (OpenCV; the cost does not grow with the radius) on a grid at half
 the working size, exact integers in float64, so the bytes never depend on OpenCV's thread
@@ -91,6 +92,8 @@ class _BandStats:
         self.fg_near = _sums(fg, colour, RADIUS // STEP)
         self.fg_far = _sums(fg, colour, FAR_RADIUS // STEP)
         self.bg = _sums(bg, colour, RADIUS // STEP)
+        # The backdrop's spread around its local mean: sensor noise on a sweep; on a busy
+        # backdrop (shelves, foliage) much more, and then the mask is trusted instead.
         self.bg_sq = cv2.boxFilter(_channel_sum(colour * colour) * bg, -1,
                                    (2 * (RADIUS // STEP) + 1,) * 2, normalize=False)
         uncertain = ((mask > BG_SURE) & (mask < FG_SURE)).astype(np.uint8)
@@ -134,10 +137,12 @@ class _BandStats:
         dd = np.einsum("ij,ij->i", d, d)
         towards = np.einsum("ij,ij->i", e, d) / np.maximum(dd, 1e-6)
         floor = NOISE_SIGMAS * noise
-        away = (np.sqrt(np.einsum("ij,ij->i", e, e)) - floor) / np.maximum(
-            np.sqrt(dd) - floor, 1e-3)
+        reach = np.sqrt(dd) - floor  # how far the subject stands out of the backdrop's noise
+        away = np.where(reach > 0, (np.sqrt(np.einsum("ij,ij->i", e, e)) - floor)
+                        / np.maximum(reach, 1e-6), 0)
         alpha = np.clip(np.maximum(towards, away), 0, 1)
-        trust = dd / (dd + CONTRAST)
+        # low contrast, or a busy backdrop whose spread rivals it: trust the mask instead
+        trust = dd / (dd + CONTRAST + (2 * floor) ** 2)
         out = trust * alpha + (1 - trust) * mask
         full[Y0:Y1, X0:X1][band] = np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)
 
