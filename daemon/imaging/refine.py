@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from daemon.config.schema import REFINES
+
 BG_SURE, FG_SURE = 8, 247  # working-mask levels outside which the mask is trusted as is
 RADIUS = 24  # working px: where the local backdrop and subject colours are gathered
 FAR_RADIUS = 96  # working px: the subject's colour for band pixels far from its core
