@@ -9,7 +9,8 @@ The refinement cost (``refine: edges``, daemon/imaging/refine.py) is measured tw
 inside one process, refinement against today's Pillow upscale and ``refine: none`` on the
 same decoded files and masks, alternating; and as whole `rembgd process` runs with
 ``refine: edges`` and ``none`` beside `rembg p` over the distinct 24 MP folder.
-``--refine-only`` runs just that and replaces its section of camera.md.
+``--refine-only`` runs just that and replaces its section of camera.md. ``REMBG_CLI``
+names another `rembg` executable (one whose venv has rembg's CLI extras).
 
 Both tools run as cold commands over a folder, as users run them, with the same
 model (u2netp) and 2 ONNX Runtime threads (`threads: 2`, `OMP_NUM_THREADS=2`);
@@ -220,7 +221,8 @@ def timed(cmd: list[str], outdir: Path, track: bool = False) -> dict:
 
 def rembg_p(src: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    return timed([str(Path(sys.executable).with_name("rembg")), "p", "-m", "u2netp", str(src),
+    rembg = os.environ.get("REMBG_CLI") or str(Path(sys.executable).with_name("rembg"))
+    return timed([rembg, "p", "-m", "u2netp", str(src),
                   str(out)], out)
 
 
@@ -411,6 +413,10 @@ REFINE_REPEATS = 3
 REFINE_HEADING = "## Refinement cost (`refine: edges`)"
 
 
+def _images(src: Path) -> list[Path]:
+    return sorted(p for p in src.iterdir() if not p.name.startswith("."))
+
+
 def refine_in_process(src: Path) -> dict:
     """Seconds per file to make the full-size mask: today's Pillow upscale, `none`, `edges`."""
     from daemon.config import OutputOptions
@@ -426,7 +432,7 @@ def refine_in_process(src: Path) -> dict:
              "none": lambda rgb, m: refine(rgb, m, "none"),
              "edges": lambda rgb, m: refine(rgb, m, "edges")}
     times = {k: [] for k in steps}
-    for path in sorted(src.iterdir()):
+    for path in _images(src):
         rgb = decode(path.read_bytes()).rgb
         small = np.asarray(fpmod.working_copy(Image.fromarray(rgb)))
         mask = predict_mask(engine, small, OutputOptions(), (rgb.shape[1], rgb.shape[0]))
@@ -439,25 +445,23 @@ def refine_in_process(src: Path) -> dict:
 
 
 def refine_processes(src: Path) -> dict:
-    """`rembg p`, `rembgd process` with refine edges and with none: walls, alternating."""
-    runs = {}
-    for order, (label, mode) in enumerate((("edges", "edges"), ("none", "none"))):
-        d = OUT / "runs" / f"refine_{label}"
-        shutil.rmtree(d, ignore_errors=True)
-        cfg = config(d, output={"refine": mode})
-        if order == 0:
-            log("refine: rembg p ...")
-            runs["rembg p"] = rembg_p(src, d / "rembg_out")
+    """`rembg p`, then `rembgd process` with refine edges and none, twice each, alternating."""
+    runs = {"rembg p": [], "edges": [], "none": []}
+    log("refine: rembg p ...")
+    runs["rembg p"].append(rembg_p(src, OUT / "runs" / "refine_rembg")["wall_s"])
+    for mode in ("edges", "none", "none", "edges"):
+        d = OUT / "runs" / f"refine_{mode}"
+        shutil.rmtree(d, ignore_errors=True)  # a fresh cache: every file a miss
         log(f"refine: rembgd process, refine {mode} ...")
-        runs[label] = rembgd_process(cfg, src, d / "out")
-    return {k: {"wall_s": v["wall_s"], "stdout": v["stdout"]} for k, v in runs.items()}
+        runs[mode].append(rembgd_process(config(d, output={"refine": mode}), src,
+                                         d / "out")["wall_s"])
+    return runs
 
 
 def refine_cost(d24: Path, d1: Path) -> dict:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     log("refinement cost in process ...")
-    res = {"load_start": load, "files_24": len(list(d24.iterdir())),
-           "files_1": len(list(d1.iterdir())),
+    res = {"load_start": load, "files_24": len(_images(d24)), "files_1": len(_images(d1)),
            "in_process": {"24": refine_in_process(d24), "1": refine_in_process(d1)}}
     res["processes_24"] = refine_processes(d24)
     res["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -465,34 +469,35 @@ def refine_cost(d24: Path, d1: Path) -> dict:
 
 
 def refine_section(r: dict) -> list[str]:
-    def stat(xs):
-        return f"{min(xs) * 1000:.0f} / {statistics.median(xs) * 1000:.0f}"
+    def ms(xs):
+        return f"{min(xs) * 1000:.0f} | {statistics.median(xs) * 1000:.0f}"
 
     lines = [REFINE_HEADING, "",
              f"Load (`uptime`) at the start {r['load_start']}, at the end {r['load_end']} on "
              f"{os.cpu_count()} cores, shared with other jobs: wall times carry their work, so "
              "the paired differences and CPU times are the figures. In process: decode, the "
              "daemon's working mask (u2netp), then each way of making the full-size mask, "
-             f"alternating, {REFINE_REPEATS} times per file; ms, best / median.", "",
-             "| size | files | today: Pillow BILINEAR wall / CPU | `none` (OpenCV) wall / CPU "
-             "| `edges` wall / CPU | added by `edges` vs today, wall / CPU |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"alternating, {REFINE_REPEATS} times per file; ms.", "",
+             "| size | files | full-size mask | wall best | wall median | CPU best | CPU median |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for mp, n in (("24", r["files_24"]), ("1", r["files_1"])):
         t = r["in_process"][mp]
-        added_w = [e - p for e, p in zip(t["edges"]["wall"], t["pillow"]["wall"])]
-        added_c = [e - p for e, p in zip(t["edges"]["cpu"], t["pillow"]["cpu"])]
-        lines.append(f"| {mp} MP | {n} | {stat(t['pillow']['wall'])} / {stat(t['pillow']['cpu'])} "
-                     f"| {stat(t['none']['wall'])} / {stat(t['none']['cpu'])} "
-                     f"| {stat(t['edges']['wall'])} / {stat(t['edges']['cpu'])} "
-                     f"| {stat(added_w)} / {stat(added_c)} |")
+        added = {k: [e - p for e, p in zip(t["edges"][k], t["pillow"][k])] for k in ("wall", "cpu")}
+        for label, step in (("today: Pillow BILINEAR upscale", t["pillow"]),
+                            ("`refine: none` (OpenCV bilinear)", t["none"]),
+                            ("`refine: edges`", t["edges"]),
+                            ("**added by `edges`** (paired, vs today)", added)):
+            lines.append(f"| {mp} MP | {n} | {label} | {ms(step['wall'])} | {ms(step['cpu'])} |")
     p = r["processes_24"]
-    per_file = (p["edges"]["wall_s"] - p["none"]["wall_s"]) / r["files_24"]
+    rembg, edges, none = min(p["rembg p"]), min(p["edges"]), min(p["none"])
     lines += ["", f"Whole runs over the {r['files_24']} distinct 24 MP files (cold commands, "
-              f"back to back): `rembg p` {p['rembg p']['wall_s']:.1f} s, `rembgd process` "
-              f"with `refine: edges` {p['edges']['wall_s']:.1f} s "
-              f"(**{p['rembg p']['wall_s'] / p['edges']['wall_s']:.2f}×** rembg; target ≥ 3×), "
-              f"with `refine: none` {p['none']['wall_s']:.1f} s: {per_file:+.2f} s per file "
-              "for refinement, within the run-to-run noise of a shared machine.", ""]
+              "start-up included, fresh caches; `rembgd process` twice per mode, alternating, "
+              f"best): `rembg p` {rembg:.1f} s; `rembgd process` with `refine: edges` "
+              f"{edges:.1f} s (**{rembg / edges:.2f}×** rembg; target ≥ 3×), with "
+              f"`refine: none` {none:.1f} s ({rembg / none:.2f}×): "
+              f"{(edges - none) / r['files_24']:+.2f} s per file (runs: edges "
+              f"{', '.join(f'{x:.1f}' for x in p['edges'])} s, none "
+              f"{', '.join(f'{x:.1f}' for x in p['none'])} s).", ""]
     return lines
 
 
