@@ -165,7 +165,7 @@ def working_mask(engine, rgb: np.ndarray) -> np.ndarray:
 
 
 def pillow_bilinear(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Today's full-size mask (render.full_size_mask before refinement), for the timing."""
+    """Today's full-size mask (the Pillow BILINEAR upscale before refinement), for the timing."""
     return np.asarray(Image.fromarray(mask, "L").resize(size, Image.Resampling.BILINEAR))
 
 

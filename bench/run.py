@@ -153,7 +153,7 @@ def cost_breakdown(ctx: Ctx, items: list[wlmod.Item], reps: int = 2) -> dict:
     from rembg import new_session, remove
 
     from daemon.imaging import fingerprint as fpm
-    from daemon.imaging import render
+    from daemon.imaging import keys, render
     from daemon.config import OutputOptions
     from daemon.imaging.decode import decode
     from daemon.inference.engine import Engines
@@ -162,7 +162,7 @@ def cost_breakdown(ctx: Ctx, items: list[wlmod.Item], reps: int = 2) -> dict:
     mask_engine, embedder = eng.mask("u2netp"), eng.embedder()
     rsession = new_session("u2netp")
     opts = OutputOptions()
-    (target,) = render.targets("bench", opts, ())  # the legacy single PNG
+    (target,) = keys.targets("bench", opts, ())  # the legacy single PNG
     stages: dict[str, list[float]] = {}
 
     def timed(key, fn, *a, **kw):

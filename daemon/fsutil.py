@@ -1,6 +1,6 @@
 """File-system basics: atomic writes for admin-owned folders, names, temp files, errnos.
 
-``atomic_write_bytes`` / ``move_file`` take a whole path and are for folders the
+``atomic_write_bytes`` takes a whole path and is for folders the
 admin alone controls (the cache, the models, the status file). The shared
 outbox, ``failed/`` and ``done/`` are written through ``daemon.nofollow``, which
 never follows a link.
@@ -17,8 +17,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
-import time
 from pathlib import Path
 
 TMP_MARK = ".rembgd-tmp."
@@ -182,37 +180,3 @@ def safe_relative(path: Path, root: Path) -> Path:
 def stamped_name(name: str, n: int, stamp: str) -> str:
     p = Path(name)
     return fit_name(f"{p.stem}.{stamp}-{n}", p.suffix)
-
-
-def unique_destination(dest: Path) -> Path:
-    """``dest`` if free, else ``dest`` with a timestamp counter before the suffix."""
-    if not dest.exists():
-        return dest
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 10_000):
-        cand = dest.with_name(stamped_name(dest.name, n, stamp))
-        if not cand.exists():
-            return cand
-    raise FileExistsError(dest)
-
-
-def move_file(src: Path, dest: Path) -> Path:
-    """Move without overwriting anything; works across file systems. Follows links in
-    ``dest``: only for admin-owned folders (``move_under`` for shared ones)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest = unique_destination(dest)
-    try:
-        os.rename(src, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        tmp = dest.with_name(temp_name(dest.name))
-        try:
-            shutil.copy2(src, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            unlink_quietly(tmp)
-            raise
-        os.unlink(src)
-    fsync_dir(dest.parent)
-    return dest

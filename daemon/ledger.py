@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.nofollow import LinkedPathError, atomic_write_under, read_under, unlink_under
+from daemon.nofollow import LinkedPathError, atomic_write_under, read_under
 
 LEDGER_DIR = ".rembgd-ledger"
 VERSION = 1
@@ -133,7 +133,3 @@ class Ledger:
             return False
         self.record(rel, st, None, [output], legacy=True)
         return True
-
-    def forget(self, rel: Path) -> bool:
-        """Drop the record of ``rel`` (its source was moved to done/ or deleted)."""
-        return unlink_under(self.outbox, record_name(rel))

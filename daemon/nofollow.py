@@ -1,12 +1,16 @@
-"""Link-proof writes under a root: the shared outbox, ``failed/``, ``done/`` and the ledger.
+"""Link-proof reads and writes: the inbox source, the shared outbox, ``failed/``, ``done/``, the ledger.
 
 Anyone with write access to a share can fill it with symbolic links. These
 functions walk from the configured root folder one component at a time with
 ``O_NOFOLLOW`` and directory fds, create temp files with ``O_EXCL|O_NOFOLLOW``
 and rename with ``renameat``, so no write ever goes through a link: a link
 below the root raises ``LinkedPathError``. The root itself may be a link the
-admin set up; it is resolved once. Also: failed/ sidecars and the clean-up of
-this daemon's stale temp files.
+admin set up; it is resolved once. Also: the read of a source
+(``read_regular_file``: never a link, a FIFO or a folder), failed/ sidecars and
+the clean-up of this daemon's stale temp files.
+
+These are mechanisms, not decisions: who writes where is decided by their
+callers (``daemon.job`` and ``daemon.fate``; see docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -36,6 +40,54 @@ class LinkedPathError(OSError):
     def __str__(self) -> str:
         return self.strerror
 
+
+class InputError(ValueError):
+    """The input is not a processable regular file (symlink, FIFO, folder...)."""
+
+    reason = "not_a_file"
+
+
+class LinkedInput(InputError):
+    """The path leads through a symbolic link; never followed, and never moved to failed/."""
+
+    reason = "symlink"
+
+
+def read_regular_file(path: Path, root: Path | None = None) -> bytes:
+    """Read a regular file without following a symlink; refuse FIFOs, folders, devices.
+
+    With ``root``, the file actually opened must lie under it: a folder on the way
+    swapped for a symlink after the checks cannot lead the read out of the inbox.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the final component is a symlink
+            raise LinkedInput(f"{path} is a symbolic link; links are never followed") from exc
+        if exc.errno == errno.EISDIR:
+            raise InputError(f"{path} is a directory, not an image") from exc
+        if exc.errno == errno.ENXIO:  # a FIFO with no writer
+            raise InputError(f"{path} is a FIFO, not a regular file") from exc
+        raise
+    try:
+        if root is not None:
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # no /proc: the intake's own path check has to do
+                real = None
+            top = os.path.realpath(root)
+            if real is not None and not real.startswith(top.rstrip("/") + "/"):
+                raise LinkedInput(f"{path} leads out of {top} through a symbolic link "
+                                  f"(to {real}); links are never followed")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path} is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------- link-proof writers for shared folders

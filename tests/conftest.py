@@ -84,20 +84,26 @@ def config_path(tmp_path, models_dir) -> Path:
 def pipeline_over(cfg, engines, store=None):
     """A real Pipeline for ``cfg`` over an already opened ``store`` (None: no cache)."""
     from daemon.cache.guard import CacheGuard
+    from daemon.coord.locks import open_locks
     from daemon.pipeline import Pipeline
 
-    guard = None
+    guard = locks = None
     if store is not None:
         guard = CacheGuard(cfg.store, cfg.cache, opener=lambda: store)
-    return Pipeline(engines, guard, cfg.cache, max_pixels=cfg.max_image_pixels,
+        locks = open_locks(cfg.store, cfg.cache.dir, link=getattr(store, "link", None))
+    return Pipeline(engines, guard, locks, cfg.cache, max_pixels=cfg.max_image_pixels,
                     claim_ttl_s=cfg.store.claim_ttl_s)
 
 
 def render_legacy(pipeline, data: bytes, options):
-    """The legacy single-PNG plan (the `output:` section); ``.files[""]`` is the PNG."""
+    """The legacy single-PNG plan (the `output:` section), its cache writes committed as
+    the job does after writing the files; ``.files[""]`` is the PNG."""
     from daemon.pipeline import Plan
 
-    return pipeline.render(data, Plan(options))
+    rendered = pipeline.render(data, Plan(options))
+    if rendered.cache_writes:
+        pipeline.masks.commit(rendered.cache_writes)
+    return rendered
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from conftest import encode, photo
 from daemon import config as configmod
 from daemon.cache.base import StoreDamaged, StoreUnavailable
 from daemon.cache.guard import CacheGuard
+from daemon.service.app import open_cache
 from daemon.cache.sqlite import SqliteStore
 from daemon.imaging.fingerprint import Fingerprint, fingerprint
 
@@ -250,10 +251,7 @@ def test_check_index_runs_a_full_quick_check(tmp_path, fps):
 def test_disabled_cache_opens_nothing(tmp_path):
     cfg = configmod.parse({"cache": {"dir": str(tmp_path / "cache"), "enabled": False}},
                           tmp_path / "config.yaml", check_folders=False)
-    guard = CacheGuard(cfg.store, cfg.cache)
-    assert guard.store is None and guard.locks is None
-    assert guard.status()["backend"] == "disabled"
-    assert guard.call(lambda s: s.count(), default=-1) == -1
+    assert open_cache(cfg) is None  # no store, no guard, no locks
     assert not (tmp_path / "cache").exists()
 
 

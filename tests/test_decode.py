@@ -467,7 +467,7 @@ def test_heic_and_avif_decode(small, fmt):
     exif = Image.Exif()
     exif[0x8298] = "(c) Studio"
     data = encode(small, fmt, quality=90, exif=exif.tobytes())
-    assert data[4:8] == b"ftyp" and decmod._sniff(data) == fmt
+    assert data[4:8] == b"ftyp" and decmod.sniff(data) == fmt
     d = decode(data)
     assert d.format == fmt and d.rgb.shape == small.shape
     assert np.abs(d.rgb.astype(int) - small).mean() < 6
@@ -489,8 +489,8 @@ def test_ftyp_sniffing():
         body = b"ftyp" + major + b"\x00\x00\x00\x00" + b"".join(compatible)
         return (len(body) + 4).to_bytes(4, "big") + body
 
-    assert decmod._sniff(ftyp(b"heic", b"mif1", b"heic")) == "HEIF"
-    assert decmod._sniff(ftyp(b"mif1", b"heic")) == "HEIF"
-    assert decmod._sniff(ftyp(b"avif", b"mif1", b"miaf")) == "AVIF"
-    assert decmod._sniff(ftyp(b"mif1", b"avif")) == "AVIF"
-    assert decmod._sniff(ftyp(b"isom", b"mp41")) is None  # an MP4 video
+    assert decmod.sniff(ftyp(b"heic", b"mif1", b"heic")) == "HEIF"
+    assert decmod.sniff(ftyp(b"mif1", b"heic")) == "HEIF"
+    assert decmod.sniff(ftyp(b"avif", b"mif1", b"miaf")) == "AVIF"
+    assert decmod.sniff(ftyp(b"mif1", b"avif")) == "AVIF"
+    assert decmod.sniff(ftyp(b"isom", b"mp41")) is None  # an MP4 video

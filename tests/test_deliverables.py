@@ -29,6 +29,7 @@ from conftest import photo, write_config
 from daemon import config as configmod
 from daemon import job as jobmod
 from daemon.imaging import fingerprint as fpmod
+from daemon.imaging import keys as keysmod
 from daemon.imaging import render as rendermod
 from daemon.imaging.colour import srgb_profile
 from daemon.imaging.decode import decode
@@ -158,7 +159,7 @@ def test_three_deliverables_from_one_inference(studio, predictions):
     s = studio([MASTER, MARKET, WEB])
     s.drop("shoot/cup.jpg", save(coffee(), "JPEG", quality=95))
     res = s.run("shoot/cup.jpg")
-    assert res.outcome == "miss", res.error
+    assert res.kind == "miss", res.error
     assert len(predictions) == 1 and s.app.pipeline.inferences == 1
     master, market, web = (s.out("master", "shoot/cup.jpg", ".png"),
                            s.out("marketplace", "shoot/cup.jpg", ".jpg"),
@@ -191,7 +192,7 @@ def test_three_deliverables_from_one_inference(studio, predictions):
 
     # an exact repeat: the stored outputs, byte for byte, no inference
     before = {p: p.read_bytes() for p in (master, market, web)}
-    assert s.run("shoot/cup.jpg").outcome == "exact"
+    assert s.run("shoot/cup.jpg").kind == "exact"
     assert len(predictions) == 1
     assert {p: p.read_bytes() for p in before} == before
 
@@ -229,7 +230,7 @@ def test_new_deliverable_and_background_on_a_warm_cache_cost_no_inference(studio
     data = save(coffee(), "JPEG", quality=95)
     first = studio([MASTER])
     first.drop("a.jpg", data)
-    assert first.run("a.jpg").outcome == "miss"
+    assert first.run("a.jpg").kind == "miss"
     assert len(predictions) == 1
     transparent = np.asarray(_open(first.out("master", "a.jpg", ".png")))
     first.close()
@@ -238,7 +239,7 @@ def test_new_deliverable_and_background_on_a_warm_cache_cost_no_inference(studio
     assert again.cfg.cache.dir == first.cfg.cache.dir
     again.drop("b.jpg", data)  # the same photo delivered again, under another name
     res = again.run("b.jpg")
-    assert res.outcome == "exact", res.error  # the mask by these bytes' sha256
+    assert res.kind == "exact", res.error  # the mask by these bytes' sha256
     assert len(predictions) == 1 and again.app.pipeline.inferences == 0
     flat = np.asarray(_open(again.out("master", "b.jpg", ".png")))
     assert flat.shape == (H, W, 3)  # flattened: no alpha any more
@@ -293,7 +294,7 @@ def test_icc_profile_kept_byte_for_byte_or_converted(studio, profile, fmt):
                 {"name": "srgb", "format": "jpeg", "colour": "srgb"}])
     s.drop("tagged", save(coffee(), fmt, icc_profile=icc, **({"quality": 95} if fmt == "JPEG"
                                                            else {})))
-    assert s.run("tagged").outcome == "miss"
+    assert s.run("tagged").kind == "miss"
     for name, ext in (("png", ".png"), ("tiff", ".tif"), ("webp", ".webp"), ("jpeg", ".jpg")):
         assert _icc(s.out(name, "tagged", ext)) == icc, name
     converted = _icc(s.out("srgb", "tagged", ".jpg"))
@@ -319,7 +320,7 @@ def test_exif_orientation_copyright_and_strip(studio):
                 for f in ("png", "tiff", "webp", "jpeg")]
     s = studio(outputs)
     s.drop("side.jpg", data)
-    assert s.run("side.jpg").outcome == "miss"
+    assert s.run("side.jpg").kind == "miss"
     for fmt, ext in (("png", ".png"), ("tiff", ".tif"), ("webp", ".webp"), ("jpeg", ".jpg")):
         for name in (fmt, f"{fmt}-strip"):
             path = s.out(name, "side.jpg", ext)
@@ -364,7 +365,7 @@ def test_16_bit_in_16_bit_out(studio, container):
     s = studio([{"name": "png", "format": "png"}, {"name": "tiff", "format": "tiff"},
                 {"name": "ref", "format": "webp", "lossless": True}])
     s.drop("deep", data)
-    assert s.run("deep").outcome == "miss"
+    assert s.run("deep").kind == "miss"
     mask = np.asarray(_open(s.out("ref", "deep", ".webp")))[..., 3]  # 8-bit, lossless
     assert (mask == 0).any() and ((mask > 0) & (mask < 255)).any()
     png = imagecodecs.png_decode(s.out("png", "deep", ".png").read_bytes())
@@ -389,7 +390,7 @@ def test_heic_and_avif_are_processed(studio, fmt):
     s = studio([MASTER, {"name": "web", "format": "webp"}])
     s.drop(name, buf.getvalue())
     res = s.run(name)
-    assert res.outcome == "miss", res.error
+    assert res.kind == "miss", res.error
     master = np.asarray(_open(s.out("master", name, ".png")))
     assert master.shape == (H, W, 4)
     assert np.abs(master[..., :3].astype(int) - coffee()).mean() < 6
@@ -414,7 +415,7 @@ def test_deliverable_that_cannot_render_keeps_the_others(studio, monkeypatch):
     s = studio([MASTER, WEB, MARKET], after_success="move")
     src = s.drop("shoot/cup.jpg", save(coffee(), "JPEG", quality=95))
     res = s.run("shoot/cup.jpg")
-    assert res.outcome == "failed" and res.reason == "deliverable_failed"
+    assert res.kind == "failed" and res.reason == "deliverable_failed"
     assert s.out("master", "shoot/cup.jpg", ".png").is_file()
     assert s.out("marketplace", "shoot/cup.jpg", ".jpg").is_file()
     assert not s.out("web", "shoot/cup.jpg", ".webp").exists()
@@ -432,7 +433,7 @@ def test_deliverable_whose_folder_is_a_file_keeps_the_others(studio):
     (s.pair.outbox / "web").write_text("not a folder")
     src = s.drop("cup.jpg", save(coffee(), "JPEG", quality=95))
     res = s.run("cup.jpg")
-    assert res.outcome == "failed"
+    assert res.kind == "failed"
     assert s.out("master", "cup.jpg", ".png").is_file()
     assert s.out("marketplace", "cup.jpg", ".jpg").is_file(), \
         "the deliverable after the failed one was not written"
@@ -457,17 +458,17 @@ def test_cache_rows_of_another_key_version_are_misses(studio, monkeypatch):
     fp = fpmod.fingerprint(data, decoded.rgb, s.app.engines.embedder().embed(decoded.rgb))
     wrong_mask = rendermod.encode_mask(np.zeros((H, W), np.uint8))
     wrong_output = save(np.zeros((H, W, 4), np.uint8), "PNG")
-    mask_now, render_now = rendermod.MASK_VERSION, rendermod.RENDER_VERSION
+    mask_now, render_now = keysmod.MASK_VERSION, keysmod.RENDER_VERSION
     for mask_v, render_v in ((mask_now - 1, render_now - 1), (mask_now - 1, render_now),
                              (mask_now, render_now - 1)):
         with monkeypatch.context() as m:
-            m.setattr(rendermod, "MASK_VERSION", mask_v)
-            m.setattr(rendermod, "RENDER_VERSION", render_v)
-            mkey = rendermod.mask_key(plan.options, checksum)
-            (target,) = rendermod.targets(mkey, plan.options, plan.outputs)
+            m.setattr(keysmod, "MASK_VERSION", mask_v)
+            m.setattr(keysmod, "RENDER_VERSION", render_v)
+            mkey = keysmod.mask_key(plan.options, checksum)
+            (target,) = keysmod.targets(mkey, plan.options, plan.outputs)
         if mask_v != mask_now:  # a mask row under the current key would be a valid row
-            s.app.guard.call(lambda st: st.put(mkey, "u2netp", fp, wrong_mask, None))
-        s.app.guard.call(lambda st: st.put(target.output_key, "u2netp", fp, wrong_mask,
+            s.app.cache.guard.call(lambda st: st.put(mkey, "u2netp", fp, wrong_mask, None))
+        s.app.cache.guard.call(lambda st: st.put(target.output_key, "u2netp", fp, wrong_mask,
                                            wrong_output))
     assert s.app.pipeline.targets(plan)[0].output_key != target.output_key
     engine = s.app.engines.mask("u2netp")
@@ -476,6 +477,6 @@ def test_cache_rows_of_another_key_version_are_misses(studio, monkeypatch):
 
     s.drop("cup.jpg", data)
     res = s.run("cup.jpg")
-    assert res.outcome == "miss" and len(calls) == 1
+    assert res.kind == "miss" and len(calls) == 1
     alpha = np.asarray(_open(s.out("master", "cup.jpg", ".png")))[..., 3]
     assert (alpha > 250).mean() > 0.1  # the real mask, not the stale all-transparent one

@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -13,9 +12,10 @@ import pytest
 
 from daemon import fsutil
 from daemon.imaging.decode import TruncatedImage
-from daemon.fsutil import (atomic_write_bytes, is_temp_name, move_file, output_name,
+from daemon.fsutil import (atomic_write_bytes, is_temp_name, output_name,
                            safe_relative)
-from daemon.nofollow import write_failure
+from daemon import nofollow
+from daemon.nofollow import move_under, write_failure
 from daemon.scan import is_ignored, walk
 
 
@@ -274,11 +274,12 @@ def test_move_across_file_systems(tmp_path, monkeypatch):
     src.parent.mkdir()
     src.write_bytes(b"payload")
 
-    def exdev(a, b):
+    def exdev(a, b, **kw):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(fsutil.os, "rename", exdev)
-    dest = move_file(src, tmp_path / "done" / "x" / "a.jpg")
+    monkeypatch.setattr(nofollow.os, "rename", exdev)
+    dest = move_under(src, tmp_path / "done", Path("x/a.jpg"))
+    assert dest == tmp_path / "done" / "x" / "a.jpg"
     assert dest.read_bytes() == b"payload" and not src.exists()
     assert _leftovers(dest.parent) == []
 
@@ -287,16 +288,16 @@ def test_failed_cross_device_copy_leaves_no_temp_and_keeps_source(tmp_path, monk
     src = tmp_path / "in" / "a.jpg"
     src.parent.mkdir()
     src.write_bytes(b"payload")
-    monkeypatch.setattr(fsutil.os, "rename",
-                        lambda a, b: (_ for _ in ()).throw(OSError(errno.EXDEV, "cross-device")))
+    monkeypatch.setattr(nofollow.os, "rename",
+                        lambda a, b, **kw: (_ for _ in ()).throw(OSError(errno.EXDEV, "cross-device")))
 
-    def half_copy(a, b, **kw):
-        Path(b).write_bytes(b"pay")
+    def half_copy(fsrc, fdst, *a):
+        fdst.write(b"pay")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shutil, "copy2", half_copy)
+    monkeypatch.setattr(nofollow.shutil, "copyfileobj", half_copy)
     with pytest.raises(OSError):
-        move_file(src, tmp_path / "done" / "a.jpg")
+        move_under(src, tmp_path / "done", Path("a.jpg"))
     assert src.read_bytes() == b"payload"
     assert list((tmp_path / "done").iterdir()) == []
 

@@ -195,7 +195,7 @@ def test_a_lease_whose_lock_was_taken_is_lost(tmp_path):
     claims = FileClaims(tmp_path / "claims")
     lease = try_lease(claims, "claim:a", 0.3, keeper)
     keep = try_lease(claims, "claim:b", 0.3, keeper)
-    claims._path("claim:a").write_text("otherhost:1:someone-else")  # broken and re-taken
+    claims.path("claim:a").write_text("otherhost:1:someone-else")  # broken and re-taken
     assert lease.lost.wait(2)
     assert not keep.lost.is_set()  # the others are still renewed
     assert len(keeper) == 1

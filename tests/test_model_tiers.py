@@ -232,8 +232,8 @@ def test_checksum_is_computed_once_per_file_version(tmp_path, tiny_model, monkey
     dest = tmp_path / "models"
     I.install_model(dest, "silueta", source=tiny_model)
     calls = []
-    real = M._hash_file
-    monkeypatch.setattr(M, "_hash_file", lambda p: calls.append(p) or real(p))
+    real = M.hash_file
+    monkeypatch.setattr(M, "hash_file", lambda p: calls.append(p) or real(p))
     engines = Engines(dest)
     for _ in range(3):
         engines.model_file("silueta")

@@ -324,7 +324,7 @@ def test_reload_applies_threads_in_process(tmp_path, models_dir, shared_engines)
         assert svc.cfg.threads == 1
         assert svc.app.engines is not shared_engines and svc.app.engines.threads == 1
     finally:
-        svc._stop_watching()
+        svc.stop_watching()
         svc.app.close()
 
 
@@ -461,8 +461,13 @@ def test_outbox_vanishing_right_after_the_check_is_not_recreated(tmp_path, model
         outbox = svc.cfg.watch[0].outbox
         src = svc.cfg.watch[0].inbox / "late.jpg"
         src.write_bytes(jpg(*A))
-        svc.intake._on_standby = lambda item, app: False  # the check passed; then:
-        outbox.rename(tmp_path / "outbox.unmounted")
+        admit = svc.intake.admit
+
+        def unmount_then_admit(*args):  # the standby check has passed; then:
+            outbox.rename(tmp_path / "outbox.unmounted")
+            return admit(*args)
+
+        svc.intake.admit = unmount_then_admit
         assert svc.intake.process(WorkItem(0, src)) == "standby"
         assert not outbox.exists()
         assert svc.standby.active(0) and "outbox" in svc.standby.snapshot()["0"]["reason"]

@@ -458,7 +458,8 @@ def render_png(rgb: np.ndarray, mask: np.ndarray, o: OutputOptions) -> Image.Ima
     from rembg.bg import post_process
 
     from daemon.imaging.decode import Decoded
-    from daemon.imaging.render import render_target, targets
+    from daemon.imaging.keys import targets
+    from daemon.imaging.render import render_target
 
     if o.post_process_mask:  # done on the mask before it is cached
         mask = np.ascontiguousarray(post_process(mask), dtype=np.uint8)

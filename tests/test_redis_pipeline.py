@@ -37,7 +37,7 @@ def machines(tmp_path, models_dir, shared_engines, redis_prefix):
         out = []
         for _ in range(n):
             p = pipeline_over(cfg, shared_engines, RedisStore(cfg.store, cfg.cache))
-            guards.append(p.guard)
+            guards.append(p.masks.guard)
             out.append(p)
         return cfg, out
 
@@ -47,7 +47,7 @@ def machines(tmp_path, models_dir, shared_engines, redis_prefix):
 
 
 def store_of(pipeline) -> RedisStore:
-    return pipeline.guard.store
+    return pipeline.masks.guard.store
 
 
 def blob_key(prefix: str, digest: str) -> str:
@@ -103,7 +103,7 @@ def test_evicted_output_blob_re_renders_and_evicted_mask_blob_re_infers(machines
     assert third.tier == "miss" and third.inferred and a.inferences == 2
     assert render_legacy(b, data, opts).tier == "exact" and b.inferences == 0
     for p in (a, b):
-        assert p.guard.store_errors == 0 and p.guard.available
+        assert p.masks.guard.store_errors == 0 and p.masks.guard.available
     # the dead rows were cleaned up on the way: one live mask row again
     assert [e.key for e in store_of(a).entries()].count(mask_key) == 1
 
@@ -139,7 +139,7 @@ def test_two_machines_share_near_duplicates(machines):
         store_of(p).flush()
     counts = store_of(a).tier_counts(time.time() - 60)
     assert counts["miss"] == 1 and counts["near"] == 1 and counts["exact"] == 2, counts
-    assert a.guard.store_errors == 0 and b.guard.store_errors == 0
+    assert a.masks.guard.store_errors == 0 and b.masks.guard.store_errors == 0
 
 
 def test_two_machines_infer_a_new_image_once(machines):
@@ -182,7 +182,7 @@ def test_two_machines_infer_a_new_image_once(machines):
 def test_pipeline_degrades_to_no_cache_during_an_outage(proxy, machines):  # noqa: F811
     cfg, (p,) = machines(1, url=proxy.url, socket_timeout_s=0.5, retry_s=0.3)
     store = store_of(p)
-    store.link.BACKOFF_START_S = 0.2
+    store.link.outage.BACKOFF_START_S = 0.2
     opts = cfg.output_defaults
     cached = encode(photo("coffee"), "JPEG", quality=90)
     assert render_legacy(p, cached, opts).tier == "miss"
@@ -195,11 +195,11 @@ def test_pipeline_degrades_to_no_cache_during_an_outage(proxy, machines):  # noq
     assert r.tier == "miss" and r.inferred and r.files[""]  # processed, without the cache
     Image.open(io.BytesIO(r.files[""])).verify()
     assert took < 10, took
-    assert p.guard.store_errors > 0 and not p.guard.available
+    assert p.masks.guard.store_errors > 0 and not p.masks.guard.available
     assert [x["event"] for x in logs if x["event"].startswith("cache_")] == ["cache_unavailable"]
 
     proxy.start()  # same port
-    assert wait_for(lambda: p.guard.available, timeout=5)
+    assert wait_for(lambda: p.masks.guard.available, timeout=5)
     again = render_legacy(p, cached, opts)
     assert again.tier == "exact" and not again.inferred
     assert p.inferences == 2  # the first image once, the one rendered during the outage once

@@ -22,7 +22,7 @@ from daemon.config import OutputOptions
 from daemon.config.schema import Deliverable
 from daemon.imaging.decode import decode
 from daemon.imaging.refine import refine, upscale
-from daemon.imaging.render import targets
+from daemon.imaging.keys import targets
 
 SIZE = (1500, 1000)  # full size; the working mask is a third of it, as 24 MP is to 2048 px
 WORKING = (500, 333)

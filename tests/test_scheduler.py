@@ -1,4 +1,4 @@
-"""The settle Scheduler: stability before hand-out, and incomplete files that wait, not fail."""
+"""The settle queue: stability before hand-out, and incomplete files that wait, not fail."""
 from __future__ import annotations
 
 import threading
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.service.watcher import Scheduler
+from daemon.service.settle import SettleQueue
 
 
 class FakeClock:
@@ -24,12 +24,12 @@ class FakeClock:
 def rig():
     clock = FakeClock()
     got: list[tuple[int, Path, int, float]] = []
-    sched = Scheduler(1.0, lambda pair, path, attempt: got.append((pair, path, attempt, clock())),
+    sched = SettleQueue(1.0, lambda pair, path, attempt: got.append((pair, path, attempt, clock())),
                       incomplete_timeout_s=120.0, max_backoff_s=16.0, clock=clock)
     return sched, clock, got
 
 
-def _run_until(sched: Scheduler, clock: FakeClock, got: list, until: float, step: float = 0.05,
+def _run_until(sched: SettleQueue, clock: FakeClock, got: list, until: float, step: float = 0.05,
                *, stop_on_handout: bool = False) -> None:
     end = clock() + until
     while clock() < end:
@@ -96,7 +96,6 @@ def test_an_empty_file_waits_with_growing_backoff_then_is_handed_out_again(tmp_p
         handouts.append(got[0][3] - asked)
     # backoff 1, 2, 4, 8, 16, 16 (capped), each plus settle_s of stability
     assert handouts == pytest.approx([2, 3, 5, 9, 17, 17], abs=0.6)
-    assert sched.waiting_since(f) is not None
 
 
 def test_the_writer_comes_back_and_the_file_is_processed(tmp_path, rig):
@@ -110,7 +109,6 @@ def test_the_writer_comes_back_and_the_file_is_processed(tmp_path, rig):
     _run_until(sched, clock, got, 5.0)
     assert len(got) == 1 and f.stat().st_size > 0
     sched.ready(f)
-    assert sched.waiting_since(f) is None
 
 
 def test_after_the_timeout_without_change_it_is_failed(tmp_path, rig):
@@ -126,7 +124,6 @@ def test_after_the_timeout_without_change_it_is_failed(tmp_path, rig):
         assert len(got) == 1
         assert rounds < 50
     assert 120.0 <= clock() - first <= 140.0  # incomplete_timeout_s, not earlier
-    assert sched.waiting_since(f) is None
 
 
 def test_any_change_restarts_the_timeout(tmp_path, rig):
@@ -155,7 +152,7 @@ def test_a_vanished_file_is_dropped(tmp_path, rig):
 def test_the_thread_hands_out_in_real_time(tmp_path):
     done = threading.Event()
     got = []
-    sched = Scheduler(0.1, lambda pair, path, attempt: (got.append(path), done.set()))
+    sched = SettleQueue(0.1, lambda pair, path, attempt: (got.append(path), done.set()))
     sched.start()
     try:
         f = tmp_path / "a.jpg"

@@ -351,7 +351,7 @@ def test_count_bytes_entries_and_digests(backend, store, real):
 
 def test_health_and_name(backend, store, real):
     assert store.name == backend.name
-    assert store.health() == StoreHealth(available=True, outages=0, error=None, damaged=False)
+    assert store.health() == StoreHealth(available=True, error=None, damaged=False)
     store.put(KEY, "u2netp", real["coffee"], b"mask", None)
     assert store.health().available
 

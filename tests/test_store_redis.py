@@ -360,8 +360,8 @@ def test_local_tier_serves_blobs_but_never_deleted_entries(stores, raw, fps):
 def test_lease_keeps_a_claim_across_machines_until_released(tmp_path, redis_prefix, stores):
     a, b = stores(), stores()
     cfg = store_cfg(tmp_path, redis_prefix)
-    la = open_locks(cfg.store, tmp_path / "cache", store=a)
-    lb = open_locks(cfg.store, tmp_path / "cache", store=b)
+    la = open_locks(cfg.store, tmp_path / "cache", link=a.link)
+    lb = open_locks(cfg.store, tmp_path / "cache", link=b.link)
     assert isinstance(la, RedisLocks) and la.link is a.link  # one connection, one breaker
     lease = try_lease(la, "claim:inbox/shoot/001.jpg", 0.6, LeaseKeeper())
     assert lease is not None
@@ -380,23 +380,23 @@ def proxied(tmp_path, prefix, proxy, backoff: float):
 
     cfg = store_cfg(tmp_path, prefix, url=proxy.url, socket_timeout_s=0.5)
     s = RedisStore(cfg.store, cfg.cache)
-    s.link.BACKOFF_START_S = backoff
+    s.link.outage.BACKOFF_START_S = backoff
     return cfg, s
 
 
 def test_outage_fails_fast_and_recovers(tmp_path, redis_prefix, proxy, fps):
     cfg, s = proxied(tmp_path, redis_prefix, proxy, 0.3)
-    locks = open_locks(cfg.store, tmp_path / "cache", store=s)
+    locks = open_locks(cfg.store, tmp_path / "cache", link=s.link)
     fp = fps["coffee"]
     e = s.put(KEY, "u2netp", fp, b"mask", b"out")
-    assert s.health().available and s.health().outages == 0
+    assert s.health().available
 
     proxy.stop()
     took, exc = timed(lambda: s.find_exact(KEY, fp.sha256))
     assert isinstance(exc, StoreUnavailable) and took < 3, (took, exc)
     assert isinstance(exc.__cause__, REDIS_DOWN)
     h = s.health()
-    assert not h.available and h.outages == 1 and "ConnectionError" in h.error
+    assert not h.available and "ConnectionError" in h.error
     calls = {
         "find_pixel": lambda: s.find_pixel(KEY, fp.pixel_hash),
         "find_near": lambda: s.find_near(KEY, fp.phash, 10),
@@ -420,14 +420,12 @@ def test_outage_fails_fast_and_recovers(tmp_path, redis_prefix, proxy, fps):
     assert isinstance(exc, StoreUnavailable) and isinstance(exc.__cause__, REDIS_DOWN)
     took, exc = timed(s.count)  # within the (doubled) backoff: no network at all
     assert isinstance(exc, StoreUnavailable) and exc.__cause__ is None and took < 0.05
-    assert s.health().outages == 1  # one outage, however many failed calls
 
     proxy.start()  # same port
     assert wait_for(lambda: s.health().available, timeout=5)
     assert s.find_exact(KEY, fp.sha256).id == e.id
     s.flush()
     assert s.find_exact(KEY, fp.sha256).hits == 1  # the hit recorded during the outage survived
-    assert s.health().outages == 1
     s.close()
 
 
@@ -444,9 +442,9 @@ def test_unresponsive_redis_times_out(tmp_path, redis_prefix, proxy, fps):
     assert not s.health().available
     t0 = time.monotonic()
     fresh = RedisStore(cfg.store, cfg.cache)  # a daemon starting during the outage: no raise
-    fresh.link.BACKOFF_START_S = 0.2
+    fresh.link.outage.BACKOFF_START_S = 0.2
     assert time.monotonic() - t0 < 3
-    assert not fresh.health().available and fresh.health().outages == 1
+    assert not fresh.health().available
     proxy.stall = False
     assert wait_for(lambda: s.health().available and fresh.health().available, timeout=5)
     assert fresh.find_exact(KEY, fp.sha256) is not None
@@ -457,7 +455,7 @@ def test_unresponsive_redis_times_out(tmp_path, redis_prefix, proxy, fps):
 def test_store_created_while_redis_is_down(tmp_path, redis_prefix, proxy, fps):
     proxy.stop()
     _, s = proxied(tmp_path, redis_prefix, proxy, 0.2)
-    assert not s.health().available and s.health().outages == 1
+    assert not s.health().available
     with pytest.raises(StoreUnavailable):
         s.find_exact(KEY, fps["coffee"].sha256)
     proxy.start()
@@ -475,7 +473,7 @@ def test_redis_errors_that_are_not_outages_are_store_errors(stores, raw, fps):
         a.find_exact(KEY, fp.sha256)
     assert not isinstance(info.value, StoreUnavailable)
     assert isinstance(info.value.__cause__, redis.exceptions.ResponseError)
-    assert a.health().available and a.health().outages == 0
+    assert a.health().available
 
 
 def test_guard_degrades_during_an_outage_and_recovers(tmp_path, redis_prefix, proxy, fps):
@@ -488,7 +486,7 @@ def test_guard_degrades_during_an_outage_and_recovers(tmp_path, redis_prefix, pr
 
     def opener():
         s = RedisStore(cfg.store, cfg.cache)
-        s.link.BACKOFF_START_S = 0.2
+        s.link.outage.BACKOFF_START_S = 0.2
         return s
 
     fp = fps["coffee"]
@@ -510,3 +508,29 @@ def test_guard_degrades_during_an_outage_and_recovers(tmp_path, redis_prefix, pr
     assert events == ["cache_unavailable", "cache_recovered"], events
     down = next(x for x in logs if x["event"] == "cache_unavailable")
     assert down["log_level"] == "error" and "without the cache" in down["effect"]
+
+
+def test_the_cache_its_locks_and_its_guard_share_one_outage(tmp_path, redis_prefix, proxy, fps):
+    """open_cache: a lock that cannot reach Redis opens the fail-fast window for the store
+    too (one connection, one Outage), and the guard reports that very outage."""
+    from daemon.service.app import open_cache
+
+    cfg = store_cfg(tmp_path, redis_prefix, url=proxy.url, socket_timeout_s=0.5, retry_s=0.3)
+    cache = open_cache(cfg)
+    try:
+        assert cache.guard.outage is cache.link.outage
+        assert cache.guard.call(lambda s: s.count()) == 0
+        proxy.stop()
+        took, exc = timed(lambda: cache.locks.try_lock("claim:inbox/a.jpg", 5))
+        assert isinstance(exc, StoreUnavailable) and isinstance(exc.__cause__, REDIS_DOWN)
+        t0 = time.monotonic()
+        assert cache.guard.call(lambda s: s.find_exact(KEY, fps["coffee"].sha256),
+                                default="down") == "down"
+        assert time.monotonic() - t0 < 0.05  # no network: the lock's failure already told
+        st = cache.guard.status()
+        assert not st["available"] and st["outages"] == 1 and "ConnectionError" in st["error"]
+        proxy.start()
+        assert wait_for(lambda: cache.guard.status()["available"], timeout=5)
+        assert cache.locks.try_lock("claim:inbox/a.jpg", 5)
+    finally:
+        cache.close()

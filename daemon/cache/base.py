@@ -101,7 +101,6 @@ class StoreHealth:
     """
 
     available: bool
-    outages: int = 0  # outages this store has seen (Redis); 0 for SQLite
     error: str | None = None
     damaged: bool = False
 

@@ -1,4 +1,4 @@
-"""The one place that knows whether the cache is down: ``CacheGuard``.
+"""The one owner of "is the cache down": ``CacheGuard``.
 
 The guard holds the opened store (or None), opens it, and re-opens it when it
 is unusable: every ``store.retry_s`` while it cannot be opened, and at once
@@ -10,7 +10,8 @@ Logging, once per outage: ``cache_unavailable`` (error, with the effect) on the
 first failure; ``cache_recovered`` once ``store.retry_s`` has passed without a
 failure (when reads work and writes fail, e.g. a read-only cache folder, the
 log would otherwise flip on every file), or as soon as a re-open succeeds.
-``status()`` is what the status file shows.
+``status()`` is what the status file shows. The state itself is the guard's
+``Outage`` (``daemon.cache.outage``), which a Redis connection shares.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Callable, TypeVar
 import structlog
 
 from daemon.cache.base import Store, StoreDamaged, StoreError, describe
+from daemon.cache.outage import Outage
 from daemon.config import CacheConfig, StoreConfig
 
 log = structlog.get_logger("rembgd.cache")
@@ -33,34 +35,28 @@ DAMAGED_REOPEN_S = 1.0  # a damaged store is re-opened at once, at most this oft
 class CacheGuard:
     """Opens, watches and re-opens the configured store; thread-safe.
 
-    ``opener`` (tests): a callable returning a fresh store, instead of ``open_store``.
-    ``locks``: the lock backend that goes with the store (None when the cache
-    is disabled); it stays valid for the guard's life.
+    ``opener``: a callable returning a fresh store, instead of ``open_store``
+    (``daemon.service.app.open_cache`` shares one Redis connection this way).
+    Built only for an enabled cache; the lock backend is not the guard's.
+    ``outage``: the record of the cache's outages, when the store's connection
+    already records into it (Redis); else a fresh one.
     """
 
     def __init__(self, store_cfg: StoreConfig, cache_cfg: CacheConfig, *,
-                 opener: Callable[[], Store] | None = None):
+                 opener: Callable[[], Store] | None = None, outage: Outage | None = None):
         from daemon.cache import open_store
-        from daemon.coord.locks import open_locks
 
         self.store_cfg, self.cache_cfg = store_cfg, cache_cfg
-        self.enabled = cache_cfg.enabled
         self._opener = opener or (lambda: open_store(store_cfg, cache_cfg))
-        self._state = threading.Lock()  # guards the counters and flags below
+        self._state = threading.Lock()  # guards store_errors and the damage flag
         self._opening = threading.Lock()  # one (re-)open at a time; others do not wait
         self._store: Store | None = None
         self.store_errors = 0  # failed store operations
-        self.outages = 0  # times the cache went unavailable
-        self._down = False
-        self._error: str | None = None
-        self._failed_at = 0.0
+        self.outage = outage if outage is not None else Outage()
         self._opened_at = float("-inf")  # last open attempt
         self._healed_at = float("-inf")  # last re-open because of damage
         self._damaged = False
-        self.locks = None
-        if self.enabled:
-            self._open()
-            self.locks = open_locks(store_cfg, cache_cfg.dir, store=self._store)
+        self._open()
 
     # ------------------------------------------------------------ public
 
@@ -90,7 +86,8 @@ class CacheGuard:
         return result
 
     def failed(self, exc: StoreError) -> None:
-        """Record a failure of a related backend call made outside ``call`` (e.g. a lock)."""
+        """Record a failure of a related backend call made outside ``call`` (a lock, a
+        claim): one outage, logged once, whichever call saw it."""
         self._failed(exc, self._store)
 
     def status(self) -> dict:
@@ -98,9 +95,6 @@ class CacheGuard:
 
         Cheap: ``store.health()`` (no scan); notices a damaged index and re-opens it.
         """
-        if not self.enabled:
-            return {"backend": "disabled", "available": False, "error": None,
-                    "store_errors": self.store_errors, "outages": self.outages}
         store = self._usable()
         health = store.health() if store is not None else None
         if health is not None and not health.available:
@@ -111,13 +105,14 @@ class CacheGuard:
         elif health is not None:
             self._maybe_recovered()
         available = (store is not None and health is not None and health.available
-                     and not self._down)
+                     and not self.outage.down)
         return {
             "backend": self.store_cfg.backend,
             "available": available,
-            "error": None if available else (self._error or (health.error if health else None)),
+            "error": None if available else (self.outage.error
+                                             or (health.error if health else None)),
             "store_errors": self.store_errors,
-            "outages": self.outages,
+            "outages": self.outage.count,
         }
 
     def close(self) -> None:
@@ -125,19 +120,10 @@ class CacheGuard:
             store, self._store = self._store, None
             if store is not None:
                 store.close()
-            locks, self.locks = self.locks, None
-            closer = getattr(locks, "close", None)  # FlockLocks: drop any flock still held
-            if closer is not None:
-                closer()
-            link = getattr(locks, "link", None)
-            if link is not None and link is not getattr(store, "link", None):
-                link.close()  # Redis locks opened on a connection of their own
 
     # ----------------------------------------------------------- opening
 
     def _usable(self) -> Store | None:
-        if not self.enabled:
-            return None
         store = self._store
         now = time.monotonic()
         if self._damaged and now - self._healed_at >= DAMAGED_REOPEN_S:
@@ -165,8 +151,7 @@ class CacheGuard:
                 return
             with self._state:
                 self._store, self._damaged = store, False
-                recovered, self._down, self._error = self._down, False, None
-            if recovered:
+            if self.outage.clear():
                 log.warning("cache_recovered", backend=self.store_cfg.backend)
         finally:
             self._opening.release()
@@ -190,24 +175,15 @@ class CacheGuard:
     def _note_down(self, error: str, count: bool) -> None:
         with self._state:
             self.store_errors += count
-            self._failed_at = time.monotonic()
-            self._error = error
-            first = not self._down
-            if first:
-                self._down = True
-                self.outages += 1
             damaged = self._damaged
-        if first:
+        if self.outage.note(error):
             retry = ("the damaged index is set aside and a fresh one started" if damaged
                      else f"retrying every {self.store_cfg.retry_s:g}s")
             log.error("cache_unavailable", backend=self.store_cfg.backend, error=error,
                       effect=f"processing continues without the cache; {retry}")
 
     def _maybe_recovered(self) -> None:
-        if not self._down or time.monotonic() - self._failed_at < self.store_cfg.retry_s:
+        if not self.outage.down or self._store is None or self._damaged:
             return
-        with self._state:
-            if not self._down or self._store is None or self._damaged:
-                return
-            self._down, self._error = False, None
-        log.warning("cache_recovered", backend=self.store_cfg.backend)
+        if self.outage.quiet(self.store_cfg.retry_s):
+            log.warning("cache_recovered", backend=self.store_cfg.backend)

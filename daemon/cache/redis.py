@@ -109,7 +109,7 @@ class RedisStore:
 
     def health(self) -> StoreHealth:
         if self._closed:
-            return StoreHealth(False, self.link.outages, "the Redis store is closed")
+            return StoreHealth(False, error="the Redis store is closed")
         return self.link.health()
 
     def _call(self, fn: Callable, *args, **kw):
@@ -271,7 +271,7 @@ class RedisStore:
         with self._mutex:
             self._buffer.add(entry_id, tier, time.time())
             due = self._buffer.due(self.HIT_FLUSH_S)
-        if due or self.link.down:
+        if due or self.link.outage.unreachable:
             self.flush()  # on failure the counts are merged back for the next flush
 
     def flush(self) -> None:

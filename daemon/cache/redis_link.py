@@ -1,21 +1,16 @@
-"""The shared store's connection to Redis and its outage breaker: ``RedisLink``.
+"""The shared store's connection to Redis: ``RedisLink``.
 
-Owns "can Redis be reached": every call of a ``RedisStore`` and of its
-``RedisLocks`` (``daemon.coord.locks``) goes through one link. It uses
-``store.socket_timeout_s`` for connect and read, retries a broken pooled
-connection once and never retries a timeout, so a dead or unreachable Redis
-raises ``StoreUnavailable`` (the redis error is its cause) within about one
-timeout. After a failure the link fails fast with ``StoreUnavailable`` for a
-backoff (0.5 s, doubling per consecutive failure, at most 30 s) before trying
-again; the next successful call ends the outage. Any other Redis error (OOM,
-a script error) raises ``StoreError``. ``health()`` reports the outage state
-(and probes with one PING once the backoff has passed); the cache guard
-(``daemon.cache.guard``) turns it into the status file and the log.
+Every call of a ``RedisStore`` and of its ``RedisLocks`` (``daemon.coord.locks``)
+goes through one link. It uses ``store.socket_timeout_s`` for connect and
+read, retries a broken pooled connection once and never retries a timeout, so
+a dead or unreachable Redis raises ``StoreUnavailable`` (the redis error is its
+cause) within about one timeout. Any other Redis error (OOM, a script error)
+raises ``StoreError``. The link keeps no down state of its own: it records
+into the cache's ``Outage`` (``daemon.cache.outage``), whose fail-fast window
+then fails its calls at once for a backoff; the cache guard reports it.
 """
 from __future__ import annotations
 
-import threading
-import time
 from typing import Callable
 
 import redis
@@ -24,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from daemon.cache.base import StoreError, StoreHealth, StoreUnavailable
+from daemon.cache.outage import Outage
 from daemon.config import StoreConfig
 
 log = structlog.get_logger("rembgd.store")
@@ -32,79 +28,43 @@ OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
 
 
 class RedisLink:
-    """One Redis connection pool and its outage breaker (see the module docstring).
+    """One Redis connection pool (see the module docstring). Shared by a ``RedisStore``
+    and its ``RedisLocks``; thread-safe. ``outage``: the cache's (its guard reports it);
+    a link of its own (a one-shot command, a test) gets a fresh one."""
 
-    Shared by a ``RedisStore`` and its ``RedisLocks``. Thread-safe.
-    """
-
-    BACKOFF_START_S = 0.5
-    BACKOFF_MAX_S = 30.0
-
-    def __init__(self, store_cfg: StoreConfig):
+    def __init__(self, store_cfg: StoreConfig, outage: Outage | None = None):
         self.url = store_cfg.url
+        self.outage = outage if outage is not None else Outage()
         self.client = redis.Redis.from_url(
             store_cfg.url, socket_timeout=store_cfg.socket_timeout_s,
             socket_connect_timeout=store_cfg.socket_timeout_s, socket_keepalive=True,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             health_check_interval=0)
-        self._health = threading.Lock()
-        self._down = False
-        self._down_until = 0.0
-        self._backoff = self.BACKOFF_START_S
-        self.outages = 0
-        self.last_error: str | None = None
-
-    @property
-    def down(self) -> bool:
-        """In an outage (the last call failed to reach Redis)."""
-        return self._down
 
     def health(self) -> StoreHealth:
-        """The outage state; probes Redis (one PING) once the backoff has passed."""
-        if self._down and time.monotonic() >= self._down_until:
+        """Whether Redis can be reached; probes it (one PING) once the backoff has passed."""
+        if self.outage.probe_due:
             try:
                 self.call(self.client.ping)
             except StoreError:
                 pass
-        down = self._down
-        return StoreHealth(available=not down, outages=self.outages,
-                           error=self.last_error if down else None)
+        down = self.outage.unreachable
+        return StoreHealth(available=not down, error=self.outage.error if down else None)
 
     def call(self, fn: Callable, *args, **kw):
         """``fn(*args, **kw)``; Redis errors become ``StoreUnavailable``/``StoreError``."""
-        if self._down and time.monotonic() < self._down_until:
-            raise StoreUnavailable(f"redis {redacted(self.url)} unavailable "
-                                   f"({self.last_error}); retrying in "
-                                   f"{self._down_until - time.monotonic():.1f}s")
+        self.outage.check(f"redis {redacted(self.url)}")
         try:
             result = fn(*args, **kw)
         except OUTAGE_ERRORS as exc:
-            self._failed(exc)
+            self.outage.unreachable_now(f"{type(exc).__name__}: {exc}")
             raise StoreUnavailable(f"redis {redacted(self.url)} unreachable: "
                                    f"{type(exc).__name__}: {exc}") from exc
         except redis.exceptions.RedisError as exc:  # OOM, script or type errors: Redis answered
             raise StoreError(f"redis {redacted(self.url)}: {type(exc).__name__}: {exc}") from exc
-        if self._down:
-            with self._health:
-                if self._down:
-                    self._down = False
-                    self._backoff = self.BACKOFF_START_S
-                    log.info("redis_reachable", url=redacted(self.url))
+        if self.outage.reached():
+            log.info("redis_reachable", url=redacted(self.url))
         return result
-
-    def _failed(self, exc: BaseException) -> None:
-        with self._health:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            now = time.monotonic()
-            if not self._down:
-                self._down = True
-                self.outages += 1
-                self._backoff = self.BACKOFF_START_S
-            elif now < self._down_until:
-                return  # another thread's failure already set this window
-            else:
-                self._backoff = min(self._backoff * 2, self.BACKOFF_MAX_S)
-            self._down_until = now + self._backoff
 
     def close(self) -> None:
         self.client.close()

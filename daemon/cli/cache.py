@@ -105,7 +105,7 @@ def _size(n: float) -> str:
 
 def _current_keys(cfg: Config) -> set[str] | None:
     """Mask and output keys of the configured pairs (None if a model is not installed)."""
-    from daemon.imaging.render import mask_key, targets
+    from daemon.imaging.keys import mask_key, targets
     from daemon.inference.engine import Engines
     from daemon.inference.models import ModelError
 
@@ -151,10 +151,12 @@ def print_stats(d: dict) -> None:
 
 
 def cmd_prune(store, cfg: Config, dry_run: bool) -> int:
-    pruner = Pruner(store, cfg.cache.limits, cfg.cache.prune,
-                    open_locks(cfg.store, cfg.cache.dir, store=store),
-                    structlog.get_logger("rembgd.prune"))
-    rep = pruner.run(dry_run=dry_run)
+    locks = open_locks(cfg.store, cfg.cache.dir)
+    try:
+        rep = Pruner(store, cfg.cache.limits, cfg.cache.prune, locks,
+                     structlog.get_logger("rembgd.prune")).run(dry_run=dry_run)
+    finally:
+        locks.close()
     if rep.skipped:
         print(f"not pruned: {rep.skipped}", file=sys.stderr)
         return 1

@@ -106,22 +106,22 @@ def plan_jobs(paths: list[Path], out_dir: Path, plan: Plan,
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Process the given paths; prints the failures and a tier summary."""
-    from daemon.cache.guard import CacheGuard
     from daemon.inference.engine import Engines
+    from daemon.service.app import make_pipeline, open_cache
 
     plan = Plan(options_from(args, cfg.output), cfg.outputs)
-    use_cache = cfg.cache.enabled and not args.no_cache
-    guard = CacheGuard(cfg.store, cfg.cache) if use_cache else None
-    pipeline = Pipeline(Engines(cfg.models_dir, cfg.threads), guard, cfg.cache,
-                        max_pixels=cfg.max_image_pixels, claim_ttl_s=cfg.store.claim_ttl_s,
-                        budget=PixelBudget(cfg.memory_budget_mp * 1e6))
+    if args.no_cache:
+        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, enabled=False))
+    cache = open_cache(cfg)
+    pipeline = make_pipeline(cfg, Engines(cfg.models_dir, cfg.threads), cache,
+                             PixelBudget(cfg.memory_budget_mp * 1e6))
     try:
         pipeline.targets(plan)  # verify the model now: a missing model fails before any file
         return _run_jobs(pipeline, plan_jobs(args.paths, args.out, plan, cfg.ignore), cfg.umask,
                          cfg.workers)
     finally:
-        if guard is not None:
-            guard.close()
+        if cache is not None:
+            cache.close()
 
 
 def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int, workers: int) -> int:
@@ -148,7 +148,7 @@ def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int, workers: i
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="job") as pool:
         for job, res in zip(runnable, pool.map(lambda j: _run_one(pipeline, j, umask),
                                                runnable)):
-            outcome = "failed" if res.outcome == "retry" else res.outcome
+            outcome = "failed" if res.kind == "retry" else res.kind
             counts[outcome] += 1
             if outcome == "failed":
                 failures.append((job.src, res.error or ""))
@@ -164,6 +164,6 @@ def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int, workers: i
 
 def _run_one(pipeline: Pipeline, job: jobmod.Job, umask: int) -> jobmod.Outcome:
     res = jobmod.run(job, pipeline, umask=umask)
-    if res.outcome == "retry":
+    if res.kind == "retry":
         res = jobmod.run(job, pipeline, umask=umask)  # one more try, then report
     return res

@@ -1,1 +1,1 @@
-"""Coordination between daemons: lock backends, leases and the file-claim policy."""
+"""Coordination between daemons: lock backends, leases, the file-claim policy and single flight."""

@@ -23,9 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 from daemon.cache.base import StoreUnavailable
 
 if TYPE_CHECKING:
-    from daemon.cache.base import Store
-    from daemon.cache.guard import CacheGuard
-    from daemon.cache.redis import RedisLink
+    from daemon.cache.redis_link import RedisLink
     from daemon.config import StoreConfig
 
 
@@ -56,6 +54,9 @@ class LockBackend(Protocol):
 
     def unlock(self, name: str, token: str) -> None:
         """Release; a token that no longer holds the lock releases nothing."""
+
+    def close(self) -> None:
+        """Release what this object holds (locks, a connection of its own); never raises."""
 
 
 def _hashed(name: str) -> str:
@@ -147,12 +148,14 @@ class RedisLocks:
     ``RedisLink``, normally the cache store's, so an outage is one outage
     (one breaker, one backoff) for the cache and its locks. A lapsed lock is
     gone: its old holder can neither refresh it nor release the next holder's.
+    ``owns_link``: ``close`` closes the link too (it is no one else's).
     """
 
     shared_across_hosts = True
 
-    def __init__(self, link: RedisLink, key_prefix: str):
+    def __init__(self, link: RedisLink, key_prefix: str, *, owns_link: bool = False):
         self.link = link
+        self._owns_link = owns_link
         self.key_prefix = key_prefix  # e.g. "rembgd:v1:"
         self._refresh = link.client.register_script(_LUA_REFRESH)
         self._unlock = link.client.register_script(_LUA_UNLOCK)
@@ -172,6 +175,11 @@ class RedisLocks:
 
     def unlock(self, name: str, token: str) -> None:
         self.link.call(self._unlock, keys=[self._key(name)], args=[token])
+
+    def close(self) -> None:
+        """Held locks lapse by their TTL; a connection of its own is closed."""
+        if self._owns_link:
+            self.link.close()
 
 
 # ------------------------------------------------------------ claim files
@@ -208,13 +216,14 @@ class FileClaims:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
-    def _path(self, name: str) -> Path:
+    def path(self, name: str) -> Path:
+        """The claim file of ``name``."""
         return self.folder / (_hashed(name) + ".claim")
 
     def try_lock(self, name: str, ttl: float) -> str | None:
         # never parents: a vanished outbox (a lost mount) must not be re-created locally
         self.folder.mkdir(exist_ok=True)
-        path = self._path(name)
+        path = self.path(name)
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         for _ in range(2):
             try:
@@ -245,7 +254,7 @@ class FileClaims:
         return None
 
     def refresh_lock(self, name: str, token: str, ttl: float) -> bool:
-        path = self._path(name)
+        path = self.path(name)
         try:
             if path.read_text() != token:
                 return False
@@ -255,36 +264,34 @@ class FileClaims:
             return False
 
     def unlock(self, name: str, token: str) -> None:
-        path = self._path(name)
+        path = self.path(name)
         try:
             if path.read_text() == token:
                 path.unlink()
         except OSError:
             pass
 
+    def close(self) -> None:
+        """Nothing to release: each claim is released by its lease."""
+
 
 # ---------------------------------------------------------------- factory
 
 
 def open_locks(store_cfg: StoreConfig, cache_dir: Path,
-               store: Store | CacheGuard | None = None) -> LockBackend:
+               link: RedisLink | None = None) -> LockBackend:
     """The lock backend that goes with the configured cache backend.
 
-    Given a ``CacheGuard``: its ``locks``.
-    SQLite: ``FlockLocks(cache_dir / "locks")``. Redis: ``RedisLocks`` on the
-    connection of ``store`` when it is a ``RedisStore`` (the locks then live as
-    long as that store stays open), else on a connection of their own. Never
-    contacts Redis here, so it works during an outage.
+    SQLite: ``FlockLocks(cache_dir / "locks")``. Redis: ``RedisLocks`` on ``link``
+    (the store's connection: one outage for both; it stays the caller's to close),
+    else on a connection of its own. Never contacts Redis here, so it works
+    during an outage.
     """
-    from daemon.cache.guard import CacheGuard
-
-    if isinstance(store, CacheGuard):  # the guard already holds the matching locks
-        if store.locks is not None:
-            return store.locks
-        store = store.store
     if store_cfg.backend == "redis":
-        from daemon.cache.redis import SCHEMA_VERSION, RedisLink, RedisStore
+        from daemon.cache.redis import SCHEMA_VERSION, RedisLink
 
-        link = store.link if isinstance(store, RedisStore) else RedisLink(store_cfg)
-        return RedisLocks(link, f"{store_cfg.prefix}:v{SCHEMA_VERSION}:")
+        prefix = f"{store_cfg.prefix}:v{SCHEMA_VERSION}:"
+        if link is not None:
+            return RedisLocks(link, prefix)
+        return RedisLocks(RedisLink(store_cfg), prefix, owns_link=True)
     return FlockLocks(Path(cache_dir) / "locks")

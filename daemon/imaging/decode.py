@@ -127,7 +127,8 @@ def _sniff_ftyp(data: bytes) -> str | None:
     return None
 
 
-def _sniff(data: bytes) -> str | None:
+def sniff(data: bytes) -> str | None:
+    """The image format the bytes start with (Pillow's name), or None."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     ftyp = _sniff_ftyp(data)
@@ -320,7 +321,7 @@ def decode(data: bytes, *, max_pixels: int | None = None) -> Decoded:
         raise ImageTooLarge(f"exceeds the limit of {limit} pixels "
                             f"(decompression-bomb guard): {exc}") from exc
     except UnidentifiedImageError as exc:
-        sniffed = _sniff(data)
+        sniffed = sniff(data)
         if sniffed is not None:
             raise TruncatedImage(f"starts like a {sniffed} file but its header is incomplete "
                                  f"or corrupt ({len(data)} bytes)") from exc

@@ -160,7 +160,7 @@ def _zlib_stream(arr: np.ndarray, level: int, alpha: np.ndarray | None = None) -
         parts = list(_pool().map(lambda job: _segment(*job), jobs))
     adler, pieces = 1, [_ZLIB_HEADER[min(level, 9)]]
     for data, part_adler, length in parts:
-        adler = _adler32_combine(adler, part_adler, length)
+        adler = adler32_combine(adler, part_adler, length)
         pieces.append(data)
     pieces.append(struct.pack(">I", adler))
     return b"".join(pieces)
@@ -213,7 +213,7 @@ def _rows(arr: np.ndarray, alpha: np.ndarray | None, r0: int, r1: int,
     return rgba[:n].reshape(n, -1)
 
 
-def _adler32_combine(adler1: int, adler2: int, len2: int) -> int:
+def adler32_combine(adler1: int, adler2: int, len2: int) -> int:
     """Adler-32 of A+B from Adler-32 of A, of B and B's length (zlib's adler32_combine)."""
     base = 65521
     rem = len2 % base

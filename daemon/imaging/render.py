@@ -1,4 +1,4 @@
-"""Masks and render targets: cache keys, the working-size mask, and mask -> file bytes.
+"""Masks and render targets: the working-size mask, and mask -> file bytes.
 
 A mask is predicted (and cached) at a working size of at most ``MASK_EDGE``
 pixels on the long side: U^2-Net sees 320x320, so a larger mask holds nothing
@@ -8,78 +8,26 @@ the file's own pixels, so a near hit's edges follow the NEW photo), and every
 target with that mode is rendered from it, for hits and misses alike (a hit is
 byte-identical to what a miss would have written).
 
-The legacy ``output:`` PNG keeps rembg's own cutout for alpha matting and
+The cache keys and their versions are in ``daemon.imaging.keys``. The legacy
+``output:`` PNG keeps rembg's own cutout for alpha matting and
 background colours; everything else goes through ``imaging.deliver``.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
 from daemon.config import Deliverable, OutputOptions
 from daemon.imaging import deliver
+from daemon.imaging.keys import MASK_EDGE, Target
 from daemon.imaging.png import encode_png
-
-MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
-RENDER_VERSION = 5  # bump when rendering changes: old stored outputs become misses
-# (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
-#  5: refine, on by default, and OpenCV's bilinear upscale)
-MASK_EDGE = 2048
-
-
-@dataclass(frozen=True)
-class Target:
-    """One file to write for a source: the legacy PNG (name "") or a deliverable."""
-
-    name: str
-    mask_key: str
-    output_key: str
-    model: str
-    options: OutputOptions
-    deliverable: Deliverable | None = None
-    refine: str = "none"  # imaging.refine mode: the deliverable's, else the options'
-
-
-def _digest(payload: dict) -> str:
-    blob = json.dumps(payload, sort_keys=True, default=list).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
-
-
-def mask_key(options: OutputOptions, model_checksum: str) -> str:
-    """Only what changes the mask: the model, its file's checksum, post-processing."""
-    return _digest({"v": MASK_VERSION, "model": options.model, "checksum": model_checksum,
-                    "post_process": options.post_process_mask, "edge": MASK_EDGE})
 
 
 def legacy_deliverable(options: OutputOptions) -> Deliverable:
     return Deliverable(name="", format="png", compression=options.png_compression,
                        colour=options.colour, metadata=options.metadata)
-
-
-def targets(mkey: str, options: OutputOptions, outputs: tuple[Deliverable, ...]) -> list[Target]:
-    """The files one source becomes; output keys cover every render option.
-
-    ``refine`` keys the outputs, not the mask: it runs at render time on the cached
-    working mask, so toggling it re-renders from the cache without a new inference.
-    """
-    if not outputs:
-        legacy = {k: v for k, v in asdict(options).items()
-                  if k not in ("model", "post_process_mask", "refine")}
-        return [Target("", mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "legacy": legacy,
-                                          "refine": options.refine}),
-                       options.model, options, refine=options.refine)]
-    out = []
-    for d in outputs:
-        mode = d.refine or options.refine
-        out.append(Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey,
-                                                 "out": asdict(d), "refine": mode}),
-                          options.model, options, d, mode))
-    return out
 
 
 def working_mask_size(width: int, height: int) -> tuple[int, int]:

@@ -84,7 +84,8 @@ def _stat_key(path: Path) -> tuple:
             st.st_ctime_ns)
 
 
-def _hash_file(path: Path) -> Digests:
+def hash_file(path: Path) -> Digests:
+    """md5 and sha256 of a model file, read once."""
     md5, sha = hashlib.md5(), hashlib.sha256()
     size = 0
     with open(path, "rb") as fh:
@@ -101,7 +102,7 @@ def file_digests(path: Path) -> Digests:
     with _digest_lock:
         hit = _digest_cache.get(key)
     if hit is None:
-        hit = _hash_file(path)
+        hit = hash_file(path)
         if _stat_key(path) == key:  # not rewritten while we read it
             with _digest_lock:
                 _digest_cache[key] = hit

@@ -1,4 +1,7 @@
-"""The runtime of one config: engines, cache guard, locks, pipeline, pruner, plans.
+"""The runtime of one config: engines, the cache (store, guard, locks), pipeline, pruner, plans.
+
+``open_cache`` is the one place that decides whether the cache is on and builds
+its store, guard and lock backend; ``App.build`` and ``rembgd process`` use it.
 
 Built whole (every pair's model loaded and verified) before it is used, so a
 reload either swaps in a complete new App or refuses and keeps the old one.
@@ -6,27 +9,70 @@ reload either swaps in a complete new App or refuses and keeps the old one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
 from daemon.budget import PixelBudget
+from daemon.cache import open_store
 from daemon.cache.guard import CacheGuard
+from daemon.cache.outage import Outage
 from daemon.cache.pruner import Pruner
 from daemon.config import Config, WatchPair
-from daemon.coord.locks import LockBackend
+from daemon.coord.locks import LockBackend, open_locks
 from daemon.inference.engine import Engines
 from daemon.ledger import Ledger
 from daemon.pipeline import Pipeline, Plan
 
+if TYPE_CHECKING:
+    from daemon.cache.redis_link import RedisLink
+
 log = structlog.get_logger("rembgd.service")
+
+
+@dataclass
+class Cache:
+    """The opened cache: its store behind the guard, and the lock backend that goes with it."""
+
+    guard: CacheGuard
+    locks: LockBackend
+    link: RedisLink | None = None  # Redis: the one connection the store and locks share
+
+    def close(self) -> None:
+        self.guard.close()
+        self.locks.close()
+        if self.link is not None:
+            self.link.close()
+
+
+def open_cache(cfg: Config) -> Cache | None:
+    """The one place that decides whether the cache is on (``cache.enabled``) and builds
+    its store, guard and locks. Redis: the store and its locks share one connection,
+    which records into the guard's ``Outage``: one outage, one fail-fast window, for all."""
+    if not cfg.cache.enabled:
+        return None
+    outage, link = Outage(), None
+    if cfg.store.backend == "redis":
+        from daemon.cache.redis_link import RedisLink
+
+        link = RedisLink(cfg.store, outage)
+    guard = CacheGuard(cfg.store, cfg.cache, outage=outage,
+                       opener=lambda: open_store(cfg.store, cfg.cache, link=link))
+    return Cache(guard, open_locks(cfg.store, cfg.cache.dir, link=link), link)
+
+
+def make_pipeline(cfg: Config, engines: Engines, cache: Cache | None,
+                  budget: PixelBudget) -> Pipeline:
+    return Pipeline(engines, cache.guard if cache else None, cache.locks if cache else None,
+                    cfg.cache, max_pixels=cfg.max_image_pixels,
+                    claim_ttl_s=cfg.store.claim_ttl_s, budget=budget)
 
 
 @dataclass
 class App:
     cfg: Config
     engines: Engines
-    guard: CacheGuard | None
-    locks: LockBackend | None
+    cache: Cache | None  # None: the cache is disabled
     pipeline: Pipeline
     plans: dict[int, Plan] = field(default_factory=dict)  # pair index -> plan
     ledgers: dict[int, Ledger] = field(default_factory=dict)  # pair index -> its outbox's ledger
@@ -46,36 +92,36 @@ class App:
         same_cache = previous is not None and (previous.cfg.store, previous.cfg.cache.dir,
                                                previous.cfg.cache.enabled) == (
             cfg.store, cfg.cache.dir, cfg.cache.enabled)
-        if same_cache:
-            guard, locks = previous.guard, previous.locks
-        else:
-            guard = CacheGuard(cfg.store, cfg.cache) if cfg.cache.enabled else None
-            locks = guard.locks if guard is not None else None
+        cache = previous.cache if same_cache else open_cache(cfg)
         budget = previous.pipeline.budget if previous is not None and \
             previous.cfg.memory_budget_mp == cfg.memory_budget_mp else \
             PixelBudget(cfg.memory_budget_mp * 1e6)
-        pipeline = Pipeline(engines, guard, cfg.cache, max_pixels=cfg.max_image_pixels,
-                            claim_ttl_s=cfg.store.claim_ttl_s, budget=budget)
+        pipeline = make_pipeline(cfg, engines, cache, budget)
         for plan in plans.values():
             pipeline.targets(plan)  # every model file verified and keyed now
         if previous is not None:
             pipeline.inferences = previous.pipeline.inferences  # a running total
         ledgers = {i: Ledger(p.outbox) for i, p in enumerate(cfg.watch)}
-        return cls(cfg, engines, guard, locks, pipeline, plans, ledgers)
+        return cls(cfg, engines, cache, pipeline, plans, ledgers)
+
+    @property
+    def locks(self) -> LockBackend | None:
+        return self.cache.locks if self.cache is not None else None
 
     def shares_cache_with(self, other: App) -> bool:
-        return self.guard is other.guard
+        return self.cache is other.cache
 
     def pruner_for(self, current: Pruner | None) -> Pruner | None:
-        """A pruner for the store open now (kept while the store and limits are the same)."""
-        store = self.guard.store if self.guard is not None else None
+        """A pruner for the store open now (kept while the store and limits are the same);
+        the caller runs it through ``cache.guard.call``."""
+        store = self.cache.guard.store if self.cache is not None else None
         if store is None:
             return None
         c = self.cfg.cache
         if current is not None and current.store is store and (current.limits, current.schedule) \
                 == (c.limits, c.prune):
             return current
-        return Pruner(store, c.limits, c.prune, self.locks)
+        return Pruner(store, c.limits, c.prune, self.cache.locks)
 
     def plan(self, pair_index: int) -> Plan:
         return self.plans[pair_index]
@@ -84,5 +130,5 @@ class App:
         return self.cfg.watch[pair_index]
 
     def close(self) -> None:
-        if self.guard is not None:
-            self.guard.close()
+        if self.cache is not None:
+            self.cache.close()

@@ -1,5 +1,9 @@
 """Intake: a queued path -> admission (one pass of checks) -> Job -> claim -> job.run.
 
+The source's fate is applied by ``daemon.fate.finish`` (inside ``job.run``, or
+here for a file the ledger already records as done); the intake counts the
+outcome and schedules what comes next: a wait, a retry or standby.
+
 ``Intake.process(item)`` is the public seam the tests drive: it does exactly
 what a worker does with one queued path, and returns what happened.
 """
@@ -14,7 +18,9 @@ from typing import Callable
 import structlog
 
 from daemon import job as jobmod
+from daemon.cache.base import StoreError
 from daemon.coord.claims import claim, claim_name
+from daemon.fate import Outcome, finish
 from daemon.fsutil import safe_relative
 from daemon.scan import path_ignore_reason
 from daemon.service.app import App
@@ -42,7 +48,7 @@ class Admitted:
 class Intake:
     def __init__(self, app: Callable[[], App], counters: Counters, retry, later, scheduler,
                  standby: Standby):
-        """``retry(item, job, outcome)`` applies the retry policy; ``later(item, delay)``
+        """``retry(item, outcome)`` applies the retry policy; ``later(item, delay)``
         re-queues a path without counting an attempt (claimed elsewhere, standby);
         ``scheduler.not_ready(pair, path)`` keeps an incomplete file waiting."""
         self._app = app
@@ -102,17 +108,15 @@ class Intake:
         if self.is_done(job, admitted.st):
             log.debug("up_to_date", path=str(item.path),
                       reason="the ledger records this very file as processed")
-            jobmod.dispose(job)  # e.g. killed after writing, before moving
-            self.counters.add("up_to_date")
-            return "up_to_date"
+            # e.g. killed after writing, before moving: finished now
+            return self._account(item, finish(Outcome(job, "up_to_date")), app)
         try:
             lease = claim(app.locks, pair.outbox / CLAIMS_DIR,
                           claim_name(pair.inbox.name, admitted.rel), app.cfg.store.claim_ttl_s,
-                          on_fallback=lambda _exc: self.counters.add("claim_fallbacks"))
+                          on_fallback=lambda exc: self._claim_fallback(exc, app))
         except OSError as exc:  # the claim file cannot be written (full or read-only outbox)
-            outcome = jobmod.Outcome(job, "retry", 0.0, error=str(exc), reason="transient",
-                                     exc=exc)
-            return self._transient(item, job, outcome, app)
+            outcome = Outcome(job, "retry", error=str(exc), reason="transient", exc=exc)
+            return self._transient(item, outcome, app)
         if lease is None:
             self.counters.add("claimed_elsewhere")
             self._later(item, app.cfg.store.claim_ttl_s / 2)
@@ -124,19 +128,28 @@ class Intake:
                 self.counters.add("vanished")
                 return "vanished"
             if self.is_done(job, st):  # another daemon finished it meanwhile
-                jobmod.dispose(job)
-                self.counters.add("up_to_date")
-                return "up_to_date"
-            outcome = jobmod.run(job, app.pipeline, umask=app.cfg.umask)
+                outcome = finish(Outcome(job, "up_to_date"))
+            else:
+                outcome = jobmod.run(job, app.pipeline, umask=app.cfg.umask)
         finally:
             lease.release()
-        if outcome.outcome == "not_ready":
-            return self._not_ready(item, job, outcome)
+        return self._account(item, outcome, app)
+
+    def _claim_fallback(self, exc: StoreError, app: App) -> None:
+        """The lock backend failed and the claim file stood in: one more sign of a cache
+        outage, for the guard to report."""
+        self.counters.add("claim_fallbacks")
+        app.cache.guard.failed(exc)
+
+    def _account(self, item: WorkItem, outcome: Outcome, app: App) -> str:
+        """Count a finished outcome and schedule what comes next (a wait, a retry)."""
+        if outcome.kind == "not_ready":
+            return self._not_ready(item, outcome)
         self.scheduler.ready(item.path)
-        if outcome.outcome == "retry":
-            return self._transient(item, job, outcome, app)
-        self.counters.add(outcome.outcome)
-        return outcome.outcome
+        if outcome.kind == "retry":
+            return self._transient(item, outcome, app)
+        self.counters.add(outcome.kind)
+        return outcome.kind
 
     def is_done(self, job: jobmod.Job, st: os.stat_result) -> bool:
         """The ledger says this very file (size, mtime, ctime, inode) was processed (a
@@ -159,8 +172,7 @@ class Intake:
         self._later(item, delay)
         return True
 
-    def _transient(self, item: WorkItem, job: jobmod.Job, outcome: jobmod.Outcome,
-                   app: App) -> str:
+    def _transient(self, item: WorkItem, outcome: Outcome, app: App) -> str:
         """A share outage puts the pair on standby (no attempt counted); a fault of this
         one file goes through the retry policy."""
         if is_outage_error(outcome.exc):
@@ -169,17 +181,15 @@ class Intake:
                 self.counters.add("standby_waits")
                 self._later(item, delay)
                 return "standby"
-        self._retry(item, job, outcome)
+        self._retry(item, outcome)
         return "retry"
 
-    def _not_ready(self, item: WorkItem, job: jobmod.Job, outcome: jobmod.Outcome) -> str:
+    def _not_ready(self, item: WorkItem, outcome: Outcome) -> str:
         """Empty, truncated or still changing: wait (with backoff) up to
         ``incomplete_timeout_s``, then fail it as incomplete."""
         if self.scheduler.not_ready(item.pair, item.path):
             self.counters.add("waiting")
             return "waiting"
         self.counters.add("failed")
-        jobmod.fail(job, outcome.exc or RuntimeError(outcome.error), "incomplete",
-                    detail=f"still incomplete after {self.scheduler.incomplete_timeout_s:g} s: "
-                           f"{outcome.error}")
+        finish(outcome.timed_out(self.scheduler.incomplete_timeout_s))
         return "failed"

@@ -51,7 +51,7 @@ def build_status(sup) -> dict:
         if sup.standby.snapshot():
             state = "standby"
     app = sup.app
-    guard = app.guard if app is not None else None
+    guard = app.cache.guard if app is not None and app.cache is not None else None
     return {
         "pid": os.getpid(),
         "state": state,

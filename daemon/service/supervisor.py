@@ -1,6 +1,6 @@
 """The supervisor: lifecycle, reload, the tick loop and shutdown of `rembgd run`.
 
-start: build the App (every model verified) -> workers -> settle scheduler ->
+start: build the App (every model verified) -> workers -> settle queue ->
 watchers -> catch-up scan -> READY=1. The tick loop sends WATCHDOG=1, runs
 rescans and pruning, and publishes the status. SIGHUP builds a new App from the
 re-read config and swaps it in, or refuses (naming the cause) and keeps the
@@ -30,7 +30,8 @@ from daemon.service.app import App
 from daemon.service.intake import Intake, WorkItem
 from daemon.service.standby import Standby
 from daemon.service.status import Counters, build_status, progress_fields, write_status
-from daemon.service.watcher import InboxHandler, Scheduler, choose_observer, make_observer
+from daemon.service.settle import SettleQueue
+from daemon.service.watcher import InboxHandler, choose_observer, make_observer
 from daemon.service.workers import RetryPolicy, Workers
 
 log = structlog.get_logger("rembgd.service")
@@ -50,7 +51,7 @@ class Supervisor:
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.exit_code = 0
-        self.scheduler = Scheduler(cfg.settle_s, self._submit_from_scheduler,
+        self.scheduler = SettleQueue(cfg.settle_s, self._submit_from_scheduler,
                                    incomplete_timeout_s=cfg.incomplete_timeout_s)
         self.retry_policy = RetryPolicy(self._schedule_retry, self.counters,
                                         lambda: self.cfg.retry_attempts,
@@ -97,7 +98,7 @@ class Supervisor:
         self.observer, self.observer_kind = observer, kind
         log.info("watching", observer=kind, inboxes=[str(p.inbox) for p in pairs])
 
-    def _stop_watching(self) -> None:
+    def stop_watching(self) -> None:
         if self.observer is not None:
             self.observer.stop()
             self.observer.join(timeout=5)
@@ -193,7 +194,7 @@ class Supervisor:
             self._make_roots(pair)
         if old is not None and not app.shares_cache_with(old):
             old.close()
-        self._stop_watching()
+        self.stop_watching()
         self._start_watching()
         self.rescan()
         log.info("config_reloaded", source=str(new.source), pairs=len(new.watch),
@@ -213,26 +214,17 @@ class Supervisor:
         systemd.notify(f"STATUS={st['line']}")
 
     def _maybe_prune(self) -> None:
+        """Start a prune run when one is due; a failing store is reported by the cache
+        guard (and the run retried on the next schedule)."""
         self.pruner = self.app.pruner_for(self.pruner) if self.app else None
         if self.pruner is None or (self._prune_thread and self._prune_thread.is_alive()):
             return
-        try:
-            due = self.pruner.due(time.time())
-        except Exception as exc:  # noqa: BLE001 - the cache guard reports the store itself
-            log.warning("prune_check_failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        if due:
-            pruner = self.pruner
-            self._prune_thread = threading.Thread(target=self._prune, args=(pruner,),
-                                                  name="prune", daemon=True)
+        pruner, guard = self.pruner, self.app.cache.guard
+        if guard.call(lambda _store: pruner.due(time.time()), default=False):
+            self._prune_thread = threading.Thread(
+                target=guard.call, args=(lambda _store: pruner.run(dry_run=False),),
+                name="prune", daemon=True)
             self._prune_thread.start()
-
-    @staticmethod
-    def _prune(pruner: Pruner) -> None:
-        try:
-            pruner.run(dry_run=False)
-        except Exception as exc:  # noqa: BLE001 - retried on the next schedule
-            log.warning("prune_failed", error=f"{type(exc).__name__}: {exc}")
 
     # --------------------------------------------------------------- run
 
@@ -249,7 +241,7 @@ class Supervisor:
         self._start_watching()
         found = self.rescan()
         log.info("started", pid=os.getpid(), catch_up=found, workers=self.cfg.workers,
-                 cache=self.cfg.store.backend if self.app.guard else "disabled")
+                 cache=self.cfg.store.backend if self.app.cache else "disabled")
         systemd.notify("READY=1")
         self._main_loop()
         return self._shutdown()
@@ -296,7 +288,7 @@ class Supervisor:
         self.stop_event.set()
         if self.pruner is not None:
             self.pruner.cancel()  # stops after the current small batch
-        self._stop_watching()
+        self.stop_watching()
         self.scheduler.stop()
         self.workers.join()
         if self._prune_thread is not None:

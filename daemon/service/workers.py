@@ -14,7 +14,7 @@ from typing import Callable
 
 import structlog
 
-from daemon import job as jobmod
+from daemon.fate import Outcome, finish
 from daemon.inference.models import ModelError
 from daemon.service.intake import WorkItem
 from daemon.service.status import Counters
@@ -32,7 +32,7 @@ class RetryPolicy:
         self._attempts = attempts
         self._backoff_s = backoff_s
 
-    def retry(self, item: WorkItem, job: jobmod.Job, outcome: jobmod.Outcome) -> None:
+    def retry(self, item: WorkItem, outcome: Outcome) -> None:
         if item.attempt < self._attempts():
             delay = self._backoff_s() * (2 ** item.attempt)
             self.counters.add("retries")
@@ -42,7 +42,7 @@ class RetryPolicy:
             return
         self.counters.add("failed")
         log.error("giving_up", path=str(item.path), attempts=item.attempt + 1, error=outcome.error)
-        jobmod.give_up(job, item.attempt + 1, outcome)
+        finish(outcome.given_up(item.attempt + 1))
 
     def later(self, item: WorkItem, delay: float) -> None:
         """Try again after ``delay`` without counting an attempt (claimed elsewhere)."""

@@ -1,0 +1,67 @@
+"""Cache keys: what a cached mask and a stored output depend on, and their versions.
+
+A mask key covers only what changes the mask (the model, its file's checksum,
+post-processing, the working size); an output key covers the mask key plus
+every render option of one deliverable, so a new deliverable or another
+background re-renders from the cached mask. Changing any of them is a miss,
+never a stale hit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from daemon.config import Deliverable, OutputOptions
+
+MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
+RENDER_VERSION = 5  # bump when rendering changes: old stored outputs become misses
+# (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
+#  5: refine, on by default, and OpenCV's bilinear upscale)
+MASK_EDGE = 2048  # the working mask's long side (see daemon.imaging.render)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One file to write for a source: the legacy PNG (name "") or a deliverable."""
+
+    name: str
+    mask_key: str
+    output_key: str
+    model: str
+    options: OutputOptions
+    deliverable: Deliverable | None = None
+    refine: str = "none"  # imaging.refine mode: the deliverable's, else the options'
+
+
+def _digest(payload: dict) -> str:
+    blob = json.dumps(payload, sort_keys=True, default=list).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def mask_key(options: OutputOptions, model_checksum: str) -> str:
+    """Only what changes the mask: the model, its file's checksum, post-processing."""
+    return _digest({"v": MASK_VERSION, "model": options.model, "checksum": model_checksum,
+                    "post_process": options.post_process_mask, "edge": MASK_EDGE})
+
+
+def targets(mkey: str, options: OutputOptions, outputs: tuple[Deliverable, ...]) -> list[Target]:
+    """The files one source becomes; output keys cover every render option.
+
+    ``refine`` keys the outputs, not the mask: it runs at render time on the cached
+    working mask against each file's own pixels, so toggling it re-renders from the
+    cache without a new inference, and the cached mask stays one per image.
+    """
+    if not outputs:
+        legacy = {k: v for k, v in asdict(options).items()
+                  if k not in ("model", "post_process_mask", "refine")}
+        return [Target("", mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "legacy": legacy,
+                                          "refine": options.refine}),
+                       options.model, options, refine=options.refine)]
+    out = []
+    for d in outputs:
+        mode = d.refine or options.refine
+        out.append(Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey,
+                                                 "out": asdict(d), "refine": mode}),
+                          options.model, options, d, mode))
+    return out

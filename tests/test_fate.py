@@ -1,0 +1,61 @@
+"""fate.finish: what becomes of a source, on real files (no model needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from daemon.config import OutputOptions
+from daemon.fate import Fate, Outcome, finish
+from daemon.job import Job
+from daemon.pipeline import Plan
+
+
+def _job(tmp_path: Path, after_success: str, done_dir: Path | None = None) -> Job:
+    inbox = tmp_path / "inbox"
+    (inbox / "shoot").mkdir(parents=True)
+    src = inbox / "shoot" / "a.jpg"
+    src.write_bytes(b"the photo")
+    return Job(src, Path("shoot/a.jpg"), tmp_path / "outbox", Plan(OutputOptions()),
+               failed_dir=tmp_path / "failed", done_dir=done_dir or tmp_path / "done",
+               after_success=after_success)
+
+
+def test_delivered_sources_are_kept_moved_or_deleted(tmp_path):
+    for after, where in (("keep", "inbox"), ("move", "done"), ("delete", None)):
+        job = _job(tmp_path / after, after)
+        assert finish(Outcome(job, "miss")).kind == "miss"
+        left = sorted(p.relative_to(tmp_path / after).as_posix()
+                      for p in (tmp_path / after).rglob("a.jpg"))
+        assert left == ([f"{where}/shoot/a.jpg"] if where else []), (after, left)
+
+
+def test_waiting_and_retried_sources_stay_put(tmp_path):
+    job = _job(tmp_path, "move")
+    for kind in ("retry", "not_ready"):
+        assert finish(Outcome(job, kind, error="busy")).fate in (Fate.RETRY, Fate.WAIT)
+        assert job.src.read_bytes() == b"the photo"
+    assert not (tmp_path / "done").exists() and not (tmp_path / "failed").exists()
+
+
+def test_given_up_and_timed_out_go_to_failed_with_why(tmp_path):
+    job = _job(tmp_path, "keep")
+    finish(Outcome(job, "retry", error="disk full", reason="transient").given_up(3))
+    rec = json.loads((tmp_path / "failed" / "shoot" / "a.jpg.error.json").read_text())
+    assert rec["reason"] == "transient" and rec["error"] == "gave up after 3 attempts: disk full"
+    assert not job.src.exists()
+
+    job = _job(tmp_path / "t", "keep")
+    finish(Outcome(job, "not_ready", error="empty file (0 bytes)").timed_out(900))
+    rec = json.loads((tmp_path / "t" / "failed" / "shoot" / "a.jpg.error.json").read_text())
+    assert rec["reason"] == "incomplete" and rec["error"].startswith("still incomplete after 900 s")
+
+
+def test_a_move_to_done_that_fails_is_finished_as_that_failure(tmp_path):
+    not_a_folder = tmp_path / "done-file"
+    not_a_folder.write_bytes(b"")
+    job = _job(tmp_path, "move", done_dir=not_a_folder)
+    outcome = finish(Outcome(job, "miss", sha256="ab" * 32))
+    assert outcome.kind == "failed" and outcome.reason == "io_error"
+    assert outcome.sha256 == "ab" * 32
+    rec = json.loads((tmp_path / "failed" / "shoot" / "a.jpg.error.json").read_text())
+    assert rec["reason"] == "io_error" and (tmp_path / "failed" / "shoot" / "a.jpg").exists()
