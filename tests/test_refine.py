@@ -186,3 +186,14 @@ def test_hits_match_misses_and_near_hits_refine_the_new_pixels(
     finally:
         for s in stores:
             s.close()
+
+
+@pytest.mark.parametrize("size,working", [((1, 1), (1, 1)), ((7, 3), (7, 3)),
+                                          ((3, 4000), (2, 2048)), ((9000, 5), (2048, 1))])
+def test_tiny_and_extreme_shapes(size, working):
+    """Any decodable image gets a mask of its own size (no file fails in refinement)."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    mask = rng.integers(0, 256, (working[1], working[0]), dtype=np.uint8)
+    out = refine(rgb, mask)
+    assert out.shape == rgb.shape[:2] and out.dtype == np.uint8
