@@ -2,10 +2,10 @@
 
 ``Console`` reads the running Supervisor (its current config, standby, workers,
 status) and acts on its folders, always link-proof: Retry moves a file from
-failed/ back into the inbox and drops its sidecar, and the watcher picks it up like
-any new file. ``Web`` starts the server after READY, restarts it when a reload
-changes ``web:`` and stops it on shutdown; the recent-outputs journal it opens is
-fed from the job outcomes.
+failed/ back into the inbox, drops its sidecar and queues it like a new file;
+Approve and Redo go through ``daemon.review``. ``Web`` starts the server after
+READY, restarts it when a reload changes ``web:`` and stops it on shutdown; the
+recent-outputs journal it opens is fed from the job outcomes.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import structlog
 
 from daemon import review
 from daemon.config import Config, WatchPair
+from daemon.fate import Outcome
 from daemon.fsutil import ERROR_SUFFIX, fit_name, safe_relative
 from daemon.inference.models import ModelError, mask_model_path
 from daemon.inference.registry import local_specs
-from daemon.fate import Outcome
 from daemon.nofollow import move_between, read_under, unlink_under
 from daemon.service.intake import WorkItem
 from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused

@@ -54,7 +54,8 @@ class Gate:
     def authenticated(self, headers) -> bool:
         if self.token is None:
             return True
-        return self.bearer_ok(headers.get("Authorization")) or self._cookie_ok(headers.get("Cookie"))
+        return (self.bearer_ok(headers.get("Authorization"))
+                or self._cookie_ok(headers.get("Cookie")))
 
     def form_ok(self, headers, form: dict[str, str]) -> bool:
         """A POST action is allowed: authenticated, and from this page (or a bearer client)."""
