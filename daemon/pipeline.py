@@ -31,8 +31,9 @@ from daemon.imaging import fingerprint as fpmod
 from daemon.imaging.confidence import Confidence
 from daemon.imaging.decode import decode, probe_pixels
 from daemon.imaging.keys import Target, mask_key, targets
-from daemon.imaging.render import (decode_mask, encode_mask, fit_mask, full_size_mask,
-                                   predict_mask, render_target, working_mask_size)
+from daemon.imaging.refine import refine
+from daemon.imaging.render import (decode_mask, encode_mask, fit_mask, predict_mask,
+                                   render_target, working_mask_size)
 from daemon.inference.engine import Engines
 
 log = structlog.get_logger("rembgd.pipeline")
@@ -109,11 +110,12 @@ class Pipeline:
                                             np.asarray(small), (decoded.width, decoded.height))
         judged = confidence.score(mask, np.asarray(small)) if plan.judge else None
         del small
-        full_mask = full_size_mask(mask, decoded.width, decoded.height)
-        files, errors = {}, {}
+        files, errors, full_masks = {}, {}, {}  # one full-size mask per refine mode
         for target in wanted:
             try:
-                files[target.name] = render_target(target, decoded, full_mask)
+                if target.refine not in full_masks:
+                    full_masks[target.refine] = refine(decoded.rgb, mask, target.refine)
+                files[target.name] = render_target(target, decoded, full_masks[target.refine])
             except Exception as exc:  # one deliverable's fault; the others still ship
                 log.warning("deliverable_failed", output=target.name or "png",
                             error=f"{type(exc).__name__}: {exc}")

@@ -36,6 +36,10 @@ FORMATS = ("png", "tiff", "webp", "jpeg")
 COLOURS = ("keep", "srgb")
 METADATA = ("keep", "strip")
 CROPS = ("none", "subject")
+REFINES = ("none", "edges")  # daemon/imaging/refine.py
+REFINE_DOC = ("edges: re-decide the mask's soft edge band from the full-size photo (crisp "
+              "product edges, partial alpha on hair and glass; bench/quality.md); none: the "
+              "plain bilinear upscale of the model's mask")
 FORMAT_EXT = {"png": ".png", "tiff": ".tif", "webp": ".webp", "jpeg": ".jpg"}
 COLOUR_DOC = "keep: embed the source's ICC profile; srgb: convert to sRGB (littleCMS)"
 
@@ -97,6 +101,7 @@ class OutputOptions:
     colour: str = setting("keep", COLOUR_DOC, choices=COLOURS)
     metadata: str = setting("keep", "keep: EXIF (orientation set to 1) and XMP; strip: none",
                             choices=METADATA)
+    refine: str = setting("edges", REFINE_DOC + "; the deliverables' default", choices=REFINES)
 
     @property
     def mask_options(self) -> tuple:
@@ -147,6 +152,8 @@ class Deliverable:
     colour: str = setting("keep", COLOUR_DOC, choices=COLOURS)
     metadata: str = setting("keep", "keep: EXIF (orientation set to 1), XMP, and IPTC where "
                             "the format holds it (JPEG, TIFF); strip: none", choices=METADATA)
+    refine: str | None = setting(None, REFINE_DOC, choices=REFINES,
+                                 default_doc="the pair's `options.refine`")
 
     @property
     def ext(self) -> str:
