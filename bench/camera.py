@@ -3,6 +3,14 @@
 
     .venv/bin/python bench/camera.py            # full: bench/camera.md + bench/camera.png
     .venv/bin/python bench/camera.py --quick    # smaller counts (development, ~4 min)
+    .venv/bin/python bench/camera.py --refine-only --quick  # only the refinement cost
+
+The refinement cost (``refine: edges``, daemon/imaging/refine.py) is measured twice:
+inside one process, refinement against today's Pillow upscale and ``refine: none`` on the
+same decoded files and masks, alternating; and as whole `rembgd process` runs with
+``refine: edges`` and ``none`` beside `rembg p` over the distinct 24 MP folder.
+``--refine-only`` runs just that and replaces its section of camera.md. ``REMBG_CLI``
+names another `rembg` executable (one whose venv has rembg's CLI extras).
 
 Both tools run as cold commands over a folder, as users run them, with the same
 model (u2netp) and 2 ONNX Runtime threads (`threads: 2`, `OMP_NUM_THREADS=2`);
@@ -213,7 +221,8 @@ def timed(cmd: list[str], outdir: Path, track: bool = False) -> dict:
 
 def rembg_p(src: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    return timed([str(Path(sys.executable).with_name("rembg")), "p", "-m", "u2netp", str(src),
+    rembg = os.environ.get("REMBG_CLI") or str(Path(sys.executable).with_name("rembg"))
+    return timed([rembg, "p", "-m", "u2netp", str(src),
                   str(out)], out)
 
 
@@ -398,6 +407,108 @@ def profile_near(mp: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ------------------------------------------------------------------ refinement cost
+
+REFINE_REPEATS = 3
+REFINE_HEADING = "## Refinement cost (`refine: edges`)"
+
+
+def _images(src: Path) -> list[Path]:
+    return sorted(p for p in src.iterdir() if not p.name.startswith("."))
+
+
+def refine_in_process(src: Path) -> dict:
+    """Seconds per file to make the full-size mask: today's Pillow upscale, `none`, `edges`."""
+    from daemon.config import OutputOptions
+    from daemon.imaging import fingerprint as fpmod
+    from daemon.imaging.decode import decode
+    from daemon.imaging.refine import refine
+    from daemon.imaging.render import predict_mask
+    from daemon.inference.engine import Engines
+
+    engine = Engines(ROOT / "var" / "models", threads=THREADS).mask("u2netp")
+    steps = {"pillow": lambda rgb, m: np.asarray(Image.fromarray(m).resize(
+                 (rgb.shape[1], rgb.shape[0]), Image.Resampling.BILINEAR)),
+             "none": lambda rgb, m: refine(rgb, m, "none"),
+             "edges": lambda rgb, m: refine(rgb, m, "edges")}
+    times = {k: [] for k in steps}
+    for path in _images(src):
+        rgb = decode(path.read_bytes()).rgb
+        small = np.asarray(fpmod.working_copy(Image.fromarray(rgb)))
+        mask = predict_mask(engine, small, OutputOptions(), (rgb.shape[1], rgb.shape[0]))
+        for _ in range(REFINE_REPEATS):
+            for name, fn in steps.items():
+                t0 = time.process_time(), now()
+                fn(rgb, mask)
+                times[name].append((now() - t0[1], time.process_time() - t0[0]))
+    return {k: {"wall": [w for w, _ in v], "cpu": [c for _, c in v]} for k, v in times.items()}
+
+
+def refine_processes(src: Path) -> dict:
+    """`rembg p`, then `rembgd process` with refine edges and none, twice each, alternating."""
+    runs = {"rembg p": [], "edges": [], "none": []}
+    log("refine: rembg p ...")
+    runs["rembg p"].append(rembg_p(src, OUT / "runs" / "refine_rembg")["wall_s"])
+    for mode in ("edges", "none", "none", "edges"):
+        d = OUT / "runs" / f"refine_{mode}"
+        shutil.rmtree(d, ignore_errors=True)  # a fresh cache: every file a miss
+        log(f"refine: rembgd process, refine {mode} ...")
+        runs[mode].append(rembgd_process(config(d, output={"refine": mode}), src,
+                                         d / "out")["wall_s"])
+    return runs
+
+
+def refine_cost(d24: Path, d1: Path) -> dict:
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    log("refinement cost in process ...")
+    res = {"load_start": load, "files_24": len(_images(d24)), "files_1": len(_images(d1)),
+           "in_process": {"24": refine_in_process(d24), "1": refine_in_process(d1)}}
+    res["processes_24"] = refine_processes(d24)
+    res["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return res
+
+
+def refine_section(r: dict) -> list[str]:
+    def ms(xs):
+        return f"{min(xs) * 1000:.0f} | {statistics.median(xs) * 1000:.0f}"
+
+    lines = [REFINE_HEADING, "",
+             f"Load (`uptime`) at the start {r['load_start']}, at the end {r['load_end']} on "
+             f"{os.cpu_count()} cores, shared with other jobs: wall times carry their work, so "
+             "the paired differences and CPU times are the figures. In process: decode, the "
+             "daemon's working mask (u2netp), then each way of making the full-size mask, "
+             f"alternating, {REFINE_REPEATS} times per file; ms.", "",
+             "| size | files | full-size mask | wall best | wall median | CPU best | CPU median |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for mp, n in (("24", r["files_24"]), ("1", r["files_1"])):
+        t = r["in_process"][mp]
+        added = {k: [e - p for e, p in zip(t["edges"][k], t["pillow"][k])] for k in ("wall", "cpu")}
+        for label, step in (("today: Pillow BILINEAR upscale", t["pillow"]),
+                            ("`refine: none` (OpenCV bilinear)", t["none"]),
+                            ("`refine: edges`", t["edges"]),
+                            ("**added by `edges`** (paired, vs today)", added)):
+            lines.append(f"| {mp} MP | {n} | {label} | {ms(step['wall'])} | {ms(step['cpu'])} |")
+    p = r["processes_24"]
+    rembg, edges, none = min(p["rembg p"]), min(p["edges"]), min(p["none"])
+    lines += ["", f"Whole runs over the {r['files_24']} distinct 24 MP files (cold commands, "
+              "start-up included, fresh caches; `rembgd process` twice per mode, alternating, "
+              f"best): `rembg p` {rembg:.1f} s; `rembgd process` with `refine: edges` "
+              f"{edges:.1f} s (**{rembg / edges:.2f}×** rembg; target ≥ 3×), with "
+              f"`refine: none` {none:.1f} s ({rembg / none:.2f}×): "
+              f"{(edges - none) / r['files_24']:+.2f} s per file (runs: edges "
+              f"{', '.join(f'{x:.1f}' for x in p['edges'])} s, none "
+              f"{', '.join(f'{x:.1f}' for x in p['none'])} s).", ""]
+    return lines
+
+
+def patch_refine_section(md: Path, section: list[str]) -> None:
+    """Replace (or append) the refinement section of an existing camera.md."""
+    head, found, rest = (md.read_text() if md.exists() else "").partition(REFINE_HEADING)
+    after = rest.find("\n## ") if found else -1
+    tail = rest[after:] if after >= 0 else ""
+    md.write_text(head.rstrip("\n") + "\n\n" + "\n".join(section) + tail)
+
+
 def write_report(data: dict, md: Path, png: Path) -> None:
     c = data["compare"]
     near, hits, rss = data["near"], data["all_hit"], data["rss"]
@@ -474,7 +585,10 @@ def write_report(data: dict, md: Path, png: Path) -> None:
               "models and ONNX Runtime arenas; see the 24 and 100 MP rows for the slope.",
               "", "Reproduce: `.venv/bin/python bench/camera.py` (needs `rembg[cli]==2.0.86` "
               "in the venv, as `make bench` installs); `--quick` for a short run; raw data in "
-              "`bench/out/camera/results.json`.", "", NEAR_PROFILE,
+              "`bench/out/camera/results.json`.", ""]
+    if "refine" in data:
+        lines += refine_section(data["refine"])
+    lines += [NEAR_PROFILE,
               "![camera-size results](camera.png)", ""]
     md.write_text("\n".join(lines))
     _plot(data, png)
@@ -514,18 +628,23 @@ def _plot(data: dict, png: Path) -> None:
 # ------------------------------------------------------------------ main
 
 
+def distinct_folders(p: dict) -> tuple[Path, Path]:
+    d24 = folder(f"distinct24_{p['d24']}", {f"d{i:02d}.jpg": (lambda i=i: camera_jpeg(100 + i, (6000, 4000)))
+                                            for i in range(p["d24"])})
+    d1 = folder(f"distinct1_{p['d1']}", {f"m{i:02d}.jpg": (lambda i=i: camera_jpeg(300 + i, (1200, 900)))
+                                         for i in range(p["d1"])})
+    return d24, d1
+
+
 def run_all(profile: str) -> dict:
     p = PROFILES[profile]
     t_start = now()
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     log("making images (cached under bench/out/camera/src) ...")
-    d24 = folder(f"distinct24_{p['d24']}", {f"d{i:02d}.jpg": (lambda i=i: camera_jpeg(100 + i, (6000, 4000)))
-                                            for i in range(p["d24"])})
+    d24, d1 = distinct_folders(p)
     big = folder(f"big_{len(p['big'])}", {f"b{i}.jpg": (lambda i=i, s=s: camera_jpeg(200 + i, s))
                                           for i, s in enumerate(p["big"])})
     studio = folder(f"studio24_{p['studio']}", studio_files(p["studio"], p["originals"]))
-    d1 = folder(f"distinct1_{p['d1']}", {f"m{i:02d}.jpg": (lambda i=i: camera_jpeg(300 + i, (1200, 900)))
-                                         for i in range(p["d1"])})
     compare_res = {}
     for k, (name, src) in enumerate((("distinct_1", d1), ("distinct_24", d24),
                                      ("studio_24", studio), ("distinct_big", big))):
@@ -548,7 +667,8 @@ def run_all(profile: str) -> dict:
                         f"{psutil.virtual_memory().total / 2**30:.1f} GiB RAM; Python "
                         f"{platform.python_version()}")
     return dict(meta=meta, compare=compare_res, near=near, all_hit=hits, rss=rss,
-                soak=soak(compare_res["distinct_24"]["runs"]["rembgd process"]))
+                soak=soak(compare_res["distinct_24"]["runs"]["rembgd process"]),
+                refine=refine_cost(d24, d1))
 
 
 def main() -> int:
@@ -557,12 +677,20 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="re-render camera.md/png from bench/out/camera/results.json")
     ap.add_argument("--out", default=str(BENCH), help="where camera.md and camera.png go")
+    ap.add_argument("--refine-only", action="store_true",
+                    help="only the refinement cost: replaces its section of camera.md")
     ap.add_argument("--profile-near", choices=("1", "24"),
                     help="only print a cProfile of one near hit at 1 or 24 MP")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.profile_near:
         profile_near(args.profile_near)
+        return 0
+    if args.refine_only:
+        res = refine_cost(*distinct_folders(PROFILES["quick" if args.quick else "full"]))
+        (OUT / "refine.json").write_text(json.dumps(res, indent=1, default=str))
+        patch_refine_section(Path(args.out) / "camera.md", refine_section(res))
+        log(f"wrote the refinement section of {Path(args.out) / 'camera.md'}")
         return 0
     path = OUT / "results.json"
     if args.report_only:

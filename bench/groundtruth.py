@@ -12,7 +12,9 @@ coverage). Each scene is one studio difficulty:
 - ``glass``: a tumbler whose body has alpha 0.3-0.6, opaque rim and base;
 - ``white-on-white``: a white box on a white sweep (edge contrast of a few
   grey levels);
-- ``cat``: a cat textured with ``chelsea``, fur fringe and whiskers.
+- ``cat``: a cat textured with ``chelsea``, fur fringe and whiskers;
+- ``outline`` (not in ``KINDS``: the edge-band figure only): an opaque lacquered
+  product with a hard outline, straight and curved, faintly shaded by ``camera``.
 
 Every backdrop is a sweep (smooth vertical gradient, faint vignette) with a
 soft floor shadow under the subject; the shadow darkens the backdrop and is
@@ -28,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 GENERATOR_VERSION = "1"
 KINDS = ("portrait", "product", "glass", "white-on-white", "cat")
+HARD_EDGE = "outline"
 SS = 4  # supersampling factor for exact fractional edge coverage
 
 
@@ -232,14 +235,34 @@ def _cat(rng, w, h):
     return alpha, colour, (cx, floor, 1.5 * r)
 
 
-_BUILDERS = {"portrait": _portrait, "product": _product, "glass": _glass,
+def _outline(rng, w, h):
+    lum = _photo("camera", w, h).mean(axis=2, keepdims=True)
+    tex = np.array([0.12, 0.22, 0.5], np.float32) * (0.85 + 0.3 * lum)
+    cx, bw = w * rng.uniform(0.42, 0.58), w * rng.uniform(0.14, 0.18)
+    top, floor = h * rng.uniform(0.2, 0.26), h * rng.uniform(0.8, 0.86)
+
+    def bag(d, s):
+        d.rounded_rectangle(((cx - bw) * s, (top + 0.3 * (floor - top)) * s, (cx + bw) * s,
+                             floor * s), radius=0.12 * bw * s, fill=255)
+        d.polygon([((cx - 0.7 * bw) * s, (top + 0.3 * (floor - top)) * s), (cx * s, top * s),
+                   ((cx + 0.7 * bw) * s, (top + 0.3 * (floor - top)) * s)], fill=255)
+        d.ellipse(((cx + 0.6 * bw) * s, (top + 0.45 * (floor - top)) * s, (cx + 1.4 * bw) * s,
+                   (top + 0.75 * (floor - top)) * s), fill=255)
+
+    return _coverage(w, h, bag), tex, (cx, floor, bw)
+
+
+_BUILDERS = {"outline": _outline, "portrait": _portrait, "product": _product, "glass": _glass,
              "white-on-white": _white_on_white, "cat": _cat}
 
 
 def scene(kind: str, seed: int, size: tuple[int, int] = (1224, 816)) -> Scene:
-    """One composite of ``kind`` (see KINDS) at ``size`` (w, h), deterministic per seed."""
+    """One composite of ``kind`` (KINDS or HARD_EDGE) at ``size`` (w, h), deterministic per seed.
+
+    Sizes are in pixels, so at 6000 x 4000 a strand is still 1-2 px and the strap 2 px:
+    a camera file's fine detail, not a 1 MP scene magnified."""
     w, h = size
-    rng = np.random.default_rng([seed, KINDS.index(kind)])
+    rng = np.random.default_rng([seed, (*KINDS, HARD_EDGE).index(kind)])
     alpha, colour, (cx, floor, half_w) = _BUILDERS[kind](rng, w, h)
     if kind == "white-on-white":
         top, bottom = [rng.uniform(0.95, 0.98)] * 3, [rng.uniform(0.9, 0.94)] * 3

@@ -1,8 +1,15 @@
 """Mask quality per model against exact ground truth, and seconds per image at 1 and 24 MP.
 
     .venv/bin/python bench/quality.py                # writes bench/quality.md and quality.png
-    .venv/bin/python bench/quality.py --per-kind 1   # quicker
+    .venv/bin/python bench/quality.py --quick        # 1 scene per kind, no guided-filter row
     .venv/bin/python bench/quality.py --dump /tmp/q  # also write each scene, truth and masks
+
+Camera size (``--camera N`` scenes per kind at 6000x4000, plus the hard ``outline``):
+each scene is drawn at 24 MP with exact alpha, the model's working-size mask is made
+as the daemon makes it, and the full-size alpha is scored per ``refine`` mode (``none``:
+the bilinear upscale; ``edges``: daemon/imaging/refine.py) and for the rejected
+candidate, OpenCV's guided filter on the upscaled mask. The time refinement adds is
+measured side by side with today's upscale (Pillow BILINEAR) on the same scenes.
 
 Scenes come from ``bench/groundtruth.py`` (studio composites with exact alpha).
 Models: u2netp, u2net and every other model installed in the models dir (any
@@ -39,6 +46,11 @@ from daemon.inference import registry  # noqa: E402
 from daemon.inference.engine import Engines  # noqa: E402
 from daemon.inference.models import ModelError, mask_model_path  # noqa: E402
 
+from daemon.config import OutputOptions  # noqa: E402
+from daemon.imaging import fingerprint as fpmod  # noqa: E402
+from daemon.imaging.refine import refine  # noqa: E402
+from daemon.imaging.render import predict_mask  # noqa: E402
+
 SIZE_1MP = (1224, 816)
 SIZE_24MP = (6000, 4000)
 BOUNDARY_PX = 3
@@ -60,6 +72,11 @@ def boundary_f(pred: np.ndarray, truth: np.ndarray, tol: int = BOUNDARY_PX) -> f
     bp, bt = _boundary(pred), _boundary(truth)
     if not bp.any() or not bt.any():
         return float(bp.any() == bt.any())
+    # Only distances <= tol count: a crop around both boundaries with a margin is exact.
+    ys, xs = np.nonzero(bp | bt)
+    crop = np.s_[max(ys.min() - tol - 1, 0):ys.max() + tol + 2,
+                 max(xs.min() - tol - 1, 0):xs.max() + tol + 2]
+    bp, bt = bp[crop], bt[crop]
     dist_t = ndimage.distance_transform_edt(~bt)
     dist_p = ndimage.distance_transform_edt(~bp)
     precision = float((dist_t[bp] <= tol).mean())
@@ -88,24 +105,37 @@ def models_to_run(models_dir: Path, wanted: list[str] | None) -> tuple[list[str]
     return ready, skipped
 
 
+def band_width(mask: np.ndarray, alpha: np.ndarray) -> float:
+    """Pixels of partial alpha (0.1 < a < 0.9) per pixel of the true outline's length."""
+    from skimage.measure import perimeter
+
+    partial = ((mask > 25) & (mask < 230)).sum()  # 0.1 * 255 < mask < 0.9 * 255
+    return float(partial / perimeter(alpha >= 0.5))
+
+
 def run_model(engines: Engines, name: str, scenes, big: list[np.ndarray], dump: Path | None):
     engine = engines.mask(name)
     engine.predict(scenes[0].rgb)  # warm-up: ORT allocates its arenas on the first run
-    rows, t1 = [], []
+    rows, refined, t1, t_refine = [], [], [], []
     for sc in scenes:
         start = time.perf_counter()
         mask = engine.predict(sc.rgb)
         t1.append(time.perf_counter() - start)
         rows.append({"scene": sc.name, "kind": sc.kind, **score(mask, sc.alpha)})
+        start = time.perf_counter()
+        edges = refine(sc.rgb, mask, "edges")  # at 1 MP the mask is already full size
+        t_refine.append(time.perf_counter() - start)
+        refined.append({"scene": sc.name, "kind": sc.kind, **score(edges, sc.alpha)})
         if dump:
             Image.fromarray(mask).save(dump / f"{sc.name}.{name}.png")
+            Image.fromarray(edges).save(dump / f"{sc.name}.{name}.edges.png")
     t24 = []
     for rgb in big:
         for _ in range(2):
             start = time.perf_counter()
             engine.predict(rgb)
             t24.append(time.perf_counter() - start)
-    return rows, _timing(t1), (_timing(t24) if t24 else None)
+    return rows, refined, _timing(t1), (_timing(t24) if t24 else None), _timing(t_refine)
 
 
 def _timing(seconds: list[float]) -> dict[str, float]:
@@ -122,16 +152,160 @@ def _mean(rows, key, kind=None):
     return float(np.mean(vals))
 
 
+# ------------------------------------------------------------------ camera size
+
+GUIDED = {"radius": 24, "eps": 60.0}  # the candidate's best of r 12/24, eps 6/60 (uint8 guide)
+REPEATS = 2  # timed runs per scene, today's upscale and refinement alternating
+
+
+def working_mask(engine, rgb: np.ndarray) -> np.ndarray:
+    """The mask the daemon caches for ``rgb``: from its working copy, at the working size."""
+    small = np.asarray(fpmod.working_copy(Image.fromarray(rgb, "RGB")))
+    return predict_mask(engine, small, OutputOptions(), (rgb.shape[1], rgb.shape[0]))
+
+
+def pillow_bilinear(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Today's full-size mask (the Pillow BILINEAR upscale before refinement), for the timing."""
+    return np.asarray(Image.fromarray(mask, "L").resize(size, Image.Resampling.BILINEAR))
+
+
+def guided_filter(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The rejected candidate: OpenCV's guided filter, colour guide, on the upscaled mask."""
+    import cv2
+
+    return cv2.ximgproc.guidedFilter(rgb, refine(rgb, mask, "none"), GUIDED["radius"],
+                                     GUIDED["eps"])
+
+
+def _timed(fn, *args):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_camera(engines: Engines, names: list[str], args) -> tuple[dict, list[dict]]:
+    """Scores per model (rows with a ``method``) and side-by-side timings per scene."""
+    rows, times = {n: [] for n in names}, []
+    for i in range(args.camera):
+        for kind in (*gt.KINDS, gt.HARD_EDGE):
+            sc = gt.scene(kind, args.seed + i, SIZE_24MP)
+            for name in names:
+                mask = working_mask(engines.mask(name), sc.rgb)
+                alphas = {"none": refine(sc.rgb, mask, "none")}
+                for _ in range(REPEATS):
+                    _, before_wall, before_cpu = _timed(pillow_bilinear, mask, SIZE_24MP)
+                    alphas["edges"], wall, cpu = _timed(refine, sc.rgb, mask, "edges")
+                    times.append({"model": name, "kind": kind, "before": before_wall,
+                                  "before_cpu": before_cpu, "edges": wall, "edges_cpu": cpu})
+                if args.candidate:
+                    alphas["guided filter"], wall, cpu = _timed(guided_filter, sc.rgb, mask)
+                    times[-1].update(guided=wall, guided_cpu=cpu)
+                for method, alpha in alphas.items():
+                    row = {"scene": sc.name, "kind": kind, "method": method,
+                           **score(alpha, sc.alpha)}
+                    if kind == gt.HARD_EDGE:
+                        row["band"] = band_width(alpha, sc.alpha)
+                    rows[name].append(row)
+                if args.dump:
+                    for method, alpha in alphas.items():
+                        Image.fromarray(alpha).save(
+                            args.dump / f"{sc.name}.24mp.{name}.{method.replace(' ', '-')}.png")
+                print(f"24 MP {sc.name} {name}: " + "  ".join(
+                    f"{r['method']} BF {r['bf']:.3f} MAE {r['mae']:.4f}"
+                    for r in rows[name][-len(alphas):]), flush=True)
+    return rows, times
+
+
+def _rel(new: float, old: float) -> float:
+    return (new - old) / old if old else 0.0
+
+
+def camera_markdown(rows: dict, times: list[dict], args) -> list[str]:
+    L = []
+    w = L.append
+    methods = list(dict.fromkeys(r["method"] for r in next(iter(rows.values()))))
+    scored = {n: [r for r in rs if r["kind"] != gt.HARD_EDGE] for n, rs in rows.items()}
+    w(f"\n## Camera size: {SIZE_24MP[0]}x{SIZE_24MP[1]} (24 MP), refinement\n")
+    w(f"{args.camera} scene(s) per kind drawn at 24 MP with exact alpha (strands 1-2 px, the "
+      "strap 2 px: camera detail, not a magnified 1 MP scene), plus the hard `outline` scene. "
+      "The mask is the daemon's: predicted from the working copy, cached at the working size "
+      "(2048 px), then made full size per `refine` mode: `none` is the bilinear upscale, "
+      "`edges` is daemon/imaging/refine.py. `guided filter` is the rejected candidate "
+      f"(`cv2.ximgproc.guidedFilter`, colour guide, r {GUIDED['radius']}, eps "
+      f"{GUIDED['eps']:g}, on the upscaled mask). Band: partial-alpha (0.1-0.9) pixels per "
+      "pixel of outline length on `outline`.\n")
+    w("| model | refine | IoU | MAE | BF | outline band px | outline IoU |")
+    w("|---|---|---:|---:|---:|---:|---:|")
+    for name, rs in rows.items():
+        for m in methods:
+            mine = [r for r in scored[name] if r["method"] == m]
+            hard = [r for r in rs if r["kind"] == gt.HARD_EDGE and r["method"] == m]
+            w(f"| {name} | {m} | {_mean(mine, 'iou'):.3f} | {_mean(mine, 'mae'):.4f} | "
+              f"{_mean(mine, 'bf'):.3f} | {_mean(hard, 'band'):.1f} | {_mean(hard, 'iou'):.4f} |")
+    w("\nPer scene kind, BF / MAE, and the change of `edges` against `none` (relative):\n")
+    w("| model | refine | " + " | ".join(gt.KINDS) + " |")
+    w("|---|---|" + "---:|" * len(gt.KINDS))
+    for name in rows:
+        for m in methods:
+            mine = [r for r in scored[name] if r["method"] == m]
+            w(f"| {name} | {m} | " + " | ".join(
+                f"{_mean(mine, 'bf', k):.3f} / {_mean(mine, 'mae', k):.4f}" for k in gt.KINDS) + " |")
+        none = [r for r in scored[name] if r["method"] == "none"]
+        edges = [r for r in scored[name] if r["method"] == "edges"]
+        w(f"| {name} | edges vs none | " + " | ".join(
+            f"BF {_rel(_mean(edges, 'bf', k), _mean(none, 'bf', k)):+.0%} / "
+            f"MAE {_rel(_mean(edges, 'mae', k), _mean(none, 'mae', k)):+.0%}"
+            for k in gt.KINDS) + " |")
+    w("\nTargets (issue 18), per model:\n")
+    for name, rs in rows.items():
+        none = [r for r in scored[name] if r["method"] == "none"]
+        edges = [r for r in scored[name] if r["method"] == "edges"]
+        hard = [r for r in rs if r["kind"] == gt.HARD_EDGE and r["method"] == "edges"]
+        worst = max(max(-_rel(_mean(edges, 'bf', k), _mean(none, 'bf', k)),
+                        _rel(_mean(edges, 'mae', k), _mean(none, 'mae', k)))
+                    for k in gt.KINDS)
+        kind_mae = np.mean([_rel(_mean(edges, 'mae', k), _mean(none, 'mae', k)) for k in gt.KINDS])
+        w(f"- {name}: outline band {_mean(hard, 'band'):.1f} px (target <= 4), IoU "
+          f"{_mean(hard, 'iou'):.4f} (>= 0.97); BF {_rel(_mean(edges, 'bf'), _mean(none, 'bf')):+.0%} "
+          f"(>= +50%); MAE {_rel(_mean(edges, 'mae'), _mean(none, 'mae')):+.0%} over all scenes, "
+          f"{kind_mae:+.0%} as the mean of the per-kind changes (<= -30%); worst kind change "
+          f"{worst:+.1%} (a loss is positive; <= +2%).")
+    w(f"\nTime to make the full-size mask at 24 MP, seconds, best / median over "
+      f"{len(times)} runs ({REPEATS} per scene and model, today's upscale and `edges` "
+      f"alternating in one process); CPU is the process's CPU time. Load average at the start "
+      f"{args.load:.2f}, at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs: the "
+      "machine is shared, so wall times carry other work; the difference is the figure.\n")
+    w("| step | wall | CPU |")
+    w("|---|---:|---:|")
+
+    def row(label, key):
+        vals = [t[key] for t in times if key in t]
+        cpu = [t[key + "_cpu"] for t in times if key in t]
+        w(f"| {label} | {min(vals):.3f} / {np.median(vals):.3f} | "
+          f"{min(cpu):.3f} / {np.median(cpu):.3f} |")
+
+    row("today: Pillow BILINEAR upscale", "before")
+    row("`refine: edges` (upscale included)", "edges")
+    added = [t["edges"] - t["before"] for t in times]
+    added_cpu = [t["edges_cpu"] - t["before_cpu"] for t in times]
+    w(f"| added by `edges` (paired difference) | {min(added):+.3f} / {np.median(added):+.3f} | "
+      f"{min(added_cpu):+.3f} / {np.median(added_cpu):+.3f} |")
+    if any("guided" in t for t in times):
+        row("candidate: guided filter (upscale excluded)", "guided")
+    return L
+
+
 # ------------------------------------------------------------------ report
 
 
 def write_markdown(path: Path, results: dict, args, skipped: list[str], n_scenes: int,
-                   elapsed: float) -> None:
+                   elapsed: float, camera: list[str]) -> None:
     L = []
     w = L.append
     w("# Mask quality against exact ground truth\n")
     w(f"Command: `.venv/bin/python bench/quality.py --seed {args.seed} --per-kind {args.per_kind} "
-      f"--big {args.big} --threads {args.threads}`  ")
+      f"--big {args.big} --camera {args.camera} --threads {args.threads}"
+      f"{'' if args.candidate else ' --no-candidate'}`  ")
     w(f"Generator: `bench/groundtruth.py` version {gt.GENERATOR_VERSION}, seed {args.seed}, "
       f"{n_scenes} scenes of {SIZE_1MP[0]}x{SIZE_1MP[1]} (1.0 MP), {args.per_kind} per kind "
       f"({', '.join(gt.KINDS)})  ")
@@ -150,6 +324,15 @@ def write_markdown(path: Path, results: dict, args, skipped: list[str], n_scenes
         w(f"| {name} | {r['mb']:.1f} | {_mean(r['rows'], 'iou'):.3f} | "
           f"{_mean(r['rows'], 'mae'):.4f} | {_mean(r['rows'], 'bf'):.3f} | {_t(r['t1'])} | "
           f"{_t(r['t24'])} | {registry.spec(name).licence} |")
+    w("\nThe same 1 MP scenes with `refine: edges` (at 1 MP the working mask is already full "
+      "size; refinement re-decides its soft band from the pixels), and the time it adds, "
+      "best / median:\n")
+    w("| model | IoU | MAE | BF | refine s/img best / median |")
+    w("|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        w(f"| {name} + edges | {_mean(r['refined'], 'iou'):.3f} | "
+          f"{_mean(r['refined'], 'mae'):.4f} | {_mean(r['refined'], 'bf'):.3f} | "
+          f"{r['t_refine']['min']:.3f} / {r['t_refine']['median']:.3f} |")
     w("\nPer scene kind (IoU / BF / MAE):\n")
     w("| model | " + " | ".join(gt.KINDS) + " |")
     w("|---|" + "---:|" * len(gt.KINDS))
@@ -170,6 +353,7 @@ def write_markdown(path: Path, results: dict, args, skipped: list[str], n_scenes
     if {"u2netp", "u2net"} <= set(results):
         w("\n## Which model to pick\n")
         w(pick_paragraph(results))
+    L += camera
     path.write_text("\n".join(L) + "\n")
 
 
@@ -251,8 +435,16 @@ def main(argv=None) -> int:
     p.add_argument("--big", type=int, default=2, help="24 MP images to time (0: none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "quality.md")
+    p.add_argument("--camera", type=int, default=1,
+                   help="scenes per kind at 24 MP for the refinement table (0: none)")
+    p.add_argument("--no-candidate", dest="candidate", action="store_false",
+                   help="skip the guided-filter candidate at 24 MP (slow: seconds per scene)")
+    p.add_argument("--quick", action="store_true",
+                   help="--per-kind 1 --big 1 --camera 1 --no-candidate")
     p.add_argument("--dump", type=Path, help="write scenes, truth and masks here")
     args = p.parse_args(argv)
+    if args.quick:
+        args.per_kind, args.big, args.camera, args.candidate = 1, 1, 1, False
 
     start = time.perf_counter()
     args.load = os.getloadavg()[0]
@@ -270,18 +462,21 @@ def main(argv=None) -> int:
     results = {}
     for name in ready:
         try:
-            rows, t1, t24 = run_model(engines, name, scenes, big, args.dump)
+            rows, refined, t1, t24, t_refine = run_model(engines, name, scenes, big, args.dump)
         except ModelError as exc:
             print(f"{name}: skipped: {exc}", file=sys.stderr)
             skipped.append(name)
             continue
         mb = mask_model_path(args.models_dir, name).stat().st_size / 1e6
-        results[name] = {"rows": rows, "t1": t1, "t24": t24, "mb": mb}
+        results[name] = {"rows": rows, "refined": refined, "t1": t1, "t24": t24, "mb": mb,
+                         "t_refine": t_refine}
         print(f"{name}: IoU {_mean(rows, 'iou'):.3f}  MAE {_mean(rows, 'mae'):.4f}  "
               f"BF {_mean(rows, 'bf'):.3f}  {_t(t1)} s @1MP  {_t(t24)} s @24MP (best / median)",
               flush=True)
+    camera = camera_markdown(*run_camera(engines, list(results), args), args) if (
+        args.camera and results) else []
     elapsed = time.perf_counter() - start
-    write_markdown(args.out, results, args, skipped, len(scenes), elapsed)
+    write_markdown(args.out, results, args, skipped, len(scenes), elapsed, camera)
     write_plot(args.out.with_suffix(".png"), results)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {elapsed:.0f} s")
     return 0

@@ -10,6 +10,11 @@ happened and its ``fate`` what becomes of the source:
   the outbox sends it to ``failed/``'s top level).
 * ``RETRY`` (retry): left in place; the caller's retry policy schedules it and,
   when it is exhausted, finishes ``outcome.given_up(attempts)``.
+* ``REVIEW`` (review: the mask's confidence is below the pair's
+  ``review.min_confidence``): the job wrote the outputs to the review folder
+  with a sidecar (``daemon.review``); the source stays until the item is
+  approved (then ``after_success`` applies) or redone. ``under_review``: a
+  rescan met such a source again; it stays too.
 * ``WAIT`` (not_ready: empty or still being written): left in place; the settle
   queue re-checks it and, past ``incomplete_timeout_s``, finishes
   ``outcome.timed_out(seconds)``.
@@ -19,8 +24,7 @@ happened and its ``fate`` what becomes of the source:
 
 This module is the only writer of ``failed/`` and ``done/`` and the only code
 that deletes a source. A new fate is one ``Fate`` member, its kinds in
-``FATES`` and one branch in ``finish``, as ``WITHDRAW`` is; for example "held
-for review" (the job wrote the outputs to review/; the source stays until approval).
+``FATES`` and one branch in ``finish``, as ``REVIEW`` and ``WITHDRAW`` are.
 """
 from __future__ import annotations
 
@@ -47,11 +51,13 @@ class Fate(enum.Enum):
     FAIL = "fail"
     RETRY = "retry"
     WAIT = "wait"
+    REVIEW = "review"
     WITHDRAW = "withdraw"
 
 
 FATES = {"exact": Fate.DELIVER, "pixel": Fate.DELIVER, "near": Fate.DELIVER,
          "miss": Fate.DELIVER, "up_to_date": Fate.DELIVER, "failed": Fate.FAIL,
+         "review": Fate.REVIEW, "under_review": Fate.REVIEW,
          "retry": Fate.RETRY, "not_ready": Fate.WAIT, "withdrawn": Fate.WITHDRAW}
 
 
@@ -66,6 +72,8 @@ class Outcome:
     sha256: str | None = None  # of the source bytes, once read
     written: list[Path] = field(default_factory=list)  # outputs written by this attempt
     detail: str | None = None  # the failed/ sidecar's text (default: ``str(exc)``)
+    tier: str | None = None  # where the mask came from (exact, pixel, near, miss), once rendered
+    inference_s: float | None = None  # seconds of mask inference (a miss)
 
     @property
     def fate(self) -> Fate:
@@ -109,7 +117,8 @@ def finish(outcome: Outcome) -> Outcome:
         _fail(outcome)
     elif fate is Fate.WITHDRAW:
         _withdraw(outcome)
-    # RETRY and WAIT: the source stays where it is; the caller schedules it again
+    # RETRY and WAIT: the source stays where it is; the caller schedules it again.
+    # REVIEW: it stays until a reviewer approves (daemon.review.approve finishes it) or redoes
     return outcome
 
 
@@ -126,11 +135,14 @@ def _dispose(job: Job) -> None:
 
 
 def _withdraw(outcome: Outcome) -> None:
-    """Remove the outputs written for a source that no longer exists under its name."""
+    """Remove the outputs written for a source that no longer exists under its name (in
+    the outbox, or in the review folder when they were held)."""
     job = outcome.job
+    roots = ([job.review.folder(job.outbox)] if job.review is not None else []) + [job.outbox]
     for path in outcome.written:
+        root = next(r for r in roots if path.is_relative_to(r))
         try:
-            unlink_under(job.outbox, path.relative_to(job.outbox))
+            unlink_under(root, path.relative_to(root))
         except OSError as exc:
             log.error("output_not_withdrawn", path=str(path), error=str(exc))
 

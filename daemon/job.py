@@ -5,10 +5,14 @@ atomic write of every deliverable -> commit the cache writes -> the ledger
 record -> ``fate.finish``, which keeps, moves or deletes the source once every
 output is written, or moves it to ``failed/`` with a sidecar saying why (and
 which deliverable failed). A transient error is an ``Outcome`` of kind
-``retry`` for the caller's retry policy.
+``retry`` for the caller's retry policy. On a pair with ``review:``, a cutout
+whose mask confidence is below ``min_confidence`` is written to the review
+folder instead, with its sidecar (``daemon.review``): kind ``review``, and the
+source waits for the reviewer.
 
 Who else writes where (docs/architecture.md): ``daemon.fate`` writes
-``failed/`` and ``done/``; ``daemon.ledger`` the outbox's ``.rembgd-ledger/``;
+``failed/`` and ``done/``; ``daemon.review`` the review sidecars and, on
+approval, moves held cutouts into the outbox; ``daemon.ledger`` the outbox's ``.rembgd-ledger/``;
 ``daemon.coord`` the claim files (``.rembgd-claims/``) and lock files; the
 standby probe (``daemon.service.standby``) its probe file; the supervisor
 removes this daemon's stale temp files.
@@ -22,6 +26,8 @@ from pathlib import Path
 
 import structlog
 
+from daemon import review
+from daemon.config.schema import ReviewConfig
 from daemon.fate import Outcome, finish, os_error_outcome
 from daemon.fsutil import NAME_MAX, is_transient, name_bytes, output_mode, output_name
 from daemon.nofollow import (InputError, LinkedPathError, atomic_write_under,
@@ -63,6 +69,7 @@ class Job:
     ledger: Ledger | None = None  # what was processed, so a changed source is redone
     wait_incomplete: bool = False  # an empty or truncated file is "not_ready", not failed
     make_outbox: bool = True  # False (the daemon): a vanished outbox is an outage, not re-made
+    review: ReviewConfig | None = None  # hold low-confidence cutouts for review (the plan judges)
 
     def output_rel(self, name: str) -> Path:
         """Relative to the outbox: the legacy PNG ``<rel>.png``; a deliverable
@@ -113,11 +120,13 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
             return Outcome(job, "not_ready", error="empty file (0 bytes)", reason="incomplete")
         rendered = pipeline.render(data, job.plan)
         errors = dict(rendered.errors)  # deliverable -> why it is missing
+        held = review.is_held(job.review, rendered.confidence)
+        root = job.review.folder(job.outbox) if held else job.outbox
         for name, payload in rendered.files.items():
             try:
-                written.append(atomic_write_under(job.outbox, job.output_rel(name), payload,
+                written.append(atomic_write_under(root, job.output_rel(name), payload,
                                                   mode=output_mode(umask),
-                                                  make_root=job.make_outbox))
+                                                  make_root=held or job.make_outbox))
             except OSError as exc:
                 # the legacy PNG, a transient error or a link: the whole file, as before
                 if not name or is_transient(exc) or isinstance(exc, LinkedPathError):
@@ -142,7 +151,17 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
             exc = DeliverableFailed(errors)
             return Outcome(job, "failed", error=str(exc), reason=exc.reason, exc=exc,
                            sha256=rendered.sha256, written=written)
-        return Outcome(job, rendered.tier, sha256=rendered.sha256, written=written)
+        done = Outcome(job, rendered.tier, sha256=rendered.sha256, written=written,
+                       tier=rendered.tier, inference_s=rendered.inference_s)
+        if held:
+            review.hold(root, review.new_item(
+                str(job.src.parents[len(job.rel.parts) - 1]), job.rel,
+                [job.output_rel(n) for n in rendered.files], rendered.confidence.score,
+                rendered.confidence.reasons, job.plan.options.model, rendered.tier))
+            return replace(done, kind="review")
+        if job.review is not None:  # delivered: a cutout held before (a redo) is done with
+            review.drop_for(job.review.folder(job.outbox), job.rel, "delivered to the outbox")
+        return done
     except (DecodeError, InputError) as exc:
         if job.wait_incomplete and isinstance(exc, DecodeError) and (
                 isinstance(exc, TruncatedImage) or signature(job.src) not in (_sig(st), None)):

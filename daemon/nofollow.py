@@ -193,8 +193,8 @@ def atomic_write_under(root: Path, rel: Path, data: bytes, mode: int | None = No
 
 
 def open_under(root: Path, rel: Path) -> BinaryIO:
-    """``root/rel`` open for reading (binary), without following any link below ``root``;
-    raises ``LinkedPathError`` for a link and OSError (EINVAL) for a non-regular file."""
+    """The regular file ``root/rel`` open for reading, reached without following any link
+    below ``root`` (``LinkedPathError``); anything but a regular file raises EINVAL."""
     parts = _plain_parts(rel)
     with dir_under(root, Path(*parts[:-1]), create=False) as dfd:
         try:
@@ -228,9 +228,10 @@ def unlink_under(root: Path, rel: Path) -> bool:
     return True
 
 
-def _copy_in(src: Path, dir_fd: int, name: str) -> str:
+def _copy_in(src: Path, dir_fd: int, name: str, src_dir_fd: int | None = None) -> str:
     """Copy regular file ``src`` (not a link) to a new, unused name in ``dir_fd``."""
-    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                  dir_fd=src_dir_fd)
     with os.fdopen(sfd, "rb") as sfh:
         st = os.fstat(sfd)
         if not stat.S_ISREG(st.st_mode):
@@ -251,22 +252,37 @@ def _copy_in(src: Path, dir_fd: int, name: str) -> str:
     return name
 
 
-def move_under(src: Path, root: Path, rel: Path) -> Path:
-    """Move ``src`` to ``root/rel`` (or a free stamped name beside it; nothing is
-    overwritten), across file systems too; never through a link below ``root``.
-    Returns where it landed."""
+def move_under(src: Path, root: Path, rel: Path, *, src_dir_fd: int | None = None,
+               make_root: bool = True) -> Path:
+    """Move ``src`` (relative to ``src_dir_fd`` if given) to ``root/rel`` (or a free
+    stamped name beside it; nothing is overwritten), across file systems too; never
+    through a link below ``root``. Returns where it landed."""
     parts = _plain_parts(rel)
-    with dir_under(root, Path(*parts[:-1])) as dfd:
+    with dir_under(root, Path(*parts[:-1]), make_root=make_root) as dfd:
         name = _unique_name_at(dfd, parts[-1])
         try:
-            os.rename(src, name, dst_dir_fd=dfd)
+            os.rename(src, name, src_dir_fd=src_dir_fd, dst_dir_fd=dfd)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            name = _copy_in(Path(src), dfd, name)
-            os.unlink(src)
+            name = _copy_in(Path(src), dfd, name, src_dir_fd)
+            os.unlink(src, dir_fd=src_dir_fd)
         fsync_fd_quietly(dfd)
     return Path(root, *parts[:-1], name)
+
+
+def move_between(src_root: Path, src_rel: Path, root: Path, rel: Path) -> Path:
+    """Move the regular file ``src_root/src_rel`` to ``root/rel`` (or a free stamped name
+    beside it), never through a link below either root; a missing ``root`` is an error
+    (a lost share is never re-created on the local disk). Returns where it landed."""
+    src_parts = _plain_parts(src_rel)
+    with dir_under(src_root, Path(*src_parts[:-1]), create=False) as sfd:
+        st = os.stat(src_parts[-1], dir_fd=sfd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            raise LinkedPathError(Path(src_root, *src_parts))
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(Path(src_root, *src_parts)))
+        return move_under(Path(src_parts[-1]), root, rel, src_dir_fd=sfd, make_root=False)
 
 
 def write_failure(src: Path, rel: Path, failed_dir: Path, *, reason: str, exc: BaseException,

@@ -14,6 +14,7 @@ then hands those writes to ``MaskCache.commit``. It never sees a path.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -27,12 +28,14 @@ from daemon.cache.mask_cache import CacheWrite, MaskCache, MaskHit, Probe
 from daemon.config import CacheConfig, Deliverable, OutputOptions
 from daemon.coord.flight import SingleFlight
 from daemon.coord.locks import LockBackend
+from daemon.imaging import confidence
 from daemon.imaging import fingerprint as fpmod
+from daemon.imaging.confidence import Confidence
 from daemon.imaging.decode import decode, probe_pixels
 from daemon.imaging.keys import Target, mask_key, targets
-from daemon.imaging.render import (decode_mask, encode_mask, fit_mask, full_size_mask,
-                                   predict_mask, render_target, stamp_files,
-                                   working_mask_size)
+from daemon.imaging.refine import refine
+from daemon.imaging.render import (decode_mask, encode_mask, fit_mask, predict_mask,
+                                   render_target, stamp_files, working_mask_size)
 from daemon.inference.engine import Engines
 
 log = structlog.get_logger("rembgd.pipeline")
@@ -44,6 +47,7 @@ class Plan:
 
     options: OutputOptions
     outputs: tuple[Deliverable, ...] = ()
+    judge: bool = False  # score the mask's confidence (review); stored outputs are not reused
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Rendered:
     metrics: Mapping[str, float] = field(default_factory=dict)
     sha256: str | None = None  # of the source bytes
     cache_writes: tuple[CacheWrite, ...] = ()  # for MaskCache.commit, once the files are out
+    confidence: Confidence | None = None  # with Plan.judge
+    inference_s: float | None = None  # seconds the model ran (a miss)
 
     @property
     def inferred(self) -> bool:
@@ -87,7 +93,9 @@ class Pipeline:
         rendered is reported in ``errors`` while the others are returned."""
         wanted = self.targets(plan)
         sha = fpmod.sha256_bytes(data)
-        stored = self.masks.stored_outputs(wanted, sha) if self.masks is not None else None
+        # a judged plan goes through the cached mask: a hit is scored like a miss
+        stored = self.masks.stored_outputs(wanted, sha) \
+            if self.masks is not None and not plan.judge else None
         if stored is not None:
             return Rendered(stamp_files(stored.files, wanted, sha), "exact",
                             entry_id=stored.entry_id, sha256=sha)
@@ -103,28 +111,35 @@ class Pipeline:
         # fingerprints, the embedding and the model: no full-size resize before the mask.
         small = fpmod.working_copy(Image.fromarray(decoded.rgb, "RGB"))
         fp = fpmod.fingerprint(data, decoded.rgb, sha256=sha, small=small)
-        mask, hit = self._mask(wanted[0].mask_key, plan.options, fp, np.asarray(small),
-                               (decoded.width, decoded.height))
+        mask, hit, inference_s = self._mask(wanted[0].mask_key, plan.options, fp,
+                                            np.asarray(small), (decoded.width, decoded.height))
+        judged = confidence.score(mask, np.asarray(small)) if plan.judge else None
         del small
-        full_mask = full_size_mask(mask, decoded.width, decoded.height)
-        files, errors = {}, {}
+        files, errors, full_masks = {}, {}, {}  # one full-size mask per refine mode
         for target in wanted:
             try:
-                files[target.name] = render_target(target, decoded, full_mask)
+                if target.refine not in full_masks:
+                    full_masks[target.refine] = refine(decoded.rgb, mask, target.refine)
+                files[target.name] = render_target(target, decoded, full_masks[target.refine])
             except Exception as exc:  # one deliverable's fault; the others still ship
                 log.warning("deliverable_failed", output=target.name or "png",
                             error=f"{type(exc).__name__}: {exc}")
                 errors[target.name] = exc
         if hit is None:  # no cache
-            return Rendered(files, "miss", errors, sha256=sha)
+            return Rendered(files, "miss", errors, sha256=sha, confidence=judged,
+                            inference_s=inference_s)
         writes = self.masks.output_rows(hit, fp, wanted, files)
-        return Rendered(files, hit.tier, errors, hit.entry_id, hit.metrics, sha, tuple(writes))
+        return Rendered(files, hit.tier, errors, hit.entry_id, hit.metrics, sha, tuple(writes),
+                        judged, inference_s)
 
     def _mask(self, mkey: str, options: OutputOptions, fp: fpmod.Fingerprint,
-              small: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, MaskHit | None]:
-        """The working-size mask, and the cache hit (or stored miss) it came from."""
+              small: np.ndarray, size: tuple[int, int]
+              ) -> tuple[np.ndarray, MaskHit | None, float | None]:
+        """The working-size mask, the cache hit (or stored miss) it came from, and the
+        seconds of inference it took (None: a hit)."""
+        seconds: list[float] = []
         if self.masks is None:
-            return self._infer(options, small, size), None
+            return self._infer(options, small, size, seconds), None, seconds[0]
         probe = Probe(fp, lambda: self.engines.embedder().embed(small))
 
         def cached() -> tuple[np.ndarray, MaskHit] | None:
@@ -134,13 +149,17 @@ class Pipeline:
             return fit_mask(decode_mask(hit.mask_png), *working_mask_size(*size)), hit
 
         def inferred() -> tuple[np.ndarray, MaskHit]:
-            mask = self._infer(options, small, size)
+            mask = self._infer(options, small, size, seconds)
             return mask, self.masks.put_mask(mkey, options.model, probe, encode_mask(mask))
 
-        return cached() or self.flight.run(f"{mkey}:{fp.pixel_hash}", cached, inferred)
+        mask, hit = cached() or self.flight.run(f"{mkey}:{fp.pixel_hash}", cached, inferred)
+        return mask, hit, (seconds[0] if seconds else None)
 
-    def _infer(self, options: OutputOptions, small: np.ndarray, size: tuple[int, int]
-               ) -> np.ndarray:
+    def _infer(self, options: OutputOptions, small: np.ndarray, size: tuple[int, int],
+               seconds: list[float]) -> np.ndarray:
+        """The model's mask; appends the seconds it took to ``seconds``."""
+        start = time.perf_counter()
         mask = predict_mask(self.engines.mask(options.model), small, options, size)
+        seconds.append(time.perf_counter() - start)
         self.inferences += 1
         return mask

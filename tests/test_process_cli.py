@@ -36,6 +36,11 @@ GOOD = {  # relative path -> (photo, format, save kwargs)
 }
 
 
+# rembg parity holds for the model's mask as is: edge refinement (the default, which
+# re-decides the edges from the photo) is tested in test_refine.py
+PARITY = {"refine": "none"}
+
+
 def _config(folder: Path, models_dir: Path, **extra) -> Path:
     data = {"models": {"dir": str(models_dir)}, "cache": {"dir": str(folder / "cache")},
             "threads": 2, **extra}
@@ -110,7 +115,7 @@ def tree_run(tmp_path_factory, models_dir):
     single.write_bytes(encode(man, "BMP"))
     sizes["d.bmp"] = (man.shape[1], man.shape[0])
     out = base / "out"
-    cfg = _config(base, models_dir)
+    cfg = _config(base, models_dir, output=PARITY)
     cmd = [sys.executable, "-m", "daemon", "-c", str(cfg), "--log-format", "json", "process",
            str(photos), str(single), "-o", str(out)]
     rc, stdout, tty = _run_on_pty(cmd, base)
@@ -264,7 +269,7 @@ def small(tmp_path, models_dir, astro):
     src = tmp_path / "astro.png"
     src.write_bytes(encode(rgb, "PNG"))
     return {"rgb": rgb, "mask": mask, "default": default, "src": src,
-            "cfg": _config(tmp_path, models_dir), "tmp": tmp_path}
+            "cfg": _config(tmp_path, models_dir, output=PARITY), "tmp": tmp_path}
 
 
 def _process(run_cli, small, *options, out="out"):
@@ -321,6 +326,15 @@ def test_option_alpha_matting_small_image(run_cli, small):
     expected = alpha_matting_cutout(Image.fromarray(small["rgb"]), Image.fromarray(small["mask"]),
                                     240, 10, 5)
     assert np.array_equal(np.asarray(matted), np.asarray(expected))
+
+
+def test_option_refine(run_cli, small):
+    from daemon.imaging.refine import refine
+
+    img, _ = _process(run_cli, small, "--refine", "edges", out="edges")  # over the config's none
+    alpha = np.asarray(img)[..., 3]
+    assert np.array_equal(alpha, refine(small["rgb"], small["mask"]))
+    assert not np.array_equal(alpha, small["mask"])
 
 
 def test_option_png_compression(run_cli, small):

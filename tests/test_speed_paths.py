@@ -28,7 +28,8 @@ from daemon.imaging import deliver, fingerprint as fpm
 from daemon.imaging.colour import to_srgb
 from daemon.imaging.geometry import crop, crop_box, subject_box
 from daemon.imaging.meta import SourceMeta
-from daemon.imaging.render import full_size_mask, predict_mask, working_mask_size
+from daemon.imaging.refine import upscale
+from daemon.imaging.render import predict_mask, working_mask_size
 
 from conftest import pipeline_over, write_config
 
@@ -69,7 +70,7 @@ def test_bilinear_full_size_mask_agrees_with_lanczos(shared_engines, name):
     rgb = _photo(name, (1500, 1000))  # the working copy of a 6000x4000 file
     mask = predict_mask(shared_engines.mask("u2netp"), rgb, OutputOptions(), (6000, 4000))
     assert mask.shape == (1365, 2048)
-    fast = full_size_mask(mask, 6000, 4000)
+    fast = upscale(mask, 6000, 4000)
     ref = np.asarray(Image.fromarray(mask).resize((6000, 4000), Image.Resampling.LANCZOS))
     assert fast.shape == ref.shape == (4000, 6000)
     a, b = fast >= 128, ref >= 128
@@ -77,7 +78,7 @@ def test_bilinear_full_size_mask_agrees_with_lanczos(shared_engines, name):
     diff = np.abs(fast.astype(np.int16) - ref)
     assert (a & b).sum() / (a | b).sum() >= 0.999
     assert diff.mean() < 0.05 and diff.max() <= 4
-    assert full_size_mask(mask, 2048, 1365) is mask  # already full size: no copy
+    assert upscale(mask, 2048, 1365) is mask  # already full size: no copy
 
 
 def test_phash_is_imagehash_bit_for_bit():

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from daemon import job as jobmod
 from daemon.budget import PixelBudget
 from daemon.config import AlphaMatting, Config, OutputOptions
+from daemon.config.schema import REFINES
 from daemon.pipeline import Pipeline, Plan
 from daemon.scan import is_ignored
 
@@ -54,6 +55,8 @@ def add_parser(sub) -> None:
     g.add_argument("--alpha-matting-erode-size", type=int, metavar="N")
     g.add_argument("--bgcolor", type=_color, metavar="R,G,B[,A]")
     g.add_argument("--png-compression", type=int, choices=range(10), metavar="0-9")
+    g.add_argument("--refine", choices=REFINES, help="edge refinement (default from config: "
+                   "edges)")
 
 
 def _given(value, default):
@@ -72,7 +75,8 @@ def options_from(args: argparse.Namespace, base: OutputOptions) -> OutputOptions
     return dataclasses.replace(
         base, model=pick("model"), only_mask=pick("only_mask"),
         post_process_mask=pick("post_process_mask"), alpha_matting=matting,
-        bgcolor=pick("bgcolor"), png_compression=pick("png_compression"))
+        bgcolor=pick("bgcolor"), png_compression=pick("png_compression"),
+        refine=pick("refine"))
 
 
 def plan_jobs(paths: list[Path], out_dir: Path, plan: Plan,

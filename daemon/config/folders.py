@@ -1,7 +1,7 @@
 """The folder rules of the watch pairs, checked when the service starts or reloads.
 
-Each inbox exists; no outbox, failed_dir, done_dir or cache.dir lies inside an inbox or
-around it, a pair's own folders do not overlap, and nothing a pair writes lands in
+Each inbox exists; no outbox, failed_dir, done_dir, review.dir or cache.dir lies inside an
+inbox or around it, a pair's own folders do not overlap, and nothing a pair writes lands in
 another pair's inbox (it would feed its own outputs back).
 """
 from __future__ import annotations
@@ -15,6 +15,14 @@ def is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def _written(p: WatchPair) -> dict[str, Path]:
+    """The folders a pair writes, by key."""
+    named = {"outbox": p.outbox, "failed_dir": p.failed_dir, "done_dir": p.done_dir}
+    if p.review is not None:
+        named["review.dir"] = p.review.folder(p.outbox)
+    return named
+
+
 def check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) -> None:
     def fail(i: int, key: str, msg: str) -> None:
         raise ConfigError(f"{source}: watch[{i}].{key}: {msg}")
@@ -26,7 +34,7 @@ def check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) -
             fail(i, "inbox", f"folder {p.inbox} does not exist")
         if not p.inbox.is_dir():
             fail(i, "inbox", f"{p.inbox} is not a folder")
-        named = {"outbox": p.outbox, "failed_dir": p.failed_dir, "done_dir": p.done_dir}
+        named = _written(p)
         for key, folder in named.items():
             if is_within(folder, p.inbox):
                 fail(i, key, f"{folder} must not be inside inbox {p.inbox}")
@@ -34,7 +42,11 @@ def check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) -
                 fail(i, key, f"{folder} must not contain inbox {p.inbox}")
         if is_within(cache_dir, p.inbox):
             fail(i, "inbox", f"cache.dir {cache_dir} must not be inside it")
-        for a, b in (("outbox", "failed_dir"), ("outbox", "done_dir"), ("failed_dir", "done_dir")):
+        for a, b in (("outbox", "failed_dir"), ("outbox", "done_dir"), ("failed_dir", "done_dir"),
+                     ("outbox", "review.dir"), ("failed_dir", "review.dir"),
+                     ("done_dir", "review.dir")):
+            if b not in named:
+                continue
             if is_within(named[a], named[b]) or is_within(named[b], named[a]):
                 fail(i, b, f"{named[b]} overlaps {a} {named[a]}")
         for j, q in enumerate(pairs[:i]):
@@ -46,7 +58,6 @@ def check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) -
         for j, q in enumerate(pairs):
             if j == i:
                 continue
-            for key in ("outbox", "failed_dir", "done_dir"):
-                folder = getattr(p, key)
+            for key, folder in _written(p).items():
                 if is_within(folder, q.inbox) or is_within(q.inbox, folder):
                     fail(i, key, f"{folder} overlaps watch[{j}].inbox {q.inbox}")

@@ -24,8 +24,9 @@ from daemon.config.fields import read_key, read_section
 from daemon.config.folders import check_folders as check_pair_folders
 from daemon.config.outputs import check_unused_options, parse_outputs
 from daemon.config.reader import Reader
-from daemon.config.schema import (DEFAULT_IGNORE, CacheConfig, Config, ConfigError, Deliverable,
-                                  OutputOptions, PruneSchedule, WatchPair)
+from daemon.config.schema import (DEFAULT_IGNORE, LOCAL_HOSTS, CacheConfig, Config, ConfigError,
+                                  Deliverable, OutputOptions, PruneSchedule, ReviewConfig, Secret,
+                                  WatchPair, WebConfig, split_listen)
 
 
 def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
@@ -39,7 +40,8 @@ def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
         check_unused_options(source, "outputs", output, _set_at(None, "output"))
     cfg = read_section(r, Config, given={
         "source": source, "output": output, "cache": cache, "outputs": outputs,
-        "watch": _watch(r, output, outputs), "umask": _umask(r), "ignore": _ignore(r)})
+        "watch": _watch(r, output, outputs), "umask": _umask(r), "ignore": _ignore(r),
+        "web": _web(r)})
     if check_folders:
         check_pair_folders(source, cfg.watch, cfg.cache.dir)
     return cfg
@@ -111,9 +113,11 @@ def _pair(w: Reader, output: OutputOptions, outputs: tuple[Deliverable, ...]) ->
         w.fail("is required", "outbox")
     opts = w.child("options")
     options = _output_options(opts, output)
+    review = read_section(w.child("review"), ReviewConfig) \
+        if w.raw("review") is not None else None
     pair = read_section(w, WatchPair, given={
         "inbox": inbox, "outbox": outbox, "options": options,
-        "outputs": parse_outputs(w, "outputs", outputs)},
+        "outputs": parse_outputs(w, "outputs", outputs), "review": review},
         defaults={"failed_dir": outbox.parent / "failed", "done_dir": inbox.parent / "done"})
     if pair.outputs:
         own = w.data.get("outputs") is not None
@@ -133,6 +137,28 @@ def _set_at(opts: Reader | None, fallback: str) -> dict[str, str]:
     return {option: f"{opts.path if here else fallback}.{option}"
             + (".enabled" if option == "alpha_matting" else "")
             for option, here in named.items()}
+
+
+def _web(r: Reader) -> WebConfig | None:
+    """``web:`` (an empty section: the defaults); absent: None, no server. Off localhost
+    the token is required."""
+    if "web" not in r.data:
+        return None
+    w = r.child("web")
+    listen = read_key(w, WebConfig, "listen")
+    if split_listen(listen) is None:
+        w.fail(f"must be HOST:PORT such as 127.0.0.1:8765 or [::1]:8765, got {listen!r}",
+               "listen")
+    token = w.get("token", str, None)
+    if token is not None and len(token) < 16:
+        w.fail("must be at least 16 characters (e.g. the output of `openssl rand -hex 24`)",
+               "token")
+    web = read_section(w, WebConfig, given={"listen": listen,
+                                            "token": Secret(token) if token else None})
+    if not web.local and web.token is None:
+        w.fail(f"is required when web.listen is {listen} (not {' or '.join(LOCAL_HOSTS)}): "
+               "every request must then carry it", "token")
+    return web
 
 
 def _umask(r: Reader) -> int:

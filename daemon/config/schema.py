@@ -36,6 +36,10 @@ FORMATS = ("png", "tiff", "webp", "jpeg")
 COLOURS = ("keep", "srgb")
 METADATA = ("keep", "strip")
 CROPS = ("none", "subject")
+REFINES = ("none", "edges")  # daemon/imaging/refine.py
+REFINE_DOC = ("edges: re-decide the mask's soft edge band from the full-size photo (crisp "
+              "product edges, partial alpha on hair and glass; bench/quality.md); none: the "
+              "plain bilinear upscale of the model's mask")
 FORMAT_EXT = {"png": ".png", "tiff": ".tif", "webp": ".webp", "jpeg": ".jpg"}
 COLOUR_DOC = "keep: embed the source's ICC profile; srgb: convert to sRGB (littleCMS)"
 
@@ -97,6 +101,7 @@ class OutputOptions:
     colour: str = setting("keep", COLOUR_DOC, choices=COLOURS)
     metadata: str = setting("keep", "keep: EXIF (orientation set to 1) and XMP; strip: none",
                             choices=METADATA)
+    refine: str = setting("edges", REFINE_DOC + "; the deliverables' default", choices=REFINES)
 
     @property
     def mask_options(self) -> tuple:
@@ -147,6 +152,8 @@ class Deliverable:
     colour: str = setting("keep", COLOUR_DOC, choices=COLOURS)
     metadata: str = setting("keep", "keep: EXIF (orientation set to 1), XMP, and IPTC where "
                             "the format holds it (JPEG, TIFF); strip: none", choices=METADATA)
+    refine: str | None = setting(None, REFINE_DOC, choices=REFINES,
+                                 default_doc="the pair's `options.refine`")
 
     @property
     def ext(self) -> str:
@@ -158,6 +165,21 @@ class Deliverable:
         if self.background is None and self.format == "jpeg":
             return (255, 255, 255)
         return self.background
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """A pair's ``review:``: cutouts whose mask confidence is below ``min_confidence`` go to
+    ``dir`` instead of the outbox, each with a sidecar saying why (daemon/review.py)."""
+
+    min_confidence: float = setting(0.62, "route a cutout whose mask confidence (0-1) is "
+                                    "below this; 0.62 was calibrated by bench/routing.py",
+                                    minimum=0.0, maximum=1.0)
+    dir: Path | None = setting(None, "where held cutouts go (subfolders mirror the outbox)",
+                               default_doc="`review` beside the outbox")
+
+    def folder(self, outbox: Path) -> Path:
+        return self.dir or Path(outbox).parent / "review"
 
 
 @dataclass(frozen=True)
@@ -180,6 +202,9 @@ class WatchPair:
     outputs: tuple[Deliverable, ...] = setting(
         (), "this pair's own deliverables; they replace the top-level list",
         type_doc="list of deliverables", default_doc="the top-level `outputs:`")
+    review: ReviewConfig | None = setting(
+        None, "route low-confidence cutouts to a review folder instead of the outbox",
+        default_doc="off: every cutout goes to the outbox")
 
 
 @dataclass(frozen=True)
@@ -259,6 +284,65 @@ class StoreConfig:
                              minimum=0.1)
 
 
+class Secret:
+    """A password-like value: shown as hidden in ``config show``, logs and reprs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+    __str__ = __repr__
+
+
+LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")  # `web.listen` without a token
+
+
+def split_listen(listen: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` as (host, port), or None if it is neither."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The status page and ``/metrics`` (docs/web.md). Absent: no HTTP server at all."""
+
+    listen: str = setting("127.0.0.1:8765", "HOST:PORT or [IPv6]:PORT; any host but "
+                          "127.0.0.1, ::1 and localhost needs `token`")
+    token: Secret | None = setting(None, "every request must carry it (bearer header or "
+                                   "the login cookie); `config show` hides it",
+                                   type_doc="string, 16 characters or more")
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    @property
+    def local(self) -> bool:
+        return self.host in LOCAL_HOSTS
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole config file."""
@@ -306,6 +390,8 @@ class Config:
     outputs: tuple[Deliverable, ...] = setting(
         (), "deliverables of every pair and of `rembgd process`; none: the single PNG of "
         "`output:`", default_doc="none")
+    web: WebConfig | None = setting(None, "the status page and /metrics; absent: off",
+                                    default_doc="`null` (off)")
 
     @property
     def output_defaults(self) -> OutputOptions:

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 from daemon.config import Deliverable, OutputOptions
 
 MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
-RENDER_VERSION = 5  # bump when rendering changes: old stored outputs become misses
+RENDER_VERSION = 6  # bump when rendering changes: old stored outputs become misses
 # (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
-#  5: TIFF carries the source-stamp placeholder tag, daemon.imaging.stamp)
+#  5: refine, on by default, and OpenCV's bilinear upscale;
+#  6: TIFF carries the source-stamp placeholder tag, daemon.imaging.stamp)
 MASK_EDGE = 2048  # the working mask's long side (see daemon.imaging.render)
 
 
@@ -31,6 +32,7 @@ class Target:
     model: str
     options: OutputOptions
     deliverable: Deliverable | None = None
+    refine: str = "none"  # imaging.refine mode: the deliverable's, else the options'
 
 
 def _digest(payload: dict) -> str:
@@ -45,10 +47,22 @@ def mask_key(options: OutputOptions, model_checksum: str) -> str:
 
 
 def targets(mkey: str, options: OutputOptions, outputs: tuple[Deliverable, ...]) -> list[Target]:
-    """The files one source becomes; output keys cover every render option."""
+    """The files one source becomes; output keys cover every render option.
+
+    ``refine`` keys the outputs, not the mask: it runs at render time on the cached
+    working mask against each file's own pixels, so toggling it re-renders from the
+    cache without a new inference, and the cached mask stays one per image.
+    """
     if not outputs:
-        legacy = {k: v for k, v in asdict(options).items() if k not in ("model", "post_process_mask")}
-        return [Target("", mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "legacy": legacy}),
-                       options.model, options)]
-    return [Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "out": asdict(d)}),
-                   options.model, options, d) for d in outputs]
+        legacy = {k: v for k, v in asdict(options).items()
+                  if k not in ("model", "post_process_mask", "refine")}
+        return [Target("", mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "legacy": legacy,
+                                          "refine": options.refine}),
+                       options.model, options, refine=options.refine)]
+    out = []
+    for d in outputs:
+        mode = d.refine or options.refine
+        out.append(Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey,
+                                                 "out": asdict(d), "refine": mode}),
+                          options.model, options, d, mode))
+    return out

@@ -3,9 +3,10 @@
 A mask is predicted (and cached) at a working size of at most ``MASK_EDGE``
 pixels on the long side: U^2-Net sees 320x320, so a larger mask holds nothing
 more, and a 24 MP mask would cost 24 MB of cache and seconds of resizing. It
-is expanded to the image's full size once per file (``full_size_mask``), and
-every deliverable is rendered from that one full-size mask, for hits and misses
-alike (a hit is byte-identical to what a miss would have written).
+is made full size once per file and ``refine`` mode (``imaging.refine``: against
+the file's own pixels, so a near hit's edges follow the NEW photo), and every
+target with that mode is rendered from it, for hits and misses alike (a hit is
+byte-identical to what a miss would have written).
 
 The cache keys and their versions are in ``daemon.imaging.keys``. The legacy
 ``output:`` PNG keeps rembg's own cutout for alpha matting and
@@ -46,20 +47,6 @@ def fit_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     if mask.shape == (height, width):
         return mask
     img = Image.fromarray(mask, "L").resize((width, height), Image.Resampling.LANCZOS)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def full_size_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The working-size mask expanded to the image's (width, height), for rendering.
-
-    BILINEAR, not LANCZOS: the mask holds no detail finer than the model's 320 px, and
-    on real 24 MP masks (2048 px -> 6000 px) BILINEAR agrees with LANCZOS at IoU >= 0.9998,
-    mean |diff| 0.01 and max 3 levels, in ~60 ms instead of ~110 ms (bench/camera.md).
-    Hits and misses both come through here, so they stay byte-identical.
-    """
-    if mask.shape == (height, width):
-        return mask
-    img = Image.fromarray(mask, "L").resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 

@@ -88,7 +88,8 @@ class App:
             and previous.cfg.threads == cfg.threads
         if engines is None:
             engines = previous.engines if reuse else Engines(cfg.models_dir, cfg.threads)
-        plans = {i: Plan(p.options, p.outputs) for i, p in enumerate(cfg.watch)}
+        plans = {i: Plan(p.options, p.outputs, judge=p.review is not None)
+                 for i, p in enumerate(cfg.watch)}
         engines.preload(sorted({plan.options.model for plan in plans.values()}))
         same_cache = previous is not None and (previous.cfg.store, previous.cfg.cache.dir,
                                                previous.cfg.cache.enabled) == (

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import structlog
 
 from daemon import job as jobmod
+from daemon import review
 from daemon.cache.base import StoreError
 from daemon.coord.claims import claim, claim_name
 from daemon.fate import Outcome, finish
 from daemon.fsutil import safe_relative
 from daemon.scan import path_ignore_reason
 from daemon.service.app import App
+from daemon.service.metrics import Metrics
 from daemon.service.standby import Standby, is_outage_error
 from daemon.service.status import Counters
 
@@ -37,6 +39,7 @@ class WorkItem:
     pair: int  # index into the current config's watch pairs
     path: Path
     attempt: int = 0
+    model: str | None = None  # a reviewer's redo: this model, delivered whatever its score
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,15 @@ class Admitted:
 
 class Intake:
     def __init__(self, app: Callable[[], App], counters: Counters, retry, later, scheduler,
-                 standby: Standby):
-        """``retry(item, outcome)`` applies the retry policy; ``later(item, delay)``
-        re-queues a path without counting an attempt (claimed elsewhere, standby);
-        ``scheduler.not_ready(pair, path)`` keeps an incomplete file waiting."""
+                 standby: Standby, metrics: Metrics | None = None):
+        """``retry(item, outcome)`` applies the retry policy (True: it gave up);
+        ``later(item, delay)`` re-queues a path without counting an attempt (claimed
+        elsewhere, standby); ``scheduler.not_ready(pair, path)`` keeps an incomplete file
+        waiting."""
         self._app = app
         self.counters = counters
+        self.metrics = metrics
+        self.listeners: list[Callable[[int, Outcome], None]] = []  # each finished job
         self._retry = retry
         self._later = later
         self.scheduler = scheduler
@@ -101,15 +107,19 @@ class Intake:
         admitted = self.admit(pair.inbox, item.path, app.cfg.ignore)
         if admitted is None:
             return "skipped"
-        job = jobmod.Job(item.path, admitted.rel, pair.outbox, app.plan(item.pair),
+        plan, route = app.plan(item.pair), pair.review
+        if item.model is not None:  # a reviewer's redo: never held again, and processed
+            # although the ledger records the file (it was, when it was held)
+            plan = replace(plan, options=replace(plan.options, model=item.model))
+            route = replace(route, min_confidence=0.0) if route is not None else None
+        job = jobmod.Job(item.path, admitted.rel, pair.outbox, plan,
                          pair.failed_dir, pair.done_dir, pair.after_success,
                          ledger=app.ledgers[item.pair], wait_incomplete=True,
-                         make_outbox=False)
-        if self.is_done(job, admitted.st):
+                         make_outbox=False, review=route)
+        if item.model is None and self.is_done(job, admitted.st):
             log.debug("up_to_date", path=str(item.path),
                       reason="the ledger records this very file as processed")
-            # e.g. killed after writing, before moving: finished now
-            return self._account(item, finish(Outcome(job, "up_to_date")), app)
+            return self._account(item, self._finish_done(job), app)
         try:
             lease = claim(app.locks, pair.outbox / CLAIMS_DIR,
                           claim_name(pair.inbox.name, admitted.rel), app.cfg.store.claim_ttl_s,
@@ -127,13 +137,21 @@ class Intake:
             except FileNotFoundError:
                 self.counters.add("vanished")
                 return "vanished"
-            if self.is_done(job, st):  # another daemon finished it meanwhile
-                outcome = finish(Outcome(job, "up_to_date"))
+            if item.model is None and self.is_done(job, st):  # finished elsewhere meanwhile
+                outcome = self._finish_done(job)
             else:
                 outcome = jobmod.run(job, app.pipeline, umask=app.cfg.umask)
         finally:
             lease.release()
         return self._account(item, outcome, app)
+
+    @staticmethod
+    def _finish_done(job: jobmod.Job) -> Outcome:
+        """A file the ledger records as processed: finished now (e.g. killed after writing,
+        before moving), unless its cutout waits for review: then its fate is the reviewer's."""
+        if job.review is not None and review.is_waiting(job.review.folder(job.outbox), job.rel):
+            return Outcome(job, "under_review")
+        return finish(Outcome(job, "up_to_date"))
 
     def _claim_fallback(self, exc: StoreError, app: App) -> None:
         """The lock backend failed and the claim file stood in: one more sign of a cache
@@ -149,7 +167,24 @@ class Intake:
         if outcome.kind == "retry":
             return self._transient(item, outcome, app)
         self.counters.add(outcome.kind)
+        self._measure(item, outcome, app)
+        for listener in self.listeners:
+            listener(item.pair, outcome)
         return outcome.kind
+
+    def _measure(self, item: WorkItem, outcome: Outcome, app: App) -> None:
+        """The Prometheus counters of a finished outcome (labelled by the pair's inbox)."""
+        if self.metrics is None:
+            return
+        pair = str(app.pair(item.pair).inbox)
+        if outcome.kind == "failed":
+            self.metrics.failed(pair, outcome.reason or "internal_error")
+        elif outcome.tier is not None:  # delivered or held for review, not up_to_date
+            self.metrics.processed(pair, outcome.tier, outcome.ms / 1000)
+            if outcome.kind == "review":
+                self.metrics.reviewed(pair)
+        if outcome.inference_s is not None:
+            self.metrics.inference(outcome.inference_s)
 
     def is_done(self, job: jobmod.Job, st: os.stat_result, *, hash_source: bool = True) -> bool:
         """The ledger says this very file (size, mtime, ctime, inode) was processed (a
@@ -184,7 +219,8 @@ class Intake:
                 self.counters.add("standby_waits")
                 self._later(item, delay)
                 return "standby"
-        self._retry(item, outcome)
+        if self._retry(item, outcome):  # given up: failed for good
+            self._measure(item, outcome.given_up(item.attempt + 1), app)
         return "retry"
 
     def _not_ready(self, item: WorkItem, outcome: Outcome) -> str:
@@ -194,5 +230,6 @@ class Intake:
             self.counters.add("waiting")
             return "waiting"
         self.counters.add("failed")
-        finish(outcome.timed_out(self.scheduler.incomplete_timeout_s))
+        failed = finish(outcome.timed_out(self.scheduler.incomplete_timeout_s))
+        self._measure(item, failed, self._app())
         return "failed"

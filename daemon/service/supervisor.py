@@ -27,6 +27,8 @@ from daemon.job import Job
 from daemon.scan import walk
 from daemon.service import systemd
 from daemon.service.app import App
+from daemon.service.console import Web
+from daemon.service.metrics import Metrics
 from daemon.service.intake import Intake, WorkItem
 from daemon.service.standby import Standby
 from daemon.service.status import Counters, build_status, progress_fields, write_status
@@ -58,8 +60,10 @@ class Supervisor:
                                         lambda: self.cfg.retry_attempts,
                                         lambda: self.cfg.retry_backoff_s)
         self.standby = Standby()
+        self.metrics = Metrics(queue_depth=self._queue_depth, standby=self._standby_pairs,
+                               cache=self._cache_entries)
         self.intake = Intake(lambda: self.app, self.counters, self.retry_policy.retry,
-                             self.retry_policy.later, self.scheduler, self.standby)
+                             self.retry_policy.later, self.scheduler, self.standby, self.metrics)
         self.workers = Workers(cfg.workers, cfg.queue_size, self.intake.process, self.counters,
                                self.stop_event, self._model_error)
         self.watches: Watches | None = None
@@ -70,6 +74,8 @@ class Supervisor:
         self.started = time.time()
         self.state = "starting"
         self.ticks = self.idle_ticks = 0  # ticks of the main loop; the idle ones in a row
+        self.web = Web(self)  # the status page, when the config has `web:`
+        self.intake.listeners.append(self.web.record)
 
     # ------------------------------------------------------------ set-up
 
@@ -224,6 +230,7 @@ class Supervisor:
         self.stop_watching()
         self._start_watching()
         self.rescan()
+        self.web.apply(new)
         log.info("config_reloaded", source=str(new.source), pairs=len(new.watch),
                  threads=new.threads, log_level=new.log_level)
         systemd.notify("READY=1")
@@ -231,6 +238,20 @@ class Supervisor:
 
     def status(self) -> dict:
         return build_status(self)
+
+    # ------------------------------------------------------------ metrics (read at scrape)
+
+    def _queue_depth(self) -> int:
+        return self.workers.queue.qsize() + len(self.scheduler)
+
+    def _standby_pairs(self) -> dict[str, bool]:
+        return {str(p.inbox): self.standby.active(i) for i, p in enumerate(self.cfg.watch)}
+
+    def _cache_entries(self) -> dict:
+        cache = self.app.cache if self.app is not None else None
+        if cache is None:
+            return {}
+        return {"entries": cache.guard.call(lambda store: store.count(), default=None)}
 
     def _publish(self, *, changed: bool = True) -> None:
         """Write the status file; ``changed`` False: only the tick counters moved (not
@@ -273,6 +294,7 @@ class Supervisor:
         log.info("started", pid=os.getpid(), catch_up=found, workers=self.cfg.workers,
                  cache=self.cfg.store.backend if self.app.cache else "disabled")
         systemd.notify("READY=1")
+        self.web.apply(self.cfg)
         self._main_loop()
         return self._shutdown()
 
@@ -318,6 +340,7 @@ class Supervisor:
         self.state = "stopping"
         systemd.notify("STOPPING=1")
         self.stop_event.set()
+        self.web.close()
         if self.pruner is not None:
             self.pruner.cancel()  # stops after the current small batch
         self.stop_watching()

@@ -32,17 +32,19 @@ class RetryPolicy:
         self._attempts = attempts
         self._backoff_s = backoff_s
 
-    def retry(self, item: WorkItem, outcome: Outcome) -> None:
+    def retry(self, item: WorkItem, outcome: Outcome) -> bool:
+        """Schedule the next attempt, or give up (failed for good): whether it gave up."""
         if item.attempt < self._attempts():
             delay = self._backoff_s() * (2 ** item.attempt)
             self.counters.add("retries")
             log.info("retry_scheduled", path=str(item.path), attempt=item.attempt + 1,
                      delay_s=delay, error=outcome.error)
             self._schedule(WorkItem(item.pair, item.path, item.attempt + 1), delay)
-            return
+            return False
         self.counters.add("failed")
         log.error("giving_up", path=str(item.path), attempts=item.attempt + 1, error=outcome.error)
         finish(outcome.given_up(item.attempt + 1))
+        return True
 
     def later(self, item: WorkItem, delay: float) -> None:
         """Try again after ``delay`` without counting an attempt (claimed elsewhere)."""
@@ -79,6 +81,11 @@ class Workers:
                 return
             except queue.Full:
                 continue
+
+    def busy_paths(self) -> list[Path]:
+        """The files workers are on now."""
+        with self._lock:
+            return list(self._active)
 
     def join(self, timeout: float = 600) -> None:
         for t in self.threads:

@@ -1,0 +1,238 @@
+"""The status page and /metrics of a real `rembgd run`, timed with real HTTP requests.
+
+For each journal size (default 100 and 10,000 outputs) a work folder gets that many
+real output files (outbox) and sources (done/), the recent-outputs journal gets one
+row per output (written with ``daemon.web.journal.Journal``, as the daemon does), and
+failed/ gets 20 failed files with sidecars. A first daemon run processes one real
+photo, and its SQLite cache index is then grown to ``--cache-entries`` rows (copies of
+that real row: each /metrics scrape counts them). A second daemon processes 6 real
+photos (misses and exact hits, so /metrics has series), and then each request is
+timed from connect to the last byte: the page (median and p95 over ``--requests``),
+/metrics, and the thumbnails of the newest outputs (made on the first request, cached
+after).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from daemon.web.controller import RecentOutput  # noqa: E402
+from daemon.web.journal import Journal  # noqa: E402
+
+PAGE_TARGET_MS, METRICS_TARGET_MS = 200.0, 20.0
+
+
+def sample_files() -> tuple[bytes, bytes]:
+    """(a real JPEG photo, a real RGBA cutout PNG of it)."""
+    import skimage.data
+
+    rgb = skimage.data.chelsea()
+    src = io.BytesIO()
+    Image.fromarray(rgb).save(src, "JPEG", quality=90)
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    alpha[40:260, 80:380] = 255
+    out = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha])).save(out, "PNG", compress_level=1)
+    return src.getvalue(), out.getvalue()
+
+
+def photos() -> list[bytes]:
+    import skimage.data
+
+    out = []
+    for name in ("astronaut", "coffee", "rocket"):
+        buf = io.BytesIO()
+        Image.fromarray(getattr(skimage.data, name)()).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def seed(work: Path, n: int, models: Path) -> Path:
+    src, png = sample_files()
+    inbox, outbox, done, failed = (work / d for d in ("inbox", "outbox", "done", "failed"))
+    for d in (inbox, outbox, done, failed):
+        d.mkdir(parents=True)
+    journal = Journal(work / "cache" / "web" / "recent.sqlite", keep=max(n, 1))
+    now = time.time() - n
+    for i in range(n):
+        rel = f"shoot{i // 100:03d}/img{i:05d}.jpg"
+        (done / rel).parent.mkdir(exist_ok=True)
+        (outbox / rel).parent.mkdir(exist_ok=True)
+        (done / rel).write_bytes(src)
+        (outbox / (rel + ".png")).write_bytes(png)
+        journal.add(RecentOutput(now + i, 0, "done", rel, (rel + ".png",),
+                                 ("exact", "near", "miss")[i % 3], "u2netp", 420.0))
+    journal.close()
+    for i in range(20):
+        bad = failed / f"bad{i:02d}.jpg"
+        bad.write_bytes(b"not an image")
+        (failed / f"bad{i:02d}.jpg.error.json").write_text(json.dumps(
+            {"file": str(bad), "reason": "unsupported", "error": "not a supported image",
+             "unix_time": now + i}))
+    cfg = work / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "watch": [{"inbox": str(inbox), "outbox": str(outbox), "done_dir": str(done),
+                   "failed_dir": str(failed), "after_success": "move"}],
+        "models": {"dir": str(models)},
+        "logging": {"format": "json"}, "web": {"listen": "127.0.0.1:0"},
+        "cache": {"dir": str(work / "cache"), "limits": {"max_entries": 0, "max_bytes": 0}},
+        "settle_s": 0.2}))
+    return cfg
+
+
+def wait_for_log(proc: subprocess.Popen, log: Path, events: tuple[str, ...]) -> None:
+    """Until one of ``events`` is logged: the start-up prune pass over the whole index
+    (hourly after that) would otherwise share the CPU with the requests timed."""
+    deadline = time.monotonic() + 300
+    while not any(e in log.read_text(errors="replace") for e in events):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"no {events[0]} in {log}")
+        time.sleep(0.2)
+
+
+def drop_and_wait(work: Path, proc: subprocess.Popen, files: dict[str, bytes]) -> None:
+    """Drop ``files`` into the inbox and wait until the daemon has moved them to done/."""
+    for name, data in files.items():
+        (work / "inbox" / name).write_bytes(data)
+    deadline = time.monotonic() + 300
+    while any((work / "inbox").iterdir()):  # after_success: move
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"photos not processed (see {work})")
+        time.sleep(0.2)
+
+
+def grow_cache_index(work: Path, rows: int) -> int:
+    """Copy the index's first real row until it holds ``rows`` entries (new ids)."""
+    db = sqlite3.connect(work / "cache" / "index.sqlite3")
+    cols = [c[1] for c in db.execute("PRAGMA table_info(entries)")]
+    have = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+    select = ", ".join("e.id || '-' || n.i" if c == "id" else f"e.{c}" for c in cols)
+    db.execute(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+               f"INSERT INTO entries ({', '.join(cols)}) SELECT {select} FROM entries e, n "
+               f"WHERE e.rowid = (SELECT min(rowid) FROM entries)", (max(0, rows - have),))
+    db.commit()
+    total = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+    db.close()
+    return total
+
+
+def timed_get(port: int, path: str) -> tuple[float, int, bytes]:
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return (time.perf_counter() - t0) * 1000, resp.status, body
+
+
+def run_daemon(cfg: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    fh = open(log, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "-c", str(cfg), "run"],
+                            stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        m = re.search(r'"url": "http://127\.0\.0\.1:(\d+)/"', log.read_text(errors="replace"))
+        if m:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            raise SystemExit(f"daemon exited:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    raise SystemExit("daemon did not start its web server")
+
+
+def measure(n: int, requests: int, models: Path, cache_entries: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"rembgd-web-{n}-"))
+    cfg = seed(work, n, models)
+    pool = photos()
+    proc, _port = run_daemon(cfg, work / "daemon-first.log")  # makes the cache index
+    try:
+        drop_and_wait(work, proc, {"first.jpg": pool[0]})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    entries = grow_cache_index(work, cache_entries)
+    proc, port = run_daemon(cfg, work / "daemon.log")
+    try:
+        drop_and_wait(work, proc, {f"{batch}{i}.jpg": data for batch in "ab"
+                                   for i, data in enumerate(pool)})  # misses and exact hits
+        wait_for_log(proc, work / "daemon.log", ('"cache_pruned"', '"cache_prune_skipped"'))
+        for _ in range(5):  # warm-up: imports, first connections
+            timed_get(port, "/")
+            timed_get(port, "/metrics")
+        page = [timed_get(port, "/") for _ in range(requests)]
+        assert all(status == 200 for _, status, _ in page)
+        html = page[-1][2].decode()
+        thumbs = re.findall(r'src="(/thumb\?[^"]+)"', html)
+        first = [timed_get(port, t.replace("&amp;", "&"))[0] for t in thumbs]
+        cached = [timed_get(port, t.replace("&amp;", "&"))[0] for t in thumbs]
+        metrics = [timed_get(port, "/metrics") for _ in range(requests)]
+        assert all(status == 200 for _, status, _ in metrics)
+        scraped = metrics[-1][2].decode()
+        counted = float(re.search(r"^rembgd_cache_entries (\S+)$", scraped, re.M).group(1))
+        assert counted >= entries  # the grown index, plus this run's misses
+        assert 'tier="exact"}' in scraped and 'tier="miss"}' in scraped
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    shutil.rmtree(work, ignore_errors=True)
+    ms = sorted(t for t, _, _ in page)
+    mm = sorted(t for t, _, _ in metrics)
+    return {"outputs": n, "cache_entries": entries, "page_median": statistics.median(ms),
+            "page_p95": ms[int(len(ms) * 0.95) - 1], "page_kb": len(page[-1][2]) / 1024,
+            "metrics_median": statistics.median(mm), "metrics_p95": mm[int(len(mm) * 0.95) - 1],
+            "thumbs": len(thumbs), "thumb_first": statistics.median(first),
+            "thumb_cached": statistics.median(cached)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--outputs", type=int, nargs="+", default=[100, 10_000])
+    ap.add_argument("--requests", type=int, default=50)
+    ap.add_argument("--cache-entries", type=int, default=200_000,
+                    help="rows in the cache index (the default cache.limits.max_entries)")
+    ap.add_argument("--models", type=Path, default=ROOT / "var" / "models")
+    ap.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
+    args, _unknown = ap.parse_known_args(argv)
+    rows = [measure(n, args.requests, args.models, args.cache_entries) for n in args.outputs]
+    lines = [f"cache index: {rows[0]['cache_entries']:,} entries; {args.requests} requests "
+             "each; times from connect to the last byte", "",
+             "| outputs in journal + outbox | page median ms | page p95 ms | page KiB | "
+             "/metrics median ms | /metrics p95 ms | thumbnail first ms | thumbnail cached ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['outputs']:,} | {r['page_median']:.1f} | {r['page_p95']:.1f} | "
+                     f"{r['page_kb']:.0f} | {r['metrics_median']:.1f} | {r['metrics_p95']:.1f}"
+                     f" | {r['thumb_first']:.1f} | {r['thumb_cached']:.1f} |")
+    big = rows[-1]
+    ok = big["page_median"] < PAGE_TARGET_MS and big["metrics_median"] < METRICS_TARGET_MS
+    lines.append("")
+    lines.append(f"targets ({big['outputs']:,} outputs): page < {PAGE_TARGET_MS:.0f} ms, "
+                 f"/metrics < {METRICS_TARGET_MS:.0f} ms: {'met' if ok else 'NOT met'}")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The supervisor's side of the web page: the ``Controller`` and the server's lifecycle.
+
+``Console`` reads the running Supervisor (its current config, standby, workers,
+status) and acts on its folders, always link-proof: Retry moves a file from
+failed/ back into the inbox, drops its sidecar and queues it like a new file;
+Approve and Redo go through ``daemon.review``. ``Web`` starts the server after
+READY, restarts it when a reload changes ``web:`` and stops it on shutdown; the
+recent-outputs journal it opens is fed from the job outcomes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import structlog
+
+from daemon import review
+from daemon.config import Config, WatchPair
+from daemon.fate import Outcome
+from daemon.fsutil import ERROR_SUFFIX, fit_name, safe_relative
+from daemon.inference.models import ModelError, mask_model_path
+from daemon.inference.registry import local_specs
+from daemon.nofollow import move_between, read_under, unlink_under
+from daemon.service.intake import WorkItem
+from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused
+from daemon.web.journal import Journal
+from daemon.web.server import WebServer
+from daemon.web.thumbs import Thumbnails
+
+log = structlog.get_logger("rembgd.web")
+
+TIERS = ("exact", "pixel", "near", "miss")
+MAX_FAILED = 200  # listed on the page, newest first
+
+
+class Console:
+    """The ``daemon.web.controller.Controller`` of a running Supervisor."""
+
+    def __init__(self, sup, journal: Journal):
+        self.sup = sup
+        self.journal = journal
+
+    def _pair(self, index: int) -> WatchPair:
+        pairs = self.sup.cfg.watch
+        if not 0 <= index < len(pairs):
+            raise FileNotFoundError(f"no pair {index} in the running config")
+        return pairs[index]
+
+    # ----------------------------------------------------------- reading
+
+    def snapshot(self) -> dict:
+        st = self.sup.status()
+        busy = self.sup.workers.busy_paths()
+        pairs = []
+        for i, p in enumerate(self.sup.cfg.watch):
+            outage = st["standby"].get(str(i))
+            if outage is not None:
+                state, why = "standby", outage["reason"]
+            elif any(p.inbox in path.parents for path in busy):
+                state, why = "busy", None
+            else:
+                state, why = "watching", None
+            pairs.append(PairView(i, str(p.inbox), str(p.outbox), state, why))
+        return {"pairs": pairs, "queued": st["queued"], "in_progress": st["in_progress"],
+                "line": st["line"]}
+
+    def recent_outputs(self, limit: int) -> list[RecentOutput]:
+        return self.journal.last(limit)
+
+    def failed_files(self) -> list[FailedFile]:
+        """The newest ``MAX_FAILED`` (by sidecar mtime: only those sidecars are read)."""
+        sidecars: list[tuple[float, int, Path]] = []
+        for i, p in enumerate(self.sup.cfg.watch):
+            for folder, _dirs, files in os.walk(p.failed_dir, followlinks=False):
+                for name in files:
+                    if name.endswith(ERROR_SUFFIX) and not name.startswith("."):
+                        try:
+                            mtime = os.lstat(os.path.join(folder, name)).st_mtime
+                        except FileNotFoundError:
+                            continue
+                        sidecars.append((mtime, i, Path(folder, name)))
+        sidecars.sort(key=lambda s: s[0], reverse=True)
+        found = (_failed_entry(i, self.sup.cfg.watch[i].failed_dir, sidecar)
+                 for _, i, sidecar in sidecars[:MAX_FAILED])
+        return [f for f in found if f is not None]
+
+    def review_items(self) -> list[review.ReviewItem]:
+        items = [item for p in self.sup.cfg.watch
+                 for item in review.list_items(review.review_dir(p))]
+        return sorted(items, key=lambda item: -item.created)
+
+    def roots(self, pair: int) -> dict[str, Path]:
+        p = self._pair(pair)
+        roots = {"outbox": p.outbox, "failed": p.failed_dir, "inbox": p.inbox,
+                 "review": review.review_dir(p)}
+        if p.after_success == "move":
+            roots["done"] = p.done_dir
+        return roots
+
+    def models(self) -> list[str]:
+        models_dir = self.sup.cfg.models_dir
+        return [s.name for s in local_specs() if mask_model_path(models_dir, s.name).is_file()]
+
+    def metrics(self) -> tuple[bytes, str]:
+        return self.sup.metrics.render()
+
+    # ----------------------------------------------------------- actions
+
+    def retry(self, pair: int, rel: str) -> Path:
+        p = self._pair(pair)
+        rel_path = Path(rel)
+        landed = move_between(p.failed_dir, rel_path, p.inbox, rel_path)
+        unlink_under(p.failed_dir, rel_path.parent / fit_name(rel_path.name, ERROR_SUFFIX))
+        self.sup.scheduler.settle(pair, landed, complete=True)  # a poller may see it late
+        return landed
+
+    def approve(self, pair: int, item_id: str) -> list[Path]:
+        with _review_errors():
+            return review.approve(self._pair(pair), item_id)
+
+    def redo(self, pair: int, item_id: str, model: str) -> None:
+        p = self._pair(pair)
+        if model not in self.models():
+            raise Refused(f"{model!r} is not an installed model ({', '.join(self.models())})")
+        try:
+            self.sup.app.engines.preload([model])  # a broken file is refused here, not in a worker
+        except ModelError as exc:
+            raise Refused(str(exc)) from None
+        with _review_errors():
+            review.redo(p, item_id, model, lambda path, m: self.sup.workers.submit(
+                WorkItem(pair, path, model=m)))
+
+    # ----------------------------------------------------------- journal
+
+    def record(self, pair: int, outcome: Outcome) -> None:
+        """A job outcome: a delivered file goes into the recent-outputs journal."""
+        if outcome.kind not in TIERS:
+            return
+        job = outcome.job
+        source_root = {"keep": "inbox", "move": "done"}.get(job.after_success)
+        entry = RecentOutput(
+            time=time.time(), pair=pair, source_root=source_root, source_rel=job.rel.as_posix(),
+            outputs=tuple(Path(os.path.relpath(w, job.outbox)).as_posix()
+                          for w in outcome.written),
+            tier=outcome.kind, model=job.plan.options.model, ms=round(outcome.ms, 1))
+        try:
+            self.journal.add(entry)
+        except sqlite3.Error as exc:  # the file is delivered; only the page misses it
+            log.warning("web_journal_failed", path=str(job.src), error=str(exc))
+
+
+@contextmanager
+def _review_errors() -> Iterator[None]:
+    """obs's review errors as the Controller's: no such item (404), or refused (409)."""
+    try:
+        yield
+    except review.NotFound as exc:
+        raise FileNotFoundError(str(exc)) from None
+    except review.ReviewError as exc:
+        raise Refused(str(exc)) from None
+
+
+def _failed_entry(pair: int, failed_dir: Path, sidecar: Path) -> FailedFile | None:
+    """The failed file a sidecar describes (None if it is unreadable or the file is gone)."""
+    try:
+        record = json.loads(read_under(failed_dir, safe_relative(sidecar, failed_dir)))
+        rel = safe_relative(Path(record["file"]), failed_dir)
+        os.lstat(failed_dir / rel)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return FailedFile(pair, rel.as_posix(), str(record.get("reason", "")),
+                      str(record.get("error", "")),
+                      float(record.get("unix_time") or 0.0))
+
+
+class Web:
+    """The page's server and journal, following the config's ``web:`` section."""
+
+    def __init__(self, sup):
+        self.sup = sup
+        self.console: Console | None = None
+        self._server: WebServer | None = None
+        self._running: tuple | None = None  # (web config, cache dir) being served
+
+    def apply(self, cfg: Config) -> None:
+        """Start, restart or stop the server to match ``cfg.web``."""
+        wanted = (cfg.web, cfg.cache.dir) if cfg.web is not None else None
+        if wanted == self._running:
+            return
+        self.close()
+        if wanted is None:
+            return
+        state = cfg.cache.dir / "web"
+        console = Console(self.sup, Journal(state / "recent.sqlite"))
+        server = WebServer(cfg.web, console, Thumbnails(state / "thumbs"))
+        try:
+            url = server.start()
+        except OSError as exc:
+            console.journal.close()
+            log.error("web_unavailable", listen=f"{cfg.web.host}:{cfg.web.port}",
+                      error=str(exc), effect="no status page; files are still processed")
+            return
+        self.console, self._server, self._running = console, server, wanted
+        log.info("web_listening", url=url, token=cfg.web.token is not None)
+
+    def record(self, pair: int, outcome: Outcome) -> None:
+        if self.console is not None:
+            self.console.record(pair, outcome)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self.console.journal.close()
+        self.console, self._server, self._running = None, None, None

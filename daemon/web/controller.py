@@ -1,0 +1,84 @@
+"""What the web page reads and does, as one Protocol (the supervisor implements it in
+``daemon.service.console``), plus the plain records it hands over.
+
+Pairs are named by their index in the running config; paths are relative to one of
+the pair's roots (see ``ROOTS``) and are always resolved there link-proof.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+ROOTS = ("outbox", "failed", "review", "inbox", "done")  # the only folders files come from
+
+
+class Refused(ValueError):
+    """An action that cannot be done now; the message says why (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class PairView:
+    index: int
+    inbox: str  # as configured: the pair's label everywhere (page, metrics)
+    outbox: str
+    state: str  # watching | busy | standby
+    why: str | None = None  # why it is on standby
+
+
+@dataclass(frozen=True)
+class RecentOutput:
+    """One processed source, as the recent-outputs journal keeps it."""
+
+    time: float
+    pair: int
+    source_root: str | None  # "inbox" or "done" (where the source is now); None: deleted
+    source_rel: str
+    outputs: tuple[str, ...]  # relative to the outbox
+    tier: str  # exact | pixel | near | miss
+    model: str
+    ms: float
+
+
+@dataclass(frozen=True)
+class FailedFile:
+    pair: int
+    rel: str  # relative to failed/
+    reason: str
+    error: str
+    time: float
+
+
+class Controller(Protocol):
+    def snapshot(self) -> dict:
+        """{"pairs": [PairView], "queued": int, "in_progress": int, "line": str}."""
+
+    def recent_outputs(self, limit: int) -> list[RecentOutput]:
+        """The last ``limit`` outputs, newest first."""
+
+    def failed_files(self) -> list[FailedFile]:
+        """Files in failed/ with a sidecar, newest first."""
+
+    def review_items(self) -> list:
+        """``daemon.review.ReviewItem`` of every pair, newest first."""
+
+    def roots(self, pair: int) -> dict[str, Path]:
+        """The pair's folders by ``ROOTS`` name; FileNotFoundError for an unknown pair
+        (as every method that takes a pair)."""
+
+    def retry(self, pair: int, rel: str) -> Path:
+        """Move failed/<rel> back into the inbox (its sidecar removed); where it landed."""
+
+    def approve(self, pair: int, item_id: str) -> list[Path]:
+        """Move a review item's outputs to the outbox (FileNotFoundError: no such item;
+        Refused: it cannot be approved, e.g. an output is missing)."""
+
+    def redo(self, pair: int, item_id: str, model: str) -> None:
+        """Queue a review item's source again with ``model`` (Refused: an unknown or
+        broken model, or the source is gone)."""
+
+    def models(self) -> list[str]:
+        """Installed mask models a review item can be redone with."""
+
+    def metrics(self) -> tuple[bytes, str]:
+        """The Prometheus exposition (body, content type)."""

@@ -1,0 +1,132 @@
+"""The mask confidence score: real photos, real masks (u2netp's and exact ones)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from daemon.config import OutputOptions
+from daemon.config.schema import ReviewConfig
+from daemon.imaging import confidence
+from daemon.imaging.render import predict_mask
+from tests.conftest import photo
+
+W, H = 900, 600
+ROUTE_BELOW = ReviewConfig().min_confidence
+
+
+def coverage(draw_fn) -> np.ndarray:
+    """Anti-aliased coverage (uint8) drawn at 4x and box-reduced."""
+    big = Image.new("L", (W * 4, H * 4), 0)
+    draw_fn(ImageDraw.Draw(big), 4)
+    return np.asarray(big.resize((W, H), Image.Resampling.BOX))
+
+
+def bottle_shape(d, s):
+    d.rounded_rectangle((380 * s, 150 * s, 520 * s, 520 * s), radius=40 * s, fill=255)
+    d.rectangle((425 * s, 70 * s, 475 * s, 160 * s), fill=255)
+
+
+def studio_shot(alpha: np.ndarray, texture: str = "coffee") -> np.ndarray:
+    """A photo-textured subject composited on a smooth grey sweep."""
+    subject = np.asarray(Image.fromarray(photo(texture)).resize((W, H)), np.float32)
+    y = np.linspace(0, 1, H, dtype=np.float32)[:, None, None]
+    sweep = np.broadcast_to(170 + 40 * y, (H, W, 3))
+    a = alpha.astype(np.float32)[..., None] / 255
+    return np.clip(np.rint(a * subject + (1 - a) * sweep), 0, 255).astype(np.uint8)
+
+
+def busy_shot(alpha: np.ndarray) -> np.ndarray:
+    """A plain light subject in front of a photo (not a studio sweep): u2netp takes part
+    of the backdrop for subject (IoU about 0.6)."""
+    a = alpha.astype(np.float32)[..., None] / 255
+    backdrop = np.asarray(Image.fromarray(photo("astronaut")).resize((W, H)), np.float32)
+    return np.rint(a * 200 + (1 - a) * backdrop).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def bottle():
+    alpha = coverage(bottle_shape)
+    return alpha, studio_shot(alpha)
+
+
+def test_a_clean_mask_on_a_real_photo_scores_high(bottle):
+    alpha, rgb = bottle
+    c = confidence.score(alpha, rgb)
+    assert c.score >= 0.9, c
+    assert c.reasons == ()
+    assert 0.05 < c.signals.area < 0.2 and c.signals.pieces == 1 and c.signals.sides == ()
+
+
+def test_the_models_own_mask_of_a_clean_shot_scores_above_the_routing_threshold(
+        bottle, shared_engines):
+    alpha, rgb = bottle
+    mask = predict_mask(shared_engines.mask("u2netp"), rgb, OutputOptions())
+    assert ((mask >= 128) == (alpha >= 128)).mean() > 0.97  # the model did find the bottle
+    assert confidence.score(mask, rgb).score >= ROUTE_BELOW
+
+
+def test_fragments_lower_the_score(bottle):
+    alpha, rgb = bottle
+    blobs = coverage(lambda d, s: [d.ellipse(((60 + 150 * i) * s, 480 * s, (130 + 150 * i) * s,
+                                                560 * s), fill=255) for i in range(2)])
+    c = confidence.score(np.maximum(alpha, blobs), rgb)
+    assert c.score < ROUTE_BELOW
+    assert c.signals.pieces == 3 and "3 pieces" in c.reasons[0]
+
+
+def test_a_subject_cut_by_the_frame_on_several_sides_scores_low(bottle):
+    _, rgb = bottle
+    wide = coverage(lambda d, s: d.rectangle((0, 0, W * s, 300 * s), fill=255))
+    c = confidence.score(wide, rgb)
+    assert set(c.signals.sides) == {"top", "left", "right"}
+    assert c.score < ROUTE_BELOW
+    assert any("cut by the frame" in r for r in c.reasons)
+
+
+def test_a_mostly_uncertain_mask_scores_low(bottle):
+    alpha, rgb = bottle
+    soft = np.asarray(Image.fromarray(alpha).filter(ImageFilter.GaussianBlur(25)))
+    c = confidence.score(soft, rgb)
+    assert c.signals.uncertain > 0.5
+    assert c.score < 0.2 and "uncertain alpha" in c.reasons[0]
+
+
+def test_empty_and_full_masks_score_zero(bottle):
+    _, rgb = bottle
+    assert confidence.score(np.zeros((H, W), np.uint8), rgb).reasons == ("empty mask",)
+    full = confidence.score(np.full((H, W), 255, np.uint8), rgb)
+    assert full.score == 0.0 and full.reasons == ("everything is subject",)
+
+
+def test_a_subject_the_colour_of_its_backdrop_is_flagged(bottle):
+    """White on white: the model's usual failure; the mask alone cannot tell."""
+    alpha, _ = bottle
+    a = alpha.astype(np.float32)[..., None] / 255
+    rgb = np.clip(np.rint(a * 236 + (1 - a) * 240), 0, 255).astype(np.uint8)
+    rgb = np.broadcast_to(rgb, (H, W, 3)).copy()
+    rgb[:30] = 40  # a dark strip at the top, so the image has a range to compare with
+    c = confidence.score(alpha, rgb)
+    assert c.signals.contrast < 0.1
+    assert c.score < ROUTE_BELOW and "backdrop in colour" in c.reasons[0]
+
+
+def test_a_busy_backdrop_is_flagged(bottle):
+    alpha, _ = bottle
+    c = confidence.score(alpha, busy_shot(alpha))
+    assert c.signals.clutter > 0.02
+    assert any("busy backdrop" in r for r in c.reasons)
+
+
+def test_the_score_is_deterministic_and_independent_of_the_working_size(bottle):
+    alpha, rgb = bottle
+    first = confidence.score(alpha, rgb)
+    assert confidence.score(alpha.copy(), rgb.copy()) == first
+    big = np.asarray(Image.fromarray(alpha).resize((W * 2, H * 2), Image.Resampling.BILINEAR))
+    assert confidence.score(big, rgb).score == pytest.approx(first.score, abs=0.05)
+
+
+def test_without_the_image_only_the_mask_signals_count(bottle):
+    alpha, _ = bottle
+    c = confidence.score(alpha)
+    assert c.signals.contrast is None and c.signals.clutter is None and c.score >= 0.9

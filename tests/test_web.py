@@ -1,0 +1,236 @@
+"""The status page, its actions and its guards, against a real `rembgd run` over real HTTP."""
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+import pytest
+from PIL import Image
+
+from tests.conftest import encode, photo, write_config
+from tests.harness import ROOT, Daemon, wait_for
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+def fetch(url: str, path: str, *, method: str = "GET", form: dict | None = None,
+          headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """One real HTTP request (redirects are not followed): (status, headers, body)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    body = urlencode(form).encode() if form is not None else None
+    hdrs = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+    conn.request(method, path, body=body, headers={**hdrs, **(headers or {})})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+def start(config: Path) -> tuple[Daemon, str]:
+    daemon = Daemon(config).start()
+    event = daemon.wait_log(lambda e: e.get("event") == "web_listening", timeout=30)[0]
+    return daemon, event["url"]
+
+
+def form_token(html: bytes | str) -> str:
+    text = html.decode() if isinstance(html, bytes) else html
+    return re.search(r'name="form_token" value="([^"]+)"', text).group(1)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, models_dir):
+    """A daemon with the page on 127.0.0.1 (no token), one photo done and one file failed."""
+    tmp = tmp_path_factory.mktemp("web")
+    config = write_config(tmp, models_dir, web={"listen": "127.0.0.1:0"}, watch=[{
+        "inbox": str(tmp / "inbox"), "outbox": str(tmp / "outbox"),
+        "review": {"min_confidence": 0.0}}])  # nothing is held but what a test holds
+    (tmp / "inbox" / "cat.jpg").write_bytes(encode(photo("chelsea")))
+    (tmp / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    daemon, url = start(config)
+    daemon.wait_processed(2)
+    yield tmp, daemon, url
+    daemon.stop()
+
+
+def test_page_lists_outputs_failures_and_serves_thumbnails(local):
+    tmp, daemon, url = local
+    status, headers, html = fetch(url, "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    page = html.decode()
+    assert "watching" in page and str(tmp / "inbox") in page
+    assert "cat.jpg" in page and "miss" in page and "u2netp" in page  # recent output
+    assert "broken.jpg" in page and "unsupported" in page and ">Retry<" in page
+    for root, rel in (("outbox", "cat.jpg.png"), ("inbox", "cat.jpg")):
+        status, headers, data = fetch(url, f"/thumb?pair=0&root={root}&path={rel}")
+        assert status == 200 and headers["content-type"] == "image/webp"
+        with Image.open(io.BytesIO(data)) as thumb:
+            assert max(thumb.size) == 256
+            assert thumb.mode == ("RGBA" if root == "outbox" else "RGB")  # the cutout's alpha
+    assert len(list((tmp / "cache" / "web" / "thumbs").iterdir())) == 2  # cached on disk
+    assert daemon.status()["running"]  # `rembgd status` keeps working
+
+    status, headers, body = fetch(url, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    text = body.decode()
+    inbox = tmp / "inbox"
+    assert f'rembgd_files_processed_total{{pair="{inbox}",tier="miss"}} 1.0' in text
+    assert f'rembgd_files_failed_total{{pair="{inbox}",reason="unsupported"}} 1.0' in text
+    assert "rembgd_queue_depth 0.0" in text and f'rembgd_pair_standby{{pair="{inbox}"}} 0.0' in text
+
+
+def test_review_approve_and_redo(local):
+    """A cutout held for review (as obs's routing holds it) is approved into the outbox;
+    another is redone with a different model."""
+    from daemon import review
+
+    tmp, daemon, url = local
+    folder = tmp / "review"
+    cutout = tmp / "outbox" / "cat.jpg.png"
+    folder.mkdir()
+    cutout.rename(folder / "cat.jpg.png")  # routed to review instead of the outbox
+    review.hold(folder, review.new_item(str(tmp / "inbox"), Path("cat.jpg"),
+                                        [Path("cat.jpg.png")], 0.31, ("uncertain edge",),
+                                        "u2netp", "miss"))
+    html = fetch(url, "/")[2].decode()
+    assert "Waiting for review (1)" in html and "uncertain edge" in html and "0.31" in html
+    item = re.search(r'name="item" value="([0-9a-f]{40})"', html).group(1)
+    status, _, data = fetch(url, "/thumb?" + urlencode(
+        {"pair": 0, "root": "review", "path": "cat.jpg.png"}))
+    assert status == 200 and Image.open(io.BytesIO(data)).mode == "RGBA"
+    for bad in ("../x", "not-an-id", item + "/.."):
+        assert fetch(url, "/approve", method="POST", form={
+            "pair": 0, "item": bad, "form_token": form_token(html)})[0] in (400, 404)
+    status, _, _ = fetch(url, "/approve", method="POST",
+                         form={"pair": 0, "item": item, "form_token": form_token(html)})
+    assert status == 303 and cutout.is_file() and not (folder / "cat.jpg.png").exists()
+    assert "nothing waiting for review" in fetch(url, "/")[2].decode()
+
+    before = len(daemon.processed())
+    review.hold(folder, review.new_item(str(tmp / "inbox"), Path("cat.jpg"), [], 0.2, (),
+                                        "u2net_human_seg", "miss"))
+    html = fetch(url, "/")[2].decode()
+    assert ">Redo with u2netp<" in html
+    assert fetch(url, "/redo", method="POST", form={
+        "pair": 0, "item": item, "model": "bria-rmbg", "form_token": form_token(html)})[0] == 409
+    status, _, _ = fetch(url, "/redo", method="POST", form={
+        "pair": 0, "item": item, "model": "u2netp", "form_token": form_token(html)})
+    assert status == 303
+    redone = daemon.wait_log(lambda e: e.get("event") == "processed", count=before + 1)[-1]
+    assert redone["path"] == str(tmp / "inbox" / "cat.jpg") and redone["model"] == "u2netp"
+    wait_for(lambda: "nothing waiting for review" in fetch(url, "/")[2].decode())  # dropped
+
+
+def test_retry_moves_the_failed_file_back_and_it_is_processed(local):
+    tmp, daemon, url = local
+    failed = tmp / "failed" / "broken.jpg"
+    failed.write_bytes(encode(photo("astronaut")))  # the retoucher fixed the file
+    token = form_token(fetch(url, "/")[2])
+    assert fetch(url, "/retry", method="POST", form={"pair": 0, "path": "broken.jpg"})[0] == 403
+    assert failed.exists()  # no form token: refused, nothing moved
+    status, headers, _ = fetch(url, "/retry", method="POST",
+                               form={"pair": 0, "path": "broken.jpg", "form_token": token})
+    assert status == 303 and headers["location"] == "/"
+    assert not failed.exists() and not (tmp / "failed" / "broken.jpg.error.json").exists()
+    daemon.wait_log(lambda e: e.get("event") == "processed" and e.get("outcome") == "miss"
+                    and e["path"].endswith("broken.jpg"))
+    assert (tmp / "outbox" / "broken.jpg.png").is_file()
+    page = wait_for(lambda: (p := fetch(url, "/")[2].decode()).count("broken.jpg") and p)
+    assert "no failed files" in page
+
+
+def test_path_traversal_links_and_foreign_hosts_are_refused(local, tmp_path):
+    tmp, _daemon, url = local
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the web")
+    os.symlink(secret, tmp / "outbox" / "link.png")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.png").write_bytes(encode(photo("coffee"), "PNG"))
+    os.symlink(outside, tmp / "outbox" / "linked_dir")
+    refused = ["../config.yaml", "/etc/passwd", "a/../../config.yaml", "./cat.jpg.png",
+               "link.png", "linked_dir/x.png", "%2e%2e/config.yaml", "a//b"]
+    for rel in refused:
+        for route in ("thumb", "file"):
+            status, _, body = fetch(url, f"/{route}?pair=0&root=outbox&path={rel}")
+            assert status in (400, 404), (route, rel, status)
+            assert b"not for the web" not in body and b"watch" not in body
+    assert fetch(url, "/file?pair=0&root=cache&path=index.sqlite")[0] == 400
+    assert fetch(url, "/file?pair=7&root=outbox&path=cat.jpg.png")[0] == 404
+    (tmp / "failed" / "keep.jpg").write_bytes(b"x")
+    (tmp / "failed" / "keep.jpg.error.json").write_text(json.dumps(
+        {"file": str(tmp / "failed" / "keep.jpg"), "reason": "unsupported", "error": "x"}))
+    token = form_token(fetch(url, "/")[2])  # the page shows keep.jpg's Retry form
+    for rel in ("../inbox/cat.jpg", str(tmp / "failed" / "keep.jpg"), "sub/../keep.jpg"):
+        status, _, _ = fetch(url, "/retry", method="POST",
+                             form={"pair": 0, "path": rel, "form_token": token})
+        assert status == 400, rel
+    os.symlink(secret, tmp / "failed" / "evil.jpg")
+    assert fetch(url, "/retry", method="POST",
+                 form={"pair": 0, "path": "evil.jpg", "form_token": token})[0] == 400
+    assert secret.read_text() == "not for the web" and (tmp / "failed" / "keep.jpg").exists()
+    odd = '<img src=x onerror="alert(1)">.jpg'
+    (tmp / "failed" / odd).write_bytes(b"x")
+    (tmp / "failed" / (odd + ".error.json")).write_text(json.dumps(
+        {"file": str(tmp / "failed" / odd), "reason": "<b>why</b>", "error": "x"}))
+    page = fetch(url, "/")[2].decode()
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;.jpg" in page and "<b>why" not in page
+    assert fetch(url, "/", headers={"Host": "attacker.example:80"})[0] == 403  # DNS rebinding
+    assert fetch(url, "/", headers={"Host": "127.evil.example"})[0] == 403
+
+
+def test_off_localhost_the_token_is_required(tmp_path, models_dir):
+    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.2:0"})
+    out = subprocess.run([sys.executable, "-m", "daemon", "-c", str(config), "run"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2
+    assert f"{config}: web.token: is required when web.listen is 127.0.0.2:0" in out.stderr
+
+    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.2:0", "token": TOKEN})
+    (tmp_path / "inbox" / "a.jpg").write_bytes(b"not an image at all")
+    daemon, url = start(config)
+    daemon.wait_processed(1)
+    try:
+        assert urlsplit(url).hostname == "127.0.0.2"
+        assert fetch(url, "/")[0] == 303  # to the login form
+        assert fetch(url, "/metrics")[0] == 401
+        assert fetch(url, "/thumb?pair=0&root=inbox&path=x.jpg")[0] == 401
+        assert fetch(url, "/", headers={"Authorization": "Bearer wrong-token-0123456789"})[0] == 303
+        assert fetch(url, "/", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert fetch(url, "/login", method="POST", form={"token": "nope"})[0] == 403
+        status, headers, _ = fetch(url, "/login", method="POST", form={"token": TOKEN})
+        cookie = headers["set-cookie"]
+        assert status == 303 and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert TOKEN not in cookie
+        session = {"Cookie": cookie.split(";")[0]}
+        status, _, html = fetch(url, "/", headers=session)
+        assert status == 200 and b"watching" in html and b"a.jpg" in html
+        failed = tmp_path / "failed" / "a.jpg"
+        failed.write_bytes(encode(photo("coffee")))
+        # the cookie alone (what a cross-site form would carry) is not enough to act
+        assert fetch(url, "/retry", method="POST", form={"pair": 0, "path": "a.jpg"},
+                     headers=session)[0] == 403
+        assert failed.exists()
+        status, _, _ = fetch(url, "/retry", method="POST", headers=session,
+                             form={"pair": 0, "path": "a.jpg", "form_token": form_token(html)})
+        assert status == 303 and not failed.exists()
+        daemon.wait_log(lambda e: e.get("event") == "processed" and e.get("outcome") == "miss")
+
+        write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0"})  # reload: restarted
+        daemon.signal(signal.SIGHUP)
+        local_url = daemon.wait_log(lambda e: e.get("event") == "web_listening", count=2)[1]["url"]
+        assert urlsplit(local_url).hostname == "127.0.0.1" and fetch(local_url, "/")[0] == 200
+        with pytest.raises(ConnectionRefusedError):
+            fetch(url, "/")
+    finally:
+        daemon.stop()
