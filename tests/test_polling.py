@@ -137,7 +137,7 @@ def test_the_observer_feeds_the_inbox_handler(inbox):
     submitted = threading.Event()
     scanned = threading.Event()
     got: list[Path] = []
-    scheduler = SettleQueue(0.05, lambda pair, path, attempt: (got.append(path), submitted.set()))
+    scheduler = SettleQueue(0.05, lambda pair, path, attempt, model: (got.append(path), submitted.set()))
     handler = InboxHandler(0, inbox, True, DEFAULT_IGNORE, scheduler,
                            lambda pair, folder: scanned.set() if folder == inbox / "new" else None)
     observer = make_observer("polling", 0.05, full_scan_s=0.5, ignore=DEFAULT_IGNORE)

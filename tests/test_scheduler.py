@@ -24,7 +24,7 @@ class FakeClock:
 def rig():
     clock = FakeClock()
     got: list[tuple[int, Path, int, float]] = []
-    sched = SettleQueue(1.0, lambda pair, path, attempt: got.append((pair, path, attempt, clock())),
+    sched = SettleQueue(1.0, lambda pair, path, attempt, model: got.append((pair, path, attempt, clock())),
                       incomplete_timeout_s=120.0, max_backoff_s=16.0, clock=clock)
     return sched, clock, got
 
@@ -152,7 +152,7 @@ def test_a_vanished_file_is_dropped(tmp_path, rig):
 def test_the_thread_hands_out_in_real_time(tmp_path):
     done = threading.Event()
     got = []
-    sched = SettleQueue(0.1, lambda pair, path, attempt: (got.append(path), done.set()))
+    sched = SettleQueue(0.1, lambda pair, path, attempt, model: (got.append(path), done.set()))
     sched.start()
     try:
         f = tmp_path / "a.jpg"
@@ -162,3 +162,24 @@ def test_the_thread_hands_out_in_real_time(tmp_path):
         assert got == [f]
     finally:
         sched.stop()
+
+
+def test_a_redo_keeps_its_model_through_retries(tmp_path, rig):
+    """A reviewer's 'Redo with <model>' that hits a transient error is retried with that model."""
+    from daemon.fate import Outcome
+    from daemon.service.intake import WorkItem
+    from daemon.service.status import Counters
+    from daemon.service.workers import RetryPolicy
+
+    sched, clock, got = rig
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"x")
+    handed: list[tuple] = []
+    sched.submit = lambda pair, path, attempt, model: handed.append((pair, path, attempt, model))
+    policy = RetryPolicy(lambda item, delay: sched.retry(item.pair, item.path, item.attempt,
+                                                         delay, item.model),
+                         Counters(), attempts=lambda: 3, backoff_s=lambda: 0.5)
+    outcome = Outcome(job=None, kind="retry", error="transient")
+    assert policy.retry(WorkItem(0, f, 0, model="u2net"), outcome) is False
+    _run_until(sched, clock, got, 1.0)
+    assert handed == [(0, f, 1, "u2net")]

@@ -29,6 +29,7 @@ class _Due:
     path: Path
     kind: str  # "settle" | "complete" | "retry"
     attempt: int = 0
+    model: str | None = None  # a reviewer's redo keeps its model through retries
 
 
 @dataclass
@@ -40,7 +41,7 @@ class _Waiting:
 
 
 class SettleQueue:
-    """Feeds due paths to ``submit(pair, path, attempt)`` (see the module docstring).
+    """Feeds due paths to ``submit(pair, path, attempt, model)`` (see the module docstring).
 
     ``submit`` may block (bounded queue): that is the back-pressure. ``not_ready``
     returns False once ``incomplete_timeout_s`` has passed without a change: the
@@ -48,7 +49,7 @@ class SettleQueue:
     a fake: tests drive the queue with ``run_due()`` and never start the thread.
     """
 
-    def __init__(self, settle_s: float, submit: Callable[[int, Path, int], None], *,
+    def __init__(self, settle_s: float, submit: Callable[[int, Path, int, str | None], None], *,
                  incomplete_timeout_s: float = 900.0, max_backoff_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
         self.settle_s = settle_s
@@ -79,11 +80,12 @@ class SettleQueue:
         with self._cv:
             return len(self._live)
 
-    def _push(self, when: float, pair: int, path: Path, kind: str, attempt: int = 0) -> None:
+    def _push(self, when: float, pair: int, path: Path, kind: str, attempt: int = 0,
+              model: str | None = None) -> None:
         """Schedule ``path``; any entry scheduled for it before becomes stale (caller holds _cv)."""
         seq = next(self._seq)
         self._live[path] = seq
-        heapq.heappush(self._heap, _Due(when, seq, pair, path, kind, attempt))
+        heapq.heappush(self._heap, _Due(when, seq, pair, path, kind, attempt, model))
         self._cv.notify()
 
     def settle(self, pair: int, path: Path, *, complete: bool = False) -> None:
@@ -96,9 +98,10 @@ class SettleQueue:
             delay = 0.0 if complete else min(self.settle_s, 0.25)
             self._push(self.clock() + delay, pair, path, "complete" if complete else "settle")
 
-    def retry(self, pair: int, path: Path, attempt: int, delay: float) -> None:
+    def retry(self, pair: int, path: Path, attempt: int, delay: float,
+              model: str | None = None) -> None:
         with self._cv:
-            self._push(self.clock() + delay, pair, path, "retry", attempt)
+            self._push(self.clock() + delay, pair, path, "retry", attempt, model)
 
     def not_ready(self, pair: int, path: Path, first_seen: float | None = None) -> bool:
         """``path`` was handed out but is not complete yet: check it again later.
@@ -166,7 +169,7 @@ class SettleQueue:
             if item is None:
                 return n
             if self._check(item):
-                self.submit(item.pair, item.path, item.attempt)
+                self.submit(item.pair, item.path, item.attempt, item.model)
                 n += 1
 
     def _loop(self) -> None:
@@ -178,7 +181,7 @@ class SettleQueue:
                 if self._stop:
                     return
             if self._check(item):
-                self.submit(item.pair, item.path, item.attempt)
+                self.submit(item.pair, item.path, item.attempt, item.model)
 
     def _check(self, item: _Due) -> bool:
         """True when the item should go to the workers now."""

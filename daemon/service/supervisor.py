@@ -80,10 +80,11 @@ class Supervisor:
     # ------------------------------------------------------------ set-up
 
     def _schedule_retry(self, item: WorkItem, delay: float) -> None:
-        self.scheduler.retry(item.pair, item.path, item.attempt, delay)
+        self.scheduler.retry(item.pair, item.path, item.attempt, delay, item.model)
 
-    def _submit_from_scheduler(self, pair: int, path: Path, attempt: int) -> None:
-        self.workers.submit(WorkItem(pair, path, attempt))
+    def _submit_from_scheduler(self, pair: int, path: Path, attempt: int,
+                               model: str | None) -> None:
+        self.workers.submit(WorkItem(pair, path, attempt, model))
 
     def _model_error(self, exc: ModelError) -> None:
         """A model vanished or broke while running: stop with the fix, files stay queued."""

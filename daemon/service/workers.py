@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +40,7 @@ class RetryPolicy:
             self.counters.add("retries")
             log.info("retry_scheduled", path=str(item.path), attempt=item.attempt + 1,
                      delay_s=delay, error=outcome.error)
-            self._schedule(WorkItem(item.pair, item.path, item.attempt + 1), delay)
+            self._schedule(replace(item, attempt=item.attempt + 1), delay)
             return False
         self.counters.add("failed")
         log.error("giving_up", path=str(item.path), attempts=item.attempt + 1, error=outcome.error)
