@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -167,3 +168,25 @@ def redis_prefix():
     yield prefix
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.delete(key)
+
+
+@pytest.fixture
+def inferences(shared_engines, monkeypatch):
+    """Counts calls of the real u2netp engine's predict (which still runs)."""
+    engine = shared_engines.mask("u2netp")
+    real = engine.predict
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def counted(rgb):
+        with lock:
+            calls.append(1)
+        return real(rgb)
+
+    monkeypatch.setattr(engine, "predict", counted)
+    return calls
+
+
+def png_alpha(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as img:
+        return np.asarray(img.convert("RGBA"))[..., 3]

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode, photo, pipeline_over, render_legacy, unstamped, write_config
+from conftest import (encode, photo, pipeline_over, png_alpha, render_legacy, unstamped,
+                      write_config)
 from daemon import config as configmod
 from daemon.imaging import fingerprint as fpmod
 from daemon.config import AlphaMatting
@@ -76,28 +77,6 @@ def make_pipeline(tmp_path, models_dir, shared_engines):
     yield make
     for s in stores:
         s.close()
-
-
-@pytest.fixture
-def inferences(shared_engines, monkeypatch):
-    """Counts calls of the real u2netp engine's predict (which still runs)."""
-    engine = shared_engines.mask("u2netp")
-    real = engine.predict
-    calls: list[int] = []
-    lock = threading.Lock()
-
-    def counted(rgb):
-        with lock:
-            calls.append(1)
-        return real(rgb)
-
-    monkeypatch.setattr(engine, "predict", counted)
-    return calls
-
-
-def png_alpha(png: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(png)) as img:
-        return np.asarray(img.convert("RGBA"))[..., 3]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,14 +8,12 @@ upscaled 320 px output is, so the test knows what the edge should have been.
 from __future__ import annotations
 
 import dataclasses
-import io
-import threading
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from conftest import encode, photo, pipeline_over, render_legacy, write_config
+from conftest import encode, photo, pipeline_over, png_alpha, render_legacy, write_config
 from daemon import config as configmod
 from daemon.cache.sqlite import SqliteStore
 from daemon.config import OutputOptions
@@ -123,27 +121,8 @@ def test_refine_keys_the_outputs_not_the_mask():
     assert targets("mask-key", edges, (pinned, jpeg))[1].refine == "edges"
 
 
-@pytest.fixture
-def counted_inference(shared_engines, monkeypatch):
-    engine = shared_engines.mask("u2netp")
-    real, calls, lock = engine.predict, [], threading.Lock()
-
-    def counted(rgb):
-        with lock:
-            calls.append(1)
-        return real(rgb)
-
-    monkeypatch.setattr(engine, "predict", counted)
-    return calls
-
-
-def _alpha(png: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(png)) as img:
-        return np.asarray(img.convert("RGBA"))[..., 3]
-
-
 def test_hits_match_misses_and_near_hits_refine_the_new_pixels(
-        tmp_path, models_dir, shared_engines, counted_inference):
+        tmp_path, models_dir, shared_engines, inferences):
     """One cache, three configs: refine edges, none, and edges again after a reload."""
     stores = []
 
@@ -160,29 +139,29 @@ def test_hits_match_misses_and_near_hits_refine_the_new_pixels(
         original = encode(rgb, "JPEG", quality=92)
         edges, opts = pipeline("edges", "edges")
         miss = render_legacy(edges, original, opts)
-        assert miss.tier == "miss" and len(counted_inference) == 1
+        assert miss.tier == "miss" and len(inferences) == 1
 
         plain, plain_opts = pipeline("none", "none")
         toggled = render_legacy(plain, original, plain_opts)  # the cached mask, re-rendered
-        assert len(counted_inference) == 1
-        cached_mask = _alpha(toggled.files[""])  # refine none at this size: the mask itself
+        assert len(inferences) == 1
+        cached_mask = png_alpha(toggled.files[""])  # refine none at this size: the mask itself
         pixels = decode(original).rgb
-        assert np.array_equal(_alpha(miss.files[""]), refine(pixels, cached_mask))
-        assert not np.array_equal(cached_mask, _alpha(miss.files[""]))
+        assert np.array_equal(png_alpha(miss.files[""]), refine(pixels, cached_mask))
+        assert not np.array_equal(cached_mask, png_alpha(miss.files[""]))
 
         again, _ = pipeline("again", "edges")
         lossless = encode(pixels, "PNG")  # the same pixels in other bytes: a pixel hit
         hit = render_legacy(again, lossless, opts)
-        assert hit.tier == "pixel" and len(counted_inference) == 1
-        assert np.array_equal(_alpha(hit.files[""]), _alpha(miss.files[""]))
+        assert hit.tier == "pixel" and len(inferences) == 1
+        assert np.array_equal(png_alpha(hit.files[""]), png_alpha(miss.files[""]))
         exact = render_legacy(again, original, opts)
         assert exact.tier == "exact" and exact.files[""] == miss.files[""]
 
         reencoded = encode(pixels, "JPEG", quality=80)
         near = render_legacy(again, reencoded, opts)
-        assert near.tier == "near" and len(counted_inference) == 1
+        assert near.tier == "near" and len(inferences) == 1
         new_pixels = decode(reencoded).rgb
-        assert np.array_equal(_alpha(near.files[""]), refine(new_pixels, cached_mask))
+        assert np.array_equal(png_alpha(near.files[""]), refine(new_pixels, cached_mask))
     finally:
         for s in stores:
             s.close()
