@@ -266,6 +266,11 @@ def write_markdown(path, calib, held, threshold, args, load, elapsed) -> None:
     w(_split_line("held out, without glass", no_glass, threshold))
     w(_split_line("held out, plain scenes only (bench/quality.py's)",
                   [r for r in held if r.variant == "plain"], threshold))
+    h = routing(held, threshold)
+    w(f"\nHeld-out verdict: recall {h['recall']:.0%} "
+      f"({'meets' if h['recall'] >= TARGET_RECALL else 'misses'} the >= {TARGET_RECALL:.0%} "
+      f"target), false routing {h['false']:.0%} "
+      f"({'meets' if h['false'] <= TARGET_FALSE else 'misses'} the <= {TARGET_FALSE:.0%} target).")
     w("\nGlass: the truth is alpha 0.3-0.6 inside opaque walls, so its IoU is low by "
       "definition (bench/quality.md); u2netp answers with a clean opaque tumbler, which only "
       "the see-through signal (the interior follows the backdrop's sweep, dimmed) can flag.\n")
