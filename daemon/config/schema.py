@@ -172,8 +172,8 @@ class ReviewConfig:
     """A pair's ``review:``: cutouts whose mask confidence is below ``min_confidence`` go to
     ``dir`` instead of the outbox, each with a sidecar saying why (daemon/review.py)."""
 
-    min_confidence: float = setting(0.62, "route a cutout whose mask confidence (0-1) is "
-                                    "below this; 0.62 was calibrated by bench/routing.py",
+    min_confidence: float = setting(0.46, "route a cutout whose mask confidence (0-1) is "
+                                    "below this; 0.46 was calibrated by bench/routing.py",
                                     minimum=0.0, maximum=1.0)
     dir: Path | None = setting(None, "where held cutouts go (subfolders mirror the outbox)",
                                default_doc="`review` beside the outbox")

@@ -11,15 +11,16 @@ penalty that starts past a free allowance; the score is ``exp(-sum)``:
   blobs, a prop taken for subject, a subject broken apart);
 - ``frame``: the subject cut by more than one side of the frame (touching the
   bottom is what a standing product or a portrait does);
-- ``low contrast`` (needs the image): the median colour of the subject's
-  interior against the backdrop around it, relative to the image's range:
-  glass (the backdrop shows through), white on white;
-- ``busy backdrop`` (needs the image): texture in the backdrop away from the
-  subject: not a studio sweep, where the model takes backdrop for subject.
+- ``see-through`` (needs the image): row by row, the subject's interior follows
+  the backdrop beside it, dimmed (slope 0.15-1): the sweep shows through, so the
+  subject is glass and an opaque mask is wrong;
+- ``edge`` (needs the image): the mask's edge does not sit on an edge of the
+  image (mean gradient on the edge against the backdrop ring beside it).
 
-An empty mask, or one that is all subject, scores 0. The weights and allowances
-were set on ``bench/routing.py``'s scenes; the routing threshold it chose is the
-default of a pair's ``review.min_confidence`` (``bench/routing.md``).
+An empty mask, or one that is all subject, scores 0. The allowances were set on
+``bench/routing.py``'s calibration seeds and the weights fitted there by a
+logistic regression (``bench/routing.py --fit``); the routing threshold it chose
+is the default of a pair's ``review.min_confidence`` (``bench/routing.md``).
 """
 from __future__ import annotations
 
@@ -37,12 +38,13 @@ INTERIOR_PX = 6  # px at analysis size: the subject's interior lies this far ins
 RING_PX = (3, 12)  # px at analysis size: the backdrop ring around the subject
 _EIGHT = np.ones((3, 3), bool)
 
-# (allowance, weight) per signal: calibrated by bench/routing.py, see bench/routing.md
-UNCERTAIN = (0.12, 4.0)
-FRAGMENTS = (0.01, 8.0)
-FRAME = (1, 0.7)  # per side cut beyond the first
-CONTRAST = (0.5, 5.0)  # penalised below the allowance
-CLUTTER = (0.006, 60.0)
+# (allowance, weight) per signal: allowances set, weights fitted by bench/routing.py --fit
+UNCERTAIN = (0.12, 1.54)
+FRAGMENTS = (0.01, 15.42)
+FRAME = (1, 0.73)  # per side cut beyond the first
+SEE_THROUGH = (0.0, 10.03)  # correlation of interior and backdrop rows
+SLOPE = (0.15, 1.0)  # the interior follows the backdrop dimmed by a see-through subject
+EDGE = (8.0, 1.66)  # penalised by log(allowance / ratio) below it
 REASON_FLOOR = 0.05  # a penalty below this (score x 0.95) is not worth naming
 
 
@@ -53,8 +55,8 @@ class Signals:
     fragments: float  # subject outside the largest component / subject area
     pieces: int  # components of at least 0.5% of the subject
     sides: tuple[str, ...]  # frame sides the subject is cut by
-    contrast: float | None = None  # subject interior vs surrounding backdrop / image range
-    clutter: float | None = None  # mean gradient of the far backdrop / image range
+    see_through: float | None = None  # interior rows following the backdrop's (0-1)
+    edge: float | None = None  # gradient on the mask's edge / gradient in the ring beside it
 
 
 @dataclass(frozen=True)
@@ -94,30 +96,39 @@ def _mask_signals(m: np.ndarray) -> Signals:
                    sides=tuple(s for s, e in edges.items() if e.mean() >= SIDE_SHARE))
 
 
+def _see_through(luma: np.ndarray, interior: np.ndarray, ring: np.ndarray, span: float) -> float:
+    """How well the interior's row medians follow the backdrop ring's on the same rows,
+    dimmed (a see-through subject): their correlation when the slope is in SLOPE, else 0."""
+    rows = (interior.sum(axis=1) >= 3) & (ring.sum(axis=1) >= 3)
+    if rows.sum() < 10:
+        return 0.0
+    inside = np.array([np.median(luma[y][interior[y]]) for y in np.flatnonzero(rows)])
+    beside = np.array([np.median(luma[y][ring[y]]) for y in np.flatnonzero(rows)])
+    if beside.std() <= 0.01 * span or inside.std() == 0:
+        return 0.0
+    slope = float(np.cov(inside, beside)[0, 1] / beside.var(ddof=1))
+    if not SLOPE[0] < slope < SLOPE[1]:
+        return 0.0
+    return max(0.0, float(np.corrcoef(inside, beside)[0, 1]))
+
+
 def _image_signals(m: np.ndarray, rgb: np.ndarray) -> tuple[float, float]:
-    """(contrast, clutter): how far the subject's colour is from the backdrop around it,
-    and the backdrop's texture away from the subject, both relative to the image's
-    luminance range (so exposure does not matter)."""
+    """(see_through, edge), the gradients relative to the image's luminance range
+    (so exposure does not matter)."""
     from scipy import ndimage
 
-    rgb = rgb.astype(np.float32)
-    luma = rgb.mean(axis=2)
+    luma = rgb.astype(np.float32).mean(axis=2)
     lo, hi = np.percentile(luma, (1, 99))
     span = max(float(hi - lo), 1.0)
+    grad = np.hypot(ndimage.sobel(luma, 0), ndimage.sobel(luma, 1)) / 8 / span
+    subject = m >= SUBJECT
     interior = ndimage.binary_erosion(m >= HIGH, iterations=INTERIOR_PX)
-    backdrop = m <= LOW
-    away = ndimage.distance_transform_edt(backdrop)
+    away = ndimage.distance_transform_edt(m <= LOW)
     ring = (away > RING_PX[0]) & (away <= RING_PX[1])
-    contrast = 1.0  # too thin to judge: no penalty
-    if interior.sum() >= 20 and ring.sum() >= 20:
-        step = np.median(rgb[interior], axis=0) - np.median(rgb[ring], axis=0)
-        contrast = float(np.linalg.norm(step)) / span
-    far = away > RING_PX[0]
-    clutter = 0.0
-    if far.any():
-        grad = np.hypot(ndimage.sobel(luma, 0), ndimage.sobel(luma, 1)) / 8
-        clutter = float(grad[far].mean()) / span
-    return contrast, clutter
+    outline = ndimage.binary_dilation(subject ^ ndimage.binary_erosion(subject))
+    ring_grad = float(grad[ring].mean()) if ring.any() else 0.0
+    edge = float(grad[outline].mean()) / (ring_grad + 0.002)
+    return _see_through(luma, interior, ring, span), edge
 
 
 def signals(mask: np.ndarray, rgb: np.ndarray | None = None) -> Signals:
@@ -128,24 +139,28 @@ def signals(mask: np.ndarray, rgb: np.ndarray | None = None) -> Signals:
     s = _mask_signals(m)
     if rgb is None or s.area == 0:
         return s
-    contrast, clutter = _image_signals(m, _reduce(np.ascontiguousarray(rgb[..., :3]), size))
-    return Signals(s.area, s.uncertain, s.fragments, s.pieces, s.sides, contrast, clutter)
+    see, edge = _image_signals(m, _reduce(np.ascontiguousarray(rgb[..., :3]), size))
+    return Signals(s.area, s.uncertain, s.fragments, s.pieces, s.sides, see, edge)
 
 
-def _penalties(s: Signals) -> dict[str, float]:
-    p = {
+def excess(s: Signals) -> dict[str, float]:
+    """Each signal past its allowance (0: no penalty), keyed by its reason."""
+    e = {
         f"uncertain alpha over {s.uncertain:.0%} of the subject's area":
-            UNCERTAIN[1] * max(0.0, s.uncertain - UNCERTAIN[0]),
+            max(0.0, s.uncertain - UNCERTAIN[0]),
         f"{s.pieces} pieces; {s.fragments:.0%} of the subject outside the largest":
-            FRAGMENTS[1] * max(0.0, s.fragments - FRAGMENTS[0]),
-        f"subject cut by the frame ({', '.join(s.sides)})":
-            FRAME[1] * max(0, len(s.sides) - FRAME[0]),
+            max(0.0, s.fragments - FRAGMENTS[0]),
+        f"subject cut by the frame ({', '.join(s.sides)})": max(0, len(s.sides) - FRAME[0]),
     }
-    if s.contrast is not None:
-        p[f"subject close to its backdrop in colour ({s.contrast:.2f})"] = \
-            CONTRAST[1] * max(0.0, CONTRAST[0] - s.contrast)
-        p[f"busy backdrop ({s.clutter:.3f})"] = CLUTTER[1] * max(0.0, s.clutter - CLUTTER[0])
-    return p
+    if s.edge is not None:
+        e[f"backdrop shows through the subject ({s.see_through:.2f}): glass?"] = \
+            max(0.0, s.see_through - SEE_THROUGH[0])
+        e[f"mask edge off the image's edges ({s.edge:.1f})"] = \
+            float(np.log(EDGE[0] / max(s.edge, 0.1))) if s.edge < EDGE[0] else 0.0
+    return e
+
+
+WEIGHTS = (UNCERTAIN[1], FRAGMENTS[1], FRAME[1], SEE_THROUGH[1], EDGE[1])
 
 
 def score(mask: np.ndarray, rgb: np.ndarray | None = None) -> Confidence:
@@ -156,7 +171,7 @@ def score(mask: np.ndarray, rgb: np.ndarray | None = None) -> Confidence:
         return Confidence(0.0, ("empty mask",), s)
     if s.area > FULL_AREA:
         return Confidence(0.0, ("everything is subject",), s)
-    penalties = _penalties(s)
+    penalties = {r: w * x for (r, x), w in zip(excess(s).items(), WEIGHTS)}
     reasons = tuple(r for r, p in sorted(penalties.items(), key=lambda kv: -kv[1])
                     if p >= REASON_FLOOR)
     return Confidence(round(float(np.exp(-sum(penalties.values()))), 4), reasons, s)
