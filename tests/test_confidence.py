@@ -140,3 +140,13 @@ def test_without_the_image_only_the_mask_signals_count(bottle):
     alpha, _ = bottle
     c = confidence.score(alpha)
     assert c.signals.see_through is None and c.signals.edge is None and c.score >= 0.9
+
+
+def test_a_reason_never_names_more_than_all_of_the_subject():
+    """A thin subject in a wide soft band: the band can exceed the subject's own area."""
+    mask = np.zeros((400, 400), np.uint8)
+    mask[:, 195:205] = 255  # a 10 px pole...
+    mask[:, 150:195] = mask[:, 205:250] = 110  # ...in a 90 px band of uncertain alpha
+    c = confidence.score(mask)
+    uncertain = [r for r in c.reasons if r.startswith("uncertain alpha")]
+    assert uncertain and "%" not in uncertain[0] and "x the subject's area" in uncertain[0]

@@ -190,3 +190,10 @@ def test_redo_delivers_to_the_outbox_and_drops_the_item(svc, tmp_path):
     assert (pair.outbox / "busy.png.png").is_file() and (pair.done_dir / "busy.png").is_file()
     assert review.list_items(review.review_dir(pair)) == []
     assert not (tmp_path / "review" / "busy.png.png").exists()
+
+
+def test_the_status_line_counts_cutouts_held_for_review():
+    from daemon.service.status import status_line
+
+    line = status_line("idle", {"exact": 1, "miss": 2, "review": 3, "failed": 1}, 0)
+    assert line == "idle, 1 hits / 2 misses, 3 held for review, 1 failed"

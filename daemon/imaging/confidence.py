@@ -143,10 +143,16 @@ def signals(mask: np.ndarray, rgb: np.ndarray | None = None) -> Signals:
     return Signals(s.area, s.uncertain, s.fragments, s.pieces, s.sides, see, edge)
 
 
+def _uncertain_reason(share: float) -> str:
+    if share <= 1:
+        return f"uncertain alpha over {share:.0%} of the subject's area"
+    return f"uncertain alpha over {share:.1f}x the subject's area"  # a thin or faint subject
+
+
 def excess(s: Signals) -> dict[str, float]:
     """Each signal past its allowance (0: no penalty), keyed by its reason."""
     e = {
-        f"uncertain alpha over {s.uncertain:.0%} of the subject's area":
+        _uncertain_reason(s.uncertain):
             max(0.0, s.uncertain - UNCERTAIN[0]),
         f"{s.pieces} pieces; {s.fragments:.0%} of the subject outside the largest":
             max(0.0, s.fragments - FRAGMENTS[0]),

@@ -36,6 +36,8 @@ def status_line(state: str, c: dict[str, int], queued: int) -> str:
     text = f"{state}, {hits} hits / {c.get('miss', 0)} misses"
     if queued:
         text += f", {queued} queued"
+    if c.get("review"):
+        text += f", {c['review']} held for review"
     if c.get("failed"):
         text += f", {c['failed']} failed"
     return text

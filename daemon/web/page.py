@@ -54,8 +54,8 @@ def _pairs(snapshot: dict) -> str:
         f"{' — ' + escape(p.why) if p.why else ''}</td></tr>"
         for p in snapshot["pairs"])
     return ("<table><tr><th>#</th><th>inbox</th><th>outbox</th><th>state</th></tr>"
-            f"{rows}</table><p>{snapshot['queued']} queued, {snapshot['in_progress']} in "
-            f"progress — {escape(snapshot['line'])}</p>")
+            f"{rows}</table><p>{escape(snapshot['line'])}; {snapshot['in_progress']} in "
+            "progress</p>")
 
 
 def _recent(recent: list[RecentOutput], labels: dict[int, str]) -> str:
