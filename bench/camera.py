@@ -48,13 +48,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
-import yaml
 from PIL import Image
 
 BENCH = Path(__file__).resolve().parent
@@ -64,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 import workloads as wl  # noqa: E402
 from measure import Daemon, OutputRecorder, drop_rename, now  # noqa: E402
+from common import Sampler, write_config  # noqa: E402
 
 OUT = BENCH / "out" / "camera"
 THREADS = 2
@@ -157,44 +156,8 @@ def env() -> dict:
 
 
 def config(d: Path, **extra) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    for sub in ("inbox", "outbox"):
-        (d / sub).mkdir(exist_ok=True)
-    data = {"watch": [{"inbox": str(d / "inbox"), "outbox": str(d / "outbox")}],
-            "models": {"dir": str(ROOT / "var" / "models")}, "cache": {"dir": str(d / "cache")},
-            "threads": THREADS, "logging": {"level": "warning", "format": "json"}, **extra}
-    path = d / "config.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-class Sampler(threading.Thread):
-    """RSS of a process tree every ``interval`` s: the series and its peak."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.series: list[tuple[float, int]] = []
-        self.stop_flag = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        while not self.stop_flag.is_set():
-            try:
-                p = psutil.Process(self.pid)
-                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(True))
-                self.series.append((now(), rss))
-            except psutil.Error:
-                pass
-            time.sleep(self.interval)
-
-    def finish(self) -> None:
-        self.stop_flag.set()
-        self.join(5)
-
-    @property
-    def peak(self) -> int:
-        return max((r for _, r in self.series), default=0)
+    return write_config(d, ROOT / "var" / "models", threads=THREADS,
+                        logging={"level": "warning"}, **extra)
 
 
 def timed(cmd: list[str], outdir: Path, track: bool = False) -> dict:
@@ -377,7 +340,7 @@ def profile_near(mp: str) -> None:
     import tempfile
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import pipeline_over, write_config  # noqa: E402
+    from conftest import pipeline_over  # noqa: E402
 
     from daemon import config as configmod, runtime
     from daemon.cache import open_store

@@ -130,8 +130,11 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=2.0)
     ap.add_argument("--drops", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "polling_idle.md")
+    ap.add_argument("--quick", action="store_true", help="8 s idle and 2 drops (development)")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "FULL_SCAN_S", "ROOT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.idle, args.drops = min(args.idle, 8.0), min(args.drops, 2)
     if args.child:
         kind, full, root = args.child
         print(json.dumps(child(kind, float(full), Path(root), args.idle, args.interval, args.drops)))

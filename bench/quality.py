@@ -362,7 +362,7 @@ def _t1(t: dict | None) -> str:
 
 
 def pick_paragraph(results: dict) -> str:
-    """The README paragraph, with this run's figures."""
+    """The model-choice paragraph (docs/benchmarks.md, bench/quality.md), with this run's figures."""
     p, f = results["u2netp"], results["u2net"]
 
     def fig(r, kind=None):
