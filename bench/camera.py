@@ -156,8 +156,8 @@ def env() -> dict:
 
 
 def config(d: Path, **extra) -> Path:
-    return write_config(d, ROOT / "var" / "models", threads=THREADS,
-                        logging={"level": "warning"}, **extra)
+    extra = {"threads": THREADS, "logging": {"level": "warning"}, **extra}
+    return write_config(d, ROOT / "var" / "models", **extra)
 
 
 def timed(cmd: list[str], outdir: Path, track: bool = False) -> dict:
