@@ -40,10 +40,10 @@ def _coffee() -> np.ndarray:
     return np.asarray(img, np.float32) / 255
 
 
-def _model_like(alpha: np.ndarray, blur: float) -> np.ndarray:
+def _model_like(alpha: np.ndarray, blur: float, working=WORKING) -> np.ndarray:
     """The working-size mask a model gives: ``alpha`` reduced, then softened."""
     img = Image.fromarray(np.rint(alpha * 255).astype(np.uint8))
-    img = img.resize(WORKING, Image.Resampling.BOX)
+    img = img.resize(working, Image.Resampling.BOX)
     return np.asarray(img.filter(ImageFilter.GaussianBlur(blur)) if blur else img)
 
 
@@ -57,7 +57,14 @@ def _mae(mask: np.ndarray, alpha: np.ndarray) -> float:
     return float(np.abs(mask / 255 - alpha).mean())
 
 
-def test_refinement_sharpens_a_known_hard_edge():
+# A third of the size: refined tile by tile, as a camera file; the full size (a photo of
+# at most 2048 px): in one pass. The blur is in working pixels, so the band is ~20 px in both.
+PATHS = pytest.mark.parametrize("working,scale", [(WORKING, 1), (SIZE, 3)],
+                                ids=["tiles", "one-pass"])
+
+
+@PATHS
+def test_refinement_sharpens_a_known_hard_edge(working, scale):
     w, h = SIZE
     s = 4  # drawn at 4x and box-filtered: exact fractional coverage on the outline
     big = Image.new("L", (w * s, h * s), 0)
@@ -65,7 +72,7 @@ def test_refinement_sharpens_a_known_hard_edge():
                                           radius=120 * s, fill=255)
     alpha = np.asarray(big.resize(SIZE, Image.Resampling.BOX), np.float32) / 255
     rgb = _composite(alpha, _coffee())
-    mask = _model_like(alpha, blur=2.5)
+    mask = _model_like(alpha, blur=2.5 * scale, working=working)
 
     plain, sharp = upscale(mask, w, h), refine(rgb, mask)
     soft = _partial_px_per_outline_px(plain, alpha)
@@ -77,7 +84,8 @@ def test_refinement_sharpens_a_known_hard_edge():
     assert (subject & truth).sum() / (subject | truth).sum() > 0.995
 
 
-def test_a_soft_edge_stays_soft():
+@PATHS
+def test_a_soft_edge_stays_soft(working, scale):
     """A disc whose alpha is itself a wide ramp (defocus, a feathered edge) is not hardened."""
     w, h = SIZE
     disc = Image.new("L", SIZE, 0)
@@ -85,7 +93,7 @@ def test_a_soft_edge_stays_soft():
     alpha = np.asarray(disc.filter(ImageFilter.GaussianBlur(10)), np.float32) / 255
     red = np.broadcast_to(np.array([0.75, 0.2, 0.15], np.float32), (h, w, 3))
     rgb = _composite(alpha, red)
-    mask = _model_like(alpha, blur=0)  # the model got this edge right: keep it
+    mask = _model_like(alpha, blur=0, working=working)  # the model got this edge right
 
     out = refine(rgb, mask)
     ramp = (alpha > 0.05) & (alpha < 0.95)

@@ -19,9 +19,12 @@ alpha inside that band only, from the full-size pixels, with a local two-colour 
   instead, in proportion.
 
 Statistics are box sums (OpenCV; the cost does not grow with the radius) on a grid at half
-the working size, exact integers in float64, so the bytes never depend on OpenCV's thread
-count and a cache hit renders exactly what the miss did; only tiles that hold band pixels are evaluated at full size, so the cost
-follows the outline's length, not the pixel count. Pure: numpy in, numpy out.
+the working size, in exact int32, so the bytes never depend on OpenCV's thread count and a
+cache hit renders exactly what the miss did. The fields are evaluated only where band
+pixels read them: tile by tile when the photo is larger than the working mask, so the cost
+follows the outline's length, not the pixel count; in one pass when the working mask is
+already full size (<= 2048 px, where tiles cost more in overhead than they save).
+Pure: numpy in, numpy out.
 Measured against exact alpha in bench/quality.md, where OpenCV's guided filter
 (``cv2.ximgproc.guidedFilter``), the textbook choice, is the rejected candidate.
 """
@@ -39,6 +42,7 @@ NOISE_SIGMAS = 2.0
 CONTRAST = 0.002  # |F - B|^2 (colours 0-1) at which colour and mask weigh the same
 TILE = 32  # working px per tile side
 STEP = 2  # working px per cell of the statistics grid
+REMAP_ROW = 4096  # band pixels per row of the one-pass sampling maps
 
 
 def refine(rgb: np.ndarray, mask: np.ndarray, mode: str = "edges") -> np.ndarray:
@@ -55,6 +59,9 @@ def refine(rgb: np.ndarray, mask: np.ndarray, mode: str = "edges") -> np.ndarray
     if full is mask:  # already full size: solve into a copy
         full = mask.copy()
     stats = _BandStats(rgb, mask)
+    if stats.scale == (1, 1):  # working size is full size (<= 2048 px): one pass, no tiles
+        stats.solve_all(rgb, full)
+        return full
     for ty, tx in zip(*np.nonzero(_tiles_with(stats.band))):
         stats.solve_tile(rgb, full, tx * TILE, ty * TILE)
     return full
@@ -82,36 +89,44 @@ class _BandStats:
         self.grid_scale = (width / grid[0], height / grid[1])
         # Nearest sampling, not an area reduction: single samples keep the full-size
         # noise for the noise estimate, and the sums average enough of them.
-        colour = cv2.resize(rgb, grid, interpolation=cv2.INTER_NEAREST).astype(np.float64)
+        colour = cv2.resize(rgb, grid, interpolation=cv2.INTER_NEAREST)
         square = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
 
         def sure(region: np.ndarray) -> np.ndarray:
             region = cv2.erode(region.astype(np.uint8), square)
-            return cv2.resize(region, grid, interpolation=cv2.INTER_NEAREST).astype(np.float64)
+            return cv2.resize(region, grid, interpolation=cv2.INTER_NEAREST)
 
+        # 0/1 weights times 8-bit colours, summed in int32: exact, and OpenCV's fast path
         fg, bg = sure(mask >= FG_SURE), sure(mask <= BG_SURE)
-        self.fg_near = _sums(fg, colour, RADIUS // STEP)
-        self.fg_far = _sums(fg, colour, FAR_RADIUS // STEP)
-        self.bg = _sums(bg, colour, RADIUS // STEP)
+        fg_colour = colour * fg[..., None]
+        self.fg_near = _sums(fg, fg_colour, RADIUS // STEP)
+        self.fg_far = _sums(fg, fg_colour, FAR_RADIUS // STEP)
+        self.bg = _sums(bg, colour * bg[..., None], RADIUS // STEP)
         # The backdrop's spread around its local mean: sensor noise on a sweep; on a busy
         # backdrop (shelves, foliage) much more, and then the mask is trusted instead.
-        self.bg_sq = cv2.boxFilter(_channel_sum(colour * colour) * bg, -1,
-                                   (2 * (RADIUS // STEP) + 1,) * 2, normalize=False)
+        # |colour|^2 <= 3 * 255^2: exact in float32, and summed in float64
+        wide = colour.astype(np.float32)
+        energy = cv2.multiply(cv2.transform(wide * wide, np.ones((1, 3), np.float32)), bg,
+                              dtype=cv2.CV_32F)
+        self.bg_sq = cv2.boxFilter(energy, cv2.CV_64F, (2 * (RADIUS // STEP) + 1,) * 2,
+                                   normalize=False)
         uncertain = ((mask > BG_SURE) & (mask < FG_SURE)).astype(np.uint8)
         solvable = ((self.bg[0] > 0) & (self.fg_far[0] > 0)).astype(np.uint8)
         solvable = cv2.resize(solvable, (w, h), interpolation=cv2.INTER_NEAREST)
         self.band = cv2.dilate(uncertain, square) & solvable
 
-    def _fields(self, x0: int, y0: int, x1: int, y1: int):
-        """B, F (colours 0-1, float32) and the backdrop's noise over a window of the grid."""
-        win = np.s_[y0:y1, x0:x1]
-        n_near, s_near = self.fg_near[0][win], self.fg_near[1][win]
-        n_far, s_far = self.fg_far[0][win], self.fg_far[1][win]
-        n_bg, s_bg = self.bg[0][win], self.bg[1][win]
+    def _fields(self, at):
+        """B, F (colours 0-1, float32) and the backdrop's noise at the grid cells ``at``
+        (a window of the grid, or a boolean grid of the cells wanted)."""
+        n_near, s_near = self.fg_near[0][at], self.fg_near[1][at]
+        n_far, s_far = self.fg_far[0][at], self.fg_far[1][at]
+        n_bg, s_bg = self.bg[0][at], self.bg[1][at]
         fg = np.where((n_near > 0)[..., None], s_near / np.maximum(n_near, 1)[..., None],
                       s_far / np.maximum(n_far, 1)[..., None])
         bg = s_bg / np.maximum(n_bg, 1)[..., None]
-        variance = self.bg_sq[win] / np.maximum(n_bg, 1) - _channel_sum(bg * bg)
+        square = bg * bg
+        variance = self.bg_sq[at] / np.maximum(n_bg, 1) - (square[..., 0] + square[..., 1]
+                                                           + square[..., 2])
         return ((bg / 255).astype(np.float32), (fg / 255).astype(np.float32),
                 (np.sqrt(np.maximum(variance, 0)) / 255).astype(np.float32))
 
@@ -131,21 +146,60 @@ class _BandStats:
         gx0, gy0 = max(int(X0 / gsx) - 1, 0), max(int(Y0 / gsy) - 1, 0)
         gx1, gy1 = min(int(X1 / gsx) + 2, gw), min(int(Y1 / gsy) + 2, gh)
         B, F, noise = (_sample(f, (X0, Y0, X1, Y1, gx0, gy0), self.grid_scale)[band]
-                       for f in self._fields(gx0, gy0, gx1, gy1))
-        pixel = rgb[Y0:Y1, X0:X1][band].astype(np.float32) * np.float32(1 / 255)
-        mask = full[Y0:Y1, X0:X1][band].astype(np.float32) * np.float32(1 / 255)
-        d, e = F - B, pixel - B
-        dd = np.einsum("ij,ij->i", d, d)
-        towards = np.einsum("ij,ij->i", e, d) / np.maximum(dd, 1e-6)
-        floor = NOISE_SIGMAS * noise
-        reach = np.sqrt(dd) - floor  # how far the subject stands out of the backdrop's noise
-        away = np.where(reach > 0, (np.sqrt(np.einsum("ij,ij->i", e, e)) - floor)
-                        / np.maximum(reach, 1e-6), 0)
-        alpha = np.clip(np.maximum(towards, away), 0, 1)
-        # low contrast, or a busy backdrop whose spread rivals it: trust the mask instead
-        trust = dd / (dd + CONTRAST + (2 * floor) ** 2)
-        out = trust * alpha + (1 - trust) * mask
-        full[Y0:Y1, X0:X1][band] = np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)
+                       for f in self._fields(np.s_[gy0:gy1, gx0:gx1]))
+        pixel = rgb[Y0:Y1, X0:X1][band]
+        full[Y0:Y1, X0:X1][band] = _solve(pixel, full[Y0:Y1, X0:X1][band], B, F, noise)
+
+    def solve_all(self, rgb, full) -> None:
+        """Re-decide every band pixel at once (the working mask is full size)."""
+        points = cv2.findNonZero(self.band)  # ~4x np.nonzero's speed
+        if points is None:
+            return
+        xs, ys = points.reshape(-1, 2).T  # (N, 2) in OpenCV 5, (N, 1, 2) before
+        n = len(ys)
+        gsx, gsy = self.grid_scale
+        # pixel centre X sits at grid (X + 0.5) / gsx - 0.5, as in _sample; the points go
+        # in rows of REMAP_ROW (remap wants each side under 32767)
+        rows = -(-n // REMAP_ROW)
+        at = np.zeros((2, rows * REMAP_ROW), np.float32)
+        at[0, :n], at[1, :n] = (xs + 0.5) / gsx - 0.5, (ys + 0.5) / gsy - 0.5
+        at = at.reshape(2, rows, REMAP_ROW)
+        # the fields only at the grid cells the bilinear sampling reads: under the band,
+        # one cell around
+        gh, gw = self.bg_sq.shape
+        reach = 2 * (2 * STEP + 1) + 1  # a cell's sample lies within 2 STEP + 1 px of the pixel
+        cells = cv2.resize(cv2.dilate(self.band, np.ones((reach, reach), np.uint8)), (gw, gh),
+                           interpolation=cv2.INTER_NEAREST).astype(bool)
+
+        def spread(values: np.ndarray) -> np.ndarray:
+            field = np.zeros((gh, gw, *values.shape[1:]), np.float32)
+            field[cells] = values
+            return field
+
+        B, F, noise = (cv2.remap(spread(f), at[0], at[1], cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_REPLICATE).reshape(rows * REMAP_ROW, -1)[:n]
+                       for f in self._fields(cells))
+        full[ys, xs] = _solve(rgb[ys, xs], full[ys, xs], B, F, noise[:, 0])
+
+
+def _solve(pixel: np.ndarray, mask: np.ndarray, B: np.ndarray, F: np.ndarray,
+           noise: np.ndarray) -> np.ndarray:
+    """The new alpha (uint8) of band pixels: colours (N x 3 uint8), their mask (N uint8),
+    and per pixel the backdrop B, the subject F (N x 3, 0-1) and the backdrop's noise (N)."""
+    pixel = pixel.astype(np.float32) * np.float32(1 / 255)
+    mask = mask.astype(np.float32) * np.float32(1 / 255)
+    d, e = F - B, pixel - B
+    dd = np.einsum("ij,ij->i", d, d)
+    towards = np.einsum("ij,ij->i", e, d) / np.maximum(dd, 1e-6)
+    floor = NOISE_SIGMAS * noise
+    reach = np.sqrt(dd) - floor  # how far the subject stands out of the backdrop's noise
+    away = np.where(reach > 0, (np.sqrt(np.einsum("ij,ij->i", e, e)) - floor)
+                    / np.maximum(reach, 1e-6), 0)
+    alpha = np.clip(np.maximum(towards, away), 0, 1)
+    # low contrast, or a busy backdrop whose spread rivals it: trust the mask instead
+    trust = dd / (dd + CONTRAST + (2 * floor) ** 2)
+    out = trust * alpha + (1 - trust) * mask
+    return np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _tiles_with(band: np.ndarray) -> np.ndarray:
@@ -156,14 +210,10 @@ def _tiles_with(band: np.ndarray) -> np.ndarray:
     return padded.reshape(padded.shape[0] // TILE, TILE, -1, TILE).any(axis=(1, 3))
 
 
-def _channel_sum(image: np.ndarray) -> np.ndarray:
-    return cv2.transform(image, np.ones((1, 3)))
-
-
-def _sums(weight: np.ndarray, colour: np.ndarray, radius: int):
+def _sums(weight: np.ndarray, weighted_colour: np.ndarray, radius: int):
     k = (2 * radius + 1,) * 2
-    return (cv2.boxFilter(weight, -1, k, normalize=False),
-            cv2.boxFilter(colour * weight[..., None], -1, k, normalize=False))
+    return (cv2.boxFilter(weight, cv2.CV_32S, k, normalize=False),
+            cv2.boxFilter(weighted_colour, cv2.CV_32S, k, normalize=False))
 
 
 def _sample(field: np.ndarray, at, scale, interpolation=cv2.INTER_LINEAR) -> np.ndarray:
