@@ -111,6 +111,26 @@ def test_the_writer_comes_back_and_the_file_is_processed(tmp_path, rig):
     sched.ready(f)
 
 
+def test_waiting_lists_each_incomplete_file_with_its_time_left(tmp_path, rig):
+    sched, clock, got = rig
+    early, late = tmp_path / "early.jpg", tmp_path / "late.jpg"
+    early.write_bytes(b"")
+    late.write_bytes(b"\xff\xd8")
+    assert sched.waiting() == []
+    assert sched.not_ready(0, early)
+    _run_until(sched, clock, got, 10.0)
+    assert sched.not_ready(0, late)
+    (p1, left1, tries1), (p2, left2, tries2) = sched.waiting()
+    assert (p1, p2) == (early, late)  # the soonest to give up first
+    assert left1 == pytest.approx(120.0 - 10.0, abs=0.5) and tries1 >= 1
+    assert left2 == pytest.approx(120.0, abs=0.01) and tries2 == 1
+    sched.ready(early)
+    assert [w[0] for w in sched.waiting()] == [late]
+    late.unlink()
+    assert sched.not_ready(0, late)  # vanished: forgotten
+    assert sched.waiting() == []
+
+
 def test_after_the_timeout_without_change_it_is_failed(tmp_path, rig):
     sched, clock, got = rig
     f = tmp_path / "a.jpg"

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
@@ -78,7 +79,8 @@ def test_page_lists_outputs_failures_and_serves_thumbnails(local):
             assert max(thumb.size) == 256
             assert thumb.mode == ("RGBA" if root == "outbox" else "RGB")  # the cutout's alpha
     assert len(list((tmp / "cache" / "web" / "thumbs").iterdir())) == 2  # cached on disk
-    assert daemon.status()["running"]  # `rembgd status` keeps working
+    st = daemon.status()  # `rembgd status` keeps working, and names the page
+    assert st["running"] and st["web"] == url and st["incomplete"] == 0
 
     status, headers, body = fetch(url, "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
@@ -147,6 +149,37 @@ def test_retry_moves_the_failed_file_back_and_it_is_processed(local):
     assert (tmp / "outbox" / "broken.jpg.png").is_file()
     page = wait_for(lambda: (p := fetch(url, "/")[2].decode()).count("broken.jpg") and p)
     assert "no failed files" in page
+
+
+def test_an_incomplete_file_is_listed_as_waiting_until_it_completes(tmp_path, models_dir):
+    """A truncated JPEG (a copy still running, or broken) is shown as waiting, with when
+    it will go to failed/; once the copy completes it is processed and leaves the list."""
+    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0"},
+                          incomplete_timeout_s=600)
+    whole = encode(photo("coffee"))
+    (tmp_path / "inbox" / "copying.jpg").write_bytes(whole[: len(whole) // 2])
+    daemon, url = start(config)
+    try:
+        daemon.wait_log(lambda e: e.get("event") == "not_ready")
+        page = fetch(url, "/")[2].decode()
+        section = page[page.index('id="waiting"'):page.index('id="recent"')]
+        assert "Waiting: incomplete (1)" in section and "copying.jpg" in section
+        assert "empty or truncated" in section
+        gives_up = re.search(r"<td>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)</td></tr>", section).group(1)
+        left = time.mktime(time.strptime(gives_up, "%Y-%m-%d %H:%M:%S")) - time.time()
+        assert 500 < left <= 601  # incomplete_timeout_s from the first check
+        assert fetch(url, "/thumb?pair=0&root=inbox&path=copying.jpg")[0] == 415  # no thumb yet
+        assert not list((tmp_path / "failed").glob("copying.jpg*"))
+        assert b"rembgd_files_incomplete 1.0" in fetch(url, "/metrics")[2]
+        assert daemon.wait_ticks(1)["incomplete"] == 1  # `rembgd status` counts it too
+
+        (tmp_path / "inbox" / "copying.jpg").write_bytes(whole)  # the copy completes
+        daemon.wait_processed(1)
+        page = fetch(url, "/")[2].decode()
+        assert "Waiting: incomplete (0)" in page and "no incomplete files" in page
+        assert b"rembgd_files_incomplete 0.0" in fetch(url, "/metrics")[2]
+    finally:
+        daemon.stop()
 
 
 def test_path_traversal_links_and_foreign_hosts_are_refused(local, tmp_path):
@@ -225,6 +258,14 @@ def test_off_localhost_the_token_is_required(tmp_path, models_dir):
                              form={"pair": 0, "path": "a.jpg", "form_token": form_token(html)})
         assert status == 303 and not failed.exists()
         daemon.wait_log(lambda e: e.get("event") == "processed" and e.get("outcome") == "miss")
+        # log out: the page's button clears the cookie in the browser
+        assert b">Log out<" in html
+        status, headers, _ = fetch(url, "/logout", method="POST", headers=session,
+                                   form={"form_token": form_token(html)})
+        assert status == 303 and headers["location"].endswith("/login")
+        cleared = headers["set-cookie"]
+        assert "Max-Age=0" in cleared and cleared.split(";")[0] == "rembgd_session="
+        assert fetch(url, "/", headers={"Cookie": cleared.split(";")[0]})[0] == 303
 
         write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0"})  # reload: restarted
         daemon.signal(signal.SIGHUP)

@@ -45,12 +45,18 @@ def test_browser_retry_then_the_file_is_processed(tmp_path, models_dir, browser)
 
     config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0"})
     (tmp_path / "inbox" / "chair.jpg").write_bytes(b"not an image yet")
+    whole = encode(photo("coffee"))
+    (tmp_path / "inbox" / "copying.jpg").write_bytes(whole[: len(whole) // 2])
     with Daemon(config) as daemon:
         url = daemon.wait_log(lambda e: e.get("event") == "web_listening")[0]["url"]
         daemon.wait_processed(1)
+        daemon.wait_log(lambda e: e.get("event") == "not_ready")
         browser.get(url)
         assert "chair.jpg" in browser.find_element(By.ID, "failed").find_element(
             By.XPATH, "following-sibling::table").text
+        waiting = browser.find_element(By.ID, "waiting").find_element(
+            By.XPATH, "following-sibling::table").text
+        assert "copying.jpg" in waiting and "empty or truncated" in waiting
         (tmp_path / "failed" / "chair.jpg").write_bytes(encode(photo("chelsea")))  # fixed
         browser.find_element(By.XPATH, "//form[@action='/retry']/button").click()
         daemon.wait_log(lambda e: e.get("event") == "processed" and e.get("outcome") == "miss")

@@ -27,7 +27,7 @@ from daemon.inference.models import ModelError, mask_model_path
 from daemon.inference.registry import local_specs
 from daemon.nofollow import move_between, read_under, unlink_under
 from daemon.service.intake import WorkItem
-from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused
+from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused, WaitingFile
 from daemon.web.journal import Journal
 from daemon.web.server import WebServer
 from daemon.web.thumbs import Thumbnails
@@ -88,6 +88,17 @@ class Console:
         found = (_failed_entry(i, self.sup.cfg.watch[i].failed_dir, sidecar)
                  for _, i, sidecar in sidecars[:MAX_FAILED])
         return [f for f in found if f is not None]
+
+    def waiting_files(self) -> list[WaitingFile]:
+        inboxes = sorted(enumerate(self.sup.cfg.watch), key=lambda ip: -len(ip[1].inbox.parts))
+        now = time.time()
+        found = []
+        for path, left, checks in self.sup.scheduler.waiting():
+            pair = next((i for i, p in inboxes if p.inbox in path.parents), None)
+            if pair is not None:  # else its pair went away in a reload
+                rel = path.relative_to(self.sup.cfg.watch[pair].inbox)
+                found.append(WaitingFile(pair, str(rel), now + max(left, 0.0), checks))
+        return found
 
     def review_items(self) -> list[review.ReviewItem]:
         items = [item for p in self.sup.cfg.watch
@@ -207,6 +218,10 @@ class Web:
             return
         self.console, self._server, self._running = console, server, wanted
         log.info("web_listening", url=url, token=cfg.web.token is not None)
+
+    @property
+    def url(self) -> str | None:
+        return self._server.url if self._server is not None else None
 
     def record(self, pair: int, outcome: Outcome) -> None:
         if self.console is not None:

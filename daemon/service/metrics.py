@@ -48,6 +48,12 @@ class _Gauges(Collector):
         if depth is not None:
             yield GaugeMetricFamily("rembgd_queue_depth", "Files waiting to be processed",
                                     value=depth)
+        incomplete = self._read("files_incomplete", m.incomplete)
+        if incomplete is not None:
+            yield GaugeMetricFamily("rembgd_files_incomplete",
+                                    "Files in an inbox found empty or truncated, waiting to "
+                                    "complete (they go to failed/ after incomplete_timeout_s)",
+                                    value=incomplete)
         standby = self._read("pair_standby", m.standby)
         if standby is not None:
             g = GaugeMetricFamily("rembgd_pair_standby",
@@ -68,13 +74,16 @@ class _Gauges(Collector):
 
 
 class Metrics:
-    """The daemon's metrics. ``queue_depth() -> int``, ``standby() -> {pair: bool}`` and
-    ``cache() -> {"entries": int}`` are called at scrape time; any may be None."""
+    """The daemon's metrics. ``queue_depth() -> int``, ``incomplete() -> int``,
+    ``standby() -> {pair: bool}`` and ``cache() -> {"entries": int}`` are called at scrape
+    time; any may be None."""
 
     def __init__(self, *, queue_depth: Callable[[], int] | None = None,
                  standby: Callable[[], dict[str, bool]] | None = None,
-                 cache: Callable[[], dict] | None = None) -> None:
+                 cache: Callable[[], dict] | None = None,
+                 incomplete: Callable[[], int] | None = None) -> None:
         self.queue_depth, self.standby, self.cache = queue_depth, standby, cache
+        self.incomplete = incomplete
         self.registry = CollectorRegistry()
         self._files = Counter("rembgd_files_processed", "Files processed, by pair and tier "
                               "(exact, pixel, near, miss)", ["pair", "tier"],

@@ -135,6 +135,15 @@ class SettleQueue:
             self._push(now + max(delay, 0.05), pair, path, "settle")
         return True
 
+    def waiting(self) -> list[tuple[Path, float, int]]:
+        """Paths found not ready: (path, seconds until it is failed as incomplete if it
+        stays unchanged, checks so far), soonest first."""
+        now = self.clock()
+        with self._cv:
+            rows = [(path, w.since + self.incomplete_timeout_s - now, w.tries)
+                    for path, w in self._waiting.items()]
+        return sorted(rows, key=lambda row: row[1])
+
     def ready(self, path: Path) -> None:
         """``path`` turned out complete (processed, or failed for another reason)."""
         with self._cv:

@@ -68,7 +68,9 @@ def build_status(sup) -> dict:
         "events_seen": sum(h.events for h in sup.handlers),
         "ticks": sup.ticks,  # the main loop's ticks (about 1 s); idle_ticks: idle ones in a row
         "idle_ticks": sup.idle_ticks,
+        "incomplete": len(sup.scheduler.waiting()),  # files waiting to finish copying
         "standby": sup.standby.snapshot(),
+        "web": sup.web.url,  # the status page, or None
         "cache": guard.status() if guard is not None else {"backend": "disabled",
                                                            "available": False},
         "line": status_line(state, c, queued),

@@ -61,7 +61,8 @@ class Supervisor:
                                         lambda: self.cfg.retry_backoff_s)
         self.standby = Standby()
         self.metrics = Metrics(queue_depth=self._queue_depth, standby=self._standby_pairs,
-                               cache=self._cache_entries)
+                               cache=self._cache_entries,
+                               incomplete=lambda: len(self.scheduler.waiting()))
         self.intake = Intake(lambda: self.app, self.counters, self.retry_policy.retry,
                              self.retry_policy.later, self.scheduler, self.standby, self.metrics)
         self.workers = Workers(cfg.workers, cfg.queue_size, self.intake.process, self.counters,

@@ -71,6 +71,11 @@ class Gate:
             return None
         return f"{COOKIE}={self._session}; Path=/; HttpOnly; SameSite=Strict"
 
+    def logout_cookie(self) -> str:
+        """The Set-Cookie value that clears the session in this browser. The cookie is
+        derived from the token, so a copied cookie works until ``web.token`` changes."""
+        return f"{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
+
     def _cookie_ok(self, header: str | None) -> bool:
         if not header:
             return False

@@ -49,6 +49,17 @@ class FailedFile:
     time: float
 
 
+@dataclass(frozen=True)
+class WaitingFile:
+    """A file in the inbox found empty or truncated: it is checked again with a backoff and
+    goes to failed/ at ``gives_up`` unless it changes (a copy still running)."""
+
+    pair: int
+    rel: str  # relative to the inbox
+    gives_up: float  # wall-clock time
+    checks: int
+
+
 class Controller(Protocol):
     def snapshot(self) -> dict:
         """{"pairs": [PairView], "queued": int, "in_progress": int, "line": str}."""
@@ -58,6 +69,9 @@ class Controller(Protocol):
 
     def failed_files(self) -> list[FailedFile]:
         """Files in failed/ with a sidecar, newest first."""
+
+    def waiting_files(self) -> list[WaitingFile]:
+        """Files waiting to become complete, the soonest to give up first."""
 
     def review_items(self) -> list:
         """``daemon.review.ReviewItem`` of every pair, newest first."""

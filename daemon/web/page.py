@@ -10,7 +10,7 @@ import time
 from html import escape
 from urllib.parse import urlencode
 
-from daemon.web.controller import FailedFile, PairView, RecentOutput
+from daemon.web.controller import FailedFile, PairView, RecentOutput, WaitingFile
 
 REFRESH_S = 15
 
@@ -87,6 +87,19 @@ def _failed(failed: list[FailedFile], labels: dict[int, str], form_token: str) -
             f"</tr>{rows}</table>")
 
 
+def _waiting(waiting: list[WaitingFile], labels: dict[int, str]) -> str:
+    if not waiting:
+        return '<p class="none">no incomplete files</p>'
+    rows = "".join(
+        f"<tr><td>{_thumb(w.pair, 'inbox', w.rel, checker=False)}</td>"
+        f"<td>{escape(w.rel)}<br><small>{escape(labels.get(w.pair, '?'))}</small></td>"
+        f"<td>empty or truncated; checked {w.checks} time{'s' if w.checks != 1 else ''}</td>"
+        f"<td>{_when(w.gives_up)}</td></tr>" for w in waiting)
+    return ("<p>Still being copied? It is processed once complete. If it does not change, it "
+            "goes to failed/ at the time shown.</p><table><tr><th>source</th><th>file</th>"
+            f"<th>state</th><th>to failed/ at</th></tr>{rows}</table>")
+
+
 def _review(items: list, labels: dict[str, int], models: list[str], form_token: str) -> str:
     if not items:
         return '<p class="none">nothing waiting for review</p>'
@@ -108,7 +121,8 @@ def _review(items: list, labels: dict[str, int], models: list[str], form_token: 
 
 
 def status_page(snapshot: dict, recent: list[RecentOutput], failed: list[FailedFile],
-                review: list, models: list[str], form_token: str) -> str:
+                review: list, models: list[str], form_token: str,
+                waiting: list[WaitingFile] = (), logout: bool = False) -> str:
     pairs: list[PairView] = snapshot["pairs"]
     labels = {p.index: p.inbox for p in pairs}
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>rembgd</title>'
@@ -117,8 +131,10 @@ def status_page(snapshot: dict, recent: list[RecentOutput], failed: list[FailedF
             f'<h2 id="review">Waiting for review ({len(review)})</h2>'
             f"{_review(review, {p.inbox: p.index for p in pairs}, models, form_token)}"
             f'<h2 id="failed">Failed ({len(failed)})</h2>{_failed(failed, labels, form_token)}'
+            f'<h2 id="waiting">Waiting: incomplete ({len(waiting)})</h2>{_waiting(waiting, labels)}'
             f'<h2 id="recent">Recent outputs</h2>{_recent(recent, labels)}'
-            '<p><a href="/metrics">metrics</a></p></body></html>')
+            f'<p><a href="/metrics">metrics</a>'
+            f"{' ' + _button('logout', form_token, 'Log out') if logout else ''}</p></body></html>")
 
 
 def login_page(error: str | None = None) -> str:

@@ -6,7 +6,8 @@ dependency and no event loop to run beside the workers. Each request gets a thre
 (``daemon_threads``) with a socket timeout, so a slow client holds nothing else.
 
 Routes: ``GET /`` (the page), ``/thumb`` and ``/file`` (``pair``, ``root``, ``path``),
-``/metrics``, ``/login``; ``POST /retry``, ``/approve``, ``/redo``, ``/login``.
+``/metrics``, ``/login``; ``POST /retry``, ``/approve``, ``/redo``, ``/login``,
+``/logout``.
 """
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/":
             return self._html(status_page(c.snapshot(), c.recent_outputs(RECENT),
                                           c.failed_files(), c.review_items(), c.models(),
-                                          site.gate.form_token))
+                                          site.gate.form_token, c.waiting_files(),
+                                          logout=site.gate.needs_login))
         if path == "/metrics":
             body, ctype = c.metrics()
             return self._send(HTTPStatus.OK, body, ctype)
@@ -225,6 +227,9 @@ class Handler(BaseHTTPRequestHandler):
         if not site.gate.form_ok(self.headers, form):
             return self._text(HTTPStatus.FORBIDDEN,
                               "refused: log in, and use the buttons of a freshly loaded page")
+        if path == "/logout":
+            log.info("web_logout", client=self.client_address[0])
+            return self._redirect("/login", {"Set-Cookie": site.gate.logout_cookie()})
         c = site.controller
         pair = _int(form, "pair")
         if path == "/retry":
