@@ -10,30 +10,35 @@ interior, windows tall enough to see the sweep change are regressed, per channel
 when all of these hold:
 
 - ``B`` varies across it (std >= ``MIN_SPREAD`` grey levels and ``SPREAD_NOISE``
-  times the cell noise): no variation, no evidence;
-- the fit is as good as the sensor allows (the residual is within ``FIT_NOISE`` x
-  the noise measured on the backdrop, plus ``FIT_FLOOR``): texture, print, a
-  label, a face, fur, anything of the subject's own fails it;
+  times the cell noise), and what shows through, ``b`` times that, is seen above
+  the noise (``MIN_SHOWN``, ``SHOWN_NOISE``): no variation, no evidence;
+- the fit is as good as the sensor allows: the residual within ``FIT_NOISE`` x the
+  noise measured on the backdrop plus ``FIT_FLOOR``, and the dimmed backdrop explains
+  ``MIN_R2`` of I's variance in every channel: texture, print, a label, a face, fur,
+  anything of the subject's own fails it;
 - the slope is in ``SLOPE`` (alpha 0.15-0.85) and the same in all three channels
-  within ``ACHROMATIC`` (a clear body dims every channel alike; an opaque coloured
-  product lit like the sweep does not follow it in the same ratio per channel);
+  within ``ACHROMATIC`` (a clear body dims every channel alike);
 - the glass's own light is a colour: ``T = intercept / alpha`` within [0, 1.05]
-  per channel and its share of the pixel ``alpha T / I`` at least ``OWN_LIGHT``:
+  per channel, and its share of the pixel ``alpha T / I`` at least ``OWN_LIGHT``:
   an opaque surface lit by the same light as the sweep gives ``I`` proportional
   to ``B`` (no intercept), which is not transparency.
 
-Each interior cell then takes ``1 - b`` averaged over the windows covering it,
-passing or not (a failed window counts as opaque, so sparse evidence fades to the
-mask), bounded below by ``ALPHA_MIN``; the full-size alpha is the minimum of the
-refined alpha and this, upscaled, on the mask's sure subject only.
+A cell of the sure subject then takes the mean ``1 - b`` of the passing windows that
+cover it, weighted by their consensus: none where at most ``CONSENSUS[0]`` of the
+candidate windows covering it pass (scattered passes are chance, not a glass), all
+from ``CONSENSUS[1]``; bounded below by ``ALPHA_MIN``. The full-size alpha is the
+minimum of the refined alpha and that, upscaled (bilinear): it only ever lowers alpha.
 
-It is ambiguous by nature: an opaque matte product whose own shading happens to
-follow the sweep with an ambient term looks exactly like this (bench/quality.md
-measures such a scene), hence an explicit ``refine: glass`` mode, never the default.
+It is ambiguous by nature: an opaque matte product whose shading follows the sweep
+plus a uniform fill light is, in this model, a glass with its own light
+(``shaded-fill`` in bench/groundtruth.py; bench/quality.md measures it), hence an
+explicit ``refine: glass`` mode, never the default.
 
-Work happens on an analysis grid (long side ``ANALYSIS`` px, area averages), in
-numpy with fixed summation order (cumulative sums), so the result does not depend
-on thread counts: a cache hit renders the miss's bytes. Pure: numpy in, numpy out.
+Work happens on an analysis grid of k x k pixel cells (an integer k, long side about
+``ANALYSIS`` cells; area means of exact integer sums), cropped to the subject's rows
+and its columns with the backdrop beside them, in numpy with a fixed summation order
+(cumulative sums), so the result does not depend on thread counts: a cache hit
+renders the miss's bytes. Pure: numpy in, numpy out.
 """
 from __future__ import annotations
 
