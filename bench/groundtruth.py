@@ -14,7 +14,13 @@ coverage). Each scene is one studio difficulty:
   grey levels);
 - ``cat``: a cat textured with ``chelsea``, fur fringe and whiskers;
 - ``outline`` (not in ``KINDS``: the edge-band figure only): an opaque lacquered
-  product with a hard outline, straight and curved, faintly shaded by ``camera``.
+  product with a hard outline, straight and curved, faintly shaded by ``camera``;
+- ``shaded`` and ``shaded-fill`` (not in ``KINDS``: ``ADVERSARIAL``, the see-through
+  safety check): an OPAQUE matte grey cylinder lit by the same light as the sweep,
+  so its shading follows the sweep's vertical gradient row by row (``shaded``: that
+  light only, the pixel proportional to the backdrop beside it; ``shaded-fill``: plus
+  a uniform fill light, ``FILL`` of it, which gives it an offset as a glass's own light
+  would), with Lambertian shading across it.
 
 Every backdrop is a sweep (smooth vertical gradient, faint vignette) with a
 soft floor shadow under the subject; the shadow darkens the backdrop and is
@@ -31,6 +37,8 @@ from PIL import Image, ImageDraw, ImageFilter
 GENERATOR_VERSION = "1"
 KINDS = ("portrait", "product", "glass", "white-on-white", "cat")
 HARD_EDGE = "outline"
+ADVERSARIAL = ("shaded", "shaded-fill")
+FILL = {"shaded": 0.0, "shaded-fill": 0.3}  # share of uniform fill light on the cylinder
 SS = 4  # supersampling factor for exact fractional edge coverage
 
 
@@ -252,17 +260,31 @@ def _outline(rng, w, h):
     return _coverage(w, h, bag), tex, (cx, floor, bw)
 
 
-_BUILDERS = {"outline": _outline, "portrait": _portrait, "product": _product, "glass": _glass,
+def _shaded(rng, w, h):
+    """Albedo times shading across the cylinder; ``scene`` multiplies in the sweep's light."""
+    cx, bw = w * rng.uniform(0.42, 0.58), w * rng.uniform(0.1, 0.14)
+    top, floor = h * rng.uniform(0.22, 0.3), h * rng.uniform(0.8, 0.86)
+    alpha = _coverage(w, h, lambda d, s: d.rounded_rectangle(
+        ((cx - bw) * s, top * s, (cx + bw) * s, floor * s), radius=0.25 * bw * s, fill=255))
+    u = np.clip((np.arange(w, dtype=np.float32) - cx) / bw, -1, 1)
+    lambert = 0.55 + 0.45 * np.sqrt(1 - u ** 2)  # lit from the camera's side
+    albedo = rng.uniform(0.6, 0.85)  # a neutral grey: it takes the light's colour exactly
+    colour = np.broadcast_to((albedo * lambert)[None, :, None], (h, w, 3))
+    return alpha, colour, (cx, floor, bw)
+
+
+_BUILDERS = {"outline": _outline, "shaded": _shaded, "shaded-fill": _shaded, "portrait": _portrait, "product": _product, "glass": _glass,
              "white-on-white": _white_on_white, "cat": _cat}
 
 
 def scene(kind: str, seed: int, size: tuple[int, int] = (1224, 816)) -> Scene:
-    """One composite of ``kind`` (KINDS or HARD_EDGE) at ``size`` (w, h), deterministic per seed.
+    """One composite of ``kind`` (KINDS, HARD_EDGE or ADVERSARIAL) at ``size`` (w, h),
+    deterministic per seed.
 
     Sizes are in pixels, so at 6000 x 4000 a strand is still 1-2 px and the strap 2 px:
     a camera file's fine detail, not a 1 MP scene magnified."""
     w, h = size
-    rng = np.random.default_rng([seed, (*KINDS, HARD_EDGE).index(kind)])
+    rng = np.random.default_rng([seed, (*KINDS, HARD_EDGE, *ADVERSARIAL).index(kind)])
     alpha, colour, (cx, floor, half_w) = _BUILDERS[kind](rng, w, h)
     if kind == "white-on-white":
         top, bottom = [rng.uniform(0.95, 0.98)] * 3, [rng.uniform(0.9, 0.94)] * 3
@@ -271,6 +293,9 @@ def scene(kind: str, seed: int, size: tuple[int, int] = (1224, 816)) -> Scene:
         tint = rng.uniform(-0.05, 0.05, 3)
         top, bottom = base + tint, np.clip(base + 0.12 + tint, 0, 1)
     bg = _sweep(rng, w, h, top, bottom)
+    if kind in ADVERSARIAL:  # lit by the sweep's light (row by row), plus the fill
+        fill = FILL[kind]
+        colour = colour * (fill * bg.mean(axis=(0, 1)) + (1 - fill) * bg)
     shadow = _shadow(w, h, cx, floor, half_w, rng)
     bg = bg * (1 - rng.uniform(0.35, 0.55) * shadow)[..., None]
     img = alpha[..., None] * colour + (1 - alpha[..., None]) * bg

@@ -7,9 +7,12 @@
 Camera size (``--camera N`` scenes per kind at 6000x4000, plus the hard ``outline``):
 each scene is drawn at 24 MP with exact alpha, the model's working-size mask is made
 as the daemon makes it, and the full-size alpha is scored per ``refine`` mode (``none``:
-the bilinear upscale; ``edges``: daemon/imaging/refine.py) and for the rejected
+the bilinear upscale; ``edges``: daemon/imaging/refine.py; ``glass``: edges, then the
+see-through alpha of daemon/imaging/see_through.py) and for the rejected
 candidate, OpenCV's guided filter on the upscaled mask. The time refinement adds is
 measured side by side with today's upscale (Pillow BILINEAR) on the same scenes.
+``glass`` must never act on an opaque subject: how much it changes against ``edges``
+is reported per kind, with the ``ADVERSARIAL`` opaque cylinders lit like the sweep.
 
 Scenes come from ``bench/groundtruth.py`` (studio composites with exact alpha).
 Models: u2netp, u2net and every other model installed in the models dir (any
@@ -116,7 +119,7 @@ def band_width(mask: np.ndarray, alpha: np.ndarray) -> float:
 def run_model(engines: Engines, name: str, scenes, big: list[np.ndarray], dump: Path | None):
     engine = engines.mask(name)
     engine.predict(scenes[0].rgb)  # warm-up: ORT allocates its arenas on the first run
-    rows, refined, t1, t_refine = [], [], [], []
+    rows, refined, t1, t_refine, glassed, t_glass = [], [], [], [], [], []
     for sc in scenes:
         start = time.perf_counter()
         mask = engine.predict(sc.rgb)
@@ -126,6 +129,10 @@ def run_model(engines: Engines, name: str, scenes, big: list[np.ndarray], dump: 
         edges = refine(sc.rgb, mask, "edges")  # at 1 MP the mask is already full size
         t_refine.append(time.perf_counter() - start)
         refined.append({"scene": sc.name, "kind": sc.kind, **score(edges, sc.alpha)})
+        start = time.perf_counter()
+        glass = refine(sc.rgb, mask, "glass")
+        t_glass.append(time.perf_counter() - start)
+        glassed.append({"scene": sc.name, "kind": sc.kind, **score(glass, sc.alpha)})
         if dump:
             Image.fromarray(mask).save(dump / f"{sc.name}.{name}.png")
             Image.fromarray(edges).save(dump / f"{sc.name}.{name}.edges.png")
@@ -135,7 +142,8 @@ def run_model(engines: Engines, name: str, scenes, big: list[np.ndarray], dump: 
             start = time.perf_counter()
             engine.predict(rgb)
             t24.append(time.perf_counter() - start)
-    return rows, refined, _timing(t1), (_timing(t24) if t24 else None), _timing(t_refine)
+    return (rows, refined, _timing(t1), (_timing(t24) if t24 else None), _timing(t_refine),
+            glassed, _timing(t_glass))
 
 
 def _timing(seconds: list[float]) -> dict[str, float]:
@@ -187,7 +195,7 @@ def run_camera(engines: Engines, names: list[str], args) -> tuple[dict, list[dic
     """Scores per model (rows with a ``method``) and side-by-side timings per scene."""
     rows, times = {n: [] for n in names}, []
     for i in range(args.camera):
-        for kind in (*gt.KINDS, gt.HARD_EDGE):
+        for kind in (*gt.KINDS, gt.HARD_EDGE, *gt.ADVERSARIAL):
             sc = gt.scene(kind, args.seed + i, SIZE_24MP)
             for name in names:
                 mask = working_mask(engines.mask(name), sc.rgb)
@@ -195,8 +203,10 @@ def run_camera(engines: Engines, names: list[str], args) -> tuple[dict, list[dic
                 for _ in range(REPEATS):
                     _, before_wall, before_cpu = _timed(pillow_bilinear, mask, SIZE_24MP)
                     alphas["edges"], wall, cpu = _timed(refine, sc.rgb, mask, "edges")
+                    alphas["glass"], g_wall, g_cpu = _timed(refine, sc.rgb, mask, "glass")
                     times.append({"model": name, "kind": kind, "before": before_wall,
-                                  "before_cpu": before_cpu, "edges": wall, "edges_cpu": cpu})
+                                  "before_cpu": before_cpu, "edges": wall, "edges_cpu": cpu,
+                                  "glass": g_wall, "glass_cpu": g_cpu})
                 if args.candidate:
                     alphas["guided filter"], wall, cpu = _timed(guided_filter, sc.rgb, mask)
                     times[-1].update(guided=wall, guided_cpu=cpu)
@@ -205,6 +215,9 @@ def run_camera(engines: Engines, names: list[str], args) -> tuple[dict, list[dic
                            **score(alpha, sc.alpha)}
                     if kind == gt.HARD_EDGE:
                         row["band"] = band_width(alpha, sc.alpha)
+                    if method == "glass":  # what it changed against edges
+                        diff = np.abs(alpha.astype(np.int16) - alphas["edges"])
+                        row.update(acts_max=int(diff.max()), acts_n=int((diff > 2).sum()))
                     rows[name].append(row)
                 if args.dump:
                     for method, alpha in alphas.items():
@@ -224,13 +237,14 @@ def camera_markdown(rows: dict, times: list[dict], args) -> list[str]:
     L = []
     w = L.append
     methods = list(dict.fromkeys(r["method"] for r in next(iter(rows.values()))))
-    scored = {n: [r for r in rs if r["kind"] != gt.HARD_EDGE] for n, rs in rows.items()}
+    scored = {n: [r for r in rs if r["kind"] in gt.KINDS] for n, rs in rows.items()}
     w(f"\n## Camera size: {SIZE_24MP[0]}x{SIZE_24MP[1]} (24 MP), refinement\n")
     w(f"{args.camera} scene(s) per kind drawn at 24 MP with exact alpha (strands 1-2 px, the "
       "strap 2 px: camera detail, not a magnified 1 MP scene), plus the hard `outline` scene. "
       "The mask is the daemon's: predicted from the working copy, cached at the working size "
       "(2048 px), then made full size per `refine` mode: `none` is the bilinear upscale, "
-      "`edges` is daemon/imaging/refine.py. `guided filter` is the rejected candidate "
+      "`edges` is daemon/imaging/refine.py, `glass` is edges then the see-through alpha "
+      "(daemon/imaging/see_through.py, opt-in). `guided filter` is the rejected candidate "
       f"(`cv2.ximgproc.guidedFilter`, colour guide, r {GUIDED['radius']}, eps "
       f"{GUIDED['eps']:g}, on the upscaled mask). Band: partial-alpha (0.1-0.9) pixels per "
       "pixel of outline length on `outline`.\n")
@@ -242,7 +256,8 @@ def camera_markdown(rows: dict, times: list[dict], args) -> list[str]:
             hard = [r for r in rs if r["kind"] == gt.HARD_EDGE and r["method"] == m]
             w(f"| {name} | {m} | {_mean(mine, 'iou'):.3f} | {_mean(mine, 'mae'):.4f} | "
               f"{_mean(mine, 'bf'):.3f} | {_mean(hard, 'band'):.1f} | {_mean(hard, 'iou'):.4f} |")
-    w("\nPer scene kind, BF / MAE, and the change of `edges` against `none` (relative):\n")
+    w("\nPer scene kind, BF / MAE, and the change of `edges` and `glass` against `none` "
+      "(relative):\n")
     w("| model | refine | " + " | ".join(gt.KINDS) + " |")
     w("|---|---|" + "---:|" * len(gt.KINDS))
     for name in rows:
@@ -251,11 +266,12 @@ def camera_markdown(rows: dict, times: list[dict], args) -> list[str]:
             w(f"| {name} | {m} | " + " | ".join(
                 f"{_mean(mine, 'bf', k):.3f} / {_mean(mine, 'mae', k):.4f}" for k in gt.KINDS) + " |")
         none = [r for r in scored[name] if r["method"] == "none"]
-        edges = [r for r in scored[name] if r["method"] == "edges"]
-        w(f"| {name} | edges vs none | " + " | ".join(
-            f"BF {_rel(_mean(edges, 'bf', k), _mean(none, 'bf', k)):+.0%} / "
-            f"MAE {_rel(_mean(edges, 'mae', k), _mean(none, 'mae', k)):+.0%}"
-            for k in gt.KINDS) + " |")
+        for m in ("edges", "glass"):
+            mine = [r for r in scored[name] if r["method"] == m]
+            w(f"| {name} | {m} vs none | " + " | ".join(
+                f"BF {_rel(_mean(mine, 'bf', k), _mean(none, 'bf', k)):+.0%} / "
+                f"MAE {_rel(_mean(mine, 'mae', k), _mean(none, 'mae', k)):+.0%}"
+                for k in gt.KINDS) + " |")
     w("\nTargets (issue 18), per model:\n")
     for name, rs in rows.items():
         none = [r for r in scored[name] if r["method"] == "none"]
@@ -270,6 +286,23 @@ def camera_markdown(rows: dict, times: list[dict], args) -> list[str]:
           f"(>= +50%); MAE {_rel(_mean(edges, 'mae'), _mean(none, 'mae')):+.0%} over all scenes, "
           f"{kind_mae:+.0%} as the mean of the per-kind changes (<= -30%); worst kind change "
           f"{worst:+.1%} (a loss is positive; <= +2%).")
+        glass = [r for r in scored[name] if r["method"] == "glass"]
+        w(f"- {name} with `refine: glass`: MAE {_rel(_mean(glass, 'mae'), _mean(none, 'mae')):+.0%} "
+          f"over all scenes (<= -30%), glass scene {_mean(none, 'mae', 'glass'):.4f} -> "
+          f"{_mean(glass, 'mae', 'glass'):.4f}; BF {_rel(_mean(glass, 'bf'), _mean(none, 'bf')):+.0%}.")
+    kinds = list(dict.fromkeys(r["kind"] for r in next(iter(rows.values()))))
+    w("\nWhat `glass` changes against `edges` (max |difference| in 1/255 / pixels changed by more "
+      "than 2/255), per kind: it must be 0 / 0 on every opaque subject. `shaded` is an opaque "
+      "grey cylinder lit by the sweep's own light (its interior follows the backdrop, "
+      "proportionally); `shaded-fill` the same with a uniform fill light added, which in the "
+      "model I = alpha T + (1 - alpha) B cannot be told from a glass: the reason `glass` is "
+      "opt-in, not part of `edges`.\n")
+    w("| model | " + " | ".join(kinds) + " |")
+    w("|---|" + "---:|" * len(kinds))
+    for name, rs in rows.items():
+        g = {r["kind"]: r for r in rs if r["method"] == "glass"}
+        w(f"| {name} | " + " | ".join(f"{g[k]['acts_max']} / {g[k]['acts_n']}" for k in kinds)
+          + " |")
     w(f"\nTime to make the full-size mask at 24 MP, seconds, best / median over "
       f"{len(times)} runs ({REPEATS} per scene and model, today's upscale and `edges` "
       f"alternating in one process); CPU is the process's CPU time. Load average at the start "
@@ -290,6 +323,11 @@ def camera_markdown(rows: dict, times: list[dict], args) -> list[str]:
     added_cpu = [t["edges_cpu"] - t["before_cpu"] for t in times]
     w(f"| added by `edges` (paired difference) | {min(added):+.3f} / {np.median(added):+.3f} | "
       f"{min(added_cpu):+.3f} / {np.median(added_cpu):+.3f} |")
+    row("`refine: glass` (upscale and edges included)", "glass")
+    added = [t["glass"] - t["edges"] for t in times]
+    added_cpu = [t["glass_cpu"] - t["edges_cpu"] for t in times]
+    w(f"| added by `glass` over `edges` (paired difference) | {min(added):+.3f} / "
+      f"{np.median(added):+.3f} | {min(added_cpu):+.3f} / {np.median(added_cpu):+.3f} |")
     if any("guided" in t for t in times):
         row("candidate: guided filter (upscale excluded)", "guided")
     return L
@@ -333,6 +371,10 @@ def write_markdown(path: Path, results: dict, args, skipped: list[str], n_scenes
         w(f"| {name} + edges | {_mean(r['refined'], 'iou'):.3f} | "
           f"{_mean(r['refined'], 'mae'):.4f} | {_mean(r['refined'], 'bf'):.3f} | "
           f"{r['t_refine']['min']:.3f} / {r['t_refine']['median']:.3f} |")
+    for name, r in results.items():
+        w(f"| {name} + glass | {_mean(r['glassed'], 'iou'):.3f} | "
+          f"{_mean(r['glassed'], 'mae'):.4f} | {_mean(r['glassed'], 'bf'):.3f} | "
+          f"{r['t_glass']['min']:.3f} / {r['t_glass']['median']:.3f} |")
     w("\nPer scene kind (IoU / BF / MAE):\n")
     w("| model | " + " | ".join(gt.KINDS) + " |")
     w("|---|" + "---:|" * len(gt.KINDS))
@@ -462,14 +504,15 @@ def main(argv=None) -> int:
     results = {}
     for name in ready:
         try:
-            rows, refined, t1, t24, t_refine = run_model(engines, name, scenes, big, args.dump)
+            rows, refined, t1, t24, t_refine, glassed, t_glass = run_model(
+                engines, name, scenes, big, args.dump)
         except ModelError as exc:
             print(f"{name}: skipped: {exc}", file=sys.stderr)
             skipped.append(name)
             continue
         mb = mask_model_path(args.models_dir, name).stat().st_size / 1e6
         results[name] = {"rows": rows, "refined": refined, "t1": t1, "t24": t24, "mb": mb,
-                         "t_refine": t_refine}
+                         "t_refine": t_refine, "glassed": glassed, "t_glass": t_glass}
         print(f"{name}: IoU {_mean(rows, 'iou'):.3f}  MAE {_mean(rows, 'mae'):.4f}  "
               f"BF {_mean(rows, 'bf'):.3f}  {_t(t1)} s @1MP  {_t(t24)} s @24MP (best / median)",
               flush=True)

@@ -36,10 +36,12 @@ FORMATS = ("png", "tiff", "webp", "jpeg")
 COLOURS = ("keep", "srgb")
 METADATA = ("keep", "strip")
 CROPS = ("none", "subject")
-REFINES = ("none", "edges")  # daemon/imaging/refine.py
+REFINES = ("none", "edges", "glass")  # daemon/imaging/refine.py, see_through.py
 REFINE_DOC = ("edges: re-decide the mask's soft edge band from the full-size photo (crisp "
               "product edges, partial alpha on hair and glass; bench/quality.md); none: the "
-              "plain bilinear upscale of the model's mask")
+              "plain bilinear upscale of the model's mask; glass: edges, then partial alpha where "
+              "the sweep visibly shows through the subject, dimmed (transparent products; "
+              "opt-in: an opaque product shaded like the sweep can be mistaken for glass)")
 FORMAT_EXT = {"png": ".png", "tiff": ".tif", "webp": ".webp", "jpeg": ".jpg"}
 COLOUR_DOC = "keep: embed the source's ICC profile; srgb: convert to sRGB (littleCMS)"
 

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from daemon.config.schema import REFINES
+from daemon.imaging import see_through
 
 BG_SURE, FG_SURE = 8, 247  # working-mask levels outside which the mask is trusted as is
 RADIUS = 24  # working px: where the local backdrop and subject colours are gathered
@@ -48,7 +49,8 @@ REMAP_ROW = 4096  # band pixels per row of the one-pass sampling maps
 def refine(rgb: np.ndarray, mask: np.ndarray, mode: str = "edges") -> np.ndarray:
     """The full-size alpha (uint8, rgb's height x width) for the working-size ``mask``.
 
-    ``mode`` "none" is the plain bilinear upscale; "edges" re-decides the uncertain band.
+    ``mode`` "none" is the plain bilinear upscale; "edges" re-decides the uncertain band;
+    "glass" is edges, then the see-through alpha (daemon/imaging/see_through.py).
     """
     if mode not in REFINES:
         raise ValueError(f"refine must be one of {', '.join(REFINES)}, not {mode!r}")
@@ -64,6 +66,8 @@ def refine(rgb: np.ndarray, mask: np.ndarray, mode: str = "edges") -> np.ndarray
         return full
     for ty, tx in zip(*np.nonzero(_tiles_with(stats.band))):
         stats.solve_tile(rgb, full, tx * TILE, ty * TILE)
+    if mode == "glass":
+        see_through.apply(rgb, mask, full)
     return full
 
 
