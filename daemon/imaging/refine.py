@@ -63,9 +63,9 @@ def refine(rgb: np.ndarray, mask: np.ndarray, mode: str = "edges") -> np.ndarray
     stats = _BandStats(rgb, mask)
     if stats.scale == (1, 1):  # working size is full size (<= 2048 px): one pass, no tiles
         stats.solve_all(rgb, full)
-        return full
-    for ty, tx in zip(*np.nonzero(_tiles_with(stats.band))):
-        stats.solve_tile(rgb, full, tx * TILE, ty * TILE)
+    else:
+        for ty, tx in zip(*np.nonzero(_tiles_with(stats.band))):
+            stats.solve_tile(rgb, full, tx * TILE, ty * TILE)
     if mode == "glass":
         see_through.apply(rgb, mask, full)
     return full
