@@ -20,7 +20,6 @@ from typing import Mapping
 
 import numpy as np
 import structlog
-from PIL import Image
 
 from daemon.budget import PixelBudget
 from daemon.cache.guard import CacheGuard
@@ -106,10 +105,10 @@ class Pipeline:
 
     def _render_decoded(self, data: bytes, sha: str, plan: Plan, wanted: list[Target]
                         ) -> Rendered:
-        decoded = decode(data, max_pixels=self.max_pixels)
         # One reduced copy (an exact box reduction, shorter side 512-1023 px) feeds the
         # fingerprints, the embedding and the model: no full-size resize before the mask.
-        small = fpmod.working_copy(Image.fromarray(decoded.rgb, "RGB"))
+        decoded = decode(data, max_pixels=self.max_pixels, reduce=fpmod.working_copy)
+        small = decoded.small
         fp = fpmod.fingerprint(data, decoded.rgb, sha256=sha, small=small)
         mask, hit, inference_s = self._mask(wanted[0].mask_key, plan.options, fp,
                                             np.asarray(small), (decoded.width, decoded.height))

@@ -494,3 +494,33 @@ def test_ftyp_sniffing():
     assert decmod.sniff(ftyp(b"avif", b"mif1", b"miaf")) == "AVIF"
     assert decmod.sniff(ftyp(b"mif1", b"avif")) == "AVIF"
     assert decmod.sniff(ftyp(b"isom", b"mp41")) is None  # an MP4 video
+
+
+# ------------------------------------------------------------------ the reduced copy
+
+@pytest.mark.parametrize("kind", ["jpeg-rotated", "png-16", "palette-transparent", "cmyk"])
+def test_reduced_copy_is_the_reduction_of_the_decoded_pixels(kind):
+    """decode(reduce=...) reduces the decoder's own upright RGB image: exactly what reducing
+    ``rgb`` gives, whatever the source's mode, depth or orientation."""
+    from daemon.imaging.fingerprint import working_copy
+
+    big = np.ascontiguousarray(np.repeat(np.repeat(photo("chelsea"), 4, axis=0), 3, axis=1))
+    if kind == "jpeg-rotated":
+        data = encode(big, "JPEG", quality=90, exif=_exif(6))
+    elif kind == "png-16":
+        data = encode(big[..., 0].astype(np.uint16) * 257 + 128, "PNG")  # 16-bit grey
+    elif kind == "palette-transparent":
+        img = Image.fromarray(big).quantize(64)
+        img.info["transparency"] = 3
+        buf = io.BytesIO()
+        img.save(buf, "PNG", transparency=3)
+        data = buf.getvalue()
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(big).convert("CMYK").save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+    decoded = decode(data, reduce=working_copy)
+    expected = working_copy(Image.fromarray(decoded.rgb, "RGB"))
+    assert decoded.small.size == expected.size and min(decoded.small.size) < min(big.shape[:2])
+    assert np.array_equal(np.asarray(decoded.small), np.asarray(expected))
+    assert decode(data).small is None  # only when asked for
