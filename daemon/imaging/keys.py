@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass
 from daemon.config import Deliverable, OutputOptions
 
 MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
-RENDER_VERSION = 6  # bump when rendering changes: old stored outputs become misses
+RENDER_VERSION = 7  # bump when rendering changes: old stored outputs become misses
 # (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
 #  5: refine, on by default, and OpenCV's bilinear upscale;
-#  6: TIFF carries the source-stamp placeholder tag, daemon.imaging.stamp)
+#  6: TIFF carries the source-stamp placeholder tag, daemon.imaging.stamp;
+#  7: refine's statistics grid at a third of the working size, not a half)
 MASK_EDGE = 2048  # the working mask's long side (see daemon.imaging.render)
 
 

@@ -18,8 +18,8 @@ alpha inside that band only, from the full-size pixels, with a local two-colour 
   spread sigma rivals |F - B|: shelves, foliage, not a studio sweep) trusts the mask
   instead, in proportion.
 
-Statistics are box sums (OpenCV; the cost does not grow with the radius) on a grid at half
-the working size, in exact int32, so the bytes never depend on OpenCV's thread count and a
+Statistics are box sums (OpenCV; the cost does not grow with the radius) on a grid at a
+third of the working size, in exact int32, so the bytes never depend on OpenCV's thread count and a
 cache hit renders exactly what the miss did. The fields are evaluated only where band
 pixels read them: tile by tile when the photo is larger than the working mask, so the cost
 follows the outline's length, not the pixel count; in one pass when the working mask is
@@ -42,7 +42,7 @@ FAR_RADIUS = 96  # working px: the subject's colour for band pixels far from its
 NOISE_SIGMAS = 2.0
 CONTRAST = 0.002  # |F - B|^2 (colours 0-1) at which colour and mask weigh the same
 TILE = 32  # working px per tile side
-STEP = 2  # working px per cell of the statistics grid
+STEP = 3  # working px per cell of the statistics grid (2 measured no better, 1.7x the cost)
 REMAP_ROW = 4096  # band pixels per row of the one-pass sampling maps
 
 
@@ -83,7 +83,7 @@ def upscale(mask: np.ndarray, width: int, height: int) -> np.ndarray:
 class _BandStats:
     """The band at the working size; box sums on a grid of STEP x STEP working pixels
     (they average ~50 x 50 working pixels, so the coarser grid loses nothing and costs
-    a quarter); B, F and the noise are taken from the sums per band tile."""
+    a ninth); B, F and the noise are taken from the sums where band pixels read them."""
 
     def __init__(self, rgb: np.ndarray, mask: np.ndarray):
         height, width = rgb.shape[:2]
