@@ -19,7 +19,7 @@ RENDER_VERSION = 7  # bump when rendering changes: old stored outputs become mis
 # (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
 #  5: refine, on by default, and OpenCV's bilinear upscale;
 #  6: TIFF carries the source-stamp placeholder tag, daemon.imaging.stamp;
-#  7: refine's statistics grid at a third of the working size, not a half)
+#  7: refine in one pass (<= 2048 px) takes its statistics on a grid of 3 px, not 2)
 MASK_EDGE = 2048  # the working mask's long side (see daemon.imaging.render)
 
 
