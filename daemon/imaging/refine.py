@@ -190,7 +190,9 @@ class _BandStats:
         B, F, noise = (cv2.remap(spread(f), at[0], at[1], cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_REPLICATE).reshape(rows * REMAP_ROW, -1)[:n]
                        for f in self._fields(pick))
-        full[ys, xs] = _solve(rgb[ys, xs], full[ys, xs], B, F, noise[:, 0])
+        flat = ys.astype(np.intp) * full.shape[1] + xs  # take/put: ~3x fancy indexing's speed
+        np.put(full, flat, _solve(rgb.reshape(-1, 3).take(flat, axis=0), full.take(flat), B, F,
+                                  noise[:, 0]))
 
 
 def _solve(pixel: np.ndarray, mask: np.ndarray, B: np.ndarray, F: np.ndarray,
