@@ -19,8 +19,9 @@ alpha inside that band only, from the full-size pixels, with a local two-colour 
   instead, in proportion.
 
 Statistics are box sums (OpenCV; the cost does not grow with the radius) on a grid at half
-(tiles) or a third (one pass) of the working size, in exact int32, so the bytes never depend on OpenCV's thread count and a
-cache hit renders exactly what the miss did. The fields are evaluated only where band
+(tiles) or a third (one pass) of the working size, exact integers (int32, and float64 for
+the squares), so the bytes never depend on OpenCV's thread count and a cache hit renders
+exactly what the miss did. The fields are evaluated only where band
 pixels read them: tile by tile when the photo is larger than the working mask, so the cost
 follows the outline's length, not the pixel count; in one pass when the working mask is
 already full size (<= 2048 px, where tiles cost more in overhead than they save).
