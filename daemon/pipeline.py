@@ -113,7 +113,6 @@ class Pipeline:
         mask, hit, inference_s = self._mask(wanted[0].mask_key, plan.options, fp,
                                             np.asarray(small), (decoded.width, decoded.height))
         judged = confidence.score(mask, np.asarray(small)) if plan.judge else None
-        del small
         files, errors, full_masks = {}, {}, {}  # one full-size mask per refine mode
         for target in wanted:
             try:
