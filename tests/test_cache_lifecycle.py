@@ -655,3 +655,18 @@ def test_same_lifecycle_on_redis(tmp_path, seed, models_dir, shared_engines, red
         assert list(store.blob_digests()) == []
     finally:
         store.close()
+
+
+def test_cli_opens_the_daemons_cache_or_says_why(tmp_path, models_dir, capsys):
+    """`rembgd cache` uses the daemon's `open_cache`: a disabled cache and an unreachable
+    Redis are each one clear line and exit 1, never a traceback."""
+    off = write_config(tmp_path, models_dir, cache={"dir": str(tmp_path / "cache"), "enabled": False})
+    assert in_process(off, "stats") == 1
+    assert "the cache is disabled (cache.enabled: false)" in capsys.readouterr().err
+
+    (tmp_path / "r").mkdir()
+    down = write_config(tmp_path / "r", models_dir,
+                        store={"backend": "redis", "url": "redis://127.0.0.1:1/0"})
+    assert in_process(down, "stats") == 1
+    err = capsys.readouterr().err
+    assert "cannot open the cache (redis)" in err and "Traceback" not in err

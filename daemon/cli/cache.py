@@ -8,14 +8,13 @@ from pathlib import Path
 
 import structlog
 
-from daemon.cache import open_store
 from daemon.cache.archive import ArchiveError, export_archive, import_archive
-from daemon.cache.base import StoreError
 from daemon.cache.maintenance import clear, iso, stats, verify
 from daemon.cache.pruner import Pruner
 from daemon.cache.sqlite import SqliteStore
 from daemon.config import Config
-from daemon.coord.locks import open_locks
+from daemon.coord.locks import LockBackend
+from daemon.service.app import open_cache
 
 COMMANDS = (("stats", "entries, bytes, hit rate by tier"),
             ("prune", "apply the limits now"),
@@ -46,11 +45,17 @@ def add_parser(sub) -> None:
 
 def run(args, cfg: Config) -> int:
     command = args.cache_command
-    try:
-        store = open_store(cfg.store, cfg.cache, heal=True)
-    except StoreError as exc:  # unreachable Redis, unwritable dir
-        print(f"rembgd: cannot open the cache ({cfg.store.backend}): "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    cache = open_cache(cfg)  # the daemon's own store, guard and locks
+    if cache is None:
+        print("rembgd: the cache is disabled (cache.enabled: false); nothing to "
+              f"{command}", file=sys.stderr)
+        return 1
+    state = cache.guard.status()
+    store = cache.guard.store
+    if store is None or not state["available"]:  # unreachable Redis, unwritable dir
+        print(f"rembgd: cannot open the cache ({cfg.store.backend}): {state['error']}",
+              file=sys.stderr)
+        cache.close()
         return 1
     set_aside = getattr(store, "set_aside", None)
     if set_aside is not None:
@@ -65,7 +70,7 @@ def run(args, cfg: Config) -> int:
                 print_stats(data)
             return 0
         if command == "prune":
-            return cmd_prune(store, cfg, getattr(args, "dry_run", False))
+            return cmd_prune(store, cfg, cache.locks, getattr(args, "dry_run", False))
         if command == "clear":
             n = clear(store, getattr(args, "model", None))
             which = f"of model {args.model} " if getattr(args, "model", None) else ""
@@ -93,7 +98,7 @@ def run(args, cfg: Config) -> int:
             print_import(res, args.archive)
             return 1 if res["bad_blobs"] or res["malformed"] else 0
     finally:
-        store.close()
+        cache.close()
     print(f"rembgd: unknown cache command {command!r}", file=sys.stderr)
     return 2
 
@@ -153,13 +158,9 @@ def print_stats(d: dict) -> None:
                       + (f"  alias of {r['alias_of'][:12]}" if r["alias_of"] else ""))
 
 
-def cmd_prune(store, cfg: Config, dry_run: bool) -> int:
-    locks = open_locks(cfg.store, cfg.cache.dir)
-    try:
-        rep = Pruner(store, cfg.cache.limits, cfg.cache.prune, locks,
-                     structlog.get_logger("rembgd.prune")).run(dry_run=dry_run)
-    finally:
-        locks.close()
+def cmd_prune(store, cfg: Config, locks: LockBackend, dry_run: bool) -> int:
+    rep = Pruner(store, cfg.cache.limits, cfg.cache.prune, locks,
+                 structlog.get_logger("rembgd.prune")).run(dry_run=dry_run)
     if rep.skipped:
         print(f"not pruned: {rep.skipped}", file=sys.stderr)
         return 1
