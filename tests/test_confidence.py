@@ -104,7 +104,8 @@ def test_a_mostly_uncertain_mask_scores_low(bottle):
 
 def test_empty_and_full_masks_score_zero(bottle):
     _, rgb = bottle
-    assert confidence.score(np.zeros((H, W), np.uint8), rgb).reasons == ("empty mask",)
+    empty = confidence.score(np.zeros((H, W), np.uint8), rgb)
+    assert empty.score == 0.0 and empty.reasons == ("empty mask",)
     full = confidence.score(np.full((H, W), 255, np.uint8), rgb)
     assert full.score == 0.0 and full.reasons == ("everything is subject",)
 

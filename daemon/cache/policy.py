@@ -111,13 +111,6 @@ class PrunePlan:
     def ids(self) -> list[str]:
         return [v.id for v in self.victims]
 
-    def by_reason(self) -> dict[str, dict[str, int]]:
-        out = {r: {"entries": 0, "bytes": 0} for r in REASONS}
-        for v in self.victims:
-            out[v.reason]["entries"] += 1
-            out[v.reason]["bytes"] += v.nbytes
-        return out
-
 
 # ------------------------------------------------------------- blob sizes
 

@@ -43,13 +43,6 @@ class PruneReport:
     def ids(self) -> list[str]:
         return [v.id for v in self.victims]
 
-    def to_dict(self, victims: bool = False) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "victims"}
-        d["victims"] = len(self.victims)
-        if victims:
-            d["victim_list"] = [v.__dict__ for v in self.victims]
-        return d
-
 
 class Pruner:
     """Applies ``CacheLimits`` to a store on the ``PruneSchedule``.
@@ -74,7 +67,6 @@ class Pruner:
         self._last_limit_check = -math.inf
         self._mark = (0, 0)  # store.count(), store.total_bytes() after the last run
         self._cancel = threading.Event()
-        self.last_report: PruneReport | None = None
 
     # ------------------------------------------------------------ schedule
 
@@ -175,7 +167,6 @@ class Pruner:
             self._last_run = self.clock()
             # in the store's own units (what limit_crossed compares), not the plan's
             self._mark = (self.store.count(), self.store.total_bytes())
-        self.last_report = report
         flat = {f"{r}_{k}": report.removed[r][k] for r in REASONS for k in ("entries", "bytes")}
         self.log.info("cache_pruned", dry_run=dry_run, policy=report.policy,
                       entries_before=report.entries_before, entries_after=report.entries_after,
