@@ -373,6 +373,7 @@ BAD_OUTPUTS = [
     ({"name": "x", "crop": "box"}, "watch[0].outputs[1].crop", "must be one of none, subject"),
     ({"name": "x", "canvas": {"aspect": "square"}}, "watch[0].outputs[1].canvas.aspect", "ratio"),
     ({"name": "x", "canvas": {"aspect": "0:1"}}, "watch[0].outputs[1].canvas.aspect", "ratio"),
+    ({"name": "x", "canvas": {"aspect": "101:1"}}, "watch[0].outputs[1].canvas.aspect", "1-100 each side"),
     ({"name": "x", "canvas": {"aspect": 4}}, "watch[0].outputs[1].canvas.aspect", "ratio"),
     ({"name": "x", "canvas": {"aspect": "1:1", "long_edge": 8}},
      "watch[0].outputs[1].canvas.long_edge", "must be >= 16"),

@@ -19,7 +19,8 @@ from typing import Any
 
 from daemon.config.fields import read_key, read_section
 from daemon.config.reader import Reader
-from daemon.config.schema import FORMATS, Canvas, ConfigError, Deliverable, OutputOptions
+from daemon.config.schema import (ASPECT_RULE, ASPECT_SIDES, FORMATS, Canvas, ConfigError,
+                                   Deliverable, OutputOptions)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
@@ -135,8 +136,8 @@ def _canvas(d: Reader) -> Canvas | None:
     m = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", raw) if isinstance(raw, str) else None
     if raw is None:
         aspect = Canvas.aspect
-    elif m is None or not 1 <= int(m.group(1)) <= 100 or not 1 <= int(m.group(2)) <= 100:
-        c.fail(f"must be a ratio like \"1:1\" or \"4:5\" (1-100 each side), got {raw!r}",
+    elif m is None or int(m.group(1)) not in ASPECT_SIDES or int(m.group(2)) not in ASPECT_SIDES:
+        c.fail(f"must be a ratio like \"1:1\" or \"4:5\" ({ASPECT_RULE}), got {raw!r}",
                "aspect")
     else:
         aspect = (int(m.group(1)), int(m.group(2)))

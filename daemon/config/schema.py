@@ -111,12 +111,16 @@ class OutputOptions:
         return (self.model, self.post_process_mask)
 
 
+ASPECT_SIDES = range(1, 101)  # each side of a canvas's "W:H"
+ASPECT_RULE = f"{ASPECT_SIDES.start}-{ASPECT_SIDES.stop - 1} each side"
+
+
 @dataclass(frozen=True)
 class Canvas:
     """Place the (cropped) subject on a frame of a fixed aspect ratio."""
 
     aspect: tuple[int, int] = setting((1, 1), "width:height of the frame",
-                                      type_doc='"W:H", 1-100 each side', default_doc='`"1:1"`')
+                                      type_doc=f'"W:H", {ASPECT_RULE}', default_doc='`"1:1"`')
     long_edge: int = setting(2000, "px of the frame's longer side", minimum=16, maximum=30000)
     fill: float = setting(0.85, "the subject's longer side spans this fraction of the frame",
                           minimum=0.05, maximum=1.0)
