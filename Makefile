@@ -29,7 +29,7 @@ run: models
 
 test: models
 	$(BIN)/python tests/ensure_redis.py
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider
 
 # Benchmarks: every script in BENCHES runs in turn, with BENCH_ARGS (e.g. BENCH_ARGS=--quick).
 # rembg's CLI extra (gradio, fastapi...) is for the comparison only: not in the test install.

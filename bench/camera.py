@@ -352,8 +352,7 @@ def profile_near(mp: str) -> None:
     import pstats
     import tempfile
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import pipeline_over  # noqa: E402
+    from tests.helpers import pipeline_over  # noqa: E402
 
     from daemon import config as configmod, runtime
     from daemon.cache import open_store

@@ -1,33 +1,21 @@
-"""Shared by the bench scripts: the config writer and the process-tree RSS sampler."""
+"""Shared by the bench scripts: the config writer (the tests' own) and the process-tree RSS sampler."""
 from __future__ import annotations
 
+import functools
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import psutil
-import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import write_config as _write_config  # noqa: E402
 
 now = time.monotonic
-
-
-def write_config(folder: Path, models: Path, *, pair: dict | None = None, **overrides) -> Path:
-    """``folder``/config.yaml: one pair ``folder``/inbox -> ``folder``/outbox (with ``pair``'s
-    keys), the cache in ``folder``/cache, JSON logs. ``overrides`` merge at the top level
-    (a mapping into a mapping: ``logging={"level": "warning"}`` keeps the JSON format)."""
-    for sub in ("inbox", "outbox"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    data = {"watch": [{"inbox": str(folder / "inbox"), "outbox": str(folder / "outbox"),
-                       **(pair or {})}],
-            "models": {"dir": str(models)}, "cache": {"dir": str(folder / "cache")},
-            "logging": {"format": "json"}}
-    for key, value in overrides.items():
-        both = isinstance(value, dict) and isinstance(data.get(key), dict)
-        data[key] = {**data[key], **value} if both else value
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+# the tests' config writer, with the daemon's own default timings
+write_config = functools.partial(_write_config, fast=False)
 
 
 def tree(pid: int) -> list[psutil.Process]:

@@ -1,7 +1,6 @@
-"""Shared fixtures: provisioned models, real photos, configs, Redis."""
+"""Shared fixtures: provisioned models, configs, engines, Redis (plain helpers: helpers.py)."""
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -9,30 +8,10 @@ import threading
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = Path(os.environ.get("REMBGD_TEST_MODELS", ROOT / "var" / "models"))
-REDIS_URL = os.environ.get("REMBGD_TEST_REDIS", "redis://127.0.0.1:6379/0")
-
-
-def photo(name: str) -> np.ndarray:
-    """RGB uint8 array of a scikit-image sample photo (grey ones are stacked to RGB)."""
-    import skimage.data
-
-    arr = getattr(skimage.data, name)()
-    if arr.ndim == 2:
-        arr = np.dstack([arr] * 3)
-    return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
-
-
-def encode(rgb: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, fmt, **kw)
-    return buf.getvalue()
+from tests.helpers import MODELS_DIR, REDIS_URL, write_config
 
 
 @pytest.fixture(scope="session")
@@ -43,29 +22,6 @@ def models_dir() -> Path:
         cfg.write_text(yaml.safe_dump({"models": {"dir": str(MODELS_DIR)}}))
         subprocess.run([sys.executable, "-m", "daemon", "-c", str(cfg), "models", "install"], check=True)
     return MODELS_DIR
-
-
-def write_config(tmp_path: Path, models_dir: Path, **overrides) -> Path:
-    """A config with inbox/outbox/cache under tmp_path; ``overrides`` merge at top level."""
-    for d in ("inbox", "outbox"):
-        (tmp_path / d).mkdir(exist_ok=True)
-    data = {
-        "watch": [{"inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox")}],
-        "models": {"dir": str(models_dir)},
-        "cache": {"dir": str(tmp_path / "cache")},
-        "settle_s": 0.3,
-        "poll_interval_s": 0.2,
-        "threads": 2,
-        "logging": {"format": "json"},
-    }
-    for k, v in overrides.items():
-        if isinstance(v, dict) and isinstance(data.get(k), dict):
-            data[k] = {**data[k], **v}
-        else:
-            data[k] = v
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -80,40 +36,6 @@ def imaging_settings():
 @pytest.fixture
 def config_path(tmp_path, models_dir) -> Path:
     return write_config(tmp_path, models_dir)
-
-
-def pipeline_over(cfg, engines, store=None):
-    """A real Pipeline for ``cfg`` over an already opened ``store`` (None: no cache)."""
-    from daemon.cache.guard import CacheGuard
-    from daemon.coord.locks import open_locks
-    from daemon.pipeline import Pipeline
-
-    guard = locks = None
-    if store is not None:
-        guard = CacheGuard(cfg.store, cfg.cache, opener=lambda: store)
-        locks = open_locks(cfg.store, cfg.cache.dir, link=getattr(store, "link", None))
-    return Pipeline(engines, guard, locks, cfg.cache, max_pixels=cfg.max_image_pixels,
-                    claim_ttl_s=cfg.store.claim_ttl_s)
-
-
-def unstamped(data: bytes) -> bytes:
-    """A rendered PNG without its source stamp (a tEXt chunk right after IHDR): what the
-    cache stores, the same for every source of the same pixels."""
-    from daemon.imaging.stamp import KEY, read_stamp
-
-    assert read_stamp(io.BytesIO(data)) is not None
-    return data[:33] + data[33 + 12 + len(KEY) + 1 + 64:]
-
-
-def render_legacy(pipeline, data: bytes, options):
-    """The legacy single-PNG plan (the `output:` section), its cache writes committed as
-    the job does after writing the files; ``.files[""]`` is the PNG."""
-    from daemon.pipeline import Plan
-
-    rendered = pipeline.render(data, Plan(options))
-    if rendered.cache_writes:
-        pipeline.masks.commit(rendered.cache_writes)
-    return rendered
 
 
 @pytest.fixture
@@ -185,8 +107,3 @@ def inferences(shared_engines, monkeypatch):
 
     monkeypatch.setattr(engine, "predict", counted)
     return calls
-
-
-def png_alpha(png: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(png)) as img:
-        return np.asarray(img.convert("RGBA"))[..., 3]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from conftest import encode, photo
+from tests.helpers import encode, photo
 from daemon import config as configmod
 from daemon.cache.base import StoreDamaged, StoreUnavailable
 from daemon.cache.guard import CacheGuard
@@ -276,7 +276,7 @@ def test_verify_repair_keeps_the_blobs_a_heal_kept(tmp_path, fps, models_dir):
     """Issue 20.4: the heal says "blobs are kept and reused"; --repair must agree."""
     import sys
 
-    from conftest import write_config
+    from tests.helpers import write_config
     from harness import ROOT
 
     cfg = write_config(tmp_path, models_dir, cache={"dir": str(tmp_path / "cache")})

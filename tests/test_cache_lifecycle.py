@@ -25,7 +25,7 @@ import pytest
 import structlog
 from PIL import Image
 
-from conftest import encode, photo, pipeline_over, render_legacy, unstamped, write_config
+from tests.helpers import encode, photo, pipeline_over, render_legacy, unstamped, write_config
 from daemon.cache import archive, maintenance
 from daemon import config as configmod
 from daemon.config import CacheLimits, ConfigError, PruneSchedule

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import MODELS_DIR, encode, photo
+from tests.helpers import MODELS_DIR, encode, photo
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from PIL import Image, ImageCms, IptcImagePlugin
 from skimage.color import deltaE_ciede2000, rgb2lab
 
 import iccprofiles
-from conftest import photo
+from tests.helpers import photo
 from daemon.config.schema import Deliverable
 from daemon.imaging.colour import ColourError, srgb_profile, to_srgb
 from daemon.imaging.decode import decode

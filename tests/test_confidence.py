@@ -9,7 +9,7 @@ from daemon.config import OutputOptions
 from daemon.config.schema import ReviewConfig
 from daemon.imaging import confidence
 from daemon.imaging.render import predict_mask
-from tests.conftest import photo
+from tests.helpers import photo
 
 W, H = 900, 600
 ROUTE_BELOW = ReviewConfig().min_confidence

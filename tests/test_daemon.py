@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import encode, photo, write_config
+from tests.helpers import encode, photo, write_config
 from harness import Daemon, complete_pngs, wait_for
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode, photo
+from tests.helpers import encode, photo
 from daemon.imaging import decode as decmod
 from daemon.imaging.decode import (DecodeError, ImageTooLarge, TruncatedImage, UnsupportedImage,
                                    decode)

@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 import iccprofiles
-from conftest import photo
+from tests.helpers import photo
 from daemon.config.schema import Canvas, Deliverable
 from daemon.imaging.colour import srgb_profile
 from daemon.imaging.decode import decode

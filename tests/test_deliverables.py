@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from scipy import ndimage
 
 import iccprofiles
-from conftest import photo, write_config
+from tests.helpers import photo, write_config
 from daemon import config as configmod
 from daemon import job as jobmod
 from daemon.imaging import fingerprint as fpmod

@@ -31,7 +31,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import encode, write_config
+from tests.helpers import encode, write_config
 from harness import ROOT, Daemon, complete_pngs, wait_for
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import photo
+from tests.helpers import photo
 from daemon import config as configmod
 from daemon.imaging import fingerprint as fp
 from daemon.imaging import match

@@ -52,7 +52,7 @@ import pytest
 from PIL import Image
 from structlog.testing import capture_logs
 
-from conftest import encode, write_config
+from tests.helpers import encode, write_config
 from harness import ROOT, Daemon, wait_for
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REDIS_URL
+from tests.helpers import REDIS_URL
 from daemon import config as configmod
 from daemon.cache.base import StoreError, StoreUnavailable
 from daemon.coord.claims import claim, claim_name

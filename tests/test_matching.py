@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (encode, photo, pipeline_over, png_alpha, render_legacy, unstamped,
+from tests.helpers import (encode, photo, pipeline_over, png_alpha, render_legacy, unstamped,
                       write_config)
 from daemon import config as configmod
 from daemon.imaging import fingerprint as fpmod

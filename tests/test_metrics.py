@@ -5,7 +5,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.service.intake import WorkItem
-from tests.conftest import encode, photo, write_config
+from tests.helpers import encode, photo, write_config
 from tests.test_confidence import bottle_shape, busy_shot, coverage
 
 

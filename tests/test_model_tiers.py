@@ -14,7 +14,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
-from conftest import MODELS_DIR, photo
+from tests.helpers import MODELS_DIR, photo
 from daemon.inference import install as I
 from daemon.inference import models as M
 from daemon.inference import registry

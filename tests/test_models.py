@@ -14,7 +14,7 @@ import pooch
 import pytest
 import yaml
 
-from conftest import photo
+from tests.helpers import photo
 from daemon.inference import install as I
 from daemon.inference import models as M
 from daemon.inference import offline
@@ -334,7 +334,7 @@ def test_process_with_missing_model_fails_before_any_file(tmp_path, main, no_net
     empty = tmp_path / "empty-models"
     empty.mkdir()
     src = tmp_path / "a.png"
-    from conftest import encode
+    from tests.helpers import encode
 
     src.write_bytes(encode(photo("coffee")[::4, ::4], "PNG"))
     rc, out, err = main("-c", _config(tmp_path, empty, cache={"enabled": False}), "process", src,

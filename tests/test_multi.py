@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import REDIS_URL, encode, photo, write_config
+from tests.helpers import REDIS_URL, encode, photo, write_config
 from harness import Daemon, complete_pngs, wait_for
 from test_daemon import synthetic
 

@@ -48,7 +48,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import encode, photo, write_config
+from tests.helpers import encode, photo, write_config
 from daemon.ledger import Ledger
 from harness import ROOT, Daemon, wait_for
 

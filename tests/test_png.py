@@ -18,7 +18,7 @@ from PIL import Image, ImageCms
 
 from daemon.imaging import png
 from daemon.imaging.png import encode_png
-from tests.conftest import photo
+from tests.helpers import photo
 
 LAYOUTS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 

@@ -19,7 +19,7 @@ import structlog
 import yaml
 from PIL import Image
 
-from conftest import encode, photo
+from tests.helpers import encode, photo
 from daemon import cli
 from daemon.config import AlphaMatting, OutputOptions
 from daemon.fsutil import is_temp_name

@@ -19,7 +19,7 @@ import redis
 import structlog
 from PIL import Image
 
-from conftest import REDIS_URL, encode, photo, pipeline_over, render_legacy, write_config
+from tests.helpers import REDIS_URL, encode, photo, pipeline_over, render_legacy, write_config
 from daemon import config as configmod
 from daemon.cache.redis import RedisStore
 from daemon.pipeline import Plan

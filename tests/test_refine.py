@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from conftest import encode, photo, pipeline_over, png_alpha, render_legacy, write_config
+from tests.helpers import encode, photo, pipeline_over, png_alpha, render_legacy, write_config
 from daemon import config as configmod
 from daemon.cache.sqlite import SqliteStore
 from daemon.config import OutputOptions

@@ -11,7 +11,7 @@ from daemon import review
 from daemon.config import WatchPair
 from daemon.config.schema import ReviewConfig
 from daemon.nofollow import LinkedPathError, atomic_write_under
-from tests.conftest import encode, photo, write_config
+from tests.helpers import encode, photo, write_config
 from tests.test_confidence import bottle_shape, busy_shot, coverage, studio_shot
 
 

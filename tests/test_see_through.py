@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import photo
+from tests.helpers import photo
 from daemon.imaging import see_through
 from daemon.imaging.refine import refine
 

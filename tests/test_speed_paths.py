@@ -31,7 +31,7 @@ from daemon.imaging.meta import SourceMeta
 from daemon.imaging.refine import upscale
 from daemon.imaging.render import predict_mask, working_mask_size
 
-from conftest import pipeline_over, write_config
+from tests.helpers import pipeline_over, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat")

@@ -10,7 +10,7 @@ import tifffile
 from PIL import Image
 
 import iccprofiles
-from conftest import photo
+from tests.helpers import photo
 from daemon.config.schema import Deliverable
 from daemon.imaging.deliver import render
 from daemon.imaging.meta import SourceMeta

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REDIS_URL, encode, photo
+from tests.helpers import REDIS_URL, encode, photo
 from daemon import config as configmod
 from daemon.imaging.fingerprint import Fingerprint, fingerprint, hamming
 from daemon.cache.base import TIERS, Entry, StoreError, StoreHealth

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REDIS_URL, encode, photo
+from tests.helpers import REDIS_URL, encode, photo
 from daemon import config as configmod
 from daemon.imaging.fingerprint import fingerprint
 from daemon.cache.base import StoreError, StoreUnavailable

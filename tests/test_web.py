@@ -16,7 +16,7 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 from PIL import Image
 
-from tests.conftest import encode, photo, write_config
+from tests.helpers import encode, photo, write_config
 from tests.harness import ROOT, Daemon, wait_for
 
 pytestmark = pytest.mark.slow

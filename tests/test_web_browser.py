@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import encode, photo, write_config
+from tests.helpers import encode, photo, write_config
 from tests.harness import Daemon, wait_for
 
 pytestmark = pytest.mark.slow
