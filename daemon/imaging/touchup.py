@@ -2,7 +2,8 @@
 
 Strokes are in source pixels (after EXIF orientation): a mode, a radius and a path.
 ``apply`` paints them into the working-size mask (keep: 255, remove: 0), softens the
-painted outline by one working pixel so it becomes part of the uncertain band, and
+painted outline ``FEATHER`` working pixels each side so it becomes part of the
+uncertain band, and
 lets the pipeline's own refinement (``daemon.imaging.refine``) re-decide that band
 from the full-size pixels: a stroke along a hair edge gives the edge the photo has,
 not the brush's hard cut. Only pixels within the strokes' reach (the brush plus the
@@ -25,7 +26,8 @@ from daemon.imaging.refine import FAR_RADIUS, refine
 MODES = ("keep", "remove")
 MAX_STROKES, MAX_POINTS = 500, 20_000  # per touch-up
 MAX_RADIUS = 2000  # source px
-REACH = 2  # working px beyond the brush whose alpha the refinement may change
+FEATHER = 4  # working px each side of a brush's outline that the refinement re-decides
+REACH = FEATHER + 1  # working px beyond the brush whose alpha may change
 CONTEXT = FAR_RADIUS + 8  # working px of photo around the strokes the refinement reads
 
 
@@ -134,10 +136,12 @@ def apply(rgb: np.ndarray, alpha: np.ndarray, strokes: list[Stroke], mode: str =
     labels = paint(strokes, w, h, scale=(sx + sy) / 2, offset=(x0, y0))
     work[labels == 1] = 255
     work[labels == 2] = 0
-    # the painted outline softened by one working px: uncertain, so the band re-decides it
-    soft = cv2.GaussianBlur(work, (3, 3), 0)
-    edge = cv2.dilate((labels > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) \
-        - cv2.erode((labels > 0).astype(np.uint8), np.ones((3, 3), np.uint8))
+    # the painted outline softened FEATHER working px each side: uncertain, so the band
+    # re-decides it from the photo's colours (the edge lands where the photo has it)
+    soft = cv2.GaussianBlur(work, (2 * FEATHER + 1,) * 2, FEATHER / 2)
+    kernel = np.ones((2 * FEATHER + 1,) * 2, np.uint8)
+    painted = (labels > 0).astype(np.uint8)
+    edge = cv2.dilate(painted, kernel) - cv2.erode(painted, kernel)
     work = np.where(edge > 0, soft, work)
     new = refine(crop_rgb, work, mode)
     reach = paint(strokes, x1 - x0, y1 - y0, offset=(x0, y0), grow=REACH * f) > 0
