@@ -13,6 +13,7 @@ case-insensitive), and ``tier:``, ``model:``, ``reason:``, ``event:``, ``date:``
 """
 from __future__ import annotations
 
+import datetime
 import json
 import sqlite3
 import threading
@@ -71,6 +72,7 @@ def _day_range(text: str) -> tuple[float, float]:
             raise ValueError
         nums = [int(p) for p in parts]
         start = [nums[0], nums[1] if len(nums) > 1 else 1, nums[2] if len(nums) > 2 else 1]
+        datetime.date(*start)  # a real day: ValueError for month 13 or day 32
         end = list(start)
         end[len(nums) - 1] += 1
         if len(nums) == 2 and end[1] == 13:
