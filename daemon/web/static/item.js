@@ -230,7 +230,8 @@
 
   // the views are laid out: fit, load the previews, and say when they are painted
   setBg("checker"); tools();
-  load(false); toFit();
+  load(false);
+  if (window.innerWidth < 800) setView("slider"); else toFit();  // a phone: one pane
   Promise.all(imgs.map((im) => im.decode ? im.decode().catch(() => null) : null)).then(() => {
     main.dataset.painted = String(Math.round(performance.now()));
   });
