@@ -60,6 +60,9 @@ def test_browser_retry_then_the_file_is_processed(tmp_path, models_dir, browser)
             By.CSS_SELECTOR, "section[aria-labelledby=failed]").text
         waiting = browser.find_element(By.CSS_SELECTOR, "section[aria-labelledby=waiting]").text
         assert "copying.jpg" in waiting and "empty or truncated" in waiting
+        browser.find_element(By.XPATH, "//form[@action='/retry']/button").click()  # not fixed
+        wait_for(lambda: "Retry failed again: chair.jpg: unsupported" in browser.find_element(
+            By.ID, "msg").text, timeout=30)
         (tmp_path / "failed" / "chair.jpg").write_bytes(encode(photo("chelsea")))  # fixed
         browser.find_element(By.XPATH, "//form[@action='/retry']/button").click()
         daemon.wait_log(lambda e: e.get("event") == "processed" and e.get("outcome") == "miss")
@@ -99,7 +102,6 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
     zoom to 100%, switch the background, draw a remove stroke (the output changes inside
     the stroke only), re-drop the photo (the correction is reused), batch approve, and
     the phone layout at 390 px without horizontal scroll."""
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
     from selenium.webdriver.common.by import By
 

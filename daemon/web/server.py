@@ -408,7 +408,7 @@ class Handler(BaseHTTPRequestHandler):
                     "states": [p.state for p in snap["pairs"]],
                     "latest_output": latest[0].id if latest else None,
                     "review": sorted(i.id for i in c.review_items()),
-                    "failed": sorted(itemsmod.failed_id(f) for f in c.failed_files()),
+                    "failed": sorted(f"{itemsmod.failed_id(f)}@{f.time}" for f in c.failed_files()),
                     "waiting": len(c.waiting_files())})
 
     def r_api_item(self, site: Site, req: Request, form: dict) -> None:

@@ -30,6 +30,20 @@
     return Array.from(boxes).filter((b) => all || b.checked).map((b) => b.value);
   }
 
+  // retried files: if one comes back to failed/, say so ("Retry failed again: why")
+  const retried = new Set(JSON.parse(sessionStorage.getItem("rembgd-retried") || "[]"));
+  function noteRetried(ids) {
+    ids.forEach((id) => retried.add(id));
+    sessionStorage.setItem("rembgd-retried", JSON.stringify(Array.from(retried)));
+  }
+  function checkRetried() {
+    const back = Array.from(live.querySelectorAll("tr[data-id]")).filter((r) => retried.has(r.dataset.id));
+    if (!back.length) return;
+    back.forEach((r) => retried.delete(r.dataset.id));
+    sessionStorage.setItem("rembgd-retried", JSON.stringify(Array.from(retried)));
+    say("Retry failed again: " + back.map((r) => `${r.dataset.name}: ${r.dataset.reason}`).join("; "), true);
+  }
+
   live.addEventListener("submit", async (ev) => {
     const form = ev.target;
     if (!form.dataset.api) return;
@@ -39,6 +53,7 @@
     form.querySelectorAll("button").forEach((b) => (b.disabled = true));
     try {
       say((await post(form.dataset.api, body)).message);
+      if (form.dataset.api.endsWith("/retry")) noteRetried([form.dataset.api.split("/")[3]]);
     } catch (e) {
       say(e.message, true);
     }
@@ -55,6 +70,7 @@
     btn.disabled = true;
     try {
       const r = await post("/api/batch", {action: btn.dataset.batch, ids});
+      if (btn.dataset.batch === "retry") noteRetried(r.results.filter((x) => x.ok).map((x) => x.id));
       const refused = r.results.filter((x) => !x.ok).map((x) => x.message);
       say(r.message + (refused.length ? ": " + refused.join("; ") : ""), refused.length > 0);
     } catch (e) {
@@ -91,6 +107,7 @@
         if (closed.has(s.textContent)) s.parentElement.open = false;
       });
       window.scrollTo(0, y);
+      checkRetried();
     } finally {
       busy = false;
     }
