@@ -22,16 +22,18 @@ import numpy as np
 import structlog
 
 from daemon.budget import PixelBudget
+from daemon.cache.corrections import Corrections
 from daemon.cache.guard import CacheGuard
 from daemon.cache.mask_cache import CacheWrite, MaskCache, MaskHit, Probe
 from daemon.config import CacheConfig, Deliverable, OutputOptions
 from daemon.coord.flight import SingleFlight
 from daemon.coord.locks import LockBackend
-from daemon.imaging import confidence
+from daemon.imaging import confidence, touchup
 from daemon.imaging import fingerprint as fpmod
 from daemon.imaging.confidence import Confidence
 from daemon.imaging.decode import decode, probe_pixels
 from daemon.imaging.keys import Target, mask_key, targets
+from daemon.imaging.png import encode_png
 from daemon.imaging.refine import refine
 from daemon.imaging.render import (decode_mask, encode_mask, fit_mask, predict_mask,
                                    render_target, stamp_files, working_mask_size)
@@ -76,6 +78,7 @@ class Pipeline:
         self.budget = budget or PixelBudget(120_000_000)
         self.max_pixels = max_pixels
         self.masks = MaskCache(guard, cache) if guard is not None else None
+        self.corrections = Corrections(guard) if guard is not None else None
         self.flight = SingleFlight(locks, claim_ttl_s, guard.failed) if guard is not None else None
         self.inferences = 0  # mask inferences run by this pipeline (tests, status)
 
@@ -92,9 +95,11 @@ class Pipeline:
         rendered is reported in ``errors`` while the others are returned."""
         wanted = self.targets(plan)
         sha = fpmod.sha256_bytes(data)
+        # a retoucher's correction comes first: never the stored outputs of the model's mask
+        corrected = self.corrections is not None and self.corrections.find(sha) is not None
         # a judged plan goes through the cached mask: a hit is scored like a miss
         stored = self.masks.stored_outputs(wanted, sha) \
-            if self.masks is not None and not plan.judge else None
+            if self.masks is not None and not plan.judge and not corrected else None
         if stored is not None:
             return Rendered(stamp_files(stored.files, wanted, sha), "exact",
                             entry_id=stored.entry_id, sha256=sha)
@@ -110,6 +115,12 @@ class Pipeline:
         decoded = decode(data, max_pixels=self.max_pixels, reduce=fpmod.working_copy)
         small = decoded.small
         fp = fpmod.fingerprint(data, decoded.rgb, sha256=sha, small=small)
+        corrected = self.corrections.find(sha, fp.pixel_hash) \
+            if self.corrections is not None else None
+        if corrected is not None:  # touched up: done as the retoucher left it, never judged
+            alpha = fit_mask(decode_mask(corrected), decoded.width, decoded.height)
+            files, errors = self._render_alpha(wanted, decoded, alpha)
+            return Rendered(files, "exact", errors, sha256=sha)
         mask, hit, inference_s = self._mask(wanted[0].mask_key, plan.options, fp,
                                             np.asarray(small), (decoded.width, decoded.height))
         judged = confidence.score(mask, np.asarray(small)) if plan.judge else None
@@ -129,6 +140,52 @@ class Pipeline:
         writes = self.masks.output_rows(hit, fp, wanted, files)
         return Rendered(files, hit.tier, errors, hit.entry_id, hit.metrics, sha, tuple(writes),
                         judged, inference_s)
+
+    def touch_up(self, data: bytes, plan: Plan, strokes: list[touchup.Stroke]) -> Rendered:
+        """Every deliverable of ``plan`` with ``strokes`` applied to the source's current
+        alpha (its correction, or the model's mask refined as the plan's first target
+        refines it); the new alpha is stored as the source's correction (with a cache)."""
+        wanted = self.targets(plan)
+        sha = fpmod.sha256_bytes(data)
+        with self.budget.hold(probe_pixels(data)):
+            decoded = decode(data, max_pixels=self.max_pixels, reduce=fpmod.working_copy)
+            fp = fpmod.fingerprint(data, decoded.rgb, sha256=sha, small=decoded.small)
+            size = (decoded.width, decoded.height)
+            current = self.corrections.find(sha, fp.pixel_hash) \
+                if self.corrections is not None else None
+            mode = wanted[0].refine
+            if current is not None:
+                alpha = fit_mask(decode_mask(current), *size)
+            else:
+                mask = self._mask(wanted[0].mask_key, plan.options, fp,
+                                  np.asarray(decoded.small), size)[0]
+                alpha = refine(decoded.rgb, mask, mode)
+            alpha = touchup.apply(decoded.rgb, alpha, strokes, mode)
+            if self.corrections is not None:
+                self.corrections.put(fp, encode_png(alpha, level=1))
+            files, errors = self._render_alpha(wanted, decoded, alpha)
+        return Rendered(stamp_files(files, wanted, sha), "exact", errors, sha256=sha)
+
+    def forget_correction(self, data: bytes) -> bool:
+        """Drop the correction of these bytes (and their pixels); whether there was one."""
+        if self.corrections is None:
+            return False
+        decoded = decode(data, max_pixels=self.max_pixels, reduce=fpmod.working_copy)
+        fp = fpmod.fingerprint(data, decoded.rgb, small=decoded.small)
+        return self.corrections.drop(fp.sha256, fp.pixel_hash) > 0
+
+    @staticmethod
+    def _render_alpha(wanted: list[Target], decoded, alpha: np.ndarray
+                      ) -> tuple[dict[str, bytes], dict[str, BaseException]]:
+        files, errors = {}, {}
+        for target in wanted:
+            try:
+                files[target.name] = render_target(target, decoded, alpha)
+            except Exception as exc:  # one deliverable's fault; the others still ship
+                log.warning("deliverable_failed", output=target.name or "png",
+                            error=f"{type(exc).__name__}: {exc}")
+                errors[target.name] = exc
+        return files, errors
 
     def _mask(self, mkey: str, options: OutputOptions, fp: fpmod.Fingerprint,
               small: np.ndarray, size: tuple[int, int]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,17 +25,35 @@ pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token-for-tests-0123456789"
 
 
+JARS: dict[str, dict[str, str]] = {}  # per server: the cookies it set, as a browser keeps them
+
+
 def fetch(url: str, path: str, *, method: str = "GET", form: dict | None = None,
-          headers: dict | None = None) -> tuple[int, dict, bytes]:
-    """One real HTTP request (redirects are not followed): (status, headers, body)."""
+          headers: dict | None = None, json_body=None, jar: bool = True
+          ) -> tuple[int, dict, bytes]:
+    """One real HTTP request (redirects are not followed): (status, headers, body). Like
+    a browser it keeps the server's cookies (``jar``) unless a Cookie header is given."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    body = urlencode(form).encode() if form is not None else None
-    hdrs = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+    cookies = JARS.setdefault(parts.netloc, {})
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    if json_body is not None:
+        body, hdrs = json.dumps(json_body).encode(), {"Content-Type": "application/json"}
+    else:
+        body = urlencode(form).encode() if form is not None else None
+        hdrs = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+    if jar and cookies:
+        hdrs["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
     conn.request(method, path, body=body, headers={**hdrs, **(headers or {})})
     resp = conn.getresponse()
     data = resp.read()
     conn.close()
+    for name, value in resp.getheaders():
+        if name.lower() == "set-cookie" and jar:
+            key, _, rest = value.split(";")[0].partition("=")
+            if "Max-Age=0" in value:
+                cookies.pop(key, None)
+            else:
+                cookies[key] = rest
     return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
 
 
@@ -142,7 +161,7 @@ def test_retry_moves_the_failed_file_back_and_it_is_processed(local):
     assert failed.exists()  # no form token: refused, nothing moved
     status, headers, _ = fetch(url, "/retry", method="POST",
                                form={"pair": 0, "path": "broken.jpg", "form_token": token})
-    assert status == 303 and headers["location"] == "/"
+    assert status == 303 and headers["location"].startswith("/?msg=Retrying")
     assert not failed.exists() and not (tmp / "failed" / "broken.jpg.error.json").exists()
     daemon.wait_log(lambda e: e.get("event") == "processed" and e.get("outcome") == "miss"
                     and e["path"].endswith("broken.jpg"))
@@ -209,6 +228,8 @@ def test_path_traversal_links_and_foreign_hosts_are_refused(local, tmp_path):
                              form={"pair": 0, "path": rel, "form_token": token})
         assert status == 400, rel
     os.symlink(secret, tmp / "failed" / "evil.jpg")
+    (tmp / "failed" / "evil.jpg.error.json").write_text(json.dumps(
+        {"file": str(tmp / "failed" / "evil.jpg"), "reason": "unsupported", "error": "x"}))
     assert fetch(url, "/retry", method="POST",
                  form={"pair": 0, "path": "evil.jpg", "form_token": token})[0] == 400
     assert secret.read_text() == "not for the web" and (tmp / "failed" / "keep.jpg").exists()
@@ -217,7 +238,8 @@ def test_path_traversal_links_and_foreign_hosts_are_refused(local, tmp_path):
     (tmp / "failed" / (odd + ".error.json")).write_text(json.dumps(
         {"file": str(tmp / "failed" / odd), "reason": "<b>why</b>", "error": "x"}))
     page = fetch(url, "/")[2].decode()
-    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;.jpg" in page and "<b>why" not in page
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;.jpg" in page and "<b>why" not in page
+    assert "<img src=x" not in page
     assert fetch(url, "/", headers={"Host": "attacker.example:80"})[0] == 403  # DNS rebinding
     assert fetch(url, "/", headers={"Host": "127.evil.example"})[0] == 403
 
@@ -273,5 +295,128 @@ def test_off_localhost_the_token_is_required(tmp_path, models_dir):
         assert urlsplit(local_url).hostname == "127.0.0.1" and fetch(local_url, "/")[0] == 200
         with pytest.raises(ConnectionRefusedError):
             fetch(url, "/")
+    finally:
+        daemon.stop()
+
+
+def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
+    """The JSON API on a daemon with a token: search past the newest 24, an item, the
+    bearer token, the session's form token, a touch-up (the file changes inside the
+    stroke only), concurrent touch-ups of one source, revert, and batch approve."""
+    import threading
+
+    from daemon import review
+    from daemon.web.controller import RecentOutput
+    from daemon.web.journal import Journal
+    from tests.conftest import png_alpha
+
+    journal = Journal(tmp_path / "cache" / "web" / "recent.sqlite")
+    for i in range(40):  # older outputs than the page's first 24
+        journal.add(RecentOutput(1_700_000_000 + i, 0, "inbox", f"old/img{i:05d}.jpg",
+                                 (f"old/img{i:05d}.jpg.png",), "near", "u2netp", 5.0))
+    journal.close()
+    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0", "token": TOKEN},
+                          watch=[{"inbox": str(tmp_path / "inbox"),
+                                  "outbox": str(tmp_path / "outbox"),
+                                  "review": {"min_confidence": 0.0}}])
+    (tmp_path / "inbox" / "cat.jpg").write_bytes(encode(photo("chelsea")))
+    daemon, url = start(config)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        daemon.wait_processed(1)
+        assert fetch(url, "/api/outputs", jar=False)[0] == 401
+        status, _, body = fetch(url, "/api/outputs?limit=24", headers=bearer, jar=False)
+        page = json.loads(body)
+        assert status == 200 and page["total"] == 41 and len(page["items"]) == 24
+        assert page["items"][0]["source"]["path"] == "cat.jpg"
+        found = json.loads(fetch(url, "/api/outputs?q=img00003", headers=bearer, jar=False)[2])
+        assert found["total"] == 1 and found["items"][0]["source"]["path"] == "old/img00003.jpg"
+        assert json.loads(fetch(url, "/api/outputs?q=tier:miss+cat", headers=bearer,
+                                jar=False)[2])["total"] == 1
+        assert fetch(url, "/api/outputs?q=date:2026-13", headers=bearer, jar=False)[0] == 400
+        cat = page["items"][0]
+        assert set(cat) >= {"id", "source", "outputs", "tier", "model", "confidence"}
+        status, _, body = fetch(url, f"/api/items/{cat['id']}", headers=bearer, jar=False)
+        assert status == 200 and json.loads(body)["outputs"][0]["path"] == "cat.jpg.png"
+        for bad in ("o99999", "r0-" + "0" * 40, "f0-" + "0" * 40):
+            assert fetch(url, f"/api/items/{bad}", headers=bearer, jar=False)[0] == 404
+        assert fetch(url, "/api/items/..%2f..%2fetc", headers=bearer, jar=False)[0] == 404
+        assert fetch(url, "/preview?pair=0&root=outbox&path=../config.yaml", headers=bearer,
+                     jar=False)[0] == 400
+
+        output = tmp_path / "outbox" / "cat.jpg.png"
+        before = png_alpha(output.read_bytes())
+        stroke = {"mode": "remove", "radius": 20, "points": [[150, 150], [220, 160]]}
+        act = f"/api/items/{cat['id']}/touchup"
+        # a browser session: its cookie alone, or another session's form token, is refused
+        fetch(url, "/login", method="POST", form={"token": TOKEN})
+        html = fetch(url, "/")[2]
+        mine = form_token(html)
+        assert fetch(url, act, method="POST", json_body={"strokes": [stroke]})[0] == 403
+        other = fetch(url, "/login", method="POST", form={"token": TOKEN}, jar=False)[1]
+        theirs = form_token(fetch(url, "/", jar=False, headers={
+            "Cookie": other["set-cookie"].split(";")[0]})[2])
+        assert theirs != mine
+        assert fetch(url, act, method="POST", json_body={"strokes": [stroke]},
+                     headers={"X-Form-Token": theirs})[0] == 403
+        assert fetch(url, act, method="POST", json_body={"strokes": "x"},
+                     headers={"X-Form-Token": mine})[0] == 400
+        assert (png_alpha(output.read_bytes()) == before).all()  # nothing done so far
+        status, _, body = fetch(url, act, method="POST", json_body={"strokes": [stroke]},
+                                headers={"X-Form-Token": mine})
+        result = json.loads(body)
+        assert status == 200 and result["message"].startswith("Touched up → outbox/cat.jpg.png")
+        after = png_alpha(output.read_bytes())
+        from daemon.imaging import touchup
+        from daemon.imaging.touchup import Stroke
+
+        s = Stroke("remove", 20.0, ((150.0, 150.0), (220.0, 160.0)))
+        core = touchup.paint([Stroke("remove", 20.0 - 2 * touchup.REACH, s.points)], 451, 300) > 0
+        reach = touchup.paint([s], 451, 300, grow=touchup.REACH) > 0
+        assert before[core].mean() > 200 and after[core].max() <= 8
+        assert np.abs(after[~reach].astype(int) - before[~reach]).max() <= 1
+        listed = json.loads(fetch(url, "/api/outputs?limit=1", headers=bearer, jar=False)[2])
+        assert listed["items"][0]["event"] == "touched-up" and result["item"] == \
+            listed["items"][0]["id"]
+
+        # concurrent touch-ups of one source: each is done whole or refused (409)
+        statuses = []
+
+        def touch():
+            statuses.append(fetch(url, act, method="POST", headers=bearer, jar=False,
+                                  json_body={"strokes": [stroke]})[0])
+        threads = [threading.Thread(target=touch) for _ in range(3)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert 200 in statuses and set(statuses) <= {200, 409}, statuses
+        assert (png_alpha(output.read_bytes())[core] <= 8).all()
+
+        status, _, body = fetch(url, f"/api/items/{cat['id']}/revert", method="POST",
+                                headers=bearer, jar=False)
+        assert status == 200 and "Reverted" in json.loads(body)["message"]
+        assert (png_alpha(output.read_bytes()) == before).all()
+        assert fetch(url, f"/api/items/{cat['id']}/revert", method="POST", headers=bearer,
+                     jar=False)[0] == 409  # nothing left to revert
+
+        # batch approve: two held cutouts go to the outbox at once
+        folder = tmp_path / "review"
+        folder.mkdir()
+        ids = []
+        for name in ("a.jpg", "b.jpg"):
+            (tmp_path / "inbox" / name).write_bytes(b"held source")
+            (folder / f"{name}.png").write_bytes(output.read_bytes())
+            item = review.new_item(str(tmp_path / "inbox"), Path(name), [Path(f"{name}.png")],
+                                   0.2, ("uncertain edge",), "u2netp", "miss")
+            review.hold(folder, item)
+            ids.append(f"r0-{item.id}")
+        status, _, body = fetch(url, "/api/batch", method="POST", headers=bearer, jar=False,
+                                json_body={"action": "approve", "ids": ids + ["o99999"]})
+        result = json.loads(body)
+        assert status == 200 and result["done"] == 2 and result["refused"] == 1
+        assert (tmp_path / "outbox" / "a.jpg.png").is_file()
+        assert (tmp_path / "outbox" / "b.jpg.png").is_file()
+        text = fetch(url, "/metrics", headers=bearer, jar=False)[2].decode()
+        assert "rembgd_review_pending 0.0" in text and "rembgd_failed_files 0.0" in text
+        assert "rembgd_build_info{" in text and "rembgd_last_processed_timestamp_seconds" in text
     finally:
         daemon.stop()

@@ -335,6 +335,8 @@ class WebConfig:
     token: Secret | None = setting(None, "every request must carry it (bearer header or "
                                    "the login cookie); `config show` hides it",
                                    type_doc="string, 16 characters or more")
+    session_hours: float = setting(12.0, "a browser's session (login and form token) "
+                                   "expires this long after it began", minimum=0.01)
 
     @property
     def host(self) -> str:

@@ -22,13 +22,14 @@ import structlog
 from daemon import review
 from daemon.config import Config, WatchPair
 from daemon.fate import Outcome
-from daemon.fsutil import ERROR_SUFFIX, fit_name, safe_relative
+from daemon.fsutil import ERROR_SUFFIX, fit_name, output_mode, safe_relative
 from daemon.inference.models import ModelError, mask_model_path
 from daemon.inference.registry import local_specs
-from daemon.nofollow import move_between, read_under, unlink_under
+from daemon.nofollow import atomic_write_under, move_between, read_under, unlink_under
+from daemon.pipeline import Plan, Rendered
 from daemon.service.intake import WorkItem
 from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused, WaitingFile
-from daemon.web.journal import Journal
+from daemon.web.journal import Journal, parse_query
 from daemon.web.server import WebServer
 from daemon.web.thumbs import Thumbnails
 
@@ -36,6 +37,7 @@ log = structlog.get_logger("rembgd.web")
 
 TIERS = ("exact", "pixel", "near", "miss")
 MAX_FAILED = 200  # listed on the page, newest first
+DISMISSED = ".dismissed"  # failed/.dismissed/: failed files moved aside, never deleted
 
 
 class Console:
@@ -72,11 +74,22 @@ class Console:
     def recent_outputs(self, limit: int) -> list[RecentOutput]:
         return self.journal.last(limit)
 
+    def search_outputs(self, query: str, limit: int, offset: int
+                       ) -> tuple[int, list[RecentOutput]]:
+        return self.journal.search(parse_query(query), limit, offset)
+
+    def output(self, row: int) -> RecentOutput | None:
+        return self.journal.get(row)
+
+    def latest_output(self, pair: int, source_rel: str) -> RecentOutput | None:
+        return self.journal.latest_for(pair, source_rel)
+
     def failed_files(self) -> list[FailedFile]:
         """The newest ``MAX_FAILED`` (by sidecar mtime: only those sidecars are read)."""
         sidecars: list[tuple[float, int, Path]] = []
         for i, p in enumerate(self.sup.cfg.watch):
-            for folder, _dirs, files in os.walk(p.failed_dir, followlinks=False):
+            for folder, dirs, files in os.walk(p.failed_dir, followlinks=False):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]  # .dismissed/
                 for name in files:
                     if name.endswith(ERROR_SUFFIX) and not name.startswith("."):
                         try:
@@ -131,8 +144,85 @@ class Console:
         return landed
 
     def approve(self, pair: int, item_id: str) -> list[Path]:
+        p = self._pair(pair)
         with _review_errors():
-            return review.approve(self._pair(pair), item_id)
+            item = review.get(review.review_dir(p), item_id)
+            moved = review.approve(p, item_id)
+        self._journal(pair, item.source_rel, moved, "approved", item.tier, item.model,
+                      item.confidence, item.reasons)
+        return moved
+
+    def dismiss(self, pair: int, rel: str) -> Path:
+        p = self._pair(pair)
+        rel_path = Path(rel)
+        if rel_path.parts[0] == DISMISSED:
+            raise Refused(f"{rel} is already dismissed")
+        aside = Path(DISMISSED) / rel_path
+        landed = move_between(p.failed_dir, rel_path, p.failed_dir, aside)
+        sidecar = rel_path.parent / fit_name(rel_path.name, ERROR_SUFFIX)
+        try:
+            move_between(p.failed_dir, sidecar, p.failed_dir, aside.parent / sidecar.name)
+        except FileNotFoundError:
+            pass
+        return landed
+
+    # ----------------------------------------------------------- touch-up
+
+    def touchup(self, pair: int, source_root: str, source_rel: str, strokes: list) -> list[Path]:
+        p, data, app = self._source(pair, source_root, source_rel)
+        rendered = app.pipeline.touch_up(data, Plan(p.options, p.outputs), strokes)
+        return self._deliver(pair, Path(source_rel), rendered, "touched-up")
+
+    def revert(self, pair: int, source_root: str, source_rel: str) -> list[Path]:
+        p, data, app = self._source(pair, source_root, source_rel)
+        if not app.pipeline.forget_correction(data):
+            raise Refused(f"{source_rel} has no touch-up to revert")
+        rendered = app.pipeline.render(data, Plan(p.options, p.outputs))
+        return self._deliver(pair, Path(source_rel), rendered, "reverted")
+
+    def _source(self, pair: int, source_root: str, source_rel: str):
+        p = self._pair(pair)
+        roots = self.roots(pair)
+        if source_root not in ("inbox", "done") or source_root not in roots:
+            raise FileNotFoundError(f"no {source_root} folder for the source")
+        app = self.sup.app
+        if app is None:
+            raise Refused("the daemon is not ready (standby or starting)")
+        return p, read_under(roots[source_root], Path(source_rel)), app
+
+    def _deliver(self, pair: int, rel: Path, rendered: Rendered, event: str) -> list[Path]:
+        """Write ``rendered`` like a job: atomically; to the review folder and then
+        approved into the outbox when the source's cutout is held, else to the outbox."""
+        from daemon.job import Job  # the job imports the pipeline, as this module does
+
+        if rendered.errors:
+            raise Refused("; ".join(f"{n or 'png'}: {e}" for n, e in rendered.errors.items()))
+        p = self._pair(pair)
+        job = Job(p.inbox / rel, rel, p.outbox, Plan(p.options, p.outputs))
+        folder = review.review_dir(p)
+        held = review.is_waiting(folder, rel)
+        root = folder if held else p.outbox
+        mode = output_mode(self.sup.cfg.umask)
+        written = [atomic_write_under(root, job.output_rel(name), payload, mode=mode,
+                                      make_root=held)
+                   for name, payload in rendered.files.items()]
+        if held:
+            return self.approve(pair, review.item_id(rel))
+        self._journal(pair, rel.as_posix(), written, event, rendered.tier, "touch-up", None, ())
+        return written
+
+    def _journal(self, pair: int, source_rel: str, paths: list[Path], event: str, tier: str,
+                 model: str, confidence: float | None, reasons) -> None:
+        p = self._pair(pair)
+        source_root = {"keep": "inbox", "move": "done"}.get(p.after_success)
+        try:
+            self.journal.add(RecentOutput(
+                time=time.time(), pair=pair, source_root=source_root, source_rel=source_rel,
+                outputs=tuple(Path(os.path.relpath(w, p.outbox)).as_posix() for w in paths),
+                tier=tier, model=model, ms=0.0, event=event, confidence=confidence,
+                reasons=tuple(reasons)))
+        except sqlite3.Error as exc:
+            log.warning("web_journal_failed", source=source_rel, error=str(exc))
 
     def redo(self, pair: int, item_id: str, model: str) -> None:
         p = self._pair(pair)

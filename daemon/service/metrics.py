@@ -7,7 +7,10 @@ own: hits (exact, pixel, near) over files processed since it started.
 """
 from __future__ import annotations
 
+import platform
 import threading
+import time
+from importlib import metadata
 from typing import Callable, Iterator
 
 import structlog
@@ -21,6 +24,10 @@ log = structlog.get_logger("rembgd.metrics")
 
 disable_created_metrics()  # no *_created series: they double the exposition for nothing here
 
+try:
+    VERSION = metadata.version("rembgd")
+except metadata.PackageNotFoundError:  # run from a checkout that is not installed
+    VERSION = "unknown"
 HIT_TIERS = ("exact", "pixel", "near")
 PROCESSING_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INFERENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -46,7 +53,8 @@ class _Gauges(Collector):
         m = self.metrics
         depth = self._read("queue_depth", m.queue_depth)
         if depth is not None:
-            yield GaugeMetricFamily("rembgd_queue_depth", "Files waiting to be processed",
+            yield GaugeMetricFamily("rembgd_queue_depth", "Files waiting to be processed (not "
+                                    "counting incomplete files: rembgd_files_incomplete)",
                                     value=depth)
         incomplete = self._read("files_incomplete", m.incomplete)
         if incomplete is not None:
@@ -66,6 +74,24 @@ class _Gauges(Collector):
         if cache is not None and cache.get("entries") is not None:
             yield GaugeMetricFamily("rembgd_cache_entries", "Entries in the mask cache",
                                     value=cache["entries"])
+        for name, fn, doc in (
+                ("rembgd_review_pending", m.review_pending,
+                 "Cutouts waiting for review now (all pairs)"),
+                ("rembgd_failed_files", m.failed_files,
+                 "Files in failed/ now, with a sidecar (all pairs; dismissed ones not counted)")):
+            value = self._read(name, fn)
+            if value is not None:
+                yield GaugeMetricFamily(name, doc, value=value)
+        with m._lock:
+            last = m._last_processed
+        if last is not None:
+            yield GaugeMetricFamily("rembgd_last_processed_timestamp_seconds",
+                                    "Unix time the last file was processed (any tier)",
+                                    value=last)
+        info = GaugeMetricFamily("rembgd_build_info", "The running rembgd's version (always 1)",
+                                 labels=["version", "python"])
+        info.add_metric([VERSION, platform.python_version()], 1.0)
+        yield info
         ratio = m.hit_ratio()
         if ratio is not None:
             yield GaugeMetricFamily("rembgd_cache_hit_ratio",
@@ -81,9 +107,13 @@ class Metrics:
     def __init__(self, *, queue_depth: Callable[[], int] | None = None,
                  standby: Callable[[], dict[str, bool]] | None = None,
                  cache: Callable[[], dict] | None = None,
-                 incomplete: Callable[[], int] | None = None) -> None:
+                 incomplete: Callable[[], int] | None = None,
+                 review_pending: Callable[[], int] | None = None,
+                 failed_files: Callable[[], int] | None = None) -> None:
         self.queue_depth, self.standby, self.cache = queue_depth, standby, cache
         self.incomplete = incomplete
+        self.review_pending, self.failed_files = review_pending, failed_files
+        self._last_processed: float | None = None
         self.registry = CollectorRegistry()
         self._files = Counter("rembgd_files_processed", "Files processed, by pair and tier "
                               "(exact, pixel, near, miss)", ["pair", "tier"],
@@ -108,6 +138,7 @@ class Metrics:
         with self._lock:
             self._total += 1
             self._hits += tier in HIT_TIERS
+            self._last_processed = time.time()
 
     def failed(self, pair: str, reason: str) -> None:
         self._failed.labels(pair=pair, reason=reason).inc()

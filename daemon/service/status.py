@@ -46,7 +46,7 @@ def status_line(state: str, c: dict[str, int], queued: int) -> str:
 def build_status(sup) -> dict:
     """The status of a running Supervisor, as written to the status file."""
     c = sup.counters.snapshot()
-    queued = sup.workers.queue.qsize() + len(sup.scheduler)
+    queued = sup.workers.queue.qsize() + max(0, len(sup.scheduler) - len(sup.scheduler.waiting()))
     state = sup.state
     if state == "running":
         state = "busy" if queued or sup.workers.in_progress else "idle"

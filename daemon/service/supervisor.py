@@ -17,11 +17,12 @@ from pathlib import Path
 import structlog
 
 from daemon import config as configmod
-from daemon import logs, runtime
+from daemon import logs, review, runtime
 from daemon.cache.pruner import Pruner
 from daemon.config import Config, ConfigError
 from daemon.inference.models import ModelError
 from daemon.config import WatchPair
+from daemon.fsutil import ERROR_SUFFIX
 from daemon.nofollow import remove_stale_temps
 from daemon.job import Job
 from daemon.scan import walk
@@ -62,7 +63,9 @@ class Supervisor:
         self.standby = Standby()
         self.metrics = Metrics(queue_depth=self._queue_depth, standby=self._standby_pairs,
                                cache=self._cache_entries,
-                               incomplete=lambda: len(self.scheduler.waiting()))
+                               incomplete=lambda: len(self.scheduler.waiting()),
+                               review_pending=self._review_pending,
+                               failed_files=self._failed_files)
         self.intake = Intake(lambda: self.app, self.counters, self.retry_policy.retry,
                              self.retry_policy.later, self.scheduler, self.standby, self.metrics)
         self.workers = Workers(cfg.workers, cfg.queue_size, self.intake.process, self.counters,
@@ -244,7 +247,21 @@ class Supervisor:
     # ------------------------------------------------------------ metrics (read at scrape)
 
     def _queue_depth(self) -> int:
-        return self.workers.queue.qsize() + len(self.scheduler)
+        """Files queued or settling; not those waiting to become complete."""
+        return self.workers.queue.qsize() + max(
+            0, len(self.scheduler) - len(self.scheduler.waiting()))
+
+    def _review_pending(self) -> int:
+        return sum(len(review.list_items(review.review_dir(p))) for p in self.cfg.watch)
+
+    def _failed_files(self) -> int:
+        count = 0
+        for p in self.cfg.watch:
+            for _folder, dirs, files in os.walk(p.failed_dir, followlinks=False):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]  # .dismissed/
+                count += sum(1 for n in files if n.endswith(ERROR_SUFFIX)
+                             and not n.startswith("."))
+        return count
 
     def _standby_pairs(self) -> dict[str, bool]:
         return {str(p.inbox): self.standby.active(i) for i, p in enumerate(self.cfg.watch)}

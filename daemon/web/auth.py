@@ -2,10 +2,13 @@
 
 - With ``web.token`` every request carries it: ``Authorization: Bearer <token>``
   (scrapers, curl) or the session cookie the login form sets (browsers). The cookie
-  holds an HMAC of the token, never the token, and is HttpOnly and SameSite=Strict.
-- Every POST from a form also carries the form token, a random value of this server
-  that only the page itself shows: another site cannot read it, so it cannot make a
-  retoucher's browser retry or approve anything (CSRF). A bearer request needs none.
+  is ``<expires>.<random id>.<HMAC>`` under a key derived from the token (never the
+  token itself), HttpOnly, SameSite=Strict, and it expires after ``web.session_hours``.
+- Every POST from the page also carries the form token, an HMAC of the session's
+  random id that only a page served to that browser shows: another site cannot read
+  it, so it cannot make a retoucher's browser retry or approve anything (CSRF).
+  Without a token the page still gives each browser a session, for its form token.
+  A bearer request needs none.
 - Without a token (localhost only) the Host header must name a loopback host, so a
   web page whose DNS name is re-pointed at 127.0.0.1 (DNS rebinding) is refused.
 """
@@ -15,19 +18,34 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import time
+from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
+from typing import Callable
 
 from daemon.config import WebConfig
 
 COOKIE = "rembgd_session"
 
 
+@dataclass(frozen=True)
+class Session:
+    """A browser's session: its random id (the form token is derived from it) and when
+    it ends."""
+
+    nonce: str
+    expires: int  # unix time
+
+
 class Gate:
-    def __init__(self, web: WebConfig):
+    def __init__(self, web: WebConfig, now: Callable[[], float] = time.time):
         self.token = web.token.reveal() if web.token is not None else None
-        self.form_token = secrets.token_urlsafe(24)
-        self._session = (hmac.new(self.token.encode(), b"rembgd web session", hashlib.sha256)
-                         .hexdigest() if self.token else None)
+        self.lifetime = max(1, int(web.session_hours * 3600))
+        self._now = now
+        # with a token the key is derived from it (sessions survive a restart and end when
+        # the token changes); without one it is this process's own
+        seed = self.token.encode() if self.token else secrets.token_bytes(32)
+        self._key = hmac.new(seed, b"rembgd web session key", hashlib.sha256).digest()
 
     @property
     def needs_login(self) -> bool:
@@ -54,35 +72,63 @@ class Gate:
     def authenticated(self, headers) -> bool:
         if self.token is None:
             return True
-        return (self.bearer_ok(headers.get("Authorization"))
-                or self._cookie_ok(headers.get("Cookie")))
+        return self.bearer_ok(headers.get("Authorization")) or self.session(headers) is not None
+
+    # ------------------------------------------------------------ sessions
+
+    def session(self, headers) -> Session | None:
+        """The request's valid, unexpired session cookie, or None."""
+        header = headers.get("Cookie")
+        if not header:
+            return None
+        try:
+            morsel = SimpleCookie(header).get(COOKIE)
+        except CookieError:
+            return None
+        if morsel is None:
+            return None
+        expires, _, rest = morsel.value.partition(".")
+        nonce, _, sig = rest.partition(".")
+        if not expires.isdigit() or not nonce or not hmac.compare_digest(
+                sig.encode(), self._sign(f"session:{expires}.{nonce}").encode()):
+            return None
+        if int(expires) <= self._now():
+            return None
+        return Session(nonce, int(expires))
+
+    def new_session(self) -> tuple[Session, str]:
+        """A fresh session and its Set-Cookie value."""
+        session = Session(secrets.token_urlsafe(18), int(self._now()) + self.lifetime)
+        value = f"{session.expires}.{session.nonce}"
+        value += "." + self._sign(f"session:{value}")
+        return session, (f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; "
+                         f"Max-Age={self.lifetime}")
+
+    def form_token(self, session: Session) -> str:
+        """The CSRF token of one session: only a page served to that browser shows it."""
+        return self._sign(f"form:{session.nonce}")
 
     def form_ok(self, headers, form: dict[str, str]) -> bool:
-        """A POST action is allowed: authenticated, and from this page (or a bearer client)."""
-        if not self.authenticated(headers):
-            return False
+        """A POST action is allowed: authenticated, and from this session's page (its form
+        token in the form or the X-Form-Token header), or a bearer client."""
         if self.bearer_ok(headers.get("Authorization")):
             return True
-        return hmac.compare_digest(form.get("form_token", "").encode(), self.form_token.encode())
+        session = self.session(headers)
+        if session is None:
+            return False
+        given = form.get("form_token") or headers.get("X-Form-Token") or ""
+        return hmac.compare_digest(given.encode(), self.form_token(session).encode())
 
     def login(self, given: str) -> str | None:
         """The Set-Cookie value for a correct token, else None."""
         if self.token is None or not hmac.compare_digest(given.encode(), self.token.encode()):
             return None
-        return f"{COOKIE}={self._session}; Path=/; HttpOnly; SameSite=Strict"
+        return self.new_session()[1]
 
     def logout_cookie(self) -> str:
-        """The Set-Cookie value that clears the session in this browser. The cookie is
-        derived from the token, so a copied cookie works until ``web.token`` changes."""
+        """The Set-Cookie value that clears the session in this browser. A copied cookie
+        still works until it expires (``web.session_hours``) or ``web.token`` changes."""
         return f"{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
 
-    def _cookie_ok(self, header: str | None) -> bool:
-        if not header:
-            return False
-        try:
-            jar = SimpleCookie(header)
-        except CookieError:
-            return False
-        morsel = jar.get(COOKIE)
-        return morsel is not None and hmac.compare_digest(morsel.value.encode(),
-                                                          self._session.encode())
+    def _sign(self, text: str) -> str:
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()[:43]

@@ -38,6 +38,11 @@ class RecentOutput:
     tier: str  # exact | pixel | near | miss
     model: str
     ms: float
+    id: int | None = None  # the journal's row id (None until it is written)
+    event: str = "delivered"  # delivered | held | approved | touched-up | reverted
+    confidence: float | None = None  # the mask's score, when it was judged
+    reasons: tuple[str, ...] = ()
+    outputs_root: str = "outbox"  # "review" while held
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,26 @@ class Controller(Protocol):
 
     def metrics(self) -> tuple[bytes, str]:
         """The Prometheus exposition (body, content type)."""
+
+    def search_outputs(self, query: str, limit: int, offset: int
+                       ) -> tuple[int, list[RecentOutput]]:
+        """(how many outputs of the journal match ``query``, the page from ``offset``),
+        newest first (``daemon.web.journal.parse_query``; QueryError for a bad term)."""
+
+    def output(self, row: int) -> RecentOutput | None:
+        """One output of the journal by its row id."""
+
+    def latest_output(self, pair: int, source_rel: str) -> RecentOutput | None:
+        """The newest journal entry of one source."""
+
+    def dismiss(self, pair: int, rel: str) -> Path:
+        """Move failed/<rel> and its sidecar aside into failed/.dismissed/ (never deleted);
+        where the file went."""
+
+    def touchup(self, pair: int, source_root: str, source_rel: str, strokes: list) -> list[Path]:
+        """Apply brush strokes (``daemon.imaging.touchup.Stroke``) to the source's mask,
+        re-render every deliverable and deliver them (a held item goes to the outbox);
+        the corrected mask is kept in the cache. The delivered paths."""
+
+    def revert(self, pair: int, source_root: str, source_rel: str) -> list[Path]:
+        """Drop the source's correction and deliver the model's mask again."""

@@ -1,0 +1,125 @@
+"""Touch-up: strokes -> a corrected alpha (pure), and the correction's precedence in the
+cache (a real SQLite store, a real model): re-drop, re-encode and revert."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from daemon.imaging import touchup
+from daemon.imaging.touchup import Stroke, StrokeError, parse_strokes
+from tests.conftest import encode, photo, pipeline_over, png_alpha, render_legacy, write_config
+
+
+def disc_scene(size=600, radius=180, soft=3.0):
+    """A red disc on a grey sweep with an anti-aliased edge ``soft`` px wide: the image,
+    its true alpha, and a model's mask that is 25 px too big (it took in the backdrop)."""
+    yy, xx = np.mgrid[:size, :size]
+    d = np.hypot(xx - size / 2, yy - size / 2)
+    true = np.clip((radius - d) / soft + 0.5, 0, 1)
+    fg, bg = np.array([200, 40, 30], float), np.array([128, 128, 128], float)
+    rng = np.random.default_rng(0)
+    rgb = true[..., None] * fg + (1 - true[..., None]) * bg + rng.normal(0, 1.5, (size, size, 3))
+    too_big = (np.clip((radius + 25 - d) / soft + 0.5, 0, 1) * 255).astype(np.uint8)
+    return np.clip(rgb, 0, 255).astype(np.uint8), (true * 255).astype(np.uint8), too_big
+
+
+def test_parse_strokes_refuses_bad_input_by_name():
+    ok = parse_strokes([{"mode": "remove", "radius": 5, "points": [[1, 2], [3.5, 4]]}])
+    assert ok == [Stroke("remove", 5.0, ((1.0, 2.0), (3.5, 4.0)))]
+    for bad, why in (([], "non-empty"), ([{"mode": "erase", "radius": 5, "points": [[0, 0]]}],
+                                         "mode"),
+                     ([{"mode": "keep", "radius": 0, "points": [[0, 0]]}], "radius"),
+                     ([{"mode": "keep", "radius": True, "points": [[0, 0]]}], "radius"),
+                     ([{"mode": "keep", "radius": 3, "points": [[0]]}], "points"),
+                     ([{"mode": "keep", "radius": 3, "points": [["a", 1]]}], "points"),
+                     ("x", "list")):
+        with pytest.raises(StrokeError, match=why):
+            parse_strokes(bad)
+
+
+def test_a_remove_stroke_clears_inside_and_leaves_every_other_pixel_alone():
+    rgb, true, _ = disc_scene()
+    alpha = true.copy()
+    stroke = Stroke("remove", 30.0, ((260.0, 300.0), (340.0, 300.0)))  # across the disc's core
+    out = touchup.apply(rgb, alpha, [stroke])
+    inside = touchup.paint([stroke], 600, 600) > 0
+    reach = touchup.paint([stroke], 600, 600, grow=touchup.REACH) > 0
+    core = touchup.paint([Stroke("remove", 30.0 - 2 * touchup.REACH, stroke.points)], 600, 600) > 0
+    assert out[core].max() <= 8  # removed
+    assert (out[~reach] == alpha[~reach]).all()  # to the bit outside the brush's reach
+    assert inside.sum() > 4000 and (alpha[inside] > 240).all()  # it was subject before
+
+
+def test_a_stroke_along_an_edge_follows_the_photo_not_the_brush():
+    """The model's mask took in a 25 px ring of backdrop; a remove stroke over the ring
+    whose inner side lies a little inside the subject leaves the photo's soft edge, not
+    a hard cut along the brush."""
+    rgb, true, too_big = disc_scene()
+    # a vertical stroke from x=477 to x=529 (radius 26) around x=503: the right edge of
+    # the disc is at x=480, so the brush's inner side cuts 3 px into the subject
+    stroke = Stroke("remove", 26.0, ((503.0, 270.0), (503.0, 330.0)))
+    out = touchup.apply(rgb, too_big, [stroke])
+    rows = slice(285, 316)
+    band = slice(472, 490)  # across the true edge and the brush's side
+    err_new = np.abs(out[rows, band].astype(int) - true[rows, band]).mean()
+    hard = too_big.copy()
+    hard[touchup.paint([stroke], 600, 600) > 0] = 0  # what a plain eraser would leave
+    err_hard = np.abs(hard[rows, band].astype(int) - true[rows, band]).mean()
+    assert err_new < 12 and err_hard > 3 * err_new, (err_new, err_hard)
+    soft = out[300, 474:486]
+    assert ((soft > 20) & (soft < 235)).sum() >= 2  # an edge with coverage, like the photo's
+
+
+def test_keep_then_remove_the_later_stroke_wins():
+    labels = touchup.paint([Stroke("keep", 10, ((50, 50),)), Stroke("remove", 5, ((50, 50),))],
+                           100, 100)
+    assert labels[50, 50] == 2 and labels[50, 58] == 1 and labels[0, 0] == 0
+
+
+def test_a_stroke_outside_the_image_changes_nothing():
+    rgb, true, _ = disc_scene(200, 60)
+    out = touchup.apply(rgb, true, [Stroke("remove", 5, ((-100, -100), (-50, -60)))])
+    assert (out == true).all()
+
+
+@pytest.mark.slow
+def test_the_correction_wins_in_the_cache_until_it_is_reverted(tmp_path, models_dir,
+                                                               shared_engines):
+    from daemon import config as configmod
+    from daemon.cache.sqlite import SqliteStore
+    from daemon.pipeline import Plan
+
+    cfg = configmod.load(write_config(tmp_path, models_dir))
+    pipe = pipeline_over(cfg, shared_engines, SqliteStore(cfg.cache.dir))
+    rgb = photo("chelsea")
+    jpeg = encode(rgb, "JPEG", quality=92)
+    opts = cfg.output_defaults
+    plan = Plan(opts)
+    model = png_alpha(render_legacy(pipe, jpeg, opts).files[""])
+    assert render_legacy(pipe, jpeg, opts).tier == "exact"  # stored outputs from now on
+
+    stroke = Stroke("remove", 20.0, ((150.0, 150.0), (220.0, 160.0)))  # over the cat's face
+    touched = pipe.touch_up(jpeg, plan, [stroke])
+    fixed = png_alpha(touched.files[""])
+    inside = touchup.paint([Stroke("remove", 20.0 - 2 * touchup.REACH, stroke.points)], 451, 300) > 0
+    reach = touchup.paint([stroke], 451, 300, grow=touchup.REACH) > 0
+    assert model[inside].mean() > 200 and fixed[inside].max() <= 8
+    assert (fixed[~reach] == model[~reach]).all()
+
+    # re-dropped (same bytes): the correction, not the stored outputs of the model's mask
+    again = render_legacy(pipe, jpeg, opts)
+    assert (png_alpha(again.files[""]) == fixed).all() and not again.cache_writes
+    # a re-encode of the same pixels (a PNG of the JPEG's decoded pixels): found by them
+    from daemon.imaging.decode import decode
+
+    same_pixels = encode(decode(jpeg).rgb, "PNG")
+    assert (png_alpha(render_legacy(pipe, same_pixels, opts).files[""]) == fixed).all()
+    # a second touch-up starts from the correction, not from the model's mask
+    keep = Stroke("keep", 6.0, ((185.0, 155.0),))
+    both = png_alpha(pipe.touch_up(jpeg, plan, [keep]).files[""])
+    outside_keep = ~(touchup.paint([keep], 451, 300, grow=touchup.REACH) > 0)
+    assert (both[outside_keep] == fixed[outside_keep]).all() and both[155, 185] > 200
+
+    assert pipe.forget_correction(jpeg)
+    assert (png_alpha(render_legacy(pipe, jpeg, opts).files[""]) == model).all()
+    assert not pipe.forget_correction(jpeg)

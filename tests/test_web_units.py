@@ -1,0 +1,114 @@
+"""The page's pure parts: sessions and form tokens, the journal's search, item ids."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from daemon.config.schema import Secret, WebConfig
+from daemon.web import items
+from daemon.web.auth import Gate
+from daemon.web.controller import FailedFile, RecentOutput
+from daemon.web.journal import Journal, QueryError, parse_query
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_800_000_000.0
+
+    def __call__(self):
+        return self.t
+
+
+def cookie_header(set_cookie: str) -> dict:
+    return {"Cookie": set_cookie.split(";")[0]}
+
+
+def test_a_session_expires_after_session_hours_and_cannot_be_forged():
+    clock = Clock()
+    gate = Gate(WebConfig(token=Secret(TOKEN), session_hours=12), now=clock)
+    set_cookie = gate.login(TOKEN)
+    assert "Max-Age=43200" in set_cookie and "HttpOnly" in set_cookie and TOKEN not in set_cookie
+    headers = cookie_header(set_cookie)
+    assert gate.authenticated(headers)
+    clock.t += 12 * 3600 - 1
+    assert gate.authenticated(headers)
+    clock.t += 2
+    assert not gate.authenticated(headers) and gate.session(headers) is None  # expired
+    forged = headers["Cookie"].replace(headers["Cookie"].split("=")[1].split(".")[0],
+                                       str(int(clock.t) + 3600))  # a later expiry, same MAC
+    assert not gate.authenticated({"Cookie": forged})
+    assert gate.login("wrong-token-0123456789") is None
+    # the cookie is keyed by the token: another token's server refuses it
+    other = Gate(WebConfig(token=Secret(TOKEN + "x")), now=clock)
+    clock.t -= 100
+    assert not other.authenticated(cookie_header(gate.login(TOKEN)))
+
+
+def test_the_form_token_is_per_session_and_a_bearer_needs_none():
+    gate = Gate(WebConfig(token=Secret(TOKEN)))
+    a, b = cookie_header(gate.login(TOKEN)), cookie_header(gate.login(TOKEN))
+    token_a, token_b = (gate.form_token(gate.session(h)) for h in (a, b))
+    assert token_a != token_b
+    assert gate.form_ok(a, {"form_token": token_a})
+    assert gate.form_ok({**a, "X-Form-Token": token_a}, {})
+    assert not gate.form_ok(a, {"form_token": token_b})  # another browser's token
+    assert not gate.form_ok(a, {})
+    assert not gate.form_ok({}, {"form_token": token_a})  # the token without the cookie
+    assert gate.form_ok({"Authorization": f"Bearer {TOKEN}"}, {})
+    local = Gate(WebConfig())  # no token: still a session per browser for its form token
+    session, set_cookie = local.new_session()
+    assert local.form_ok(cookie_header(set_cookie), {"form_token": local.form_token(session)})
+    assert not local.form_ok(cookie_header(set_cookie), {"form_token": token_a})
+
+
+def test_the_journal_searches_every_output_by_name_tier_model_reason_and_date(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    day = time.mktime((2026, 3, 14, 12, 0, 0, 0, 0, -1))
+    for i in range(60):
+        journal.add(RecentOutput(day + (i - 30) * 86400 / 10, 0, "inbox", f"shoot/img_{i:03d}.jpg",
+                                 (f"shoot/img_{i:03d}.jpg.png",), ("miss", "near")[i % 2],
+                                 "u2netp" if i < 50 else "isnet-general-use", 1.0,
+                                 reasons=("uncertain edge",) if i == 7 else ()))
+    journal.add(RecentOutput(day, 0, "inbox", "100%_cotton.jpg", ("x.png",), "exact", "u2netp", 1.0,
+                             event="touched-up"))
+    total, page = journal.search(parse_query(""), 24, 0)
+    assert total == 61 and len(page) == 24 and page[0].source_rel == "100%_cotton.jpg"
+    total, found = journal.search(parse_query("IMG_03"), 24, 0)  # past the newest 24
+    assert total == 10 and {o.source_rel for o in found} == {f"shoot/img_{i:03d}.jpg"
+                                                             for i in range(30, 40)}
+    assert journal.search(parse_query("tier:near img_00"), 24, 0)[0] == 5
+    assert journal.search(parse_query("model:isnet-general-use"), 24, 0)[0] == 10
+    assert journal.search(parse_query("reason:edge"), 24, 0)[1][0].source_rel == "shoot/img_007.jpg"
+    assert journal.search(parse_query("event:touched-up"), 24, 0)[0] == 1
+    assert journal.search(parse_query("date:2026-03-14"), 100, 0)[0] == 11  # 10 + the cotton
+    assert journal.search(parse_query("date:2026-03"), 100, 0)[0] == 61
+    assert journal.search(parse_query("100%"), 24, 0)[0] == 1  # % is a character, not a wildcard
+    assert journal.search(parse_query("_"), 24, 0)[0] == 61
+    assert journal.search(parse_query("0%_"), 24, 0)[0] == 1
+    found = journal.search(parse_query(""), 10, 55)[1]
+    assert [o.source_rel for o in found] == [f"shoot/img_{i:03d}.jpg" for i in range(5, -1, -1)]
+    for bad in ("date:2026-13", "date:yesterday", "tier:"):
+        with pytest.raises(QueryError):
+            parse_query(bad)
+    got = journal.get(page[0].id)
+    assert got == page[0] and journal.latest_for(0, "shoot/img_007.jpg").reasons == (
+        "uncertain edge",)
+    journal.close()
+
+
+def test_item_ids_name_items_never_paths():
+    assert items.parse_id("o12") == items.ItemRef("output", row=12)
+    ref = items.parse_id("r1-" + "a" * 40)
+    assert (ref.kind, ref.pair, ref.key) == ("review", 1, "a" * 40)
+    for bad in ("", "o", "../etc", "r1-" + "a" * 39, "f0-" + "g" * 40, "o1/..", "x12"):
+        with pytest.raises(items.BadId):
+            items.parse_id(bad)
+    same = [FailedFile(0, "a.jpg", "unsupported", "not an image", 1.0),
+            FailedFile(0, "b.jpg", "unsupported", "not an image", 2.0),
+            FailedFile(0, "c.jpg", "undecodable", "truncated", 3.0)]
+    groups = items.failure_groups(same)
+    assert [len(g["files"]) for g in groups] == [2, 1] and groups[0]["reason"] == "unsupported"
+    assert items.parse_id(items.failed_id(same[0])).key == items.failed_key("a.jpg")
