@@ -7,7 +7,7 @@ import pytest
 
 from daemon.imaging import touchup
 from daemon.imaging.touchup import Stroke, StrokeError, parse_strokes
-from tests.conftest import encode, photo, pipeline_over, png_alpha, render_legacy, write_config
+from tests.helpers import encode, photo, pipeline_over, png_alpha, render_legacy, write_config
 
 
 def disc_scene(size=600, radius=180, soft=3.0):

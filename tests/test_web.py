@@ -308,7 +308,7 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
     from daemon import review
     from daemon.web.controller import RecentOutput
     from daemon.web.journal import Journal
-    from tests.conftest import png_alpha
+    from tests.helpers import png_alpha
 
     journal = Journal(tmp_path / "cache" / "web" / "recent.sqlite")
     for i in range(40):  # older outputs than the page's first 24

@@ -110,7 +110,7 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
     from daemon.imaging.touchup import Stroke
     from daemon.web.controller import RecentOutput
     from daemon.web.journal import Journal
-    from tests.conftest import png_alpha
+    from tests.helpers import png_alpha
 
     journal = Journal(tmp_path / "cache" / "web" / "recent.sqlite")
     for i in range(30):
