@@ -737,3 +737,36 @@ def test_outbox_vanishing_right_after_the_check_is_not_recreated(tmp_path, model
         assert src.exists() and not (tmp_path / "failed").exists()
     finally:
         svc.app.close()
+
+
+# ------------------------------------------ issue 28.1: a TIFF deliverable, the ledger lost
+
+
+def test_tiff_deliverable_with_the_ledger_lost_starts_and_is_vouched_or_redone(
+        tmp_path, models_dir):
+    from daemon.ledger import LEDGER_DIR
+
+    cfg = config(tmp_path, models_dir, watch=[{
+        "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+        "outputs": [{"name": "master", "format": "tiff"}]}])
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    x, y = inbox / "x.jpg", inbox / "y.jpg"
+    out_x, out_y = outbox / "master" / "x.jpg.tif", outbox / "master" / "y.jpg.tif"
+    with Daemon(cfg) as d:
+        x.write_bytes(jpg(*A))
+        y.write_bytes(jpg(*C))
+        wait_for(lambda: done_for(d, x) and done_for(d, y), timeout=30)
+        assert stamp_of(out_x) == sha_of(x)
+        # while running: the ledger lost and y replaced by another photo -> y is redone
+        shutil.rmtree(outbox / LEDGER_DIR)
+        replace_like_rsync(y, jpg(*B), time.time() - 4 * 86400)
+        wait_for(lambda: len(done_for(d, y)) == 2, timeout=30)
+        assert stamp_of(out_y) == sha_of(y) and size_of(out_y) == B[1:]
+        assert d.stop() == 0
+    shutil.rmtree(outbox / LEDGER_DIR)  # lost while stopped
+    with Daemon(cfg) as d2:  # starts (the catch-up reads the TIFF stamps) ...
+        st = d2.quiet()
+        assert st["counters"]["up_to_date"] == 2, st  # ... and both stamps vouch
+        assert not done_for(d2, x) and not done_for(d2, y)
+        assert not [e for e in d2.events() if e.get("event") in ("worker_error",
+                                                                  "unexpected_error")]
