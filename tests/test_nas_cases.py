@@ -770,3 +770,33 @@ def test_tiff_deliverable_with_the_ledger_lost_starts_and_is_vouched_or_redone(
         assert not done_for(d2, x) and not done_for(d2, y)
         assert not [e for e in d2.events() if e.get("event") in ("worker_error",
                                                                   "unexpected_error")]
+
+
+# ------------------------------------------ issue 28.2: the inbox flipped with no gap
+
+
+def test_inbox_deleted_and_recreated_with_no_gap_is_watched_again_20_times(tmp_path, models_dir):
+    """``rm -rf in && mkdir in``: the new folder often gets the inode just freed, so only
+    the watch's own "deleted" event says the watch is dead. inotify, no rescans."""
+    cfg = config(tmp_path, models_dir, rescan_interval_s=0, observer="inotify",
+                 settle_s=0.1)
+    inbox, outbox, staging = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "staging"
+    staging.mkdir()
+    photo_ = jpg(*A)
+    with Daemon(cfg) as d:
+        for i in range(20):
+            before = len(named(d, "inbox_watched_again"))
+            shutil.rmtree(inbox)
+            inbox.mkdir()
+            d.wait_log(lambda e: e.get("event") == "inbox_watched_again", timeout=20,
+                       count=before + 1)
+            # dropped after the re-arm: only the new watch can see it (no rescans)
+            sub = inbox / "shoot" if i % 2 else inbox
+            if i % 2:
+                sub.mkdir()
+            (staging / f"f{i}.jpg").write_bytes(photo_)
+            os.rename(staging / f"f{i}.jpg", sub / f"f{i}.jpg")
+            wait_for(lambda: done_for(d, sub / f"f{i}.jpg"), timeout=30)
+            out = outbox / sub.relative_to(inbox) / f"f{i}.jpg.png"
+            assert size_of(out) == A[1:], i
+        assert d.proc.poll() is None
