@@ -800,3 +800,42 @@ def test_inbox_deleted_and_recreated_with_no_gap_is_watched_again_20_times(tmp_p
             out = outbox / sub.relative_to(inbox) / f"f{i}.jpg.png"
             assert size_of(out) == A[1:], i
         assert d.proc.poll() is None
+
+
+# ------------------------------------- issue 28, also: the standby backoff is cut on return
+
+
+def test_a_file_held_on_standby_goes_at_once_when_its_inbox_returns(tmp_path, models_dir,
+                                                                    shared_engines):
+    """A file that reached a worker while its inbox was gone waits on the pair's standby
+    backoff (up to a minute); the inbox coming back makes it due at once. In-process, on
+    a frozen clock: nothing becomes due by waiting."""
+    from daemon import config as configmod
+    from daemon.service.app import App
+    from daemon.service.intake import WorkItem
+    from daemon.service.supervisor import Supervisor
+
+    svc = Supervisor(configmod.load(config(tmp_path, models_dir, rescan_interval_s=0)))
+    svc.app = App.build(svc.cfg, engines=shared_engines)
+    svc.scheduler.clock = lambda: 1000.0  # frozen: only a wake makes the wait due
+    inbox, away = svc.cfg.watch[0].inbox, tmp_path / "inbox.unmounted"
+    src = inbox / "a.jpg"
+    src.write_bytes(jpg(*A))
+    svc._start_watching()
+    try:
+        inbox.rename(away)  # the share goes as the file reaches a worker
+        svc._follow_inboxes()
+        assert svc.standby.active(0)
+        assert svc.intake.process(WorkItem(0, src)) == "standby"
+        assert svc.scheduler.run_due() == 0 and svc.workers.queue.empty()  # waiting
+        away.rename(inbox)  # back
+        svc._follow_inboxes()
+        assert not svc.standby.active(0)
+        assert svc.scheduler.run_due() == 1  # the wait was cut, not run out
+        item = svc.workers.queue.get_nowait()
+        assert item.path == src and svc.workers.queue.empty()  # once, not twice
+        assert svc.intake.process(item) in SUCCESS
+        assert size_of(tmp_path / "outbox" / "a.jpg.png") == A[1:]
+    finally:
+        svc.stop_watching()
+        svc.app.close()

@@ -124,6 +124,7 @@ class Supervisor:
                         effect="catch-up scan of the inbox")
             self.standby.wake(index)
             self.standby.check(index, pair)  # logs pair_resumed when it was on standby
+            self.scheduler.wake(index)  # its files waiting on the standby backoff: now
             self.rescan(only=index)
 
     def _scan_dir(self, pair_index: int, folder: Path) -> None:
