@@ -839,3 +839,38 @@ def test_a_file_held_on_standby_goes_at_once_when_its_inbox_returns(tmp_path, mo
     finally:
         svc.stop_watching()
         svc.app.close()
+
+
+# ------------------------------------------ issue 28.3: every written folder is swept
+
+
+def test_orphaned_temps_are_swept_in_every_folder_rembgd_writes(tmp_path, models_dir):
+    """outbox, failed/, done/ and review/ (the pair's ``written_folders``): this host's
+    orphans (their writer's pid is gone) at once, another host's by age."""
+    from daemon import config as configmod
+    from daemon.service.supervisor import Supervisor
+
+    cfg = configmod.load(config(tmp_path, models_dir, watch=[{
+        "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+        "after_success": "move", "review": {"min_confidence": 0.9}}]))
+    pair = cfg.watch[0]
+    folders = pair.written_folders()
+    assert set(folders) == {"outbox", "failed_dir", "done_dir", "review.dir"}
+    assert folders["review.dir"] == tmp_path / "review"
+    old = time.time() - 20 * 60
+    planted = {}
+    for key, folder in folders.items():
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-c", "import sys; from daemon.fsutil import temp_name; "
+                        "open(sys.argv[1] + '/' + temp_name('r.jpg.png'), 'wb').write(b'x')",
+                        str(folder / "sub")], check=True, cwd=ROOT)  # its pid is gone now
+        other = folder / ".o.jpg.png.rembgd-tmp.0badc0de-1-0123abcd"  # another host's
+        other.write_bytes(b"y")
+        os.utime(other, (old, old))
+        fresh_other = folder / ".p.jpg.png.rembgd-tmp.0badc0de-1-4567abcd"  # may be writing
+        fresh_other.write_bytes(b"z")
+        planted[key] = ([p for p in (folder / "sub").iterdir()] + [other], fresh_other)
+    Supervisor._clean_temps(pair)
+    for key, (orphans, fresh_other) in planted.items():
+        assert len(orphans) == 2 and not any(p.exists() for p in orphans), key
+        assert fresh_other.exists(), key

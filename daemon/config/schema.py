@@ -208,6 +208,15 @@ class WatchPair:
         None, "route low-confidence cutouts to a review folder instead of the outbox",
         default_doc="off: every cutout goes to the outbox")
 
+    def written_folders(self) -> dict[str, Path]:
+        """Every folder rembgd writes into for this pair, by config key: the one list the
+        folder rules (``daemon.config.folders``) and the sweeper of orphaned temps
+        (``Supervisor``) share, so a folder added here is checked and swept alike."""
+        named = {"outbox": self.outbox, "failed_dir": self.failed_dir, "done_dir": self.done_dir}
+        if self.review is not None:
+            named["review.dir"] = self.review.folder(self.outbox)
+        return named
+
 
 @dataclass(frozen=True)
 class MatchThresholds:

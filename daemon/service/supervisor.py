@@ -177,7 +177,7 @@ class Supervisor:
 
     @staticmethod
     def _clean_temps(pair: WatchPair) -> None:
-        for folder in (pair.outbox, pair.failed_dir, pair.done_dir):
+        for folder in pair.written_folders().values():
             try:
                 removed = remove_stale_temps(folder)
             except OSError as exc:
