@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -190,3 +193,41 @@ def inferences(shared_engines, monkeypatch):
 def png_alpha(png: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(png)) as img:
         return np.asarray(img.convert("RGBA"))[..., 3]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of our own (never the shared one), so that a test can stop it."""
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is required under CI")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=0.5)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while not up():
+        assert time.monotonic() < deadline, "own redis-server did not start"
+        time.sleep(0.02)
+    proc.url = f"redis://127.0.0.1:{port}/0"
+    yield proc
+    client.close()
+    proc.kill()
+    proc.wait(5)

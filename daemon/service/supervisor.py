@@ -61,7 +61,7 @@ class Supervisor:
                                         lambda: self.cfg.retry_backoff_s)
         self.standby = Standby()
         self.metrics = Metrics(queue_depth=self._queue_depth, standby=self._standby_pairs,
-                               cache=self._cache_entries,
+                               cache=self._cache_metrics,
                                incomplete=lambda: len(self.scheduler.waiting()))
         self.intake = Intake(lambda: self.app, self.counters, self.retry_policy.retry,
                              self.retry_policy.later, self.scheduler, self.standby, self.metrics)
@@ -250,11 +250,14 @@ class Supervisor:
     def _standby_pairs(self) -> dict[str, bool]:
         return {str(p.inbox): self.standby.active(i) for i, p in enumerate(self.cfg.watch)}
 
-    def _cache_entries(self) -> dict:
+    def _cache_metrics(self) -> dict:
         cache = self.app.cache if self.app is not None else None
         if cache is None:
             return {}
-        return {"entries": cache.guard.call(lambda store: store.count(), default=None)}
+        state = cache.guard.status()
+        return {"entries": cache.guard.call(lambda store: store.count(), default=None)
+                if state["available"] else None,
+                "available": state["available"], "outages": state["outages"]}
 
     def _publish(self, *, changed: bool = True) -> None:
         """Write the status file; ``changed`` False: only the tick counters moved (not

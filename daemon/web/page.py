@@ -23,6 +23,7 @@ text-align:left;vertical-align:middle}
 .pic{width:128px;height:128px;object-fit:contain;display:block}
 .chk{background:repeating-conic-gradient(#ccc 0 25%,#fff 0 50%) 0 0/16px 16px}
 .none{color:#888}form{display:inline}button{margin:.1em}
+.banner{background:#fee;border:1px solid #b00;color:#b00;padding:.5em .8em}
 """
 
 
@@ -45,6 +46,16 @@ def _button(action: str, form_token: str, label: str, **fields) -> str:
     hidden = "".join(f'<input type="hidden" name="{escape(k)}" value="{escape(str(v))}">'
                      for k, v in {**fields, "form_token": form_token}.items())
     return f'<form method="post" action="/{action}">{hidden}<button>{escape(label)}</button></form>'
+
+
+def _cache_banner(cache: dict | None) -> str:
+    """A banner while the mask cache is down (an outage; a disabled cache is no outage)."""
+    if not cache or cache.get("available", True) or cache.get("backend") == "disabled":
+        return ""
+    why = cache.get("error") or "unavailable"
+    return (f'<p class="banner" role="alert">The {escape(str(cache.get("backend", "")))} '
+            f"mask cache is unavailable: {escape(str(why))}. Files are processed without "
+            "it (slower: every mask is inferred); it is retried on its own.</p>")
 
 
 def _pairs(snapshot: dict) -> str:
@@ -127,7 +138,8 @@ def status_page(snapshot: dict, recent: list[RecentOutput], failed: list[FailedF
     labels = {p.index: p.inbox for p in pairs}
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>rembgd</title>'
             f'<meta http-equiv="refresh" content="{REFRESH_S}"><style>{STYLE}</style></head>'
-            f"<body><h1>rembgd</h1><h2>Pairs</h2>{_pairs(snapshot)}"
+            f"<body><h1>rembgd</h1>{_cache_banner(snapshot.get('cache'))}"
+            f"<h2>Pairs</h2>{_pairs(snapshot)}"
             f'<h2 id="review">Waiting for review ({len(review)})</h2>'
             f"{_review(review, {p.inbox: p.index for p in pairs}, models, form_token)}"
             f'<h2 id="failed">Failed ({len(failed)})</h2>{_failed(failed, labels, form_token)}'
