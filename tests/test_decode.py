@@ -324,9 +324,19 @@ def test_bomb_header_far_over_limit_raises_before_allocating():
 
 def test_bomb_header_just_over_limit_raises_our_error():
     """Between the limit and twice it, Pillow only warns; decode() must still refuse."""
-    data = _png_declaring(12_000, 12_000)  # 144 M > 100 M default, < 200 M
-    with pytest.raises(ImageTooLarge, match="12000x12000"):
+    data = _png_declaring(13_000, 13_000)  # 169 M > 150 M default, < 300 M
+    with pytest.raises(ImageTooLarge, match="13000x13000") as err:
         decode(data)
+    assert "raise `max_image_pixels` in the config to at least 169000000" in str(err.value)
+
+
+def test_the_default_limit_admits_150_megapixels():
+    """Issue 28.7: medium-format backs write 100-150 MP; a 150 MP header passes the limit
+    (its pixels are missing here, so it fails later, as truncated: never as too large)."""
+    assert decmod.DEFAULT_MAX_PIXELS >= 150_000_000
+    with pytest.raises(DecodeError) as err:
+        decode(_png_declaring(15_000, 10_000))
+    assert not isinstance(err.value, ImageTooLarge), err.value
 
 
 def test_bomb_does_not_allocate_under_a_memory_cap():
@@ -365,7 +375,7 @@ def test_set_max_pixels_is_configurable(small):
         with pytest.raises(ImageTooLarge):
             decode(data)
         set_max_pixels(5_000)  # > 2x over: Pillow's own DecompressionBombError path
-        with pytest.raises(ImageTooLarge, match="limit of 5000"):
+        with pytest.raises(ImageTooLarge, match="limit of 5000.*raise `max_image_pixels`"):
             decode(data)
         set_max_pixels(30_000)
         assert decode(data).rgb.shape == small.shape

@@ -381,7 +381,9 @@ class Config:
     queue_size: int = setting(256, "files queued at most (restart to change)", minimum=1)
     threads: int = setting(0, "ONNX Runtime intra-op threads; 0 = all cores",
                            minimum=0, maximum=256)
-    max_image_pixels: int = setting(100_000_000, "decompression-bomb limit", minimum=1)
+    max_image_pixels: int = setting(150_000_000, "decompression-bomb limit: a bigger image "
+                                    "goes to failed/ (150 MP admits medium format; a file "
+                                    "over memory_budget_mp runs alone)", minimum=1)
     memory_budget_mp: float = setting(120.0, "decoded megapixels in flight across workers "
                                       "(a bigger file runs alone)", minimum=1)
     umask: int = setting(0o022, "permissions of the files written",

@@ -26,7 +26,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from daemon.imaging.meta import ORIENTATION, SourceMeta, extract
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF")  # MPO via JPEG
-DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_PIXELS = 150_000_000  # medium-format backs write 100-150 MP
+LIMIT_KEY = "max_image_pixels"  # the config key an ImageTooLarge tells the admin to raise
 
 # Process-wide Pillow settings (bomb limit, truncated images, warning filters) are set by
 # daemon.runtime.configure(), never on import.
@@ -307,6 +308,12 @@ def probe_pixels(data: bytes) -> int:
     return max(0, w * h)
 
 
+def _raise_hint(pixels: int | None) -> str:
+    """How to accept the file: the config key, and the value that would admit it."""
+    value = f" to at least {pixels}" if pixels else ""
+    return f"; to process it, raise `{LIMIT_KEY}` in the config{value}"
+
+
 def decode(data: bytes, *, max_pixels: int | None = None,
            reduce: Callable[[Image.Image], Image.Image] | None = None) -> Decoded:
     """Decode image bytes. Raises a DecodeError subclass with a specific message.
@@ -321,7 +328,8 @@ def decode(data: bytes, *, max_pixels: int | None = None,
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         w, h = img.size
         if w * h > limit:
-            raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}")
+            raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}"
+                                f"{_raise_hint(w * h)}")
         if w < 1 or h < 1:
             raise UnsupportedImage(f"degenerate size {w}x{h}")
         fmt = img.format or "unknown"
@@ -331,7 +339,7 @@ def decode(data: bytes, *, max_pixels: int | None = None,
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"exceeds the limit of {limit} pixels "
-                            f"(decompression-bomb guard): {exc}") from exc
+                            f"(decompression-bomb guard): {exc}{_raise_hint(None)}") from exc
     except UnidentifiedImageError as exc:
         sniffed = sniff(data)
         if sniffed is not None:
