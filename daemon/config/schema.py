@@ -320,6 +320,23 @@ class Secret:
 
 LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")  # `web.listen` without a token
 
+# `web.token`: long enough not to be guessed, short enough for the login form (whose body
+# is capped), and printable ASCII without spaces, as an HTTP header and a form carry it
+# byte for byte (a bearer header is Latin-1 on the wire, a form field UTF-8)
+TOKEN_MIN, TOKEN_MAX = 16, 1024
+TOKEN_RULE = (f"{TOKEN_MIN} to {TOKEN_MAX} printable ASCII characters, no spaces "
+              "(e.g. the output of `openssl rand -hex 24`)")
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` breaks ``TOKEN_RULE``, or None."""
+    if not TOKEN_MIN <= len(token) <= TOKEN_MAX:
+        return f"must be {TOKEN_RULE}; it has {len(token)} characters"
+    bad = sorted({c for c in token if not "!" <= c <= "~"})
+    if bad:
+        return f"must be {TOKEN_RULE}; it contains {', '.join(map(repr, bad[:5]))}"
+    return None
+
 
 def split_listen(listen: str) -> tuple[str, int] | None:
     """``HOST:PORT`` or ``[IPv6]:PORT`` as (host, port), or None if it is neither."""
@@ -339,7 +356,7 @@ class WebConfig:
                           "127.0.0.1, ::1 and localhost needs `token`")
     token: Secret | None = setting(None, "every request must carry it (bearer header or "
                                    "the login cookie); `config show` hides it",
-                                   type_doc="string, 16 characters or more")
+                                   type_doc=f"string: {TOKEN_RULE}")
 
     @property
     def host(self) -> str:
