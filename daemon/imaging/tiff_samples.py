@@ -35,6 +35,14 @@ class UnsupportedTiff(ValueError):
     """A valid TIFF whose samples rembgd cannot turn into a photo; the message names them."""
 
 
+class ImageSize(ValueError):
+    """Over the pixel limit (``daemon.imaging.decode`` says so, naming the key)."""
+
+    def __init__(self, width: int, height: int):
+        super().__init__(f"{width}x{height}")
+        self.width, self.height = width, height
+
+
 @dataclass(frozen=True)
 class TiffPixels:
     pixels: np.ndarray  # HxWxC uint16: C = 1 (grey), 2 (grey, alpha), 3 (RGB), 4 (RGBA)
@@ -73,8 +81,8 @@ def needs_tifffile(data: bytes) -> bool:
 
 def read(data: bytes, max_pixels: int) -> TiffPixels:
     """The first page as 16-bit samples (see the module docstring). Raises
-    ``UnsupportedTiff`` (the format named), ``ValueError`` over ``max_pixels`` (as
-    ``ImageSize``), and tifffile's errors for damaged data."""
+    ``UnsupportedTiff`` (the format named), ``ImageSize`` over ``max_pixels``, and
+    tifffile's errors for damaged data."""
     import tifffile
 
     with tifffile.TiffFile(io.BytesIO(data), name="source.tif") as tif:
@@ -118,12 +126,6 @@ def read(data: bytes, max_pixels: int) -> TiffPixels:
         rgb = (scaled[..., :colour].astype(np.uint32) * 65535 + a // 2) // np.maximum(a, 1)
         scaled[..., :colour] = np.minimum(rgb, 65535)
     return TiffPixels(scaled, int(orientation.value) if orientation is not None else 1, meta)
-
-
-class ImageSize(ValueError):
-    def __init__(self, width: int, height: int):
-        super().__init__(f"{width}x{height}")
-        self.width, self.height = width, height
 
 
 def _as_bytes(value) -> bytes | None:
