@@ -167,10 +167,17 @@ class Ledger:
         return self._adopt_legacy(rel, st, outputs[0])
 
     def _stamp(self, output: Path) -> str | None:
+        """``output``'s stamp; None (the source is redone) when it has none or it cannot
+        be read: no error reading one output may stop the rescan or a worker."""
         try:
             with open_under(self.outbox, output) as fh:
                 return read_stamp(fh)
         except OSError:  # missing, a link (never vouches), unreadable: no stamp
+            return None
+        except Exception as exc:  # a reader's bug on an odd file: the same, said once
+            log.warning("output_stamp_unreadable", output=_rel_text(output),
+                        error=f"{type(exc).__name__}: {exc}",
+                        effect="taken as no stamp: the source is processed again")
             return None
 
     def _record_present(self, rel: Path) -> bool:

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import MODELS_DIR, REDIS_URL, write_config
+from tests.helpers import MODELS_DIR, REDIS_URL, free_port, write_config
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +109,35 @@ def inferences(shared_engines, monkeypatch):
 
     monkeypatch.setattr(engine, "predict", counted)
     return calls
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of our own (never the shared one), so that a test can stop it."""
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is required under CI")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=0.5)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while not up():
+        assert time.monotonic() < deadline, "own redis-server did not start"
+        time.sleep(0.02)
+    proc.url = f"redis://127.0.0.1:{port}/0"
+    yield proc
+    client.close()
+    proc.kill()
+    proc.wait(5)

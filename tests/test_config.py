@@ -523,3 +523,34 @@ def test_readme_deliverables_example_parses():
     market = cfg.outputs[1]
     assert (market.margin, market.margin_unit, market.flattened) == (2.0, "%", (255, 255, 255))
     assert market.canvas == C.Canvas(aspect=(1, 1), long_edge=2000, fill=0.85)
+
+
+# ------------------------------------------------------- issue 28: the web token rule
+
+
+def test_web_token_rule_is_stated_once_and_every_accepted_token_works(tree):
+    """A token the config accepts must work as a bearer and through the login form (whose
+    body is capped): too long or non-ASCII is refused here, naming the key and the rule."""
+    from urllib.parse import urlencode
+
+    from daemon.config.schema import TOKEN_MAX, TOKEN_MIN, TOKEN_RULE
+    from daemon.web.auth import Gate
+    from daemon.web.server import MAX_FORM
+
+    def with_token(token):
+        return {**base(), "web": {"listen": "0.0.0.0:8765", "token": token}}
+
+    for bad, why in (("x" * (TOKEN_MIN - 1), f"it has {TOKEN_MIN - 1} characters"),
+                     ("y" * 20_000, "it has 20000 characters"),
+                     ("sécret-token-1234567890", "'é'"),
+                     ("token with spaces 1234", "' '")):
+        message = _error(tree, with_token(bad))
+        assert "web.token" in message and TOKEN_RULE in message and why in message, message
+    printable = "".join(chr(c) for c in range(0x21, 0x7F))
+    worst = ("%&+=#" * TOKEN_MAX)[:TOKEN_MAX - len(printable)] + printable
+    for token in ("z" * TOKEN_MIN, worst):
+        cfg = C.load(_write(tree, with_token(token)))
+        gate = Gate(cfg.web)
+        assert gate.bearer_ok(f"Bearer {token}")
+        assert gate.login(token) is not None
+        assert len(urlencode({"token": token}).encode()) <= MAX_FORM  # the form takes it

@@ -324,9 +324,19 @@ def test_bomb_header_far_over_limit_raises_before_allocating():
 
 def test_bomb_header_just_over_limit_raises_our_error():
     """Between the limit and twice it, Pillow only warns; decode() must still refuse."""
-    data = _png_declaring(12_000, 12_000)  # 144 M > 100 M default, < 200 M
-    with pytest.raises(ImageTooLarge, match="12000x12000"):
+    data = _png_declaring(13_000, 13_000)  # 169 M > 150 M default, < 300 M
+    with pytest.raises(ImageTooLarge, match="13000x13000") as err:
         decode(data)
+    assert "raise `max_image_pixels` in the config to at least 169000000" in str(err.value)
+
+
+def test_the_default_limit_admits_150_megapixels():
+    """Issue 28.7: medium-format backs write 100-150 MP; a 150 MP header passes the limit
+    (its pixels are missing here, so it fails later, as truncated: never as too large)."""
+    assert decmod.DEFAULT_MAX_PIXELS >= 150_000_000
+    with pytest.raises(DecodeError) as err:
+        decode(_png_declaring(15_000, 10_000))
+    assert not isinstance(err.value, ImageTooLarge), err.value
 
 
 def test_bomb_does_not_allocate_under_a_memory_cap():
@@ -365,7 +375,7 @@ def test_set_max_pixels_is_configurable(small):
         with pytest.raises(ImageTooLarge):
             decode(data)
         set_max_pixels(5_000)  # > 2x over: Pillow's own DecompressionBombError path
-        with pytest.raises(ImageTooLarge, match="limit of 5000"):
+        with pytest.raises(ImageTooLarge, match="limit of 5000.*raise `max_image_pixels`"):
             decode(data)
         set_max_pixels(30_000)
         assert decode(data).rgb.shape == small.shape
@@ -524,3 +534,90 @@ def test_reduced_copy_is_the_reduction_of_the_decoded_pixels(kind):
     assert decoded.small.size == expected.size and min(decoded.small.size) < min(big.shape[:2])
     assert np.array_equal(np.asarray(decoded.small), np.asarray(expected))
     assert decode(data).small is None  # only when asked for
+
+
+# ----------------------------------------- issue 28: TIFF sample formats Pillow cannot read
+
+
+def _tiff(arr: np.ndarray, **kw) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
+
+
+def _without_extrasamples(data: bytes) -> bytes:
+    """The file with its ExtraSamples tag (338) renamed to an unused one (337): a writer
+    that forgot to say what the samples beyond RGB or grey are."""
+    out = bytearray(data)
+    ifd = struct.unpack_from("<I", out, 4)[0]
+    for i in range(struct.unpack_from("<H", out, ifd)[0]):
+        if struct.unpack_from("<H", out, ifd + 2 + 12 * i)[0] == 338:
+            struct.pack_into("<H", out, ifd + 2 + 12 * i, 337)
+            return bytes(out)
+    raise AssertionError("no ExtraSamples tag")
+
+
+PHOTO = photo("astronaut")[::8, ::8]  # 64x64 RGB
+UNIT = PHOTO.astype(np.float64) / 255.0
+assert UNIT.max() == 1.0
+
+
+@pytest.mark.parametrize("dtype, values", [
+    (np.float32, UNIT), (np.float64, UNIT), (np.float16, UNIT),  # nominal 0..1
+    (np.float32, UNIT * 800.0),  # above 1: scaled by its maximum
+    (np.uint32, UNIT * (2**32 - 1)), (np.int32, UNIT * (2**31 - 1)),
+    (np.int16, UNIT * 32767), (np.int8, UNIT * 127)])
+@pytest.mark.parametrize("layout", ["rgb", "rgb-planar", "grey"])
+def test_valid_tiffs_of_other_sample_formats_decode_at_the_right_scale(dtype, values, layout):
+    """A float32 TIFF once failed as "header is incomplete or corrupt"; integer and float
+    samples now decode at 16 bits, each over its type's nominal range."""
+    expected = UNIT  # (its maximum is 1.0: the above-1 floats scale back to it)
+    if layout == "grey":
+        values, expected = values[..., 1], np.repeat(expected[..., 1:2], 3, axis=2)
+    arr = values.astype(dtype)
+    if layout == "rgb-planar":
+        data = _tiff(np.moveaxis(arr, -1, 0).copy(), photometric="rgb", planarconfig="separate")
+    else:
+        data = _tiff(arr, photometric="rgb" if layout != "grey" else "minisblack")
+    out = decode(data)
+    assert out.format == "TIFF" and out.full.dtype == np.uint16 and out.rgb.shape == (64, 64, 3)
+    tolerance = 2.0 / 255 if dtype in (np.float16, np.int8) else 1.0 / 255
+    assert np.abs(out.full / 65535.0 - expected).max() <= tolerance
+
+
+def test_a_float_tiff_with_alpha_is_composited_on_white():
+    rgba = np.dstack([UNIT, np.r_[np.zeros((32, 64)), np.ones((32, 64))][..., None]])
+    out = decode(_tiff(rgba.astype(np.float32), photometric="rgb", extrasamples=["unassalpha"]))
+    assert (out.rgb[:32] == 255).all()  # transparent: white
+    assert np.abs(out.rgb[32:].astype(int) - PHOTO[32:]).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("photometric", ["rgb", "minisblack"])
+def test_more_than_4_samples_need_an_extrasamples_tag_else_the_file_is_named(dtype, photometric):
+    five = np.dstack([UNIT, UNIT[..., :2]])
+    five = (five * (1 if dtype == np.float32 else np.iinfo(dtype).max)).astype(dtype)
+    data = _tiff(five, photometric=photometric, planarconfig="contig")
+    out = decode(data)  # tifffile marks the extra samples "unspecified": ignored
+    first = UNIT if photometric == "rgb" else np.repeat(UNIT[..., :1], 3, axis=2)
+    assert np.abs(out.rgb / 255.0 - first).max() <= 1 / 255
+    with pytest.raises(UnsupportedImage, match=rf"a valid TIFF \(.*photometric {photometric}, "
+                       r"5 samples per pixel\) whose \d extra samples no ExtraSamples tag"):
+        decode(_without_extrasamples(data))
+
+
+@pytest.mark.parametrize("dtype, named", [(np.complex64, "64-bit complex floating point"),
+                                          (np.complex128, "128-bit complex floating point")])
+def test_complex_samples_are_named(dtype, named):
+    with pytest.raises(UnsupportedImage, match=f"a valid TIFF with {named} samples"):
+        decode(_tiff((UNIT[..., 0] + 1j).astype(dtype), photometric="minisblack"))
+
+
+def test_a_float_tiff_over_the_pixel_limit_names_the_key():
+    data = _tiff(UNIT.astype(np.float32), photometric="rgb")
+    with pytest.raises(ImageTooLarge, match="64x64 = 4096 pixels.*`max_image_pixels`"):
+        decode(data, max_pixels=4000)
+    with pytest.raises(TruncatedImage):
+        decode(data[:100])

@@ -491,12 +491,16 @@ def test_decompression_bomb_limit_is_configurable(tmp_path, models_dir):
     from daemon.config import ConfigError
     from daemon.imaging.decode import ImageTooLarge, decode
 
+    from daemon.imaging.decode import DEFAULT_MAX_PIXELS
+
     cfg = configmod.load(write_config(tmp_path, models_dir))
-    assert cfg.max_image_pixels == 100_000_000  # the pinned default
+    assert cfg.max_image_pixels == DEFAULT_MAX_PIXELS == 150_000_000  # medium format fits
     small = configmod.load(write_config(tmp_path, models_dir, max_image_pixels=10_000))
     assert small.max_image_pixels == 10_000
-    img = picture(92, 120, 100)  # 12,000 pixels
-    with pytest.raises(ImageTooLarge):
+    img = picture(92, 120, 100)  # a real JPEG of 12,000 pixels: just over the limit
+    with pytest.raises(ImageTooLarge, match=r"120x100 = 12000 pixels exceeds the limit of "
+                       r"10000; to process it, raise `max_image_pixels` in the config to at "
+                       r"least 12000"):
         decode(img, max_pixels=small.max_image_pixels)
     assert decode(img, max_pixels=cfg.max_image_pixels).width == 120
     for bad in (0, -5, "lots", 1.5):

@@ -205,3 +205,34 @@ def test_without_a_record_the_output_stamp_decides(dirs):
     _put(outbox / other, b"RIFF\x04\x00\x00\x00WEBP", T0)
     assert not ledger.vouch(REL, st2, inbox / REL, [out, other])
     assert ledger.vouch(REL, st2, inbox / REL, [out])
+
+
+def test_a_tiff_output_vouches_and_an_unreadable_stamp_is_no_stamp(dirs, monkeypatch):
+    """Issue 28.1: the rescan reads a TIFF's stamp through the fd-backed open; a reader
+    that fails on an output makes it "no stamp" (the source is redone), never an error."""
+    import structlog
+
+    from daemon import ledger as ledgermod
+    from daemon.config.schema import Deliverable
+    from daemon.imaging.deliver import render
+    from daemon.imaging.meta import SourceMeta
+
+    inbox, outbox = dirs
+    ledger = Ledger(outbox, adopted_mark=adopted_mark(inbox.parent / "state", outbox))
+    out = Path("master/shoot/a.jpg.tif")
+    (outbox / "master/shoot").mkdir(parents=True)
+    st = _put(inbox / REL, b"photo one", T0)
+    tiff = render(np.full((16, 16, 3), 90, np.uint8), np.full((16, 16), 255, np.uint8),
+                  Deliverable("master", "tiff"), SourceMeta())
+    _put(outbox / out, stamp(tiff, "tiff", sha(b"photo one")), T0 + 10**9)
+    assert ledger.vouch(REL, st, inbox / REL, [out])
+    shutil.rmtree(outbox / LEDGER_DIR)
+    ledger.close_adoption()  # after the upgrade: an output without a stamp never vouches
+
+    def broken(_fh):
+        raise TypeError("a reader's bug")
+
+    monkeypatch.setattr(ledgermod, "read_stamp", broken)
+    with structlog.testing.capture_logs() as logs:
+        assert not ledger.vouch(REL, st, inbox / REL, [out])  # redone, not raised
+    assert [e for e in logs if e["event"] == "output_stamp_unreadable"], logs

@@ -6,8 +6,6 @@ and, for outages, a redis-server of our own on a free port.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -317,39 +315,6 @@ def test_claim_without_locks_is_the_claim_file_alone(tmp_path):
     got.release()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def own_redis():
-    """A redis-server of our own (never the shared one), so that a test can stop it."""
-    server = shutil.which("redis-server")
-    if server is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is required under CI")
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port, socket_timeout=0.5)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.exceptions.ConnectionError:
-            return False
-
-    assert wait_for(up, timeout=5), "own redis-server did not start"
-    proc.url = f"redis://127.0.0.1:{port}/0"
-    yield proc
-    client.close()
-    proc.kill()
-    proc.wait(5)
 
 
 def test_claim_falls_back_to_claim_files_when_the_backend_is_down(tmp_path, own_redis,

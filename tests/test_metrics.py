@@ -76,3 +76,49 @@ def test_a_failing_gauge_callback_does_not_fail_the_scrape():
     assert "rembgd_queue_depth 4.0" in text and "rembgd_cache_entries" not in text
     assert 'rembgd_files_processed_total{pair="/in",tier="near"} 1.0' in text
     assert "rembgd_cache_hit_ratio 1.0" in text
+
+
+def test_a_cache_outage_shows_in_metrics_status_and_page_and_its_error_never_nests(
+        tmp_path, models_dir, shared_engines, own_redis):
+    """Issue 28.6, with a redis-server of our own that is stopped mid-run."""
+    import uuid
+
+    from daemon import config as configmod
+    from daemon.service.app import App
+    from daemon.service.console import Console
+    from daemon.service.supervisor import Supervisor
+    from daemon.web.page import status_page
+
+    cfg = configmod.load(write_config(tmp_path, models_dir, store={
+        "backend": "redis", "url": own_redis.url, "prefix": f"t28-{uuid.uuid4().hex[:8]}",
+        "socket_timeout_s": 0.2}))
+    svc = Supervisor(cfg, engines=shared_engines)
+    svc.app = App.build(cfg, engines=shared_engines)
+    page = lambda: status_page(Console(svc, None).snapshot(), [], [], [], [], "t")  # noqa: E731
+    try:
+        inbox = tmp_path / "inbox"
+        (inbox / "a.jpg").write_bytes(encode(photo("coffee")))
+        assert svc.intake.process(WorkItem(0, inbox / "a.jpg")) == "miss"
+        got = _samples(svc)
+        assert got[("rembgd_cache_available", ())] == 1.0
+        assert got[("rembgd_cache_outages_total", ())] == 0.0
+        assert "mask cache is unavailable" not in page()
+
+        own_redis.kill()  # the outage
+        own_redis.wait(5)
+        for i, name in enumerate(("chelsea", "rocket", "astronaut", "coffee", "chelsea")):
+            (inbox / f"{i}.jpg").write_bytes(encode(photo(name)[::2, ::2]))
+            assert svc.intake.process(WorkItem(0, inbox / f"{i}.jpg")) == "miss"  # no cache
+        cache = svc.status()["cache"]
+        assert cache["available"] is False and cache["outages"] == 1, cache
+        error = cache["error"]
+        # the first cause once, and a count: never the previous message inside the new one
+        assert error.count("unavailable (") <= 1 and error.count("Error") <= 2, error
+        assert "more failures since" in error and len(error) < 400, error
+        got = _samples(svc)
+        assert got[("rembgd_cache_available", ())] == 0.0
+        assert got[("rembgd_cache_outages_total", ())] == 1.0
+        html = page()
+        assert 'class="banner"' in html and "mask cache is unavailable" in html, html[:800]
+    finally:
+        svc.app.close()

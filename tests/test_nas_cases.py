@@ -737,3 +737,140 @@ def test_outbox_vanishing_right_after_the_check_is_not_recreated(tmp_path, model
         assert src.exists() and not (tmp_path / "failed").exists()
     finally:
         svc.app.close()
+
+
+# ------------------------------------------ issue 28.1: a TIFF deliverable, the ledger lost
+
+
+def test_tiff_deliverable_with_the_ledger_lost_starts_and_is_vouched_or_redone(
+        tmp_path, models_dir):
+    from daemon.ledger import LEDGER_DIR
+
+    cfg = config(tmp_path, models_dir, watch=[{
+        "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+        "outputs": [{"name": "master", "format": "tiff"}]}])
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    x, y = inbox / "x.jpg", inbox / "y.jpg"
+    out_x, out_y = outbox / "master" / "x.jpg.tif", outbox / "master" / "y.jpg.tif"
+    with Daemon(cfg) as d:
+        x.write_bytes(jpg(*A))
+        y.write_bytes(jpg(*C))
+        wait_for(lambda: done_for(d, x) and done_for(d, y), timeout=30)
+        assert stamp_of(out_x) == sha_of(x)
+        # while running: the ledger lost and y replaced by another photo -> y is redone
+        shutil.rmtree(outbox / LEDGER_DIR)
+        replace_like_rsync(y, jpg(*B), time.time() - 4 * 86400)
+        wait_for(lambda: len(done_for(d, y)) == 2, timeout=30)
+        assert stamp_of(out_y) == sha_of(y) and size_of(out_y) == B[1:]
+        assert d.stop() == 0
+    shutil.rmtree(outbox / LEDGER_DIR)  # lost while stopped
+    with Daemon(cfg) as d2:  # starts (the catch-up reads the TIFF stamps) ...
+        st = d2.quiet()
+        assert st["counters"]["up_to_date"] == 2, st  # ... and both stamps vouch
+        assert not done_for(d2, x) and not done_for(d2, y)
+        assert not [e for e in d2.events() if e.get("event") in ("worker_error",
+                                                                  "unexpected_error")]
+
+
+# ------------------------------------------ issue 28.2: the inbox flipped with no gap
+
+
+def test_inbox_deleted_and_recreated_with_no_gap_is_watched_again_20_times(tmp_path, models_dir):
+    """``rm -rf in && mkdir in``: the new folder often gets the inode just freed, so only
+    the watch's own "deleted" event says the watch is dead. inotify, no rescans."""
+    cfg = config(tmp_path, models_dir, rescan_interval_s=0, observer="inotify",
+                 settle_s=0.1)
+    inbox, outbox, staging = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "staging"
+    staging.mkdir()
+    photo_ = jpg(*A)
+    with Daemon(cfg) as d:
+        for i in range(20):
+            before = len(named(d, "inbox_watched_again"))
+            shutil.rmtree(inbox)
+            inbox.mkdir()
+            d.wait_log(lambda e: e.get("event") == "inbox_watched_again", timeout=20,
+                       count=before + 1)
+            # dropped after the re-arm: only the new watch can see it (no rescans)
+            sub = inbox / "shoot" if i % 2 else inbox
+            if i % 2:
+                sub.mkdir()
+            (staging / f"f{i}.jpg").write_bytes(photo_)
+            os.rename(staging / f"f{i}.jpg", sub / f"f{i}.jpg")
+            wait_for(lambda: done_for(d, sub / f"f{i}.jpg"), timeout=30)
+            out = outbox / sub.relative_to(inbox) / f"f{i}.jpg.png"
+            assert size_of(out) == A[1:], i
+        assert d.proc.poll() is None
+
+
+# ------------------------------------- issue 28, also: the standby backoff is cut on return
+
+
+def test_a_file_held_on_standby_goes_at_once_when_its_inbox_returns(tmp_path, models_dir,
+                                                                    shared_engines):
+    """A file that reached a worker while its inbox was gone waits on the pair's standby
+    backoff (up to a minute); the inbox coming back makes it due at once. In-process, on
+    a frozen clock: nothing becomes due by waiting."""
+    from daemon import config as configmod
+    from daemon.service.app import App
+    from daemon.service.intake import WorkItem
+    from daemon.service.supervisor import Supervisor
+
+    svc = Supervisor(configmod.load(config(tmp_path, models_dir, rescan_interval_s=0)))
+    svc.app = App.build(svc.cfg, engines=shared_engines)
+    svc.scheduler.clock = lambda: 1000.0  # frozen: only a wake makes the wait due
+    inbox, away = svc.cfg.watch[0].inbox, tmp_path / "inbox.unmounted"
+    src = inbox / "a.jpg"
+    src.write_bytes(jpg(*A))
+    svc._start_watching()
+    try:
+        inbox.rename(away)  # the share goes as the file reaches a worker
+        svc._follow_inboxes()
+        assert svc.standby.active(0)
+        assert svc.intake.process(WorkItem(0, src)) == "standby"
+        assert svc.scheduler.run_due() == 0 and svc.workers.queue.empty()  # waiting
+        away.rename(inbox)  # back
+        svc._follow_inboxes()
+        assert not svc.standby.active(0)
+        assert svc.scheduler.run_due() == 1  # the wait was cut, not run out
+        item = svc.workers.queue.get_nowait()
+        assert item.path == src and svc.workers.queue.empty()  # once, not twice
+        assert svc.intake.process(item) in SUCCESS
+        assert size_of(tmp_path / "outbox" / "a.jpg.png") == A[1:]
+    finally:
+        svc.stop_watching()
+        svc.app.close()
+
+
+# ------------------------------------------ issue 28.3: every written folder is swept
+
+
+def test_orphaned_temps_are_swept_in_every_folder_rembgd_writes(tmp_path, models_dir):
+    """outbox, failed/, done/ and review/ (the pair's ``written_folders``): this host's
+    orphans (their writer's pid is gone) at once, another host's by age."""
+    from daemon import config as configmod
+    from daemon.service.supervisor import Supervisor
+
+    cfg = configmod.load(config(tmp_path, models_dir, watch=[{
+        "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+        "after_success": "move", "review": {"min_confidence": 0.9}}]))
+    pair = cfg.watch[0]
+    folders = pair.written_folders()
+    assert set(folders) == {"outbox", "failed_dir", "done_dir", "review.dir"}
+    assert folders["review.dir"] == tmp_path / "review"
+    old = time.time() - 20 * 60
+    planted = {}
+    for key, folder in folders.items():
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-c", "import sys; from daemon.fsutil import temp_name; "
+                        "open(sys.argv[1] + '/' + temp_name('r.jpg.png'), 'wb').write(b'x')",
+                        str(folder / "sub")], check=True, cwd=ROOT)  # its pid is gone now
+        other = folder / ".o.jpg.png.rembgd-tmp.0badc0de-1-0123abcd"  # another host's
+        other.write_bytes(b"y")
+        os.utime(other, (old, old))
+        fresh_other = folder / ".p.jpg.png.rembgd-tmp.0badc0de-1-4567abcd"  # may be writing
+        fresh_other.write_bytes(b"z")
+        planted[key] = ([p for p in (folder / "sub").iterdir()] + [other], fresh_other)
+    Supervisor._clean_temps(pair)
+    for key, (orphans, fresh_other) in planted.items():
+        assert len(orphans) == 2 and not any(p.exists() for p in orphans), key
+        assert fresh_other.exists(), key

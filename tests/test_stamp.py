@@ -83,3 +83,43 @@ def test_foreign_and_broken_files_have_no_stamp(cutout):
         stamp(b"GIF89a...", "png", SHA)
     with pytest.raises(ValueError):
         stamp(png, "png", "not-a-digest")
+
+
+# --------------------------------- issue 28.1: read as the rescan reads (fd-backed files)
+
+
+def _read_as_the_rescan(root, name: str, data: bytes) -> str | None:
+    """``read_stamp`` through ``open_under``, the fd-backed open of ``Ledger.vouch`` (its
+    ``.name`` is an int, which tifffile once took for a path)."""
+    from pathlib import Path
+
+    from daemon.nofollow import open_under
+
+    (root / name).write_bytes(data)
+    with open_under(root, Path(name)) as fh:
+        assert isinstance(fh.name, int)
+        return read_stamp(fh)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_every_stamp_reads_through_the_fd_backed_open_of_the_rescan(cutout, spec, tmp_path):
+    plain = render(*cutout, spec, META)
+    stamped = stamp(plain, spec.format, SHA)
+    assert _read_as_the_rescan(tmp_path, "out", stamped) == SHA
+    assert _read_as_the_rescan(tmp_path, "plain", plain) is None
+    # truncated anywhere (a kill -9 of a copy, a full disk): a stamp or no stamp, no error
+    for cut in sorted({1, 8, 12, 16, 40, 100, 200, 400, len(stamped) // 2, len(stamped) - 1}):
+        assert _read_as_the_rescan(tmp_path, "cut", stamped[:cut]) in (SHA, None), cut
+    # the header of one format, the body of another, or garbage after a good header
+    for head in (b"II*\x00", b"MM\x00*", b"\x89PNG\r\n\x1a\n", b"\xff\xd8", b"RIFF\x00\x00\x00\x00WEBP"):
+        for body in (stamped[12:], b"\xff" * 300, b"\x00" * 300, plain[len(head):]):
+            assert _read_as_the_rescan(tmp_path, "odd", head + body) in (SHA, None), head
+
+
+def test_a_tiff_whose_tags_were_rewritten_by_another_tool_has_no_stamp(cutout, tmp_path):
+    """metadata stripped by a tool after delivery: tifffile rewrites the pixels only."""
+    stamped = stamp(render(*cutout, Deliverable("t", "tiff"), META), "tiff", SHA)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, tifffile.imread(io.BytesIO(stamped)))
+    assert _read_as_the_rescan(tmp_path, "rewritten.tif", buf.getvalue()) is None
+    assert _read_as_the_rescan(tmp_path, "stamped.tif", stamped) == SHA

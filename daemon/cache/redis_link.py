@@ -49,7 +49,8 @@ class RedisLink:
             except StoreError:
                 pass
         down = self.outage.unreachable
-        return StoreHealth(available=not down, error=self.outage.error if down else None)
+        return StoreHealth(available=not down,
+                           error=self.outage.unreachable_error if down else None)
 
     def call(self, fn: Callable, *args, **kw):
         """``fn(*args, **kw)``; Redis errors become ``StoreUnavailable``/``StoreError``."""

@@ -15,14 +15,6 @@ def is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _written(p: WatchPair) -> dict[str, Path]:
-    """The folders a pair writes, by key."""
-    named = {"outbox": p.outbox, "failed_dir": p.failed_dir, "done_dir": p.done_dir}
-    if p.review is not None:
-        named["review.dir"] = p.review.folder(p.outbox)
-    return named
-
-
 def check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) -> None:
     def fail(i: int, key: str, msg: str) -> None:
         raise ConfigError(f"{source}: watch[{i}].{key}: {msg}")
@@ -34,7 +26,7 @@ def check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) -
             fail(i, "inbox", f"folder {p.inbox} does not exist")
         if not p.inbox.is_dir():
             fail(i, "inbox", f"{p.inbox} is not a folder")
-        named = _written(p)
+        named = p.written_folders()
         for key, folder in named.items():
             if is_within(folder, p.inbox):
                 fail(i, key, f"{folder} must not be inside inbox {p.inbox}")
@@ -58,6 +50,6 @@ def check_folders(source: Path, pairs: tuple[WatchPair, ...], cache_dir: Path) -
         for j, q in enumerate(pairs):
             if j == i:
                 continue
-            for key, folder in _written(p).items():
+            for key, folder in p.written_folders().items():
                 if is_within(folder, q.inbox) or is_within(q.inbox, folder):
                     fail(i, key, f"{folder} overlaps watch[{j}].inbox {q.inbox}")

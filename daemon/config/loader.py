@@ -26,7 +26,7 @@ from daemon.config.outputs import check_unused_options, parse_outputs
 from daemon.config.reader import Reader
 from daemon.config.schema import (DEFAULT_IGNORE, LOCAL_HOSTS, CacheConfig, Config, ConfigError,
                                   Deliverable, OutputOptions, PruneSchedule, ReviewConfig, Secret,
-                                  WatchPair, WebConfig, split_listen)
+                                  WatchPair, WebConfig, split_listen, token_problem)
 
 
 def parse(data: Any, source: Path, *, check_folders: bool = True) -> Config:
@@ -150,9 +150,9 @@ def _web(r: Reader) -> WebConfig | None:
         w.fail(f"must be HOST:PORT such as 127.0.0.1:8765 or [::1]:8765, got {listen!r}",
                "listen")
     token = w.get("token", str, None)
-    if token is not None and len(token) < 16:
-        w.fail("must be at least 16 characters (e.g. the output of `openssl rand -hex 24`)",
-               "token")
+    problem = token_problem(token) if token is not None else None
+    if problem is not None:
+        w.fail(problem, "token")
     web = read_section(w, WebConfig, given={"listen": listen,
                                             "token": Secret(token) if token else None})
     if not web.local and web.token is None:

@@ -212,6 +212,15 @@ class WatchPair:
         None, "route low-confidence cutouts to a review folder instead of the outbox",
         default_doc="off: every cutout goes to the outbox")
 
+    def written_folders(self) -> dict[str, Path]:
+        """Every folder rembgd writes into for this pair, by config key: the one list the
+        folder rules (``daemon.config.folders``) and the sweeper of orphaned temps
+        (``Supervisor``) share, so a folder added here is checked and swept alike."""
+        named = {"outbox": self.outbox, "failed_dir": self.failed_dir, "done_dir": self.done_dir}
+        if self.review is not None:
+            named["review.dir"] = self.review.folder(self.outbox)
+        return named
+
 
 @dataclass(frozen=True)
 class MatchThresholds:
@@ -315,6 +324,23 @@ class Secret:
 
 LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")  # `web.listen` without a token
 
+# `web.token`: long enough not to be guessed, short enough for the login form (whose body
+# is capped), and printable ASCII without spaces, as an HTTP header and a form carry it
+# byte for byte (a bearer header is Latin-1 on the wire, a form field UTF-8)
+TOKEN_MIN, TOKEN_MAX = 16, 1024
+TOKEN_RULE = (f"{TOKEN_MIN} to {TOKEN_MAX} printable ASCII characters, no spaces "
+              "(e.g. the output of `openssl rand -hex 24`)")
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` breaks ``TOKEN_RULE``, or None."""
+    if not TOKEN_MIN <= len(token) <= TOKEN_MAX:
+        return f"must be {TOKEN_RULE}; it has {len(token)} characters"
+    bad = sorted({c for c in token if not "!" <= c <= "~"})
+    if bad:
+        return f"must be {TOKEN_RULE}; it contains {', '.join(map(repr, bad[:5]))}"
+    return None
+
 
 def split_listen(listen: str) -> tuple[str, int] | None:
     """``HOST:PORT`` or ``[IPv6]:PORT`` as (host, port), or None if it is neither."""
@@ -334,7 +360,7 @@ class WebConfig:
                           "127.0.0.1, ::1 and localhost needs `token`")
     token: Secret | None = setting(None, "every request must carry it (bearer header or "
                                    "the login cookie); `config show` hides it",
-                                   type_doc="string, 16 characters or more")
+                                   type_doc=f"string: {TOKEN_RULE}")
     session_hours: float = setting(12.0, "a browser's session (login and form token) "
                                    "expires this long after it began", minimum=0.01)
 
@@ -378,7 +404,9 @@ class Config:
     queue_size: int = setting(256, "files queued at most (restart to change)", minimum=1)
     threads: int = setting(0, "ONNX Runtime intra-op threads; 0 = all cores",
                            minimum=0, maximum=256)
-    max_image_pixels: int = setting(100_000_000, "decompression-bomb limit", minimum=1)
+    max_image_pixels: int = setting(150_000_000, "decompression-bomb limit: a bigger image "
+                                    "goes to failed/ (150 MP admits medium format; a file "
+                                    "over memory_budget_mp runs alone)", minimum=1)
     memory_budget_mp: float = setting(120.0, "decoded megapixels in flight across workers "
                                       "(a bigger file runs alone)", minimum=1)
     umask: int = setting(0o022, "permissions of the files written",

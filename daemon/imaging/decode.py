@@ -2,7 +2,8 @@
 
 ``Decoded.rgb`` is 8-bit RGB (the model and fingerprints use it);
 ``Decoded.full`` is the same upright image at full precision: uint16 for
-16-bit sources (PNG RGB/RGBA/LA and grey, TIFF RGB/RGBA and grey), otherwise
+16-bit sources (PNG RGB/RGBA/LA and grey, TIFF RGB/RGBA and grey) and for TIFFs
+of other sample formats (32-bit integers, floats: ``daemon.imaging.tiff_samples``), otherwise
 the very same array as ``rgb``. Transparent sources are composited on white
 in both. ``Decoded.meta`` holds the ICC profile, EXIF (orientation 1), XMP
 and IPTC (``daemon.imaging.meta``).
@@ -23,10 +24,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from daemon.imaging import tiff_samples
 from daemon.imaging.meta import ORIENTATION, SourceMeta, extract
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF")  # MPO via JPEG
-DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_PIXELS = 150_000_000  # medium-format backs write 100-150 MP
+LIMIT_KEY = "max_image_pixels"  # the config key an ImageTooLarge tells the admin to raise
 
 # Process-wide Pillow settings (bomb limit, truncated images, warning filters) are set by
 # daemon.runtime.configure(), never on import.
@@ -307,6 +310,32 @@ def probe_pixels(data: bytes) -> int:
     return max(0, w * h)
 
 
+def _decode_tiff_samples(data: bytes, limit: int, reduce) -> Decoded:
+    """A valid TIFF of a sample format Pillow does not read (``daemon.imaging.tiff_samples``)."""
+    try:
+        tiff = tiff_samples.read(data, limit)
+    except tiff_samples.ImageSize as size:
+        w, h = size.width, size.height
+        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}"
+                            f"{_raise_hint(w * h)}") from None
+    except tiff_samples.UnsupportedTiff as exc:
+        raise UnsupportedImage(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - tifffile / imagecodecs raise their own classes
+        if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
+            raise TruncatedImage(f"truncated or incomplete image data: {exc}") from exc
+        raise DecodeError(f"corrupt TIFF data: {type(exc).__name__}: {exc}") from exc
+    full = _on_white16(_ORIENT.get(tiff.orientation, lambda a: a)(tiff.pixels))
+    rgb = _TO8[full]
+    small = reduce(Image.fromarray(rgb, "RGB")) if reduce else None
+    return Decoded(rgb=rgb, format="TIFF", full=full, meta=tiff.meta, small=small)
+
+
+def _raise_hint(pixels: int | None) -> str:
+    """How to accept the file: the config key, and the value that would admit it."""
+    value = f" to at least {pixels}" if pixels else ""
+    return f"; to process it, raise `{LIMIT_KEY}` in the config{value}"
+
+
 def decode(data: bytes, *, max_pixels: int | None = None,
            reduce: Callable[[Image.Image], Image.Image] | None = None) -> Decoded:
     """Decode image bytes. Raises a DecodeError subclass with a specific message.
@@ -316,12 +345,15 @@ def decode(data: bytes, *, max_pixels: int | None = None,
     if not data:
         raise UnsupportedImage("empty file (0 bytes)")
     limit = int(max_pixels or Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS)
+    if sniff(data) == "TIFF" and tiff_samples.needs_tifffile(data):
+        return _decode_tiff_samples(data, limit, reduce)
     register_codecs()
     try:
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         w, h = img.size
         if w * h > limit:
-            raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}")
+            raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}"
+                                f"{_raise_hint(w * h)}")
         if w < 1 or h < 1:
             raise UnsupportedImage(f"degenerate size {w}x{h}")
         fmt = img.format or "unknown"
@@ -331,9 +363,11 @@ def decode(data: bytes, *, max_pixels: int | None = None,
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"exceeds the limit of {limit} pixels "
-                            f"(decompression-bomb guard): {exc}") from exc
+                            f"(decompression-bomb guard): {exc}{_raise_hint(None)}") from exc
     except UnidentifiedImageError as exc:
         sniffed = sniff(data)
+        if sniffed == "TIFF" and tiff_samples.sample_format(data) is not None:
+            return _decode_tiff_samples(data, limit, reduce)  # valid, but not for Pillow
         if sniffed is not None:
             raise TruncatedImage(f"starts like a {sniffed} file but its header is incomplete "
                                  f"or corrupt ({len(data)} bytes)") from exc

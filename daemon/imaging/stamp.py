@@ -52,18 +52,24 @@ def stamp(data: bytes, fmt: str, sha256: str) -> bytes:
 
 def read_stamp(fh: BinaryIO) -> str | None:
     """The sha256 a file (open, binary, at offset 0) was stamped with; None if it has
-    none (written by a version before stamps, or not a rembgd output)."""
+    none (written by a version before stamps, or not a rembgd output) or if it cannot
+    be parsed (truncated, damaged, another format than its header says): a stamp that
+    cannot be read is no stamp, and the source is redone. Only the file's own I/O
+    errors (``OSError``) are raised."""
     head = fh.read(12)
-    if head.startswith(_PNG_SIG):
-        found = _read_png(fh)
-    elif head.startswith(b"\xff\xd8"):
-        found = _read_jpeg(fh)
-    elif head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        found = _read_webp(fh)
-    elif head[:4] in (b"II*\x00", b"MM\x00*"):
-        found = _read_tiff(fh)
-    else:
-        found = None
+    try:
+        if head.startswith(_PNG_SIG):
+            found = _read_png(fh)
+        elif head.startswith(b"\xff\xd8"):
+            found = _read_jpeg(fh)
+        elif head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+            found = _read_webp(fh)
+        elif head[:4] in (b"II*\x00", b"MM\x00*"):
+            found = _read_tiff(fh)
+        else:
+            found = None
+    except (ValueError, struct.error, EOFError, OverflowError, MemoryError):
+        return None  # damaged headers (a length past the end, a bad chunk): no stamp
     if found is None or not _HEX.match(found) or found == _UNSET:
         return None  # (a TIFF's placeholder, as the cache stores it: not stamped yet)
     return found.decode("ascii")
@@ -174,10 +180,12 @@ def _read_tiff(fh: BinaryIO) -> bytes | None:
     import tifffile
 
     fh.seek(0)
-    try:
-        with tifffile.TiffFile(fh) as tif:
+    try:  # ``name``: tifffile takes a stream's name from ``fh.name``, an int for an fd
+        with tifffile.TiffFile(fh, name="output.tif") as tif:
             tag = tif.pages.first.tags.get(TIFF_TAG)
-    except (tifffile.TiffFileError, ValueError, OSError):
+    except OSError:
+        raise
+    except Exception:  # tifffile on a damaged file raises more than TiffFileError
         return None
     value = tag.value if tag is not None else None
     if not isinstance(value, str) or not value.startswith(KEY.decode() + ":"):

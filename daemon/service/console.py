@@ -69,7 +69,7 @@ class Console:
                 state, why = "watching", None
             pairs.append(PairView(i, str(p.inbox), str(p.outbox), state, why))
         return {"pairs": pairs, "queued": st["queued"], "in_progress": st["in_progress"],
-                "line": st["line"]}
+                "line": st["line"], "cache": st["cache"]}
 
     def recent_outputs(self, limit: int) -> list[RecentOutput]:
         return self.journal.last(limit)

@@ -53,7 +53,8 @@ class Intake:
                  standby: Standby, metrics: Metrics | None = None):
         """``retry(item, outcome)`` applies the retry policy (True: it gave up);
         ``later(item, delay)`` re-queues a path without counting an attempt (claimed
-        elsewhere, standby); ``scheduler.not_ready(pair, path)`` keeps an incomplete file
+        elsewhere); ``scheduler.standby(...)`` holds it while its pair is on standby;
+        ``scheduler.not_ready(pair, path)`` keeps an incomplete file
         waiting."""
         self._app = app
         self.counters = counters
@@ -206,9 +207,13 @@ class Intake:
         delay = self.standby.check(item.pair, pair)
         if delay is None:
             return False
-        self.counters.add("standby_waits")
-        self._later(item, delay)
+        self._wait_standby(item, delay)
         return True
+
+    def _wait_standby(self, item: WorkItem, delay: float) -> None:
+        """Back at the pair's next probe, or sooner: ``SettleQueue.wake`` when it is back."""
+        self.counters.add("standby_waits")
+        self.scheduler.standby(item.pair, item.path, item.attempt, delay, item.model)
 
     def _transient(self, item: WorkItem, outcome: Outcome, app: App) -> str:
         """A share outage puts the pair on standby (no attempt counted); a fault of this
@@ -216,8 +221,7 @@ class Intake:
         if is_outage_error(outcome.exc):
             delay = self.standby.check(item.pair, app.pair(item.pair))
             if delay is not None:
-                self.counters.add("standby_waits")
-                self._later(item, delay)
+                self._wait_standby(item, delay)
                 return "standby"
         if self._retry(item, outcome):  # given up: failed for good
             self._measure(item, outcome.given_up(item.attempt + 1), app)

@@ -1,7 +1,8 @@
 """Prometheus metrics (``/metrics``), on a registry of their own.
 
 Counters and histograms are fed as files are processed; the gauges (queue
-depth, standby pairs, cache entries) are read from callbacks at scrape time,
+depth, standby pairs, cache entries and availability) and the count of cache
+outages are read from callbacks at scrape time,
 so nothing has to keep them up to date. The cache hit ratio is this daemon's
 own: hits (exact, pixel, near) over files processed since it started.
 """
@@ -17,7 +18,7 @@ import structlog
 from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
                                generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = structlog.get_logger("rembgd.metrics")
@@ -70,10 +71,19 @@ class _Gauges(Collector):
             for pair, on in sorted(standby.items()):
                 g.add_metric([str(pair)], 1.0 if on else 0.0)
             yield g
-        cache = self._read("cache", m.cache)
-        if cache is not None and cache.get("entries") is not None:
+        cache = self._read("cache", m.cache) or {}
+        if cache.get("entries") is not None:
             yield GaugeMetricFamily("rembgd_cache_entries", "Entries in the mask cache",
                                     value=cache["entries"])
+        if cache.get("available") is not None:
+            yield GaugeMetricFamily("rembgd_cache_available",
+                                    "1 while the mask cache works, 0 during an outage "
+                                    "(files are processed without it)",
+                                    value=1.0 if cache["available"] else 0.0)
+        if cache.get("outages") is not None:
+            yield CounterMetricFamily("rembgd_cache_outages",
+                                      "Cache outages since the daemon started",
+                                      value=cache["outages"])
         for name, fn, doc in (
                 ("rembgd_review_pending", m.review_pending,
                  "Cutouts waiting for review now (all pairs)"),
@@ -101,8 +111,8 @@ class _Gauges(Collector):
 
 class Metrics:
     """The daemon's metrics. ``queue_depth() -> int``, ``incomplete() -> int``,
-    ``standby() -> {pair: bool}`` and ``cache() -> {"entries": int}`` are called at scrape
-    time; any may be None."""
+    ``standby() -> {pair: bool}`` and ``cache() -> {"entries": int | None, "available":
+    bool, "outages": int}`` (empty: no cache) are called at scrape time; any may be None."""
 
     def __init__(self, *, queue_depth: Callable[[], int] | None = None,
                  standby: Callable[[], dict[str, bool]] | None = None,

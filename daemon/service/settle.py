@@ -6,6 +6,8 @@ due (no polling when idle):
 * settle: a path from an event or a scan goes out once its size and mtime have
   stayed unchanged for ``settle_s`` (``complete``: at once, the writer is done);
 * retry: a path the retry policy re-queues after a delay;
+* standby: a path of a pair on standby (``daemon.service.standby``), due at the
+  pair's next probe; ``wake(pair)`` makes them due at once (its inbox is back);
 * not ready: a path a worker found empty or truncated comes back after a
   capped backoff, until ``incomplete_timeout_s`` passes without a change.
 """
@@ -27,7 +29,7 @@ class _Due:
     seq: int
     pair: int
     path: Path
-    kind: str  # "settle" | "complete" | "retry"
+    kind: str  # "settle" | "complete" | "retry" | "standby"
     attempt: int = 0
     model: str | None = None  # a reviewer's redo keeps its model through retries
 
@@ -102,6 +104,23 @@ class SettleQueue:
               model: str | None = None) -> None:
         with self._cv:
             self._push(self.clock() + delay, pair, path, "retry", attempt, model)
+
+    def standby(self, pair: int, path: Path, attempt: int, delay: float,
+                model: str | None = None) -> None:
+        """Re-queue ``path`` after ``delay``, the wait of its pair on standby."""
+        with self._cv:
+            self._push(self.clock() + delay, pair, path, "standby", attempt, model)
+
+    def wake(self, pair: int) -> int:
+        """The standby waits of ``pair`` are due now (its folders are back, so the
+        backoff, up to a minute, is cut short); returns how many."""
+        with self._cv:
+            now = self.clock()
+            woken = [d for d in self._heap if d.kind == "standby" and d.pair == pair
+                     and d.when > now and self._live.get(d.path) == d.seq]
+            for d in woken:  # the old entries become stale
+                self._push(now, d.pair, d.path, "standby", d.attempt, d.model)
+            return len(woken)
 
     def not_ready(self, pair: int, path: Path, first_seen: float | None = None) -> bool:
         """``path`` was handed out but is not complete yet: check it again later.
@@ -197,7 +216,7 @@ class SettleQueue:
         with self._cv:
             if self._live.get(item.path) != item.seq:
                 return False  # superseded (e.g. a close-after-write came first): never twice
-            if item.kind == "retry":
+            if item.kind in ("retry", "standby"):
                 del self._live[item.path]
                 return True
         try:

@@ -62,7 +62,7 @@ class Supervisor:
                                         lambda: self.cfg.retry_backoff_s)
         self.standby = Standby()
         self.metrics = Metrics(queue_depth=self._queue_depth, standby=self._standby_pairs,
-                               cache=self._cache_entries,
+                               cache=self._cache_metrics,
                                incomplete=lambda: len(self.scheduler.waiting()),
                                review_pending=self._review_pending,
                                failed_files=self._failed_files)
@@ -127,6 +127,7 @@ class Supervisor:
                         effect="catch-up scan of the inbox")
             self.standby.wake(index)
             self.standby.check(index, pair)  # logs pair_resumed when it was on standby
+            self.scheduler.wake(index)  # its files waiting on the standby backoff: now
             self.rescan(only=index)
 
     def _scan_dir(self, pair_index: int, folder: Path) -> None:
@@ -179,7 +180,7 @@ class Supervisor:
 
     @staticmethod
     def _clean_temps(pair: WatchPair) -> None:
-        for folder in (pair.outbox, pair.failed_dir, pair.done_dir):
+        for folder in pair.written_folders().values():
             try:
                 removed = remove_stale_temps(folder)
             except OSError as exc:
@@ -266,11 +267,14 @@ class Supervisor:
     def _standby_pairs(self) -> dict[str, bool]:
         return {str(p.inbox): self.standby.active(i) for i, p in enumerate(self.cfg.watch)}
 
-    def _cache_entries(self) -> dict:
+    def _cache_metrics(self) -> dict:
         cache = self.app.cache if self.app is not None else None
         if cache is None:
             return {}
-        return {"entries": cache.guard.call(lambda store: store.count(), default=None)}
+        state = cache.guard.status()
+        return {"entries": cache.guard.call(lambda store: store.count(), default=None)
+                if state["available"] else None,
+                "available": state["available"], "outages": state["outages"]}
 
     def _publish(self, *, changed: bool = True) -> None:
         """Write the status file; ``changed`` False: only the tick counters moved (not

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent,
+                             FileCreatedEvent,
                              FileModifiedEvent, FileMovedEvent, FileSystemEvent,
                              FileSystemEventHandler)
 from watchdog.observers import Observer
@@ -61,6 +62,10 @@ class InboxHandler(FileSystemEventHandler):
         self.pair, self.inbox, self.recursive, self.ignore = pair, inbox, recursive, ignore
         self.scheduler, self.on_dir = scheduler, on_dir
         self.events = 0  # every event watchdog delivered (for the event-storm bound)
+        # the watched folder itself was deleted or moved away (inotify's IN_DELETE_SELF,
+        # IN_MOVE_SELF): its watch is dead even if a new folder at the path has the same
+        # (device, inode), as after ``rm -rf in && mkdir in``; ``Watches.refresh`` re-arms
+        self.root_gone = False
 
     def _relevant(self, path: str) -> Path | None:
         p = Path(path)
@@ -76,6 +81,10 @@ class InboxHandler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         self.events += 1
+        if isinstance(event, (DirDeletedEvent, DirMovedEvent)) and \
+                os.fsdecode(event.src_path) == str(self.inbox):
+            self.root_gone = True
+            return
         if isinstance(event, (DirCreatedEvent, DirMovedEvent)):
             target = self._relevant(getattr(event, "dest_path", "") or event.src_path)
             if target is not None and self.recursive:

@@ -5,7 +5,10 @@ A watchdog watch holds on to a folder: an inbox deleted and re-created
 remounted (a new device) keeps a dead watch that sees nothing, and a missing
 inbox cannot be watched at all. ``refresh()``, called on every tick, compares
 each inbox's identity (device, inode) with the watched one: gone -> the watch is
-dropped; back or replaced -> it is set up again. It returns what changed; the
+dropped; back or replaced -> it is set up again. A folder deleted and re-created
+at once can get the inode number just freed, so the same identity is no proof:
+an event saying the watched folder itself went (``InboxHandler.root_gone``:
+inotify's IN_DELETE_SELF, IN_MOVE_SELF) re-arms the watch too. It returns what changed; the
 caller logs it, puts the pair on standby or resumes it, and scans the inbox.
 """
 from __future__ import annotations
@@ -68,8 +71,9 @@ class Watches:
         changed since it was watched; each change is reported once."""
         changes = []
         for index, inbox in enumerate(self._inboxes):
+            gone, inbox.handler.root_gone = inbox.handler.root_gone, False
             now = identity(inbox.handler.inbox)
-            if now == inbox.ident:
+            if now == inbox.ident and not gone:
                 continue
             before = inbox.ident
             self._unwatch(inbox)

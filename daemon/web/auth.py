@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,6 +27,29 @@ from typing import Callable
 from daemon.config import WebConfig
 
 COOKIE = "rembgd_session"
+
+
+_PORT = re.compile(r"(?::[0-9]{0,5})?")  # RFC 9110 uri-host [ ":" port ], port = *DIGIT
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")  # a DNS name or an IPv4 address
+
+
+def host_of(header: str) -> str | None:
+    """The host a Host header names, lower-cased: ``[IPv6]`` or a name (or IPv4), each
+    with an optional ``:port``; None for anything else (``[::1]x``, ``a:b:c``, spaces)."""
+    text = header.strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        inner, rest = text[1:end], text[end + 1:]
+        if end < 0 or not _PORT.fullmatch(rest):
+            return None
+        try:
+            return str(ipaddress.IPv6Address(inner))
+        except ValueError:
+            return None
+    name, colon, port = text.partition(":")
+    if not _NAME.fullmatch(name) or not _PORT.fullmatch(colon + port):
+        return None
+    return name
 
 
 @dataclass(frozen=True)
@@ -54,11 +78,9 @@ class Gate:
     def host_allowed(self, host_header: str | None) -> bool:
         if self.token is not None:
             return True
-        host = (host_header or "").strip().lower()
-        if host.startswith("["):
-            host = host[1:host.find("]")] if "]" in host else ""
-        else:
-            host = host.rpartition(":")[0] if ":" in host else host
+        host = host_of(host_header or "")
+        if host is None:
+            return False
         try:
             return ipaddress.ip_address(host).is_loopback
         except ValueError:
