@@ -1,6 +1,8 @@
 """The Prometheus exposition after real processing (a real Supervisor, real files)."""
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -85,16 +87,19 @@ def test_a_cache_outage_shows_in_metrics_status_and_page_and_its_error_never_nes
 
     from daemon import config as configmod
     from daemon.service.app import App
-    from daemon.service.console import Console
     from daemon.service.supervisor import Supervisor
-    from daemon.web.page import status_page
 
     cfg = configmod.load(write_config(tmp_path, models_dir, store={
         "backend": "redis", "url": own_redis.url, "prefix": f"t28-{uuid.uuid4().hex[:8]}",
-        "socket_timeout_s": 0.2}))
+        "socket_timeout_s": 0.2}, web={"listen": "127.0.0.1:0"}))
     svc = Supervisor(cfg, engines=shared_engines)
     svc.app = App.build(cfg, engines=shared_engines)
-    page = lambda: status_page(Console(svc, None).snapshot(), [], [], [], [], "t")  # noqa: E731
+    svc.web.apply(cfg)  # the real page server, in this process
+
+    def page() -> str:
+        with urllib.request.urlopen(svc.web.url + "/", timeout=10) as resp:
+            return resp.read().decode()
+
     try:
         inbox = tmp_path / "inbox"
         (inbox / "a.jpg").write_bytes(encode(photo("coffee")))
@@ -121,4 +126,5 @@ def test_a_cache_outage_shows_in_metrics_status_and_page_and_its_error_never_nes
         html = page()
         assert 'class="banner"' in html and "mask cache is unavailable" in html, html[:800]
     finally:
+        svc.web.close()
         svc.app.close()

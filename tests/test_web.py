@@ -402,12 +402,12 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         folder = tmp_path / "review"
         folder.mkdir()
         ids = []
-        for name in ("a.jpg", "b.jpg"):
-            (tmp_path / "inbox" / name).write_bytes(b"held source")
+        for name in ("a.jpg", "b.jpg"):  # held first: the daemon leaves a held source alone
             (folder / f"{name}.png").write_bytes(output.read_bytes())
             item = review.new_item(str(tmp_path / "inbox"), Path(name), [Path(f"{name}.png")],
                                    0.2, ("uncertain edge",), "u2netp", "miss")
             review.hold(folder, item)
+            (tmp_path / "inbox" / name).write_bytes(b"held source")
             ids.append(f"r0-{item.id}")
         status, _, body = fetch(url, "/api/batch", method="POST", headers=bearer, jar=False,
                                 json_body={"action": "approve", "ids": ids + ["o99999"]})
@@ -416,7 +416,7 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         assert (tmp_path / "outbox" / "a.jpg.png").is_file()
         assert (tmp_path / "outbox" / "b.jpg.png").is_file()
         text = fetch(url, "/metrics", headers=bearer, jar=False)[2].decode()
-        assert "rembgd_review_pending 0.0" in text and "rembgd_failed_files 0.0" in text
+        assert "rembgd_review_pending 0.0" in text and "rembgd_failed_files 0.0" in text, text
         assert "rembgd_build_info{" in text and "rembgd_last_processed_timestamp_seconds" in text
     finally:
         daemon.stop()
