@@ -4,20 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemon.config import OutputOptions
 from daemon.fate import Fate, Outcome, finish
-from daemon.job import Job
-from daemon.pipeline import Plan
+from daemon.source import Source
 
 
-def _job(tmp_path: Path, after_success: str, done_dir: Path | None = None) -> Job:
+def _job(tmp_path: Path, after_success: str, done_dir: Path | None = None) -> Source:
     inbox = tmp_path / "inbox"
     (inbox / "shoot").mkdir(parents=True)
     src = inbox / "shoot" / "a.jpg"
     src.write_bytes(b"the photo")
-    return Job(src, Path("shoot/a.jpg"), tmp_path / "outbox", Plan(OutputOptions()),
-               failed_dir=tmp_path / "failed", done_dir=done_dir or tmp_path / "done",
-               after_success=after_success)
+    return Source(src, Path("shoot/a.jpg"), tmp_path / "outbox",
+                  failed_dir=tmp_path / "failed", done_dir=done_dir or tmp_path / "done",
+                  after_success=after_success)
 
 
 def test_delivered_sources_are_kept_moved_or_deleted(tmp_path):

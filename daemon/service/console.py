@@ -3,7 +3,8 @@
 ``Console`` reads the running Supervisor (its current config, standby, workers,
 status) and acts on its folders, always link-proof: Retry moves a file from
 failed/ back into the inbox, drops its sidecar and queues it like a new file;
-Approve and Redo go through ``daemon.review``. ``Web`` starts the server after
+Approve and Redo go through ``daemon.verdict`` (Approve under the source's
+claim, the one the workers take). ``Web`` starts the server after
 READY, restarts it when a reload changes ``web:`` and stops it on shutdown; the
 recent-outputs journal it opens is fed from the job outcomes.
 """
@@ -19,7 +20,7 @@ from typing import Iterator
 
 import structlog
 
-from daemon import review
+from daemon import review, verdict
 from daemon.config import Config, WatchPair
 from daemon.fate import Outcome
 from daemon.fsutil import ERROR_SUFFIX, fit_name, safe_relative
@@ -132,7 +133,7 @@ class Console:
 
     def approve(self, pair: int, item_id: str) -> list[Path]:
         with _review_errors():
-            return review.approve(self._pair(pair), item_id)
+            return verdict.approve(self._pair(pair), item_id, claim=self.sup.intake.claim)
 
     def redo(self, pair: int, item_id: str, model: str) -> None:
         p = self._pair(pair)
@@ -143,7 +144,7 @@ class Console:
         except ModelError as exc:
             raise Refused(str(exc)) from None
         with _review_errors():
-            review.redo(p, item_id, model, lambda path, m: self.sup.workers.submit(
+            verdict.redo(p, item_id, model, lambda path, m: self.sup.workers.submit(
                 WorkItem(pair, path, model=m)))
 
     # ----------------------------------------------------------- journal
@@ -152,17 +153,18 @@ class Console:
         """A job outcome: a delivered file goes into the recent-outputs journal."""
         if outcome.kind not in TIERS:
             return
-        job = outcome.job
-        source_root = {"keep": "inbox", "move": "done"}.get(job.after_success)
+        source = outcome.source
+        source_root = {"keep": "inbox", "move": "done"}.get(source.after_success)
         entry = RecentOutput(
-            time=time.time(), pair=pair, source_root=source_root, source_rel=job.rel.as_posix(),
-            outputs=tuple(Path(os.path.relpath(w, job.outbox)).as_posix()
+            time=time.time(), pair=pair, source_root=source_root,
+            source_rel=source.rel.as_posix(),
+            outputs=tuple(Path(os.path.relpath(w, source.outbox)).as_posix()
                           for w in outcome.written),
-            tier=outcome.kind, model=job.plan.options.model, ms=round(outcome.ms, 1))
+            tier=outcome.kind, model=outcome.model or "", ms=round(outcome.ms, 1))
         try:
             self.journal.add(entry)
         except sqlite3.Error as exc:  # the file is delivered; only the page misses it
-            log.warning("web_journal_failed", path=str(job.src), error=str(exc))
+            log.warning("web_journal_failed", path=str(source.src), error=str(exc))
 
 
 @contextmanager

@@ -167,8 +167,8 @@ class Supervisor:
             st = path.lstat()
         except FileNotFoundError:
             return True
-        job = Job(path, rel, self.cfg.watch[index].outbox, self.app.plan(index),
-                  ledger=self.app.ledgers[index])
+        job = Job.for_pair(self.cfg.watch[index], rel, self.app.plan(index),
+                           ledger=self.app.ledgers[index])
         try:
             return self.intake.is_done(job, st, hash_source=False)  # the workers hash
         except OSError:
