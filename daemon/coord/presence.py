@@ -36,7 +36,7 @@ class Presence:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     seen: set[str] = field(default_factory=set)  # peers already logged
-    _last: float = 0.0
+    _last: float = float("-inf")
 
     @property
     def path(self) -> Path:
