@@ -248,3 +248,107 @@ def test_a_redo_after_approve_is_cancelled(svc):
     assert svc.intake.process(queued) == "skipped"  # the redo is cancelled
     assert (pair.outbox / "busy.png.png").is_file() and _stamp(
         pair.outbox / "busy.png.png") == hashlib.sha256(shot).hexdigest()
+
+
+# ------------------------------------------------------------ the issue's runs, on a daemon
+
+TOKEN = "a-token-for-the-race-tests-0123456789"
+
+
+def _post(url: str, path: str, form: dict) -> tuple[int, str]:
+    """A POST as a bearer client (the page's buttons send the same form)."""
+    import http.client
+    from urllib.parse import urlencode, urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("POST", path, body=urlencode(form).encode(), headers={
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Authorization": f"Bearer {TOKEN}"})
+    resp = conn.getresponse()
+    body = resp.read().decode(errors="replace")
+    conn.close()
+    return resp.status, body
+
+
+def _daemon(tmp_path: Path, models_dir: Path, after_success: str):
+    from tests.conftest import write_config
+    from tests.harness import Daemon
+
+    # a redo that found the source claimed by an Approve is queued again at claim_ttl_s / 2
+    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0", "token": TOKEN},
+                          store={"claim_ttl_s": 4},
+                          watch=[{"inbox": str(tmp_path / "inbox"),
+                                  "outbox": str(tmp_path / "outbox"),
+                                  "after_success": after_success,
+                                  "review": {"min_confidence": 1.0}}])  # every cutout is held
+    return Daemon(config)
+
+
+def _url(daemon) -> str:
+    return daemon.wait_log(lambda e: e.get("event") == "web_listening", timeout=30)[0]["url"]
+
+
+def _wait_held(daemon, folder: Path, rel: str, count: int) -> review.ReviewItem:
+    from tests.harness import wait_for
+
+    daemon.wait_log(lambda e: e.get("event") == "review_held" and e.get("source") == rel,
+                    count=count, timeout=90)
+    return wait_for(lambda: review.waiting(folder, Path(rel)))
+
+
+@pytest.mark.slow
+def test_on_a_daemon_redo_then_approve_at_once_keeps_the_outputs(tmp_path, models_dir):
+    """Issue 28 case 4, as filed (6 of 6 runs lost everything): after_success: move, the
+    photo held, POST Redo then at once POST Approve."""
+    from tests.harness import wait_for
+
+    daemon = _daemon(tmp_path, models_dir, "move")
+    folder = tmp_path / "review"
+    answers = []
+    with daemon:
+        url = _url(daemon)
+        for i in range(6):
+            name = f"r{i}.jpg"
+            shot = encode(photo("chelsea")[i:, 2 * i:])  # another photo each round
+            (tmp_path / "inbox" / name).write_bytes(shot)
+            item = _wait_held(daemon, folder, name, 1)
+            redo = _post(url, "/redo", {"pair": 0, "item": item.id, "model": "u2netp"})
+            approve = _post(url, "/approve", {"pair": 0, "item": item.id})
+            answers.append((redo[0], approve[0]))
+            assert redo[0] == 303 and approve[0] in (303, 409), (redo, approve)
+            if approve[0] == 409:
+                assert "being processed" in approve[1], approve
+            out = tmp_path / "outbox" / f"{name}.png"
+            wait_for(lambda: (tmp_path / "done" / name).is_file() and out.is_file(), timeout=60)
+            daemon.quiet()
+            assert out.is_file() and _stamp(out) == hashlib.sha256(shot).hexdigest()
+            assert not (tmp_path / "inbox" / name).exists()
+            assert review.waiting(folder, Path(name)) is None
+    events = daemon.events()
+    assert not [e for e in events if e.get("outcome") == "withdrawn"]
+    print("(redo, approve) answers:", answers)
+
+
+@pytest.mark.slow
+def test_on_a_daemon_approve_after_the_source_was_replaced_is_refused(tmp_path, models_dir):
+    """Issue 28 case 4, as filed: after_success: delete; coffee held as a.jpg; `mv chelsea.jpg
+    in/a.jpg`, then at once POST Approve. Refused; chelsea is processed, never deleted
+    unprocessed, and coffee's cutout is never delivered."""
+    daemon = _daemon(tmp_path, models_dir, "delete")
+    folder = tmp_path / "review"
+    coffee, chelsea = encode(photo("coffee")), encode(photo("chelsea"))
+    with daemon:
+        url = _url(daemon)
+        (tmp_path / "inbox" / "a.jpg").write_bytes(coffee)
+        item = _wait_held(daemon, folder, "a.jpg", 1)
+        assert item.sha256 == hashlib.sha256(coffee).hexdigest()
+        (tmp_path / "chelsea.jpg").write_bytes(chelsea)
+        (tmp_path / "chelsea.jpg").rename(tmp_path / "inbox" / "a.jpg")
+        status, body = _post(url, "/approve", {"pair": 0, "item": item.id})
+        assert status == 409, body
+        again = _wait_held(daemon, folder, "a.jpg", 2)  # chelsea, processed and held
+        daemon.quiet()
+    assert again.sha256 == hashlib.sha256(chelsea).hexdigest() and again.id != item.id
+    assert (tmp_path / "inbox" / "a.jpg").read_bytes() == chelsea
+    assert not (tmp_path / "outbox" / "a.jpg.png").exists()
