@@ -7,12 +7,15 @@ output is written, or moves it to ``failed/`` with a sidecar saying why (and
 which deliverable failed). A transient error is an ``Outcome`` of kind
 ``retry`` for the caller's retry policy. On a pair with ``review:``, a cutout
 whose mask confidence is below ``min_confidence`` is written to the review
-folder instead, with its sidecar (``daemon.review``): kind ``review``, and the
-source waits for the reviewer.
+folder instead: kind ``review``, with the item ``fate.finish`` records (its
+sidecar), and the source waits for the reviewer.
+
+The job only writes outputs (and the ledger); the caller holds the source's
+claim (``daemon.coord.claims.claim_source``) around ``run``.
 
 Who else writes where (docs/architecture.md): ``daemon.fate`` writes
-``failed/`` and ``done/``; ``daemon.review`` the review sidecars and, on
-approval, moves held cutouts into the outbox; ``daemon.ledger`` the outbox's ``.rembgd-ledger/``;
+``failed/``, ``done/`` and the review sidecars; ``daemon.review`` (for
+``daemon.verdict``) moves held cutouts into the outbox on approval; ``daemon.ledger`` the outbox's ``.rembgd-ledger/``;
 ``daemon.coord`` the claim files (``.rembgd-claims/``) and lock files; the
 standby probe (``daemon.service.standby``) its probe file; the supervisor
 removes this daemon's stale temp files.
@@ -27,8 +30,9 @@ from pathlib import Path
 import structlog
 
 from daemon import review
+from daemon.config import WatchPair
 from daemon.config.schema import ReviewConfig
-from daemon.fate import Outcome, finish, os_error_outcome
+from daemon.fate import Outcome, finish, identity, os_error_outcome
 from daemon.fsutil import NAME_MAX, is_transient, name_bytes, output_mode, output_name
 from daemon.nofollow import (InputError, LinkedPathError, atomic_write_under,
                              read_regular_file)
@@ -36,6 +40,7 @@ from daemon.imaging.decode import DecodeError, TruncatedImage
 from daemon.inference.models import ModelError
 from daemon.ledger import Ledger
 from daemon.pipeline import Pipeline, Plan
+from daemon.source import Source
 
 log = structlog.get_logger("rembgd.job")
 
@@ -59,17 +64,32 @@ class DeliverableFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Job:
-    src: Path
-    rel: Path  # relative to the inbox; mirrored in the outbox
-    outbox: Path
+    source: Source  # which file, and where its fate takes it
     plan: Plan
-    failed_dir: Path | None = None  # None: report only (one-shot mode)
-    done_dir: Path | None = None
-    after_success: str = "keep"
     ledger: Ledger | None = None  # what was processed, so a changed source is redone
     wait_incomplete: bool = False  # an empty or truncated file is "not_ready", not failed
     make_outbox: bool = True  # False (the daemon): a vanished outbox is an outage, not re-made
-    review: ReviewConfig | None = None  # hold low-confidence cutouts for review (the plan judges)
+
+    @classmethod
+    def for_pair(cls, pair: WatchPair, rel: Path, plan: Plan, **kw) -> Job:
+        """The job of ``pair``'s inbox file ``rel`` (the one place a pair makes a job)."""
+        return cls(Source.for_pair(pair, rel), plan, **kw)
+
+    @property
+    def src(self) -> Path:
+        return self.source.src
+
+    @property
+    def rel(self) -> Path:
+        return self.source.rel
+
+    @property
+    def outbox(self) -> Path:
+        return self.source.outbox
+
+    @property
+    def review(self) -> ReviewConfig | None:
+        return self.source.review
 
     def output_rel(self, name: str) -> Path:
         """Relative to the outbox: the legacy PNG ``<rel>.png``; a deliverable
@@ -96,7 +116,8 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
     bad input; ModelError propagates."""
     start = time.perf_counter()
     outcome = _process(job, pipeline, umask)
-    outcome = finish(replace(outcome, ms=(time.perf_counter() - start) * 1000))
+    outcome = finish(replace(outcome, ms=(time.perf_counter() - start) * 1000,
+                             model=job.plan.options.model))
     if outcome.kind == "not_ready":  # not processed: it is waited for
         log.info("not_ready", path=str(job.src), error=outcome.error)
         return outcome
@@ -109,6 +130,8 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
 def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
     """What happened to ``job``; writes its outputs and the ledger, never touches the source."""
     written: list[Path] = []
+    ids: dict[Path, tuple[int, int, int, int]] = {}  # what this job wrote, to withdraw only it
+    source = job.source
     try:
         for out in job.outputs:  # checked first: no work can be saved
             if name_bytes(out.name) > NAME_MAX:
@@ -117,16 +140,18 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
         st = os.lstat(job.src)
         data = read_regular_file(job.src, root=job.src.parents[len(job.rel.parts) - 1])
         if not data and job.wait_incomplete:
-            return Outcome(job, "not_ready", error="empty file (0 bytes)", reason="incomplete")
+            return Outcome(source, "not_ready", error="empty file (0 bytes)", reason="incomplete")
         rendered = pipeline.render(data, job.plan)
         errors = dict(rendered.errors)  # deliverable -> why it is missing
         held = review.is_held(job.review, rendered.confidence)
-        root = job.review.folder(job.outbox) if held else job.outbox
+        root = source.review_folder if held else job.outbox
         for name, payload in rendered.files.items():
             try:
-                written.append(atomic_write_under(root, job.output_rel(name), payload,
-                                                  mode=output_mode(umask),
-                                                  make_root=held or job.make_outbox))
+                path = atomic_write_under(root, job.output_rel(name), payload,
+                                          mode=output_mode(umask),
+                                          make_root=held or job.make_outbox)
+                written.append(path)
+                ids[path] = identity(path)
             except OSError as exc:
                 # the legacy PNG, a transient error or a link: the whole file, as before
                 if not name or is_transient(exc) or isinstance(exc, LinkedPathError):
@@ -136,45 +161,43 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
             pipeline.masks.commit(rendered.cache_writes)
         now = signature(job.src)
         if now is None:  # renamed or deleted meanwhile: no output may outlive its name
-            return Outcome(job, "withdrawn", reason="vanished", written=written,
-                           error="renamed or deleted while it was processed; its outputs "
-                                 "were removed")
+            return Outcome(source, "withdrawn", reason="vanished", written=written,
+                           identities=ids, error="renamed or deleted while it was processed; "
+                                                 "its outputs were removed")
         if now != _sig(st):
             for path in written:  # older than the new content: redone, never taken as done
                 os.utime(path, ns=(st.st_mtime_ns, st.st_mtime_ns))
-            return Outcome(job, "retry", error="the source changed while it was being processed",
-                           reason="changed", written=written)
+            return Outcome(source, "retry", error="the source changed while it was being "
+                           "processed", reason="changed", written=written)
         if job.ledger is not None:
             job.ledger.record(job.rel, st, rendered.sha256,
                               [job.output_rel(n) for n in rendered.files if n not in errors])
         if errors:
             exc = DeliverableFailed(errors)
-            return Outcome(job, "failed", error=str(exc), reason=exc.reason, exc=exc,
-                           sha256=rendered.sha256, written=written)
-        done = Outcome(job, rendered.tier, sha256=rendered.sha256, written=written,
-                       tier=rendered.tier, inference_s=rendered.inference_s)
-        if held:
-            review.hold(root, review.new_item(
-                str(job.src.parents[len(job.rel.parts) - 1]), job.rel,
-                [job.output_rel(n) for n in rendered.files], rendered.confidence.score,
-                rendered.confidence.reasons, job.plan.options.model, rendered.tier))
-            return replace(done, kind="review")
-        if job.review is not None:  # delivered: a cutout held before (a redo) is done with
-            review.drop_for(job.review.folder(job.outbox), job.rel, "delivered to the outbox")
+            return Outcome(source, "failed", error=str(exc), reason=exc.reason, exc=exc,
+                           sha256=rendered.sha256, written=written, identities=ids)
+        done = Outcome(source, rendered.tier, sha256=rendered.sha256, written=written,
+                       tier=rendered.tier, inference_s=rendered.inference_s, identities=ids,
+                       source_id=(st.st_dev, st.st_ino))
+        if held:  # fate.finish records the item
+            return replace(done, kind="review", held=review.new_item(
+                str(source.inbox), job.rel, [job.output_rel(n) for n in rendered.files],
+                rendered.confidence.score, rendered.confidence.reasons,
+                job.plan.options.model, rendered.tier, sha256=rendered.sha256))
         return done
     except (DecodeError, InputError) as exc:
         if job.wait_incomplete and isinstance(exc, DecodeError) and (
                 isinstance(exc, TruncatedImage) or signature(job.src) not in (_sig(st), None)):
-            return Outcome(job, "not_ready", error=str(exc), reason="incomplete", exc=exc)
-        return Outcome(job, "failed", error=str(exc), reason=getattr(exc, "reason", "undecodable"),
+            return Outcome(source, "not_ready", error=str(exc), reason="incomplete", exc=exc)
+        return Outcome(source, "failed", error=str(exc), reason=getattr(exc, "reason", "undecodable"),
                        exc=exc)
     except ModelError:
         raise  # not the file's fault: the caller stops or refuses, naming the fix
     except OSError as exc:  # a link planted in the outbox, a full disk, a vanished source...
-        return os_error_outcome(job, exc, written)
+        return os_error_outcome(source, exc, written)
     except Exception as exc:  # a bug or an exotic codec failure: keep the daemon alive
         log.exception("unexpected_error", path=str(job.src))
-        return Outcome(job, "failed", error=f"{type(exc).__name__}: {exc}",
+        return Outcome(source, "failed", error=f"{type(exc).__name__}: {exc}",
                        reason="internal_error", exc=exc)
 
 

@@ -217,11 +217,21 @@ def read_under(root: Path, rel: Path) -> bytes:
         return fh.read()
 
 
-def unlink_under(root: Path, rel: Path) -> bool:
-    """Remove ``root/rel`` (a link there is removed, not followed); False if it was absent."""
+def unlink_under(root: Path, rel: Path, *,
+                 only: tuple[int, int, int, int] | None = None) -> bool:
+    """Remove ``root/rel`` (a link there is removed, not followed); False if it was absent.
+
+    ``only`` (st_dev, st_ino, st_size, st_mtime_ns): remove it only while it is that very
+    file, so what another writer put there meanwhile stays (False). The check and the
+    unlink are two calls; the caller's claim on the source keeps rembgd's own writers
+    out of that gap."""
     parts = _plain_parts(rel)
     try:
         with dir_under(root, Path(*parts[:-1]), create=False) as dfd:
+            if only is not None:
+                st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != tuple(only):
+                    return False
             os.unlink(parts[-1], dir_fd=dfd)
     except FileNotFoundError:
         return False

@@ -91,9 +91,7 @@ class Studio:
 
     def run(self, rel: str) -> jobmod.Outcome:
         p = self.pair
-        job = jobmod.Job(p.inbox / rel, Path(rel), p.outbox, self.app.plan(0),
-                         failed_dir=p.failed_dir, done_dir=p.done_dir,
-                         after_success=p.after_success, ledger=self.app.ledgers[0])
+        job = jobmod.Job.for_pair(p, Path(rel), self.app.plan(0), ledger=self.app.ledgers[0])
         return jobmod.run(job, self.app.pipeline)
 
     def out(self, name: str, rel: str, ext: str) -> Path:

@@ -4,20 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemon.config import OutputOptions
 from daemon.fate import Fate, Outcome, finish
-from daemon.job import Job
-from daemon.pipeline import Plan
+from daemon.source import Source
 
 
-def _job(tmp_path: Path, after_success: str, done_dir: Path | None = None) -> Job:
+def _job(tmp_path: Path, after_success: str, done_dir: Path | None = None) -> Source:
     inbox = tmp_path / "inbox"
     (inbox / "shoot").mkdir(parents=True)
     src = inbox / "shoot" / "a.jpg"
     src.write_bytes(b"the photo")
-    return Job(src, Path("shoot/a.jpg"), tmp_path / "outbox", Plan(OutputOptions()),
-               failed_dir=tmp_path / "failed", done_dir=done_dir or tmp_path / "done",
-               after_success=after_success)
+    return Source(src, Path("shoot/a.jpg"), tmp_path / "outbox",
+                  failed_dir=tmp_path / "failed", done_dir=done_dir or tmp_path / "done",
+                  after_success=after_success)
 
 
 def test_delivered_sources_are_kept_moved_or_deleted(tmp_path):
@@ -59,3 +57,39 @@ def test_a_move_to_done_that_fails_is_finished_as_that_failure(tmp_path):
     assert outcome.sha256 == "ab" * 32
     rec = json.loads((tmp_path / "failed" / "shoot" / "a.jpg.error.json").read_text())
     assert rec["reason"] == "io_error" and (tmp_path / "failed" / "shoot" / "a.jpg").exists()
+
+
+def test_withdraw_removes_only_what_this_job_wrote(tmp_path):
+    """A source gone mid-job: its outputs are withdrawn, but an output that another
+    actor (another daemon, an Approve) put under the same name meanwhile stays."""
+    from daemon.fate import identity
+    from daemon.nofollow import atomic_write_under
+
+    job = _job(tmp_path, "move")
+    mine = atomic_write_under(job.outbox, Path("master/shoot/a.jpg.png"), b"this job's")
+    theirs = atomic_write_under(job.outbox, Path("web/shoot/a.jpg.webp"), b"this job's")
+    ids = {mine: identity(mine), theirs: identity(theirs)}
+    atomic_write_under(job.outbox, Path("web/shoot/a.jpg.webp"), b"delivered by another")
+    job.src.unlink()
+    finish(Outcome(job, "withdrawn", written=[mine, theirs], identities=ids))
+    assert not mine.exists()
+    assert theirs.read_bytes() == b"delivered by another"
+
+
+def test_fate_review_and_verdict_never_import_the_job():
+    """Issue 26: no circle fate <-> job <-> review; they take a Source."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "daemon"
+    banned = {"fate": {"daemon.job", "daemon.verdict"}, "review": {"daemon.job", "daemon.fate",
+              "daemon.verdict"}, "verdict": {"daemon.job"}, "source": {"daemon.job",
+              "daemon.fate", "daemon.review"}}
+    for name, never in banned.items():
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        assert not imported & never, (name, imported & never)

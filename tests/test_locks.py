@@ -259,12 +259,14 @@ def test_claim_name_keeps_undecodable_names_distinct():
     assert claim_name("inbox", Path("shoot/café.jpg")) == "claim:inbox/shoot/café.jpg"
 
 
-def test_claim_on_one_machine_is_the_flock_alone(tmp_path):
-    a, b = FlockLocks(tmp_path / "locks"), FlockLocks(tmp_path / "locks")
+def test_claim_with_flocks_takes_a_claim_file_too(tmp_path):
+    """Daemons each with its own SQLite cache (flocks in their own folders) still see each
+    other's claims: the claim file on the share (issue 28, case 5)."""
+    a, b = FlockLocks(tmp_path / "a-locks"), FlockLocks(tmp_path / "b-locks")
     claims_dir = outbox_claims(tmp_path)
     got = claim(a, claims_dir, "claim:inbox/1.jpg", 30)
-    assert isinstance(got, Leases) and len(got.leases) == 1
-    assert not claims_dir.exists() or not any(claims_dir.iterdir())  # no claim file needed
+    assert isinstance(got, Leases) and len(got.leases) == 2
+    assert len(list(claims_dir.iterdir())) == 1
     assert claim(b, claims_dir, "claim:inbox/1.jpg", 30) is None
     got.release()
     again = claim(b, claims_dir, "claim:inbox/1.jpg", 30)

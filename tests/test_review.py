@@ -1,13 +1,14 @@
 """Review routing and its actions: real files, real images, real daemons."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from daemon import review
+from daemon import review, verdict
 from daemon.config import WatchPair
 from daemon.config.schema import ReviewConfig
 from daemon.nofollow import LinkedPathError, atomic_write_under
@@ -32,9 +33,15 @@ def _held(pair: WatchPair, rel: str = "shoot/cat.jpg", confidence: float = 0.2
     out = Path(rel).with_suffix(".jpg.png")
     atomic_write_under(review.review_dir(pair), out, encode(photo("chelsea"), "PNG"))
     item = review.new_item(str(pair.inbox), Path(rel), [out], confidence,
-                           ("uncertain alpha over 40% of the subject's area",), "u2netp", "miss")
+                           ("uncertain alpha over 40% of the subject's area",), "u2netp", "miss",
+                           sha256=hashlib.sha256(src.read_bytes()).hexdigest())
     review.hold(review.review_dir(pair), item)
     return item
+
+
+def _visible(folder: Path) -> list[Path]:
+    """What a photographer sees in a folder (the claims folder is rembgd's own)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
 
 
 def test_the_review_folder_defaults_beside_the_outbox(tmp_path):
@@ -48,12 +55,15 @@ def test_the_review_folder_defaults_beside_the_outbox(tmp_path):
 def test_a_held_item_is_listed_with_its_score_and_reasons(tmp_path):
     pair = _pair(tmp_path)
     item = _held(pair)
-    sidecar = tmp_path / "review" / ".rembgd-review" / f"{item.id}.json"
+    sidecar = tmp_path / "review" / ".rembgd-review" / f"{item.key}.json"
     record = json.loads(sidecar.read_text())
     assert record["confidence"] == 0.2 and record["source_rel"] == "shoot/cat.jpg"
     assert record["reasons"] == ["uncertain alpha over 40% of the subject's area"]
+    assert record["sha256"] == hashlib.sha256((pair.inbox / "shoot/cat.jpg").read_bytes()
+                                              ).hexdigest()  # what the cutout was made from
     assert review.list_items(review.review_dir(pair)) == [item]
-    assert item.id == review.item_id(Path("shoot/cat.jpg")) and len(item.id) == 40
+    # the id names this hold: the source's key, then this hold's content and time
+    assert item.id.startswith(review.source_key(Path("shoot/cat.jpg"))) and len(item.id) == 40
 
 
 def test_approve_moves_the_outputs_to_the_outbox_and_applies_after_success(tmp_path):
@@ -61,7 +71,7 @@ def test_approve_moves_the_outputs_to_the_outbox_and_applies_after_success(tmp_p
     item = _held(pair)
     held = tmp_path / "review" / "shoot" / "cat.jpg.png"
     data, ino = held.read_bytes(), held.stat().st_ino
-    moved = review.approve(pair, item.id)
+    moved = verdict.approve(pair, item.id)
     assert moved == [pair.outbox / "shoot" / "cat.jpg.png"]
     assert moved[0].read_bytes() == data and moved[0].stat().st_ino == ino  # renamed, not copied
     assert not held.exists() and review.list_items(review.review_dir(pair)) == []
@@ -72,7 +82,7 @@ def test_approve_moves_the_outputs_to_the_outbox_and_applies_after_success(tmp_p
 def test_approve_with_keep_leaves_the_source(tmp_path):
     pair = _pair(tmp_path)
     item = _held(pair)
-    review.approve(pair, item.id)
+    verdict.approve(pair, item.id)
     assert (pair.inbox / "shoot" / "cat.jpg").is_file()
     assert (pair.outbox / "shoot" / "cat.jpg.png").is_file()
 
@@ -83,22 +93,22 @@ def test_an_id_that_is_not_an_item_is_refused(tmp_path, bad):
     pair = _pair(tmp_path)
     _held(pair)
     with pytest.raises(review.NotFound):
-        review.approve(pair, bad)
+        verdict.approve(pair, bad)
     with pytest.raises(review.NotFound):
-        review.redo(pair, bad, "u2net", lambda *_: pytest.fail("submitted"))
-    assert list(pair.outbox.iterdir()) == []
+        verdict.redo(pair, bad, "u2net", lambda *_: pytest.fail("submitted"))
+    assert _visible(pair.outbox) == []
 
 
 def test_a_sidecar_naming_a_path_outside_the_review_folder_is_refused(tmp_path):
     pair = _pair(tmp_path)
     item = _held(pair)
-    sidecar = tmp_path / "review" / ".rembgd-review" / f"{item.id}.json"
+    sidecar = tmp_path / "review" / ".rembgd-review" / f"{item.key}.json"
     record = json.loads(sidecar.read_text())
     record["outputs"] = ["../inbox/shoot/cat.jpg"]
     sidecar.write_text(json.dumps(record))
     with pytest.raises(review.ReviewError):
-        review.approve(pair, item.id)
-    assert (pair.inbox / "shoot" / "cat.jpg").is_file() and list(pair.outbox.iterdir()) == []
+        verdict.approve(pair, item.id)
+    assert (pair.inbox / "shoot" / "cat.jpg").is_file() and _visible(pair.outbox) == []
 
 
 def test_a_link_in_the_review_folder_is_never_followed(tmp_path):
@@ -108,18 +118,18 @@ def test_a_link_in_the_review_folder_is_never_followed(tmp_path):
     os.rename(tmp_path / "review" / "shoot", elsewhere)
     os.symlink(elsewhere, tmp_path / "review" / "shoot")
     with pytest.raises(LinkedPathError):
-        review.approve(pair, item.id)
-    assert (elsewhere / "cat.jpg.png").is_file() and list(pair.outbox.iterdir()) == []
+        verdict.approve(pair, item.id)
+    assert (elsewhere / "cat.jpg.png").is_file() and _visible(pair.outbox) == []
 
 
 def test_redo_submits_the_source_with_the_model(tmp_path):
     pair = _pair(tmp_path)
     item = _held(pair)
-    assert review.redo(pair, item.id, "u2net", lambda path, model: (path, model)) == \
+    assert verdict.redo(pair, item.id, "u2net", lambda path, model: (path, model)) == \
         (pair.inbox / "shoot" / "cat.jpg", "u2net")
     (pair.inbox / "shoot" / "cat.jpg").unlink()
     with pytest.raises(review.ReviewError, match="no longer in"):
-        review.redo(pair, item.id, "u2net", lambda *_: pytest.fail("submitted"))
+        verdict.redo(pair, item.id, "u2net", lambda *_: pytest.fail("submitted"))
 
 
 # ------------------------------------------------------------------ in the daemon
@@ -171,7 +181,7 @@ def test_a_low_confidence_cutout_is_held_for_review_and_approved(svc, tmp_path):
     assert busy.is_file()  # left for the reviewer
 
     data = held.read_bytes()
-    assert review.approve(pair, item.id) == [pair.outbox / "busy.png.png"]
+    assert verdict.approve(pair, item.id) == [pair.outbox / "busy.png.png"]
     assert (pair.outbox / "busy.png.png").read_bytes() == data
     assert not busy.exists() and (pair.done_dir / "busy.png").is_file()  # after_success
     assert review.list_items(review.review_dir(pair)) == []
@@ -185,7 +195,7 @@ def test_redo_delivers_to_the_outbox_and_drops_the_item(svc, tmp_path):
     assert svc.intake.process(WorkItem(0, busy)) == "review"
     [item] = review.list_items(review.review_dir(pair))
     # as the web page's Redo does, but processed here and now rather than queued
-    assert review.redo(pair, item.id, "u2netp", lambda path, model: svc.intake.process(
+    assert verdict.redo(pair, item.id, "u2netp", lambda path, model: svc.intake.process(
         WorkItem(0, path, model=model))) == "exact"  # delivered whatever its score
     assert (pair.outbox / "busy.png.png").is_file() and (pair.done_dir / "busy.png").is_file()
     assert review.list_items(review.review_dir(pair)) == []

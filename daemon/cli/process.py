@@ -17,6 +17,7 @@ from daemon.config import AlphaMatting, Config, OutputOptions
 from daemon.config.schema import REFINES
 from daemon.pipeline import Pipeline, Plan
 from daemon.scan import is_ignored
+from daemon.source import Source
 
 TIER_ORDER = ("exact", "pixel", "near", "miss", "failed")
 log = structlog.get_logger("rembgd.process")
@@ -98,9 +99,9 @@ def plan_jobs(paths: list[Path], out_dir: Path, plan: Plan,
                 if src.absolute() == out_abs or out_abs in src.absolute().parents:
                     continue
                 if src.is_file() and not src.is_symlink():
-                    jobs.append(jobmod.Job(src, rel, out_dir, plan))
+                    jobs.append(jobmod.Job(Source(src, rel, out_dir), plan))
         else:
-            jobs.append(jobmod.Job(given, Path(given.name), out_dir, plan))
+            jobs.append(jobmod.Job(Source(given, Path(given.name), out_dir), plan))
     return jobs
 
 

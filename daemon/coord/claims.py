@@ -1,11 +1,17 @@
-"""The claim policy: which locks keep an inbox file to exactly one daemon.
+"""The claim policy: which locks keep an inbox file to exactly one owner.
 
-A claim is the lock backend's lock on ``claim:<inbox>/<relative path>`` and,
-where daemons on several machines may watch the same inbox (a lock backend
-shared across hosts, i.e. Redis), an ``O_EXCL`` claim file in the outbox's
-claims folder as well: while Redis is unreachable for some daemons and not for
-others, the claim file still keeps each file to one of them. When the lock
-backend cannot answer, the claim file alone is used (a fallback, logged).
+A claim is the lock backend's lock on ``claim:<inbox>/<relative path>`` and an
+``O_EXCL`` claim file in the outbox's claims folder (``<outbox>/.rembgd-claims``,
+on the share beside the outputs). The claim file is what every owner of a
+source's fate sees, whatever its cache: daemons with a Redis cache (while Redis
+is unreachable for some of them), daemons each with its own SQLite cache (whose
+flocks are local to their cache folders), other machines, and a reviewer's
+Approve (``daemon.verdict``). When the lock backend cannot answer, the claim
+file alone is used (a fallback, logged).
+
+``claim_source`` is the one way to claim a ``daemon.source.Source``: a job
+holds it from before it reads the source until its fate is applied; Approve
+and Redo hold it while they decide.
 """
 from __future__ import annotations
 
@@ -17,8 +23,12 @@ import structlog
 from daemon.cache.base import StoreError, describe
 from daemon.coord.leases import LeaseKeeper, Leases, try_lease
 from daemon.coord.locks import FileClaims, LockBackend
+from daemon.source import Source
 
 log = structlog.get_logger("rembgd.claims")
+
+CLAIMS_DIR = ".rembgd-claims"  # in the outbox
+DEFAULT_TTL_S = 30.0
 
 
 def claim_name(inbox_name: str, rel: Path) -> str:
@@ -38,7 +48,6 @@ def claim(locks: LockBackend | None, claims_dir: Path, name: str, ttl: float, *,
     (e.g. to count it) when the lock backend failed and the claim file stands in.
     """
     lease = None
-    shared = locks is None or locks.shared_across_hosts
     if locks is not None:
         try:
             lease = try_lease(locks, name, ttl, keeper)
@@ -47,12 +56,9 @@ def claim(locks: LockBackend | None, claims_dir: Path, name: str, ttl: float, *,
                         effect="claim files in the outbox keep each file to one daemon")
             if on_fallback is not None:
                 on_fallback(exc)
-            shared = True
         else:
             if lease is None:
                 return None  # another daemon holds the lock
-    if not shared:
-        return Leases(lease)  # one machine: the lock backend's lock is enough
     file_lease = None
     try:
         file_lease = try_lease(FileClaims(claims_dir), name, ttl, keeper)
@@ -60,3 +66,14 @@ def claim(locks: LockBackend | None, claims_dir: Path, name: str, ttl: float, *,
         if file_lease is None and lease is not None:
             lease.release()  # claimed elsewhere, or the claim file failed (OSError)
     return Leases(lease, file_lease) if file_lease is not None else None
+
+
+def claims_dir(outbox: Path) -> Path:
+    return Path(outbox) / CLAIMS_DIR
+
+
+def claim_source(locks: LockBackend | None, source: Source, ttl: float = DEFAULT_TTL_S, *,
+                 on_fallback: Callable[[StoreError], None] | None = None) -> Leases | None:
+    """Claim ``source``'s fate (see ``claim``); None when another owner has it."""
+    return claim(locks, claims_dir(source.outbox), claim_name(source.inbox.name, source.rel),
+                 ttl, on_fallback=on_fallback)

@@ -3,7 +3,8 @@
 ``Console`` reads the running Supervisor (its current config, standby, workers,
 status) and acts on its folders, always link-proof: Retry moves a file from
 failed/ back into the inbox, drops its sidecar and queues it like a new file;
-Approve and Redo go through ``daemon.review``. ``Web`` starts the server after
+Approve and Redo go through ``daemon.verdict`` (Approve under the source's
+claim, the one the workers take). ``Web`` starts the server after
 READY, restarts it when a reload changes ``web:`` and stops it on shutdown; the
 recent-outputs journal it opens is fed from the job outcomes.
 """
@@ -19,7 +20,7 @@ from typing import Iterator
 
 import structlog
 
-from daemon import review
+from daemon import review, verdict
 from daemon.config import Config, WatchPair
 from daemon.fate import Outcome
 from daemon.fsutil import ERROR_SUFFIX, fit_name, output_mode, safe_relative
@@ -147,7 +148,7 @@ class Console:
         p = self._pair(pair)
         with _review_errors():
             item = review.get(review.review_dir(p), item_id)
-            moved = review.approve(p, item_id)
+            moved = verdict.approve(p, item_id, claim=self.sup.intake.claim)
         self._journal(pair, item.source_rel, moved, "approved", item.tier, item.model,
                       item.confidence, item.reasons)
         return moved
@@ -191,23 +192,37 @@ class Console:
         return p, read_under(roots[source_root], Path(source_rel)), app
 
     def _deliver(self, pair: int, rel: Path, rendered: Rendered, event: str) -> list[Path]:
-        """Write ``rendered`` like a job: atomically; to the review folder and then
-        approved into the outbox when the source's cutout is held, else to the outbox."""
+        """Write ``rendered`` like a job, under the source's claim (never beside a running
+        job, Approve or Redo): atomically; to the review folder and approved into the
+        outbox under the same claim when the source's cutout is held, else to the outbox."""
         from daemon.job import Job  # the job imports the pipeline, as this module does
 
         if rendered.errors:
             raise Refused("; ".join(f"{n or 'png'}: {e}" for n, e in rendered.errors.items()))
         p = self._pair(pair)
-        job = Job(p.inbox / rel, rel, p.outbox, Plan(p.options, p.outputs))
-        folder = review.review_dir(p)
-        held = review.is_waiting(folder, rel)
-        root = folder if held else p.outbox
-        mode = output_mode(self.sup.cfg.umask)
-        written = [atomic_write_under(root, job.output_rel(name), payload, mode=mode,
-                                      make_root=held)
-                   for name, payload in rendered.files.items()]
-        if held:
-            return self.approve(pair, review.item_id(rel))
+        job = Job.for_pair(p, rel, Plan(p.options, p.outputs))
+        lease = self.sup.intake.claim(job.source)
+        if lease is None:
+            raise Refused(f"{rel.as_posix()} is being processed right now; try again when "
+                          "it is done")
+        try:
+            folder = review.review_dir(p)
+            held = review.waiting(folder, rel)
+            root = folder if held is not None else p.outbox
+            mode = output_mode(self.sup.cfg.umask)
+            written = [atomic_write_under(root, job.output_rel(name), payload, mode=mode,
+                                          make_root=held is not None)
+                       for name, payload in rendered.files.items()]
+            if held is not None:  # approve takes over the claim and releases it
+                claimed, lease = lease, None
+                with _review_errors():
+                    moved = verdict.approve(p, held.id, claim=lambda _source: claimed)
+                self._journal(pair, held.source_rel, moved, event, held.tier, held.model,
+                              held.confidence, held.reasons)
+                return moved
+        finally:
+            if lease is not None:
+                lease.release()
         self._journal(pair, rel.as_posix(), written, event, rendered.tier, "touch-up", None, ())
         return written
 
@@ -233,7 +248,7 @@ class Console:
         except ModelError as exc:
             raise Refused(str(exc)) from None
         with _review_errors():
-            review.redo(p, item_id, model, lambda path, m: self.sup.workers.submit(
+            verdict.redo(p, item_id, model, lambda path, m: self.sup.workers.submit(
                 WorkItem(pair, path, model=m)))
 
     # ----------------------------------------------------------- journal
@@ -242,17 +257,18 @@ class Console:
         """A job outcome: a delivered file goes into the recent-outputs journal."""
         if outcome.kind not in TIERS:
             return
-        job = outcome.job
-        source_root = {"keep": "inbox", "move": "done"}.get(job.after_success)
+        source = outcome.source
+        source_root = {"keep": "inbox", "move": "done"}.get(source.after_success)
         entry = RecentOutput(
-            time=time.time(), pair=pair, source_root=source_root, source_rel=job.rel.as_posix(),
-            outputs=tuple(Path(os.path.relpath(w, job.outbox)).as_posix()
+            time=time.time(), pair=pair, source_root=source_root,
+            source_rel=source.rel.as_posix(),
+            outputs=tuple(Path(os.path.relpath(w, source.outbox)).as_posix()
                           for w in outcome.written),
-            tier=outcome.kind, model=job.plan.options.model, ms=round(outcome.ms, 1))
+            tier=outcome.kind, model=outcome.model or "", ms=round(outcome.ms, 1))
         try:
             self.journal.add(entry)
         except sqlite3.Error as exc:  # the file is delivered; only the page misses it
-            log.warning("web_journal_failed", path=str(job.src), error=str(exc))
+            log.warning("web_journal_failed", path=str(source.src), error=str(exc))
 
 
 @contextmanager

@@ -1,8 +1,10 @@
 """Intake: a queued path -> admission (one pass of checks) -> Job -> claim -> job.run.
 
 The source's fate is applied by ``daemon.fate.finish`` (inside ``job.run``, or
-here for a file the ledger already records as done); the intake counts the
-outcome and schedules what comes next: a wait, a retry or standby.
+here for a file the ledger already records as done), always under the source's
+claim (``claim_source``: the lock backend's lock and the claim file), which an
+Approve on the page takes too; the intake counts the outcome and schedules what
+comes next: a wait, a retry or standby.
 
 ``Intake.process(item)`` is the public seam the tests drive: it does exactly
 what a worker does with one queued path, and returns what happened.
@@ -20,7 +22,8 @@ import structlog
 from daemon import job as jobmod
 from daemon import review
 from daemon.cache.base import StoreError
-from daemon.coord.claims import claim, claim_name
+from daemon.coord.claims import claim_source
+from daemon.coord.leases import Leases
 from daemon.fate import Outcome, finish
 from daemon.fsutil import safe_relative
 from daemon.scan import path_ignore_reason
@@ -28,10 +31,9 @@ from daemon.service.app import App
 from daemon.service.metrics import Metrics
 from daemon.service.standby import Standby, is_outage_error
 from daemon.service.status import Counters
+from daemon.source import Source
 
 log = structlog.get_logger("rembgd.service")
-
-CLAIMS_DIR = ".rembgd-claims"
 
 
 @dataclass(frozen=True)
@@ -108,25 +110,19 @@ class Intake:
         admitted = self.admit(pair.inbox, item.path, app.cfg.ignore)
         if admitted is None:
             return "skipped"
-        plan, route = app.plan(item.pair), pair.review
+        plan = app.plan(item.pair)
+        job = jobmod.Job.for_pair(pair, admitted.rel, plan, ledger=app.ledgers[item.pair],
+                                  wait_incomplete=True, make_outbox=False)
+        held_route = job.review
         if item.model is not None:  # a reviewer's redo: never held again, and processed
             # although the ledger records the file (it was, when it was held)
             plan = replace(plan, options=replace(plan.options, model=item.model))
-            route = replace(route, min_confidence=0.0) if route is not None else None
-        job = jobmod.Job(item.path, admitted.rel, pair.outbox, plan,
-                         pair.failed_dir, pair.done_dir, pair.after_success,
-                         ledger=app.ledgers[item.pair], wait_incomplete=True,
-                         make_outbox=False, review=route)
-        if item.model is None and self.is_done(job, admitted.st):
-            log.debug("up_to_date", path=str(item.path),
-                      reason="the ledger records this very file as processed")
-            return self._account(item, self._finish_done(job), app)
+            route = replace(held_route, min_confidence=0.0) if held_route is not None else None
+            job = replace(job, source=job.source.routed(route), plan=plan)
         try:
-            lease = claim(app.locks, pair.outbox / CLAIMS_DIR,
-                          claim_name(pair.inbox.name, admitted.rel), app.cfg.store.claim_ttl_s,
-                          on_fallback=lambda exc: self._claim_fallback(exc, app))
+            lease = self.claim(job.source, app)
         except OSError as exc:  # the claim file cannot be written (full or read-only outbox)
-            outcome = Outcome(job, "retry", error=str(exc), reason="transient", exc=exc)
+            outcome = Outcome(job.source, "retry", error=str(exc), reason="transient", exc=exc)
             return self._transient(item, outcome, app)
         if lease is None:
             self.counters.add("claimed_elsewhere")
@@ -138,7 +134,15 @@ class Intake:
             except FileNotFoundError:
                 self.counters.add("vanished")
                 return "vanished"
-            if item.model is None and self.is_done(job, st):  # finished elsewhere meanwhile
+            if item.model is not None and held_route is not None and not review.is_waiting(
+                    held_route.folder(pair.outbox), admitted.rel):
+                log.info("review_redo_cancelled", path=str(item.path), model=item.model,
+                         why="approved or delivered before the redo began")
+                self.counters.add("skipped")
+                return "skipped"
+            if item.model is None and self.is_done(job, st):  # e.g. killed after writing,
+                log.debug("up_to_date", path=str(item.path),  # before moving; or elsewhere
+                          reason="the ledger records this very file as processed")
                 outcome = self._finish_done(job)
             else:
                 outcome = jobmod.run(job, app.pipeline, umask=app.cfg.umask)
@@ -146,13 +150,20 @@ class Intake:
             lease.release()
         return self._account(item, outcome, app)
 
+    def claim(self, source: Source, app: App | None = None) -> Leases | None:
+        """Claim ``source``'s fate with the running config's locks (the page's Approve
+        takes the same claim)."""
+        app = app or self._app()
+        return claim_source(app.locks, source, app.cfg.store.claim_ttl_s,
+                            on_fallback=lambda exc: self._claim_fallback(exc, app))
+
     @staticmethod
     def _finish_done(job: jobmod.Job) -> Outcome:
         """A file the ledger records as processed: finished now (e.g. killed after writing,
         before moving), unless its cutout waits for review: then its fate is the reviewer's."""
-        if job.review is not None and review.is_waiting(job.review.folder(job.outbox), job.rel):
-            return Outcome(job, "under_review")
-        return finish(Outcome(job, "up_to_date"))
+        if job.review is not None and review.is_waiting(job.source.review_folder, job.rel):
+            return Outcome(job.source, "under_review")
+        return finish(Outcome(job.source, "up_to_date"))
 
     def _claim_fallback(self, exc: StoreError, app: App) -> None:
         """The lock backend failed and the claim file stood in: one more sign of a cache

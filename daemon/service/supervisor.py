@@ -22,6 +22,8 @@ from daemon.cache.pruner import Pruner
 from daemon.config import Config, ConfigError
 from daemon.inference.models import ModelError
 from daemon.config import WatchPair
+from daemon.coord.claims import claims_dir
+from daemon.coord.presence import Presence
 from daemon.fsutil import ERROR_SUFFIX
 from daemon.nofollow import remove_stale_temps
 from daemon.job import Job
@@ -78,6 +80,7 @@ class Supervisor:
         self.started = time.time()
         self.state = "starting"
         self.ticks = self.idle_ticks = 0  # ticks of the main loop; the idle ones in a row
+        self.presences: list[Presence] = []  # one per pair: other daemons on its inbox
         self.web = Web(self)  # the status page, when the config has `web:`
         self.intake.listeners.append(self.web.record)
 
@@ -171,8 +174,8 @@ class Supervisor:
             st = path.lstat()
         except FileNotFoundError:
             return True
-        job = Job(path, rel, self.cfg.watch[index].outbox, self.app.plan(index),
-                  ledger=self.app.ledgers[index])
+        job = Job.for_pair(self.cfg.watch[index], rel, self.app.plan(index),
+                           ledger=self.app.ledgers[index])
         try:
             return self.intake.is_done(job, st, hash_source=False)  # the workers hash
         except OSError:
@@ -188,6 +191,18 @@ class Supervisor:
                 continue
             if removed:
                 log.info("stale_temps_removed", folder=str(folder), count=len(removed))
+
+    def _announce(self) -> None:
+        """A presence file per pair beside its claim files (``daemon.coord.presence``):
+        another daemon on the same inbox is logged (``inbox_shared``), and the claim files
+        keep each source to one of them."""
+        for presence in self.presences:
+            presence.withdraw()
+        backend = self.cfg.store.backend if self.app is not None and self.app.cache else "none"
+        self.presences = [Presence(claims_dir(p.outbox), p.inbox, backend)
+                          for p in self.cfg.watch]
+        for presence in self.presences:
+            presence.tick()
 
     @staticmethod
     def _make_roots(pair: WatchPair) -> None:
@@ -233,6 +248,7 @@ class Supervisor:
             self._make_roots(pair)
         if old is not None and not app.shares_cache_with(old):
             old.close()
+        self._announce()
         self.stop_watching()
         self._start_watching()
         self.rescan()
@@ -312,6 +328,7 @@ class Supervisor:
         self.scheduler.start()
         if once:
             return self._run_once()
+        self._announce()
         self._start_watching()
         found = self.rescan()
         log.info("started", pid=os.getpid(), catch_up=found, workers=self.cfg.workers,
@@ -348,6 +365,8 @@ class Supervisor:
                 last_rescan = now
                 self.rescan()
             self._maybe_prune()
+            for presence in self.presences:
+                presence.tick(now)
             st = self.status()
             self.ticks += 1  # what tests wait on instead of sleeping: idle for n ticks
             self.idle_ticks = self.idle_ticks + 1 if st["state"] == "idle" else 0
@@ -369,6 +388,8 @@ class Supervisor:
         self.stop_watching()
         self.scheduler.stop()
         self.workers.join()
+        for presence in self.presences:
+            presence.withdraw()
         if self._prune_thread is not None:
             self._prune_thread.join(timeout=30)
         if self.app is not None:
