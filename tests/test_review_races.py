@@ -16,7 +16,7 @@ from daemon import review, verdict
 from daemon.imaging.stamp import read_stamp
 from daemon.nofollow import atomic_write_under
 from daemon.service.intake import WorkItem
-from tests.conftest import encode, photo
+from tests.helpers import encode, photo
 from tests.test_review import _drop_shots, _held, _pair, _visible, svc  # noqa: F401 (fixture)
 
 ROUNDS = 20
@@ -272,7 +272,7 @@ def _post(url: str, path: str, form: dict) -> tuple[int, str]:
 
 
 def _daemon(tmp_path: Path, models_dir: Path, after_success: str):
-    from tests.conftest import write_config
+    from tests.helpers import write_config
     from tests.harness import Daemon
 
     # a redo that found the source claimed by an Approve is queued again at claim_ttl_s / 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import write_config
+from tests.helpers import write_config
 from tests.harness import Daemon, wait_for
 from tests.test_daemon import synthetic
 
