@@ -15,6 +15,7 @@ from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tests.helpers import encode, photo, write_config
@@ -142,8 +143,13 @@ def test_review_approve_and_redo(local):
                                         "u2net_human_seg", "miss"))
     html = fetch(url, "/")[2].decode()
     assert ">Redo with u2netp<" in html
+    held = re.search(r'name="item" value="([0-9a-f]{40})"', html).group(1)
+    assert held != item  # an id per hold: Approve by the earlier one is refused
+    assert fetch(url, "/approve", method="POST", form={
+        "pair": 0, "item": item, "form_token": form_token(html)})[0] == 409
     assert fetch(url, "/redo", method="POST", form={
-        "pair": 0, "item": item, "model": "bria-rmbg", "form_token": form_token(html)})[0] == 409
+        "pair": 0, "item": held, "model": "bria-rmbg", "form_token": form_token(html)})[0] == 409
+    item = held
     status, _, _ = fetch(url, "/redo", method="POST", form={
         "pair": 0, "item": item, "model": "u2netp", "form_token": form_token(html)})
     assert status == 303
@@ -305,7 +311,6 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
     stroke only), concurrent touch-ups of one source, revert, and batch approve."""
     import threading
 
-    from daemon import review
     from daemon.web.controller import RecentOutput
     from daemon.web.journal import Journal
     from tests.helpers import png_alpha
@@ -398,21 +403,21 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         assert fetch(url, f"/api/items/{cat['id']}/revert", method="POST", headers=bearer,
                      jar=False)[0] == 409  # nothing left to revert
 
-        # batch approve: two held cutouts go to the outbox at once
-        folder = tmp_path / "review"
-        folder.mkdir()
-        ids = []
-        for name in ("a.jpg", "b.jpg"):  # held first: the daemon leaves a held source alone
-            (folder / f"{name}.png").write_bytes(output.read_bytes())
-            item = review.new_item(str(tmp_path / "inbox"), Path(name), [Path(f"{name}.png")],
-                                   0.2, ("uncertain edge",), "u2netp", "miss")
-            review.hold(folder, item)
-            (tmp_path / "inbox" / name).write_bytes(b"held source")
-            ids.append(f"r0-{item.id}")
+        # batch approve: the pair now holds every cutout (a reload); two are held, then
+        # approved at once
+        data = yaml.safe_load(config.read_text())
+        data["watch"][0]["review"] = {"min_confidence": 1.0}
+        config.write_text(yaml.safe_dump(data))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log(lambda e: e.get("event") == "config_reloaded")
+        for name, shot in (("a.jpg", "coffee"), ("b.jpg", "astronaut")):
+            (tmp_path / "inbox" / name).write_bytes(encode(photo(shot)[::4, ::4]))
+        held = daemon.wait_log(lambda e: e.get("event") == "review_held", count=2)
+        ids = [f"r0-{e['id']}" for e in held[-2:]]
         status, _, body = fetch(url, "/api/batch", method="POST", headers=bearer, jar=False,
                                 json_body={"action": "approve", "ids": ids + ["o99999"]})
         result = json.loads(body)
-        assert status == 200 and result["done"] == 2 and result["refused"] == 1
+        assert status == 200 and result["done"] == 2 and result["refused"] == 1, result["results"]
         assert (tmp_path / "outbox" / "a.jpg.png").is_file()
         assert (tmp_path / "outbox" / "b.jpg.png").is_file()
         text = fetch(url, "/metrics", headers=bearer, jar=False)[2].decode()

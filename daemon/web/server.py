@@ -442,22 +442,24 @@ class Handler(BaseHTTPRequestHandler):
         """Run one action on one item; what happened, for the page and the API."""
         ref = itemsmod.parse_id(id_)
         c = site.controller
-        item = self._item(site, id_)
-        pair = item["pair"]
-        source = item["source"]
-        if action == "approve":
+        if action in ("approve", "redo"):
+            # the controller judges the id: one of an earlier hold is refused (409) by
+            # Approve (the reviewer never saw what waits now) and redoes the source
             if ref.kind != "review":
-                raise Refused("only a review item can be approved")
-            moved = c.approve(pair, ref.key)
-            log.info("web_approve", pair=pair, item=ref.key)
-            return _done(f"Approved → {_shown(moved)}", moved)
-        if action == "redo":
-            if ref.kind != "review":
-                raise Refused("only a review item can be redone")
+                raise Refused(f"only a review item can be {action}d")
+            pair = ref.pair
+            c.roots(pair)  # no such pair: 404
+            if action == "approve":
+                moved = c.approve(pair, ref.key)
+                log.info("web_approve", pair=pair, item=ref.key)
+                return _done(f"Approved → {_shown(moved)}", moved)
             model = str(form.get("model", ""))
             c.redo(pair, ref.key, model)
             log.info("web_redo", pair=pair, item=ref.key, model=model)
-            return _done(f"Queued again with {model}: {source['path']}", [])
+            return _done(f"Queued again with {model}", [])
+        item = self._item(site, id_)
+        pair = item["pair"]
+        source = item["source"]
         if action in ("retry", "dismiss"):
             if ref.kind != "failed":
                 raise Refused(f"only a failed file can be {action}ed")
