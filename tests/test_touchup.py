@@ -123,3 +123,46 @@ def test_the_correction_wins_in_the_cache_until_it_is_reverted(tmp_path, models_
     assert pipe.forget_correction(jpeg)
     assert (png_alpha(render_legacy(pipe, jpeg, opts).files[""]) == model).all()
     assert not pipe.forget_correction(jpeg)
+
+
+@pytest.mark.slow
+def test_the_next_touch_up_reuses_the_decoded_source_unless_the_correction_changed(
+        tmp_path, models_dir, shared_engines, monkeypatch):
+    """A second touch-up of the same source decodes nothing (the workbench holds it); when
+    the stored correction is no longer the one the workbench holds (another daemon
+    reverted it over a shared cache), the source is decoded again and the earlier stroke
+    is gone: a stale alpha never overwrites the store's."""
+    from daemon import config as configmod
+    from daemon import pipeline as pipemod
+    from daemon.cache.sqlite import SqliteStore
+    from daemon.pipeline import Plan
+
+    cfg = configmod.load(write_config(tmp_path, models_dir))
+    pipe = pipeline_over(cfg, shared_engines, SqliteStore(cfg.cache.dir))
+    jpeg = encode(photo("chelsea"), "JPEG", quality=92)
+    plan = Plan(cfg.output_defaults)
+    model = png_alpha(render_legacy(pipe, jpeg, cfg.output_defaults).files[""])
+    decodes = []
+    real_decode = pipemod.decode
+    monkeypatch.setattr(pipemod, "decode", lambda *a, **kw: decodes.append(1) or
+                        real_decode(*a, **kw))
+
+    first = Stroke("remove", 20.0, ((150.0, 150.0), (220.0, 160.0)))
+    second = Stroke("remove", 15.0, ((330.0, 200.0),))
+    pipe.touch_up(jpeg, plan, [first])
+    assert len(decodes) == 1 and pipe.workbench.holding
+    both = png_alpha(pipe.touch_up(jpeg, plan, [second]).files[""])
+    assert len(decodes) == 1  # the workbench's pixels, fingerprint and alpha
+    core1 = touchup.paint([Stroke("remove", 20.0 - 2 * touchup.REACH, first.points)], 451, 300) > 0
+    core2 = touchup.paint([Stroke("remove", 15.0 - 2 * touchup.REACH, second.points)], 451, 300) > 0
+    assert both[core1].max() <= 8 and both[core2].max() <= 8 and model[core1].mean() > 200
+
+    pipe.corrections.drop(fpmod_sha(jpeg))  # as another daemon's revert would
+    third = png_alpha(pipe.touch_up(jpeg, plan, [second]).files[""])
+    assert len(decodes) == 2  # stale: decoded again, from the model's mask
+    assert (third[core1] == model[core1]).all() and third[core2].max() <= 8
+
+
+def fpmod_sha(data: bytes) -> str:
+    from daemon.imaging.fingerprint import sha256_bytes
+    return sha256_bytes(data)
