@@ -83,6 +83,24 @@ def local(tmp_path_factory, models_dir):
     daemon.stop()
 
 
+def test_previews_are_made_when_an_output_is_delivered_and_served_from_disk(local):
+    """The item view's previews of a delivered output and its source are made by the
+    daemon before anyone opens the item (first in this module: nothing has asked for a
+    preview); opening it makes nothing, it serves the cached files."""
+    tmp, daemon, url = local
+    folder = tmp / "cache" / "web" / "previews"
+    made = wait_for(lambda: sorted(folder.glob("*.webp")) if folder.is_dir()
+                    and len(list(folder.glob("*.webp"))) == 2 else None, timeout=60)
+    before = {f.name: f.stat().st_mtime_ns for f in made}
+    cached = {f.read_bytes() for f in made}
+    item = json.loads(fetch(url, "/api/outputs?limit=1")[2])["items"][0]["id"]
+    assert fetch(url, f"/item/{item}")[0] == 200
+    for root, rel in (("outbox", "cat.jpg.png"), ("inbox", "cat.jpg")):
+        status, headers, data = fetch(url, f"/preview?pair=0&root={root}&path={rel}")
+        assert status == 200 and headers["content-type"] == "image/webp" and data in cached
+    assert {f.name: f.stat().st_mtime_ns for f in folder.glob("*.webp")} == before
+
+
 def test_page_lists_outputs_failures_and_serves_thumbnails(local):
     tmp, daemon, url = local
     status, headers, html = fetch(url, "/")

@@ -30,7 +30,8 @@ from daemon.pipeline import Plan, Rendered
 from daemon.service.intake import WorkItem
 from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused, WaitingFile
 from daemon.web.journal import Journal, parse_query
-from daemon.web.server import WebServer
+from daemon.web.prefetch import Prefetcher
+from daemon.web.server import PREVIEW, PREVIEWS_KEPT, WebServer
 from daemon.web.thumbs import Thumbnails
 
 log = structlog.get_logger("rembgd.web")
@@ -43,9 +44,10 @@ DISMISSED = ".dismissed"  # failed/.dismissed/: failed files moved aside, never 
 class Console:
     """The ``daemon.web.controller.Controller`` of a running Supervisor."""
 
-    def __init__(self, sup, journal: Journal):
+    def __init__(self, sup, journal: Journal, prefetch: Prefetcher | None = None):
         self.sup = sup
         self.journal = journal
+        self.prefetch = prefetch
 
     def _pair(self, index: int) -> WatchPair:
         pairs = self.sup.cfg.watch
@@ -215,6 +217,7 @@ class Console:
                  model: str, confidence: float | None, reasons) -> None:
         p = self._pair(pair)
         source_root = {"keep": "inbox", "move": "done"}.get(p.after_success)
+        self._prefetch(pair, source_root, source_rel, paths)
         try:
             self.journal.add(RecentOutput(
                 time=time.time(), pair=pair, source_root=source_root, source_rel=source_rel,
@@ -238,12 +241,37 @@ class Console:
 
     # ----------------------------------------------------------- journal
 
+    def _prefetch(self, pair: int, source_root: str | None, source_rel: str,
+                  outputs: list[Path]) -> None:
+        """Queue the previews of a source and its outputs (never blocks; the roots are
+        the pair's own folders, so a path outside them is skipped)."""
+        if self.prefetch is None:
+            return
+        try:
+            roots = self.roots(pair)
+        except FileNotFoundError:
+            return
+        if source_root in roots:
+            self.prefetch.want(roots[source_root], Path(source_rel))
+        for path in outputs:
+            for name in ("outbox", "review"):
+                try:
+                    rel = Path(path).relative_to(roots[name])
+                except ValueError:
+                    continue
+                self.prefetch.want(roots[name], rel)
+                break
+
     def record(self, pair: int, outcome: Outcome) -> None:
-        """A job outcome: a delivered file goes into the recent-outputs journal."""
+        """A job outcome: a delivered file goes into the recent-outputs journal; its
+        previews (and a held cutout's) are made ahead of its first view."""
+        if outcome.kind == "review":
+            self._prefetch(pair, "inbox", outcome.job.rel.as_posix(), outcome.written)
         if outcome.kind not in TIERS:
             return
         job = outcome.job
         source_root = {"keep": "inbox", "move": "done"}.get(job.after_success)
+        self._prefetch(pair, source_root, job.rel.as_posix(), outcome.written)
         entry = RecentOutput(
             time=time.time(), pair=pair, source_root=source_root, source_rel=job.rel.as_posix(),
             outputs=tuple(Path(os.path.relpath(w, job.outbox)).as_posix()
@@ -297,8 +325,11 @@ class Web:
         if wanted is None:
             return
         state = cfg.cache.dir / "web"
-        console = Console(self.sup, Journal(state / "recent.sqlite"))
-        server = WebServer(cfg.web, console, Thumbnails(state / "thumbs"))
+        thumbs = Thumbnails(state / "thumbs")
+        previews = Thumbnails(state / "previews", PREVIEW, keep=PREVIEWS_KEPT)
+        prefetch = Prefetcher([previews, thumbs])
+        console = Console(self.sup, Journal(state / "recent.sqlite"), prefetch)
+        server = WebServer(cfg.web, console, thumbs, previews)
         try:
             url = server.start()
         except OSError as exc:
@@ -306,6 +337,7 @@ class Web:
             log.error("web_unavailable", listen=f"{cfg.web.host}:{cfg.web.port}",
                       error=str(exc), effect="no status page; files are still processed")
             return
+        prefetch.start()
         self.console, self._server, self._running = console, server, wanted
         log.info("web_listening", url=url, token=cfg.web.token is not None)
 
@@ -320,5 +352,7 @@ class Web:
     def close(self) -> None:
         if self._server is not None:
             self._server.stop()
+            if self.console.prefetch is not None:
+                self.console.prefetch.stop()
             self.console.journal.close()
         self.console, self._server, self._running = None, None, None
