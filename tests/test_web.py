@@ -438,3 +438,105 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         assert "rembgd_build_info{" in text and "rembgd_last_processed_timestamp_seconds" in text
     finally:
         daemon.stop()
+
+
+def test_a_second_touch_up_of_a_source_while_one_runs_is_refused_and_nothing_mixes(
+        tmp_path, models_dir, shared_engines):
+    """The real server and a real pipeline: the first touch-up is held inside the
+    daemon (after the request was accepted, before any pixel is computed) while a second
+    one of the same source, with another stroke, arrives: it is refused with 409 and
+    changes nothing. The file then delivered is byte for byte the first touch-up alone,
+    as a fresh pipeline makes it; after it, the second stroke is accepted and applied on
+    top (serialised, never mixed)."""
+    import threading
+
+    from daemon import config as configmod
+    from daemon.cache.sqlite import SqliteStore
+    from daemon.config.schema import Secret, WebConfig
+    from daemon.fsutil import atomic_write_bytes
+    from daemon.imaging.touchup import Stroke
+    from daemon.pipeline import Plan
+    from daemon.web.controller import RecentOutput
+    from daemon.web.journal import Journal
+    from daemon.web.server import WebServer
+    from daemon.web.thumbs import Thumbnails
+    from tests.helpers import pipeline_over, png_alpha
+
+    def make_pipeline(where: Path):
+        cfg = configmod.load(write_config(where, models_dir))
+        return cfg, pipeline_over(cfg, shared_engines, SqliteStore(cfg.cache.dir))
+
+    jpeg = encode(photo("chelsea"), "JPEG", quality=92)
+    cfg, pipe = make_pipeline(tmp_path / "desk")
+    plan = Plan(cfg.output_defaults)
+    roots = {"inbox": tmp_path / "desk" / "inbox", "outbox": tmp_path / "desk" / "outbox"}
+    (roots["inbox"] / "cat.jpg").write_bytes(jpeg)
+    output = roots["outbox"] / "cat.jpg.png"
+    output.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(output, pipe.render(jpeg, plan).files[""])
+    model = output.read_bytes()
+    journal = Journal(tmp_path / "recent.sqlite")
+    journal.add(RecentOutput(time.time(), 0, "inbox", "cat.jpg", ("cat.jpg.png",), "miss",
+                             "u2netp", 1.0))
+    entered, release = threading.Event(), threading.Event()
+
+    class Desk:  # the Controller's touch-up as the daemon's: render, then write atomically
+        def roots(self, pair):
+            return roots
+
+        def output(self, row):
+            return journal.get(row)
+
+        def latest_output(self, pair, rel):
+            return journal.latest_for(pair, rel)
+
+        def touchup(self, pair, root, rel, strokes):
+            if not entered.is_set():
+                entered.set()
+                assert release.wait(60)
+            data = (roots[root] / rel).read_bytes()
+            atomic_write_bytes(output, pipe.touch_up(data, plan, strokes).files[""])
+            return [output]
+
+    server = WebServer(WebConfig(listen="127.0.0.1:0", token=Secret(TOKEN)), Desk(),
+                       Thumbnails(tmp_path / "t"))
+    url = server.start()
+    first = {"mode": "remove", "radius": 20, "points": [[150, 150], [220, 160]]}
+    second = {"mode": "remove", "radius": 15, "points": [[330, 200]]}
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    act = "/api/items/o1/touchup"
+    answers = []
+    try:
+        runner = threading.Thread(target=lambda: answers.append(fetch(
+            url, act, method="POST", json_body={"strokes": [first]},
+            headers=bearer, jar=False)))
+        runner.start()
+        assert entered.wait(60)  # the first touch-up is inside the daemon now
+        status, _, body = fetch(url, act, method="POST", json_body={"strokes": [second]},
+                                headers=bearer, jar=False)
+        assert status == 409 and "is running; try again" in json.loads(body)["error"]
+        assert output.read_bytes() == model  # nothing written by the refused one
+        release.set()
+        runner.join(60)
+        assert answers and answers[0][0] == 200, answers
+        after_first = output.read_bytes()
+        status = fetch(url, act, method="POST", json_body={"strokes": [second]},
+                       headers=bearer, jar=False)[0]
+        assert status == 200  # once the first is done, the next is taken
+        after_both = output.read_bytes()
+    finally:
+        server.stop()
+        journal.close()
+
+    # the references: the same touch-ups, one at a time, by a fresh pipeline and cache
+    _, fresh = make_pipeline(tmp_path / "fresh")
+    fresh.render(jpeg, plan)
+    s1 = Stroke("remove", 20.0, ((150.0, 150.0), (220.0, 160.0)))
+    s2 = Stroke("remove", 15.0, ((330.0, 200.0),))
+    only_first = fresh.touch_up(jpeg, plan, [s1]).files[""]
+    then_second = fresh.touch_up(jpeg, plan, [s2]).files[""]
+    assert after_first == only_first  # the first whole, nothing of the refused second
+    assert after_both == then_second
+    assert png_alpha(after_first)[200, 330] == png_alpha(model)[200, 330] > 200
+    assert png_alpha(after_both)[200, 330] <= 8
+
