@@ -222,7 +222,7 @@ class _DeskController:
         from daemon.web.controller import PairView
         return {"pairs": [PairView(0, str(self._roots["inbox"]), str(self._roots["outbox"]),
                                    "watching")], "queued": 0, "in_progress": 0,
-                "line": "idle, 0 hits / 0 misses"}
+                "line": "idle; since start: 0 hits / 0 misses"}
 
     def search_outputs(self, q, limit, offset):
         from daemon.web.journal import parse_query

@@ -107,6 +107,9 @@ def test_page_lists_outputs_failures_and_serves_thumbnails(local):
     assert status == 200 and headers["content-type"].startswith("text/html")
     page = html.decode()
     assert "watching" in page and str(tmp / "inbox") in page
+    # the counts are totals since start and say so; the queue is what is there now
+    assert re.search(r"idle; since start: 0 hits / 1 misses, 1 failed; now: 0 queued, 0 in "
+                     r"progress", page), re.search(r'id="line">[^<]*', page)
     assert "cat.jpg" in page and "miss" in page and "u2netp" in page  # recent output
     assert "broken.jpg" in page and "unsupported" in page and ">Retry<" in page
     for root, rel in (("outbox", "cat.jpg.png"), ("inbox", "cat.jpg")):
@@ -118,6 +121,7 @@ def test_page_lists_outputs_failures_and_serves_thumbnails(local):
     assert len(list((tmp / "cache" / "web" / "thumbs").iterdir())) == 2  # cached on disk
     st = daemon.status()  # `rembgd status` keeps working, and names the page
     assert st["running"] and st["web"] == url and st["incomplete"] == 0
+    assert st["line"] == "idle; since start: 0 hits / 1 misses, 1 failed"  # `rembgd status`
 
     status, headers, body = fetch(url, "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")

@@ -28,6 +28,7 @@ from daemon.inference.registry import local_specs
 from daemon.nofollow import atomic_write_under, move_between, read_under, unlink_under
 from daemon.pipeline import Plan, Rendered
 from daemon.service.intake import WorkItem
+from daemon.service.status import status_line
 from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused, WaitingFile
 from daemon.web.journal import Journal, parse_query
 from daemon.web.prefetch import Prefetcher
@@ -70,8 +71,9 @@ class Console:
             else:
                 state, why = "watching", None
             pairs.append(PairView(i, str(p.inbox), str(p.outbox), state, why))
+        # the page shows the queue beside the line, as what is there now
         return {"pairs": pairs, "queued": st["queued"], "in_progress": st["in_progress"],
-                "line": st["line"]}
+                "line": status_line(st["state"], st["counters"], 0)}
 
     def recent_outputs(self, limit: int) -> list[RecentOutput]:
         return self.journal.last(limit)

@@ -67,7 +67,8 @@ class WaitingFile:
 
 class Controller(Protocol):
     def snapshot(self) -> dict:
-        """{"pairs": [PairView], "queued": int, "in_progress": int, "line": str}."""
+        """{"pairs": [PairView], "queued": int, "in_progress": int, "line": str}; the
+        line's counts are totals since the daemon started and say so ("since start:")."""
 
     def recent_outputs(self, limit: int) -> list[RecentOutput]:
         """The last ``limit`` outputs, newest first."""
