@@ -425,7 +425,6 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         folder.mkdir()
         ids = []
         for name in ("a.jpg", "b.jpg"):
-            (tmp_path / "inbox" / name).write_bytes(b"held source")
             (folder / f"{name}.png").write_bytes(output.read_bytes())
             item = review.new_item(str(tmp_path / "inbox"), Path(name), [Path(f"{name}.png")],
                                    0.2, ("uncertain edge",), "u2netp", "miss")

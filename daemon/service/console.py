@@ -219,7 +219,8 @@ class Console:
                  model: str, confidence: float | None, reasons) -> None:
         p = self._pair(pair)
         source_root = {"keep": "inbox", "move": "done"}.get(p.after_success)
-        self._prefetch(pair, source_root, source_rel, paths)
+        if event == "approved":  # (a touch-up's view asks for its new previews at once:
+            self._prefetch(pair, source_root, source_rel, paths)  # made then, not niced)
         try:
             self.journal.add(RecentOutput(
                 time=time.time(), pair=pair, source_root=source_root, source_rel=source_rel,

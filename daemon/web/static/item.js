@@ -18,9 +18,15 @@
   let tool = "pan", strokes = [], drawing = null;
   let version = Date.now();
 
+  // the message floats over the view (it never moves the images); a plain one goes
+  // after a while, an error stays until it is clicked
+  let hideLater = null;
   function say(text, isError) {
     msg.textContent = text; msg.classList.remove("hidden"); msg.classList.toggle("error", !!isError);
+    clearTimeout(hideLater);
+    if (!isError) hideLater = setTimeout(() => msg.classList.add("hidden"), 8000);
   }
+  msg.addEventListener("click", () => msg.classList.add("hidden"));
   const q = (f) => new URLSearchParams({pair: f.pair, root: f.root, path: f.path}).toString();
 
   // ---------------------------------------------------------------- images
