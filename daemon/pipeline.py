@@ -150,6 +150,7 @@ class Pipeline:
         wanted = self.targets(plan)
         sha = fpmod.sha256_bytes(data)
         basis = (wanted[0].mask_key, wanted[0].refine)
+        self.workbench.wait_prepared(sha)  # (before the budget: the preparing holds some)
         with self.budget.hold(probe_pixels(data)):
             work = self._work(data, sha, plan, basis)
             alpha = touchup.apply(work.decoded.rgb, work.alpha, strokes, basis[1])
@@ -159,6 +160,16 @@ class Pipeline:
             files, errors = self._render_alpha(wanted, work.decoded, alpha)
         self.workbench.keep(replace(work, alpha=alpha, digest=digest))
         return Rendered(stamp_files(files, wanted, sha), "exact", errors, sha256=sha)
+
+    def prepare_touch_up(self, data: bytes, plan: Plan) -> None:
+        """Put the source on the workbench ahead of its touch-up (while the retoucher
+        draws): decoded, fingerprinted, its current alpha made."""
+        wanted = self.targets(plan)
+        sha = fpmod.sha256_bytes(data)
+        basis = (wanted[0].mask_key, wanted[0].refine)
+        with self.workbench.preparing(sha), self.budget.hold(probe_pixels(data)):
+            work = self._work(data, sha, plan, basis)
+            self.workbench.keep(work)
 
     def _work(self, data: bytes, sha: str, plan: Plan, basis: tuple) -> Work:
         """The source decoded with its current alpha: from the workbench while the

@@ -166,3 +166,49 @@ def test_the_next_touch_up_reuses_the_decoded_source_unless_the_correction_chang
 def fpmod_sha(data: bytes) -> str:
     from daemon.imaging.fingerprint import sha256_bytes
     return sha256_bytes(data)
+
+
+@pytest.mark.slow
+def test_a_touch_up_during_its_preparation_waits_for_it_and_decodes_nothing(
+        tmp_path, models_dir, shared_engines, monkeypatch):
+    """The item view prepares the source when a brush is picked; a touch-up that comes
+    while that runs waits for it and uses its work (one decode in all), and gives the
+    same file as a touch-up without any preparation."""
+    import threading
+
+    from daemon import config as configmod
+    from daemon import pipeline as pipemod
+    from daemon.cache.sqlite import SqliteStore
+    from daemon.pipeline import Plan
+
+    cfg = configmod.load(write_config(tmp_path, models_dir))
+    pipe = pipeline_over(cfg, shared_engines, SqliteStore(cfg.cache.dir))
+    jpeg = encode(photo("chelsea"), "JPEG", quality=92)
+    plan = Plan(cfg.output_defaults)
+    render_legacy(pipe, jpeg, cfg.output_defaults)
+    stroke = Stroke("remove", 20.0, ((150.0, 150.0), (220.0, 160.0)))
+    plain = pipe.touch_up(jpeg, plan, [stroke]).files[""]
+    pipe.forget_correction(jpeg)
+
+    decoding, release, decodes = threading.Event(), threading.Event(), []
+    real_decode = pipemod.decode
+
+    def held_decode(*a, **kw):
+        decodes.append(1)
+        decoding.set()
+        assert release.wait(30)
+        return real_decode(*a, **kw)
+    monkeypatch.setattr(pipemod, "decode", held_decode)
+    preparing = threading.Thread(target=pipe.prepare_touch_up, args=(jpeg, plan))
+    preparing.start()
+    assert decoding.wait(30)  # the preparation is decoding, held
+    result = []
+    touching = threading.Thread(target=lambda: result.append(pipe.touch_up(jpeg, plan,
+                                                                          [stroke])))
+    touching.start()
+    touching.join(0.5)
+    assert touching.is_alive() and len(decodes) == 1  # waiting, not decoding a second time
+    release.set()
+    preparing.join(30)
+    touching.join(30)
+    assert len(decodes) == 1 and result[0].files[""] == plain

@@ -384,6 +384,12 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         assert fetch(url, act, method="POST", json_body={"strokes": "x"},
                      headers={"X-Form-Token": mine})[0] == 400
         assert (png_alpha(output.read_bytes()) == before).all()  # nothing done so far
+        # a brush picked: the source is made ready in the background (answered at once)
+        status, _, body = fetch(url, f"/api/items/{cat['id']}/prepare", method="POST",
+                                headers={"X-Form-Token": mine})
+        assert status == 200 and "ready for touch-up" in json.loads(body)["message"]
+        daemon.wait_log(lambda e: e.get("event") == "web_prepared"
+                        and e.get("source") == "cat.jpg", timeout=60)
         status, _, body = fetch(url, act, method="POST", json_body={"strokes": [stroke]},
                                 headers={"X-Form-Token": mine})
         result = json.loads(body)

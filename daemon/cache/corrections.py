@@ -18,8 +18,9 @@ let go after ``ttl_s`` unused.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -104,6 +105,30 @@ class Workbench:
         self._lock = threading.Lock()
         self._work: Work | None = None
         self._timer: threading.Timer | None = None
+        self._preparing: tuple[str, threading.Event] | None = None
+
+    @contextmanager
+    def preparing(self, sha256: str) -> Iterator[None]:
+        """Around the making of a source's work ahead of its touch-up: a ``take`` of
+        that source meanwhile waits for it instead of decoding the source a second time."""
+        done = threading.Event()
+        with self._lock:
+            self._preparing = (sha256, done)
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._preparing is not None and self._preparing[1] is done:
+                    self._preparing = None
+            done.set()
+
+    def wait_prepared(self, sha256: str, wait_s: float = 60.0) -> None:
+        """Return once this source's work is no longer being prepared (or after
+        ``wait_s``); at once if it is not."""
+        with self._lock:
+            preparing = self._preparing
+        if preparing is not None and preparing[0] == sha256:
+            preparing[1].wait(wait_s)
 
     def take(self, sha256: str, basis: tuple) -> Work | None:
         """The work kept for this source and basis (then no longer kept), or None."""

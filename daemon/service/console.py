@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,8 @@ class Console:
         self.sup = sup
         self.journal = journal
         self.prefetch = prefetch
+        self._preparing_lock = threading.Lock()
+        self._preparing = False  # a source being put on the workbench
 
     def _pair(self, index: int) -> WatchPair:
         pairs = self.sup.cfg.watch
@@ -176,6 +179,31 @@ class Console:
         p, data, app = self._source(pair, source_root, source_rel)
         rendered = app.pipeline.touch_up(data, Plan(p.options, p.outputs), strokes)
         return self._deliver(pair, Path(source_rel), rendered, "touched-up")
+
+    def prepare(self, pair: int, source_root: str, source_rel: str) -> None:
+        """The source put on the pipeline's workbench on a thread of its own, one at a
+        time (another meanwhile is skipped: its touch-up then reads the source itself)."""
+        p, data, app = self._source(pair, source_root, source_rel)
+        plan = Plan(p.options, p.outputs)
+        with self._preparing_lock:
+            if self._preparing:
+                return
+            self._preparing = True
+
+        def run() -> None:
+            start = time.perf_counter()
+            try:
+                app.pipeline.prepare_touch_up(data, plan)
+                log.info("web_prepared", source=source_rel,
+                         ms=round((time.perf_counter() - start) * 1000, 1))
+            except Exception as exc:  # the touch-up will say what is wrong, if anything
+                log.warning("web_prepare_failed", source=source_rel,
+                            error=f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._preparing_lock:
+                    self._preparing = False
+
+        threading.Thread(target=run, name="web-prepare", daemon=True).start()
 
     def revert(self, pair: int, source_root: str, source_rel: str) -> list[Path]:
         p, data, app = self._source(pair, source_root, source_rel)

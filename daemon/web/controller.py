@@ -123,5 +123,9 @@ class Controller(Protocol):
         re-render every deliverable and deliver them (a held item goes to the outbox);
         the corrected mask is kept in the cache. The delivered paths."""
 
+    def prepare(self, pair: int, source_root: str, source_rel: str) -> None:
+        """Start getting the source ready for a touch-up (decoded, its alpha made) in the
+        background; returns at once."""
+
     def revert(self, pair: int, source_root: str, source_rel: str) -> list[Path]:
         """Drop the source's correction and deliver the model's mask again."""

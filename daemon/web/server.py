@@ -146,7 +146,7 @@ ROUTES: list[tuple[str, re.Pattern, str, str]] = [(m, re.compile(p), h, a) for m
     ("GET", r"/api/outputs", "api_outputs", "read"),
     ("GET", r"/api/state", "api_state", "read"),
     ("GET", r"/api/items/([a-z0-9-]{2,64})", "api_item", "read"),
-    ("POST", r"/api/items/([a-z0-9-]{2,64})/(approve|redo|retry|dismiss|touchup|revert)",
+    ("POST", r"/api/items/([a-z0-9-]{2,64})/(approve|redo|retry|dismiss|touchup|revert|prepare)",
      "api_action", "act"),
     ("POST", r"/api/batch", "api_batch", "act"),
     ("POST", r"/logout", "logout", "act"),
@@ -472,6 +472,9 @@ class Handler(BaseHTTPRequestHandler):
             raise Refused("a failed file has no mask to touch up")
         if source["root"] is None:
             raise Refused("the source is no longer kept (after_success: delete)")
+        if action == "prepare":  # a brush was picked: started, not waited for
+            c.prepare(pair, source["root"], source["path"])
+            return _done(f"Getting {source['path']} ready for touch-up", [])
         key = (pair, source["path"])
         with site.touch_lock:
             if key in site.touching:

@@ -135,8 +135,12 @@
     if ($("undo")) $("undo").disabled = !strokes.length;
     if ($("apply")) $("apply").disabled = !strokes.length;
   }
+  // a brush picked: the daemon gets the source ready (decoded, its alpha made) while
+  // the strokes are drawn, so Apply costs the strokes and the file, not a decode
+  let prepared = false;
   function setTool(t) {
     tool = t;
+    if (t !== "pan" && !prepared) { prepared = true; post("prepare", {}).catch(() => {}); }
     document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("on", b.dataset.tool === t));
     viewer.classList.toggle("brush", t !== "pan");
   }
