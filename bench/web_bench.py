@@ -409,15 +409,17 @@ def measure_desk(n: int, requests: int, models: Path, touchups: int) -> list[str
         atomic_write_bytes(out, touched.files[""])
         prepared_ms = (time.perf_counter() - t0) * 1000
         med, med_cold = statistics.median(warm_t), statistics.median(cold_t)
-        paint = statistics.median(first_paint)
+        paint = first_paint[0]  # the item's first view; then the browser's cache aside
         lines += [f"### 24 MP source (6000 x 4000 JPEG), cache on, u2netp",
                   "", "| step | ms |", "|---|---:|",
                   f"| first render (miss: decode, inference, refine, PNG) | {first_ms:.0f} |",
                   f"| previews made ahead, in the background after delivery (source + cutout, "
                   f"2048 px WebP, and their thumbnails) | {ahead_ms:.0f} |",
-                  f"| **item view first paint** (item page HTML + source preview + cutout "
-                  f"preview, served from the cache), median of {len(paints)} | {paint:.1f} |",
-                  f"| first paint runs (HTML + source + cutout) | "
+                  f"| **item view first paint** (the item's first view: page HTML + source "
+                  f"preview + cutout preview, served from the cache) | {paint:.1f} |",
+                  f"| views again, median of {len(paints) - 1} | "
+                  f"{statistics.median(first_paint[1:]):.1f} |",
+                  f"| view runs, ms (HTML + source + cutout) | "
                   f"{', '.join(f'{p[0]:.1f}+{p[1]:.1f}+{p[2]:.1f}' for p in paints)} |",
                   f"| for comparison, previews made on first view (source + cutout) | "
                   f"{cold[0]:.0f} + {cold[1]:.0f} |",
