@@ -161,3 +161,41 @@ def test_the_prefetcher_never_blocks_makes_one_at_a_time_at_the_lowest_priority(
     assert pre.made == 3 and seen == [(1, 19)] * 3
     assert len(list((tmp_path / "previews").glob("*.webp"))) == 3
     assert previews.get(tmp_path, Path("p3.jpg"))  # the dropped one: made on request
+
+
+def test_a_request_waits_for_the_file_being_made_but_not_for_long(tmp_path, monkeypatch):
+    """A request for a preview the prefetcher is making gets that one (made once); if the
+    making takes longer than ``WAIT_FOR_OTHER_S`` the request makes it itself."""
+    import threading
+
+    from PIL import Image
+
+    from daemon.web import thumbs as thumbsmod
+
+    Image.new("RGB", (300, 200), (10, 120, 200)).save(tmp_path / "a.jpg")
+    monkeypatch.setattr(thumbsmod, "WAIT_FOR_OTHER_S", 0.3)
+    started, release, makes = threading.Event(), threading.Event(), []
+
+    class Held(thumbsmod.Thumbnails):
+        def _make(self, fh):
+            makes.append(threading.current_thread().name)
+            if threading.current_thread().name == "prefetch":
+                started.set()
+                release.wait(10)
+            return super()._make(fh)
+
+    for slow in (False, True):
+        makes.clear()
+        started.clear()
+        release.clear()
+        maker = Held(tmp_path / f"previews-{slow}", 64)
+        first = threading.Thread(target=maker.get, args=(tmp_path, Path("a.jpg")),
+                                 name="prefetch")
+        first.start()
+        assert started.wait(10)
+        if not slow:
+            threading.Timer(0.05, release.set).start()  # done well within the wait
+        got = maker.get(tmp_path, Path("a.jpg"))
+        release.set()
+        first.join(10)
+        assert got and makes == (["prefetch", "MainThread"] if slow else ["prefetch"])

@@ -23,6 +23,7 @@ from daemon.imaging.decode import register_codecs
 from daemon.nofollow import open_under
 
 SIZE = 256
+WAIT_FOR_OTHER_S = 2.0  # the longest a request waits for another thread making its file
 
 
 class ThumbnailError(ValueError):
@@ -53,21 +54,25 @@ class Thumbnails:
                 pass
             with self._lock:
                 file_lock = self._files.setdefault(path, threading.Lock())
+            # a request while the (niced) prefetcher makes this file waits for that one,
+            # but not for long: then it makes the file itself, at its own priority
+            held = file_lock.acquire(timeout=WAIT_FOR_OTHER_S)
             try:
-                with file_lock:  # a request while the prefetcher makes it waits for that one
+                try:
+                    return path.read_bytes()
+                except FileNotFoundError:
+                    pass
+                with self._making:
                     try:
-                        return path.read_bytes()
-                    except FileNotFoundError:
-                        pass
-                    with self._making:
-                        try:
-                            data = self._make(fh)
-                        except (OSError, ValueError, SyntaxError,
-                                Image.DecompressionBombError) as exc:
-                            raise ThumbnailError(f"{type(exc).__name__}: {exc}") from None
-                    atomic_write_bytes(path, data)
+                        data = self._make(fh)
+                    except (OSError, ValueError, SyntaxError,
+                            Image.DecompressionBombError) as exc:
+                        raise ThumbnailError(f"{type(exc).__name__}: {exc}") from None
+                atomic_write_bytes(path, data)
             finally:
                 with self._lock:
+                    if held:
+                        file_lock.release()
                     if not file_lock.locked():
                         self._files.pop(path, None)
         self._note_made()
