@@ -410,7 +410,7 @@ def measure_desk(n: int, requests: int, models: Path, touchups: int) -> list[str
         prepared_ms = (time.perf_counter() - t0) * 1000
         med, med_cold = statistics.median(warm_t), statistics.median(cold_t)
         paint = first_paint[0]  # the item's first view; then the browser's cache aside
-        lines += [f"### 24 MP source (6000 x 4000 JPEG), cache on, u2netp",
+        lines += ["### 24 MP source (6000 x 4000 JPEG), cache on, u2netp",
                   "", "| step | ms |", "|---|---:|",
                   f"| first render (miss: decode, inference, refine, PNG) | {first_ms:.0f} |",
                   f"| previews made ahead, in the background after delivery (source + cutout, "

@@ -135,6 +135,7 @@ def test_the_next_touch_up_reuses_the_decoded_source_unless_the_correction_chang
     from daemon import config as configmod
     from daemon import pipeline as pipemod
     from daemon.cache.sqlite import SqliteStore
+    from daemon.imaging.fingerprint import sha256_bytes
     from daemon.pipeline import Plan
 
     cfg = configmod.load(write_config(tmp_path, models_dir))
@@ -153,19 +154,16 @@ def test_the_next_touch_up_reuses_the_decoded_source_unless_the_correction_chang
     assert len(decodes) == 1 and pipe.workbench.holding
     both = png_alpha(pipe.touch_up(jpeg, plan, [second]).files[""])
     assert len(decodes) == 1  # the workbench's pixels, fingerprint and alpha
-    core1 = touchup.paint([Stroke("remove", 20.0 - 2 * touchup.REACH, first.points)], 451, 300) > 0
-    core2 = touchup.paint([Stroke("remove", 15.0 - 2 * touchup.REACH, second.points)], 451, 300) > 0
+    core1 = touchup.paint([Stroke("remove", 20.0 - 2 * touchup.REACH, first.points)],
+                          451, 300) > 0
+    core2 = touchup.paint([Stroke("remove", 15.0 - 2 * touchup.REACH, second.points)],
+                          451, 300) > 0
     assert both[core1].max() <= 8 and both[core2].max() <= 8 and model[core1].mean() > 200
 
-    pipe.corrections.drop(fpmod_sha(jpeg))  # as another daemon's revert would
+    pipe.corrections.drop(sha256_bytes(jpeg))  # as another daemon's revert would
     third = png_alpha(pipe.touch_up(jpeg, plan, [second]).files[""])
     assert len(decodes) == 2  # stale: decoded again, from the model's mask
     assert (third[core1] == model[core1]).all() and third[core2].max() <= 8
-
-
-def fpmod_sha(data: bytes) -> str:
-    from daemon.imaging.fingerprint import sha256_bytes
-    return sha256_bytes(data)
 
 
 @pytest.mark.slow

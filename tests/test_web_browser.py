@@ -238,7 +238,8 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
         assert over == [], "; ".join(over)
         approve = browser.find_element(By.ID, "approve").rect
         height = browser.execute_script("return window.innerHeight")
-        assert approve["height"] >= 40 and height - 120 <= approve["y"] <= height - approve["height"]
+        assert approve["height"] >= 40
+        assert height - 120 <= approve["y"] <= height - approve["height"]  # at the bottom
         assert "waiting for review" in browser.find_element(By.ID, "facts").text
         _screenshot(browser, tmp_path, "web-phone-item.png")
         browser.set_window_size(1280, 900)
