@@ -22,7 +22,7 @@ import numpy as np
 import structlog
 
 from daemon.budget import PixelBudget
-from daemon.cache.corrections import Corrections
+from daemon.cache.corrections import Corrections, Work, Workbench
 from daemon.cache.guard import CacheGuard
 from daemon.cache.mask_cache import CacheWrite, MaskCache, MaskHit, Probe
 from daemon.config import CacheConfig, Deliverable, OutputOptions
@@ -79,6 +79,7 @@ class Pipeline:
         self.max_pixels = max_pixels
         self.masks = MaskCache(guard, cache) if guard is not None else None
         self.corrections = Corrections(guard) if guard is not None else None
+        self.workbench = Workbench()  # the source being touched up, decoded
         self.flight = SingleFlight(locks, claim_ttl_s, guard.failed) if guard is not None else None
         self.inferences = 0  # mask inferences run by this pipeline (tests, status)
 
@@ -144,30 +145,56 @@ class Pipeline:
     def touch_up(self, data: bytes, plan: Plan, strokes: list[touchup.Stroke]) -> Rendered:
         """Every deliverable of ``plan`` with ``strokes`` applied to the source's current
         alpha (its correction, or the model's mask refined as the plan's first target
-        refines it); the new alpha is stored as the source's correction (with a cache)."""
+        refines it); the new alpha is stored as the source's correction (with a cache).
+        The source stays decoded on the workbench for the next touch-up of it."""
         wanted = self.targets(plan)
         sha = fpmod.sha256_bytes(data)
+        basis = (wanted[0].mask_key, wanted[0].refine)
+        self.workbench.wait_prepared(sha)  # (before the budget: the preparing holds some)
         with self.budget.hold(probe_pixels(data)):
-            decoded = decode(data, max_pixels=self.max_pixels, reduce=fpmod.working_copy)
-            fp = fpmod.fingerprint(data, decoded.rgb, sha256=sha, small=decoded.small)
-            size = (decoded.width, decoded.height)
-            current = self.corrections.find(sha, fp.pixel_hash) \
-                if self.corrections is not None else None
-            mode = wanted[0].refine
-            if current is not None:
-                alpha = fit_mask(decode_mask(current), *size)
-            else:
-                mask = self._mask(wanted[0].mask_key, plan.options, fp,
-                                  np.asarray(decoded.small), size)[0]
-                alpha = refine(decoded.rgb, mask, mode)
-            alpha = touchup.apply(decoded.rgb, alpha, strokes, mode)
+            work = self._work(data, sha, plan, basis)
+            alpha = touchup.apply(work.decoded.rgb, work.alpha, strokes, basis[1])
+            digest = None
             if self.corrections is not None:
-                self.corrections.put(fp, encode_png(alpha, level=1))
-            files, errors = self._render_alpha(wanted, decoded, alpha)
+                digest = self.corrections.put(work.fp, encode_png(alpha, level=1))
+            files, errors = self._render_alpha(wanted, work.decoded, alpha)
+        self.workbench.keep(replace(work, alpha=alpha, digest=digest))
         return Rendered(stamp_files(files, wanted, sha), "exact", errors, sha256=sha)
+
+    def prepare_touch_up(self, data: bytes, plan: Plan) -> None:
+        """Put the source on the workbench ahead of its touch-up (while the retoucher
+        draws): decoded, fingerprinted, its current alpha made."""
+        wanted = self.targets(plan)
+        sha = fpmod.sha256_bytes(data)
+        basis = (wanted[0].mask_key, wanted[0].refine)
+        with self.workbench.preparing(sha), self.budget.hold(probe_pixels(data)):
+            work = self._work(data, sha, plan, basis)
+            self.workbench.keep(work)
+
+    def _work(self, data: bytes, sha: str, plan: Plan, basis: tuple) -> Work:
+        """The source decoded with its current alpha: from the workbench while the
+        correction stored is still the one it holds, else decoded now."""
+        work = self.workbench.take(sha, basis)
+        if work is not None:
+            stored = self.corrections.digest(sha, work.fp.pixel_hash) \
+                if self.corrections is not None else None
+            if stored == work.digest:
+                return work
+        decoded = decode(data, max_pixels=self.max_pixels, reduce=fpmod.working_copy)
+        fp = fpmod.fingerprint(data, decoded.rgb, sha256=sha, small=decoded.small)
+        size = (decoded.width, decoded.height)
+        current = self.corrections.current(sha, fp.pixel_hash) \
+            if self.corrections is not None else None
+        if current is not None:
+            alpha = fit_mask(decode_mask(current[1]), *size)
+        else:
+            mask = self._mask(basis[0], plan.options, fp, np.asarray(decoded.small), size)[0]
+            alpha = refine(decoded.rgb, mask, basis[1])
+        return Work(sha, basis, decoded, fp, alpha, current[0] if current else None)
 
     def forget_correction(self, data: bytes) -> bool:
         """Drop the correction of these bytes (and their pixels); whether there was one."""
+        self.workbench.drop()
         if self.corrections is None:
             return False
         decoded = decode(data, max_pixels=self.max_pixels, reduce=fpmod.working_copy)

@@ -236,7 +236,7 @@ def test_status_command_and_counters(tmp_path, cfg):
                       and s["line"].startswith("idle") and s)
         assert st["running"] and st["pid"] == d.proc.pid
         assert st["counters"]["miss"] == 1 and st["counters"]["exact"] == 1
-        assert st["line"].startswith("idle, 1 hits / 1 misses")
+        assert st["line"].startswith("idle; since start: 1 hits / 1 misses")
         assert d.stop() == 0
     st = json.loads((tmp_path / "cache" / "status.json").read_text())
     assert st["state"] == "stopped"

@@ -206,4 +206,5 @@ def test_the_status_line_counts_cutouts_held_for_review():
     from daemon.service.status import status_line
 
     line = status_line("idle", {"exact": 1, "miss": 2, "review": 3, "failed": 1}, 0)
-    assert line == "idle, 1 hits / 2 misses, 3 held for review, 1 failed"
+    assert line == "idle; since start: 1 hits / 2 misses, 3 held for review, 1 failed"
+    assert status_line("busy", {"miss": 1}, 4) == "busy; since start: 0 hits / 1 misses; 4 queued now"

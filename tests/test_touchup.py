@@ -123,3 +123,90 @@ def test_the_correction_wins_in_the_cache_until_it_is_reverted(tmp_path, models_
     assert pipe.forget_correction(jpeg)
     assert (png_alpha(render_legacy(pipe, jpeg, opts).files[""]) == model).all()
     assert not pipe.forget_correction(jpeg)
+
+
+@pytest.mark.slow
+def test_the_next_touch_up_reuses_the_decoded_source_unless_the_correction_changed(
+        tmp_path, models_dir, shared_engines, monkeypatch):
+    """A second touch-up of the same source decodes nothing (the workbench holds it); when
+    the stored correction is no longer the one the workbench holds (another daemon
+    reverted it over a shared cache), the source is decoded again and the earlier stroke
+    is gone: a stale alpha never overwrites the store's."""
+    from daemon import config as configmod
+    from daemon import pipeline as pipemod
+    from daemon.cache.sqlite import SqliteStore
+    from daemon.imaging.fingerprint import sha256_bytes
+    from daemon.pipeline import Plan
+
+    cfg = configmod.load(write_config(tmp_path, models_dir))
+    pipe = pipeline_over(cfg, shared_engines, SqliteStore(cfg.cache.dir))
+    jpeg = encode(photo("chelsea"), "JPEG", quality=92)
+    plan = Plan(cfg.output_defaults)
+    model = png_alpha(render_legacy(pipe, jpeg, cfg.output_defaults).files[""])
+    decodes = []
+    real_decode = pipemod.decode
+    monkeypatch.setattr(pipemod, "decode", lambda *a, **kw: decodes.append(1) or
+                        real_decode(*a, **kw))
+
+    first = Stroke("remove", 20.0, ((150.0, 150.0), (220.0, 160.0)))
+    second = Stroke("remove", 15.0, ((330.0, 200.0),))
+    pipe.touch_up(jpeg, plan, [first])
+    assert len(decodes) == 1 and pipe.workbench.holding
+    both = png_alpha(pipe.touch_up(jpeg, plan, [second]).files[""])
+    assert len(decodes) == 1  # the workbench's pixels, fingerprint and alpha
+    core1 = touchup.paint([Stroke("remove", 20.0 - 2 * touchup.REACH, first.points)],
+                          451, 300) > 0
+    core2 = touchup.paint([Stroke("remove", 15.0 - 2 * touchup.REACH, second.points)],
+                          451, 300) > 0
+    assert both[core1].max() <= 8 and both[core2].max() <= 8 and model[core1].mean() > 200
+
+    pipe.corrections.drop(sha256_bytes(jpeg))  # as another daemon's revert would
+    third = png_alpha(pipe.touch_up(jpeg, plan, [second]).files[""])
+    assert len(decodes) == 2  # stale: decoded again, from the model's mask
+    assert (third[core1] == model[core1]).all() and third[core2].max() <= 8
+
+
+@pytest.mark.slow
+def test_a_touch_up_during_its_preparation_waits_for_it_and_decodes_nothing(
+        tmp_path, models_dir, shared_engines, monkeypatch):
+    """The item view prepares the source when a brush is picked; a touch-up that comes
+    while that runs waits for it and uses its work (one decode in all), and gives the
+    same file as a touch-up without any preparation."""
+    import threading
+
+    from daemon import config as configmod
+    from daemon import pipeline as pipemod
+    from daemon.cache.sqlite import SqliteStore
+    from daemon.pipeline import Plan
+
+    cfg = configmod.load(write_config(tmp_path, models_dir))
+    pipe = pipeline_over(cfg, shared_engines, SqliteStore(cfg.cache.dir))
+    jpeg = encode(photo("chelsea"), "JPEG", quality=92)
+    plan = Plan(cfg.output_defaults)
+    render_legacy(pipe, jpeg, cfg.output_defaults)
+    stroke = Stroke("remove", 20.0, ((150.0, 150.0), (220.0, 160.0)))
+    plain = pipe.touch_up(jpeg, plan, [stroke]).files[""]
+    pipe.forget_correction(jpeg)
+
+    decoding, release, decodes = threading.Event(), threading.Event(), []
+    real_decode = pipemod.decode
+
+    def held_decode(*a, **kw):
+        decodes.append(1)
+        decoding.set()
+        assert release.wait(30)
+        return real_decode(*a, **kw)
+    monkeypatch.setattr(pipemod, "decode", held_decode)
+    preparing = threading.Thread(target=pipe.prepare_touch_up, args=(jpeg, plan))
+    preparing.start()
+    assert decoding.wait(30)  # the preparation is decoding, held
+    result = []
+    touching = threading.Thread(target=lambda: result.append(pipe.touch_up(jpeg, plan,
+                                                                          [stroke])))
+    touching.start()
+    touching.join(0.5)
+    assert touching.is_alive() and len(decodes) == 1  # waiting, not decoding a second time
+    release.set()
+    preparing.join(30)
+    touching.join(30)
+    assert len(decodes) == 1 and result[0].files[""] == plain

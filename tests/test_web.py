@@ -84,12 +84,33 @@ def local(tmp_path_factory, models_dir):
     daemon.stop()
 
 
+def test_previews_are_made_when_an_output_is_delivered_and_served_from_disk(local):
+    """The item view's previews of a delivered output and its source are made by the
+    daemon before anyone opens the item (first in this module: nothing has asked for a
+    preview); opening it makes nothing, it serves the cached files."""
+    tmp, daemon, url = local
+    folder = tmp / "cache" / "web" / "previews"
+    made = wait_for(lambda: sorted(folder.glob("*.webp")) if folder.is_dir()
+                    and len(list(folder.glob("*.webp"))) == 2 else None, timeout=60)
+    before = {f.name: f.stat().st_mtime_ns for f in made}
+    cached = {f.read_bytes() for f in made}
+    item = json.loads(fetch(url, "/api/outputs?limit=1")[2])["items"][0]["id"]
+    assert fetch(url, f"/item/{item}")[0] == 200
+    for root, rel in (("outbox", "cat.jpg.png"), ("inbox", "cat.jpg")):
+        status, headers, data = fetch(url, f"/preview?pair=0&root={root}&path={rel}")
+        assert status == 200 and headers["content-type"] == "image/webp" and data in cached
+    assert {f.name: f.stat().st_mtime_ns for f in folder.glob("*.webp")} == before
+
+
 def test_page_lists_outputs_failures_and_serves_thumbnails(local):
     tmp, daemon, url = local
     status, headers, html = fetch(url, "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
     page = html.decode()
     assert "watching" in page and str(tmp / "inbox") in page
+    # the counts are totals since start and say so; the queue is what is there now
+    assert re.search(r"idle; since start: 0 hits / 1 misses, 1 failed; now: 0 queued, 0 in "
+                     r"progress", page), re.search(r'id="line">[^<]*', page)
     assert "cat.jpg" in page and "miss" in page and "u2netp" in page  # recent output
     assert "broken.jpg" in page and "unsupported" in page and ">Retry<" in page
     for root, rel in (("outbox", "cat.jpg.png"), ("inbox", "cat.jpg")):
@@ -101,6 +122,7 @@ def test_page_lists_outputs_failures_and_serves_thumbnails(local):
     assert len(list((tmp / "cache" / "web" / "thumbs").iterdir())) == 2  # cached on disk
     st = daemon.status()  # `rembgd status` keeps working, and names the page
     assert st["running"] and st["web"] == url and st["incomplete"] == 0
+    assert st["line"] == "idle; since start: 0 hits / 1 misses, 1 failed"  # `rembgd status`
 
     status, headers, body = fetch(url, "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
@@ -367,6 +389,12 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         assert fetch(url, act, method="POST", json_body={"strokes": "x"},
                      headers={"X-Form-Token": mine})[0] == 400
         assert (png_alpha(output.read_bytes()) == before).all()  # nothing done so far
+        # a brush picked: the source is made ready in the background (answered at once)
+        status, _, body = fetch(url, f"/api/items/{cat['id']}/prepare", method="POST",
+                                headers={"X-Form-Token": mine})
+        assert status == 200 and "ready for touch-up" in json.loads(body)["message"]
+        daemon.wait_log(lambda e: e.get("event") == "web_prepared"
+                        and e.get("source") == "cat.jpg", timeout=60)
         status, _, body = fetch(url, act, method="POST", json_body={"strokes": [stroke]},
                                 headers={"X-Form-Token": mine})
         result = json.loads(body)
@@ -425,3 +453,105 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         assert "rembgd_build_info{" in text and "rembgd_last_processed_timestamp_seconds" in text
     finally:
         daemon.stop()
+
+
+def test_a_second_touch_up_of_a_source_while_one_runs_is_refused_and_nothing_mixes(
+        tmp_path, models_dir, shared_engines):
+    """The real server and a real pipeline: the first touch-up is held inside the
+    daemon (after the request was accepted, before any pixel is computed) while a second
+    one of the same source, with another stroke, arrives: it is refused with 409 and
+    changes nothing. The file then delivered is byte for byte the first touch-up alone,
+    as a fresh pipeline makes it; after it, the second stroke is accepted and applied on
+    top (serialised, never mixed)."""
+    import threading
+
+    from daemon import config as configmod
+    from daemon.cache.sqlite import SqliteStore
+    from daemon.config.schema import Secret, WebConfig
+    from daemon.fsutil import atomic_write_bytes
+    from daemon.imaging.touchup import Stroke
+    from daemon.pipeline import Plan
+    from daemon.web.controller import RecentOutput
+    from daemon.web.journal import Journal
+    from daemon.web.server import WebServer
+    from daemon.web.thumbs import Thumbnails
+    from tests.helpers import pipeline_over, png_alpha
+
+    def make_pipeline(where: Path):
+        cfg = configmod.load(write_config(where, models_dir))
+        return cfg, pipeline_over(cfg, shared_engines, SqliteStore(cfg.cache.dir))
+
+    jpeg = encode(photo("chelsea"), "JPEG", quality=92)
+    cfg, pipe = make_pipeline(tmp_path / "desk")
+    plan = Plan(cfg.output_defaults)
+    roots = {"inbox": tmp_path / "desk" / "inbox", "outbox": tmp_path / "desk" / "outbox"}
+    (roots["inbox"] / "cat.jpg").write_bytes(jpeg)
+    output = roots["outbox"] / "cat.jpg.png"
+    output.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(output, pipe.render(jpeg, plan).files[""])
+    model = output.read_bytes()
+    journal = Journal(tmp_path / "recent.sqlite")
+    journal.add(RecentOutput(time.time(), 0, "inbox", "cat.jpg", ("cat.jpg.png",), "miss",
+                             "u2netp", 1.0))
+    entered, release = threading.Event(), threading.Event()
+
+    class Desk:  # the Controller's touch-up as the daemon's: render, then write atomically
+        def roots(self, pair):
+            return roots
+
+        def output(self, row):
+            return journal.get(row)
+
+        def latest_output(self, pair, rel):
+            return journal.latest_for(pair, rel)
+
+        def touchup(self, pair, root, rel, strokes):
+            if not entered.is_set():
+                entered.set()
+                assert release.wait(60)
+            data = (roots[root] / rel).read_bytes()
+            atomic_write_bytes(output, pipe.touch_up(data, plan, strokes).files[""])
+            return [output]
+
+    server = WebServer(WebConfig(listen="127.0.0.1:0", token=Secret(TOKEN)), Desk(),
+                       Thumbnails(tmp_path / "t"))
+    url = server.start()
+    first = {"mode": "remove", "radius": 20, "points": [[150, 150], [220, 160]]}
+    second = {"mode": "remove", "radius": 15, "points": [[330, 200]]}
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    act = "/api/items/o1/touchup"
+    answers = []
+    try:
+        runner = threading.Thread(target=lambda: answers.append(fetch(
+            url, act, method="POST", json_body={"strokes": [first]},
+            headers=bearer, jar=False)))
+        runner.start()
+        assert entered.wait(60)  # the first touch-up is inside the daemon now
+        status, _, body = fetch(url, act, method="POST", json_body={"strokes": [second]},
+                                headers=bearer, jar=False)
+        assert status == 409 and "is running; try again" in json.loads(body)["error"]
+        assert output.read_bytes() == model  # nothing written by the refused one
+        release.set()
+        runner.join(60)
+        assert answers and answers[0][0] == 200, answers
+        after_first = output.read_bytes()
+        status = fetch(url, act, method="POST", json_body={"strokes": [second]},
+                       headers=bearer, jar=False)[0]
+        assert status == 200  # once the first is done, the next is taken
+        after_both = output.read_bytes()
+    finally:
+        server.stop()
+        journal.close()
+
+    # the references: the same touch-ups, one at a time, by a fresh pipeline and cache
+    _, fresh = make_pipeline(tmp_path / "fresh")
+    fresh.render(jpeg, plan)
+    s1 = Stroke("remove", 20.0, ((150.0, 150.0), (220.0, 160.0)))
+    s2 = Stroke("remove", 15.0, ((330.0, 200.0),))
+    only_first = fresh.touch_up(jpeg, plan, [s1]).files[""]
+    then_second = fresh.touch_up(jpeg, plan, [s2]).files[""]
+    assert after_first == only_first  # the first whole, nothing of the refused second
+    assert after_both == then_second
+    assert png_alpha(after_first)[200, 330] == png_alpha(model)[200, 330] > 200
+    assert png_alpha(after_both)[200, 330] <= 8
+

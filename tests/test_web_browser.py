@@ -174,8 +174,12 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
         _screenshot(browser, tmp_path, "web-touchup.png")
         drawn = browser.execute_script("return document.getElementById('apply').disabled")
         assert drawn is False
+        facts = browser.find_element(By.ID, "facts").text  # judged at a glance, in the header
+        assert "miss · u2netp" in facts, facts
+        viewer_top = browser.find_element(By.ID, "viewer").rect["y"]
         browser.find_element(By.ID, "apply").click()
         wait_for(lambda: "Touched up" in browser.find_element(By.ID, "msg").text, timeout=60)
+        assert browser.find_element(By.ID, "viewer").rect["y"] == viewer_top  # nothing jumps
         after = png_alpha(output.read_bytes())
         radius = 20.0  # the brush: 40 screen px at this zoom
         s = Stroke("remove", radius, ((150.0, 150.0), (220.0, 160.0)))
@@ -185,6 +189,9 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
                               grow=touchup.REACH) > 0
         assert before[core].mean() > 200 and after[core].max() <= 8  # changed inside
         assert np.abs(after[~reach].astype(int) - before[~reach]).max() <= 1  # same outside
+        wait_for(lambda: browser.execute_script(  # the view shows the new cutout
+            "const i = document.getElementById('img-out');"
+            "return i.complete && i.naturalWidth > 0 && i.src.endsWith(i.dataset.url);"))
         _screenshot(browser, tmp_path, "web-touchup-done.png")
 
         # re-drop the same photo (another name): the corrected cutout, not the model's
@@ -216,10 +223,23 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
         browser.get(url)
         over = _overflowing(browser)
         assert over == [], "; ".join(over)
+        # a.jpg's source was never in the inbox: a placeholder, not a broken image
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".pic.nopic"))
         _screenshot(browser, tmp_path, "web-phone.png")
-        browser.find_element(By.LINK_TEXT, "cat.jpg").click()
+        # a cutout held for review (cat.jpg's again: its source is in the inbox), on the
+        # phone: Approve within thumb reach at the bottom of the screen
+        held = review.new_item(str(tmp_path / "inbox"), Path("cat.jpg"), [Path("cat.jpg.png")],
+                               0.42, ("uncertain edge",), "u2netp", "miss")
+        (folder / "cat.jpg.png").write_bytes(output.read_bytes())
+        review.hold(folder, held)
+        browser.get(url.rstrip("/") + f"/item/r0-{held.id}")
         wait_for(lambda: browser.find_element(By.ID, "item").get_attribute("data-painted"))
         over = _overflowing(browser)
         assert over == [], "; ".join(over)
+        approve = browser.find_element(By.ID, "approve").rect
+        height = browser.execute_script("return window.innerHeight")
+        assert approve["height"] >= 40
+        assert height - 120 <= approve["y"] <= height - approve["height"]  # at the bottom
+        assert "waiting for review" in browser.find_element(By.ID, "facts").text
         _screenshot(browser, tmp_path, "web-phone-item.png")
         browser.set_window_size(1280, 900)

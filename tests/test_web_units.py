@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,89 @@ def test_item_ids_name_items_never_paths():
     groups = items.failure_groups(same)
     assert [len(g["files"]) for g in groups] == [2, 1] and groups[0]["reason"] == "unsupported"
     assert items.parse_id(items.failed_id(same[0])).key == items.failed_key("a.jpg")
+
+
+def test_the_prefetcher_never_blocks_makes_one_at_a_time_at_the_lowest_priority(tmp_path):
+    """``want`` returns at once even while a preview is being made and the queue is
+    full (the extra file is dropped: made on first view instead); the files are made on
+    one thread at nice 19, one at a time, and end up in the cache on disk."""
+    import os
+    import threading
+
+    from PIL import Image
+
+    from daemon.web.prefetch import Prefetcher
+    from daemon.web.thumbs import Thumbnails
+
+    for i in range(4):
+        Image.new("RGB", (600, 400), (i * 40, 90, 200)).save(tmp_path / f"p{i}.jpg")
+    release, running, seen = threading.Event(), [], []
+
+    class Slow(Thumbnails):
+        def _make(self, fh):
+            running.append(1)
+            seen.append((len(running), os.getpriority(os.PRIO_PROCESS,
+                                                      threading.get_native_id())))
+            release.wait(10)
+            data = super()._make(fh)
+            running.pop()
+            return data
+
+    previews = Slow(tmp_path / "previews", 64)
+    pre = Prefetcher([previews], depth=2)
+    pre.start()
+    try:
+        assert pre.want(tmp_path, Path("p0.jpg"))
+        wait = time.monotonic() + 10
+        while not running and time.monotonic() < wait:  # p0 is being made, held
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert pre.want(tmp_path, Path("p1.jpg")) and pre.want(tmp_path, Path("p2.jpg"))
+        assert pre.want(tmp_path, Path("p1.jpg"))  # already waiting: not queued twice
+        assert not pre.want(tmp_path, Path("p3.jpg"))  # queue full: dropped, not waited
+        assert time.monotonic() - t0 < 0.5 and pre.dropped == 1
+        release.set()
+        assert pre.wait_idle(30)
+    finally:
+        pre.stop()
+    assert pre.made == 3 and seen == [(1, 19)] * 3
+    assert len(list((tmp_path / "previews").glob("*.webp"))) == 3
+    assert previews.get(tmp_path, Path("p3.jpg"))  # the dropped one: made on request
+
+
+def test_a_request_waits_for_the_file_being_made_but_not_for_long(tmp_path, monkeypatch):
+    """A request for a preview the prefetcher is making gets that one (made once); if the
+    making takes longer than ``WAIT_FOR_OTHER_S`` the request makes it itself."""
+    import threading
+
+    from PIL import Image
+
+    from daemon.web import thumbs as thumbsmod
+
+    Image.new("RGB", (300, 200), (10, 120, 200)).save(tmp_path / "a.jpg")
+    monkeypatch.setattr(thumbsmod, "WAIT_FOR_OTHER_S", 0.3)
+    started, release, makes = threading.Event(), threading.Event(), []
+
+    class Held(thumbsmod.Thumbnails):
+        def _make(self, fh):
+            makes.append(threading.current_thread().name)
+            if threading.current_thread().name == "prefetch":
+                started.set()
+                release.wait(10)
+            return super()._make(fh)
+
+    for slow in (False, True):
+        makes.clear()
+        started.clear()
+        release.clear()
+        maker = Held(tmp_path / f"previews-{slow}", 64)
+        first = threading.Thread(target=maker.get, args=(tmp_path, Path("a.jpg")),
+                                 name="prefetch")
+        first.start()
+        assert started.wait(10)
+        if not slow:
+            threading.Timer(0.05, release.set).start()  # done well within the wait
+        got = maker.get(tmp_path, Path("a.jpg"))
+        release.set()
+        first.join(10)
+        assert got and makes == (["prefetch", "MainThread"] if slow else ["prefetch"])

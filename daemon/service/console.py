@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,9 +30,11 @@ from daemon.inference.registry import local_specs
 from daemon.nofollow import atomic_write_under, move_between, read_under, unlink_under
 from daemon.pipeline import Plan, Rendered
 from daemon.service.intake import WorkItem
+from daemon.service.status import status_line
 from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused, WaitingFile
 from daemon.web.journal import Journal, parse_query
-from daemon.web.server import WebServer
+from daemon.web.prefetch import Prefetcher
+from daemon.web.server import PREVIEW, PREVIEWS_KEPT, WebServer
 from daemon.web.thumbs import Thumbnails
 
 log = structlog.get_logger("rembgd.web")
@@ -44,9 +47,12 @@ DISMISSED = ".dismissed"  # failed/.dismissed/: failed files moved aside, never 
 class Console:
     """The ``daemon.web.controller.Controller`` of a running Supervisor."""
 
-    def __init__(self, sup, journal: Journal):
+    def __init__(self, sup, journal: Journal, prefetch: Prefetcher | None = None):
         self.sup = sup
         self.journal = journal
+        self.prefetch = prefetch
+        self._preparing_lock = threading.Lock()
+        self._preparing = False  # a source being put on the workbench
 
     def _pair(self, index: int) -> WatchPair:
         pairs = self.sup.cfg.watch
@@ -69,8 +75,9 @@ class Console:
             else:
                 state, why = "watching", None
             pairs.append(PairView(i, str(p.inbox), str(p.outbox), state, why))
+        # the page shows the queue beside the line, as what is there now
         return {"pairs": pairs, "queued": st["queued"], "in_progress": st["in_progress"],
-                "line": st["line"], "cache": st["cache"]}
+                "line": status_line(st["state"], st["counters"], 0), "cache": st["cache"]}
 
     def recent_outputs(self, limit: int) -> list[RecentOutput]:
         return self.journal.last(limit)
@@ -174,6 +181,31 @@ class Console:
         rendered = app.pipeline.touch_up(data, Plan(p.options, p.outputs), strokes)
         return self._deliver(pair, Path(source_rel), rendered, "touched-up")
 
+    def prepare(self, pair: int, source_root: str, source_rel: str) -> None:
+        """The source put on the pipeline's workbench on a thread of its own, one at a
+        time (another meanwhile is skipped: its touch-up then reads the source itself)."""
+        p, data, app = self._source(pair, source_root, source_rel)
+        plan = Plan(p.options, p.outputs)
+        with self._preparing_lock:
+            if self._preparing:
+                return
+            self._preparing = True
+
+        def run() -> None:
+            start = time.perf_counter()
+            try:
+                app.pipeline.prepare_touch_up(data, plan)
+                log.info("web_prepared", source=source_rel,
+                         ms=round((time.perf_counter() - start) * 1000, 1))
+            except Exception as exc:  # the touch-up will say what is wrong, if anything
+                log.warning("web_prepare_failed", source=source_rel,
+                            error=f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._preparing_lock:
+                    self._preparing = False
+
+        threading.Thread(target=run, name="web-prepare", daemon=True).start()
+
     def revert(self, pair: int, source_root: str, source_rel: str) -> list[Path]:
         p, data, app = self._source(pair, source_root, source_rel)
         if not app.pipeline.forget_correction(data):
@@ -230,6 +262,8 @@ class Console:
                  model: str, confidence: float | None, reasons) -> None:
         p = self._pair(pair)
         source_root = {"keep": "inbox", "move": "done"}.get(p.after_success)
+        if event == "approved":  # (a touch-up's view asks for its new previews at once:
+            self._prefetch(pair, source_root, source_rel, paths)  # made then, not niced)
         try:
             self.journal.add(RecentOutput(
                 time=time.time(), pair=pair, source_root=source_root, source_rel=source_rel,
@@ -253,12 +287,37 @@ class Console:
 
     # ----------------------------------------------------------- journal
 
+    def _prefetch(self, pair: int, source_root: str | None, source_rel: str,
+                  outputs: list[Path]) -> None:
+        """Queue the previews of a source and its outputs (never blocks; the roots are
+        the pair's own folders, so a path outside them is skipped)."""
+        if self.prefetch is None:
+            return
+        try:
+            roots = self.roots(pair)
+        except FileNotFoundError:
+            return
+        if source_root in roots:
+            self.prefetch.want(roots[source_root], Path(source_rel))
+        for path in outputs:
+            for name in ("outbox", "review"):
+                try:
+                    rel = Path(path).relative_to(roots[name])
+                except ValueError:
+                    continue
+                self.prefetch.want(roots[name], rel)
+                break
+
     def record(self, pair: int, outcome: Outcome) -> None:
-        """A job outcome: a delivered file goes into the recent-outputs journal."""
+        """A job outcome: a delivered file goes into the recent-outputs journal; its
+        previews (and a held cutout's) are made ahead of its first view."""
+        if outcome.kind == "review":
+            self._prefetch(pair, "inbox", outcome.source.rel.as_posix(), outcome.written)
         if outcome.kind not in TIERS:
             return
         source = outcome.source
         source_root = {"keep": "inbox", "move": "done"}.get(source.after_success)
+        self._prefetch(pair, source_root, source.rel.as_posix(), outcome.written)
         entry = RecentOutput(
             time=time.time(), pair=pair, source_root=source_root,
             source_rel=source.rel.as_posix(),
@@ -313,8 +372,11 @@ class Web:
         if wanted is None:
             return
         state = cfg.cache.dir / "web"
-        console = Console(self.sup, Journal(state / "recent.sqlite"))
-        server = WebServer(cfg.web, console, Thumbnails(state / "thumbs"))
+        thumbs = Thumbnails(state / "thumbs")
+        previews = Thumbnails(state / "previews", PREVIEW, keep=PREVIEWS_KEPT)
+        prefetch = Prefetcher([previews, thumbs])
+        console = Console(self.sup, Journal(state / "recent.sqlite"), prefetch)
+        server = WebServer(cfg.web, console, thumbs, previews)
         try:
             url = server.start()
         except OSError as exc:
@@ -322,6 +384,7 @@ class Web:
             log.error("web_unavailable", listen=f"{cfg.web.host}:{cfg.web.port}",
                       error=str(exc), effect="no status page; files are still processed")
             return
+        prefetch.start()
         self.console, self._server, self._running = console, server, wanted
         log.info("web_listening", url=url, token=cfg.web.token is not None)
 
@@ -336,5 +399,7 @@ class Web:
     def close(self) -> None:
         if self._server is not None:
             self._server.stop()
+            if self.console.prefetch is not None:
+                self.console.prefetch.stop()
             self.console.journal.close()
         self.console, self._server, self._running = None, None, None

@@ -32,14 +32,16 @@ class Counters:
 
 
 def status_line(state: str, c: dict[str, int], queued: int) -> str:
+    """``idle; since start: 3 hits / 1 misses, 1 failed; 2 queued now``: the counts are
+    totals since the daemon started, the queue is what waits now (omitted when 0)."""
     hits = c.get("exact", 0) + c.get("pixel", 0) + c.get("near", 0)
-    text = f"{state}, {hits} hits / {c.get('miss', 0)} misses"
-    if queued:
-        text += f", {queued} queued"
+    text = f"{state}; since start: {hits} hits / {c.get('miss', 0)} misses"
     if c.get("review"):
         text += f", {c['review']} held for review"
     if c.get("failed"):
         text += f", {c['failed']} failed"
+    if queued:
+        text += f"; {queued} queued now"
     return text
 
 

@@ -68,7 +68,8 @@ class WaitingFile:
 class Controller(Protocol):
     def snapshot(self) -> dict:
         """{"pairs": [PairView], "queued": int, "in_progress": int, "line": str, "cache":
-        the status file's ``cache`` (``available`` False with ``error``: an outage)}."""
+        the status file's ``cache`` (``available`` False with ``error``: an outage)}; the
+        line's counts are totals since the daemon started and say so ("since start:")."""
 
     def recent_outputs(self, limit: int) -> list[RecentOutput]:
         """The last ``limit`` outputs, newest first."""
@@ -122,6 +123,10 @@ class Controller(Protocol):
         """Apply brush strokes (``daemon.imaging.touchup.Stroke``) to the source's mask,
         re-render every deliverable and deliver them (a held item goes to the outbox);
         the corrected mask is kept in the cache. The delivered paths."""
+
+    def prepare(self, pair: int, source_root: str, source_rel: str) -> None:
+        """Start getting the source ready for a touch-up (decoded, its alpha made) in the
+        background; returns at once."""
 
     def revert(self, pair: int, source_root: str, source_rel: str) -> list[Path]:
         """Drop the source's correction and deliver the model's mask again."""

@@ -49,6 +49,7 @@ MAX_LIMIT = 500  # the API's largest page
 MAX_FORM = 16 * 1024
 MAX_JSON = 4 * 1024 * 1024  # a touch-up's strokes
 PREVIEW = 2048  # px, the item view's first image
+PREVIEWS_KEPT = 500  # preview files on disk (about 0.2-0.5 MB each); the oldest go first
 INLINE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/tiff",
                 "image/avif", "image/heic"}
 PAGE_CSP = ("default-src 'none'; img-src 'self' blob:; style-src 'self'; script-src 'self'; "
@@ -89,7 +90,7 @@ class Site:
         self.controller = controller
         self.thumbs = thumbs
         self.previews = previews or Thumbnails(thumbs.folder.parent / "previews", PREVIEW,
-                                               keep=500)
+                                               keep=PREVIEWS_KEPT)
         self.touching: set[tuple[int, str]] = set()  # sources with a touch-up running
         self.touch_lock = threading.Lock()
 
@@ -145,7 +146,7 @@ ROUTES: list[tuple[str, re.Pattern, str, str]] = [(m, re.compile(p), h, a) for m
     ("GET", r"/api/outputs", "api_outputs", "read"),
     ("GET", r"/api/state", "api_state", "read"),
     ("GET", r"/api/items/([a-z0-9-]{2,64})", "api_item", "read"),
-    ("POST", r"/api/items/([a-z0-9-]{2,64})/(approve|redo|retry|dismiss|touchup|revert)",
+    ("POST", r"/api/items/([a-z0-9-]{2,64})/(approve|redo|retry|dismiss|touchup|revert|prepare)",
      "api_action", "act"),
     ("POST", r"/api/batch", "api_batch", "act"),
     ("POST", r"/logout", "logout", "act"),
@@ -473,6 +474,9 @@ class Handler(BaseHTTPRequestHandler):
             raise Refused("a failed file has no mask to touch up")
         if source["root"] is None:
             raise Refused("the source is no longer kept (after_success: delete)")
+        if action == "prepare":  # a brush was picked: started, not waited for
+            c.prepare(pair, source["root"], source["path"])
+            return _done(f"Getting {source['path']} ready for touch-up", [])
         key = (pair, source["path"])
         with site.touch_lock:
             if key in site.touching:
@@ -593,9 +597,10 @@ def _single(values: dict[str, list[str]]) -> dict[str, str]:
 class WebServer:
     """The page's server on a background thread; ``start`` raises OSError if it cannot bind."""
 
-    def __init__(self, web: WebConfig, controller: Controller, thumbs: Thumbnails):
+    def __init__(self, web: WebConfig, controller: Controller, thumbs: Thumbnails,
+                 previews: Thumbnails | None = None):
         self.web = web
-        self._site = Site(web, controller, thumbs)
+        self._site = Site(web, controller, thumbs, previews)
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 

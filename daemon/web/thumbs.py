@@ -1,7 +1,9 @@
 """Small WebP thumbnails (alpha kept), made on request and cached on disk.
 
 A thumbnail is keyed by the file's identity (path, device, inode, size, mtime), so a
-rewritten output gets a new one and a stale one is never shown. Files are opened
+rewritten output gets a new one and a stale one is never shown; one file is made once
+at a time (a request while the prefetcher, ``daemon.web.prefetch``, makes it waits for
+that one). Files are opened
 link-proof under their root. JPEG sources are decoded in draft mode (a 24 MP photo in
 a fraction of the full decode); at most two thumbnails are made at once, so a page of
 them never starves the workers. The folder is trimmed to ``keep`` files, oldest first.
@@ -21,6 +23,7 @@ from daemon.imaging.decode import register_codecs
 from daemon.nofollow import open_under
 
 SIZE = 256
+WAIT_FOR_OTHER_S = 2.0  # the longest a request waits for another thread making its file
 
 
 class ThumbnailError(ValueError):
@@ -35,6 +38,7 @@ class Thumbnails:
         self._making = threading.BoundedSemaphore(2)
         self._lock = threading.Lock()
         self._made = 0
+        self._files: dict[Path, threading.Lock] = {}  # one making per file at a time
 
     def get(self, root: Path, rel: Path) -> bytes:
         """The WebP thumbnail of ``root/rel``: cached, or made now. OSError if the file
@@ -48,12 +52,29 @@ class Thumbnails:
                 return path.read_bytes()
             except FileNotFoundError:
                 pass
-            with self._making:
+            with self._lock:
+                file_lock = self._files.setdefault(path, threading.Lock())
+            # a request while the (niced) prefetcher makes this file waits for that one,
+            # but not for long: then it makes the file itself, at its own priority
+            held = file_lock.acquire(timeout=WAIT_FOR_OTHER_S)
+            try:
                 try:
-                    data = self._make(fh)
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                    raise ThumbnailError(f"{type(exc).__name__}: {exc}") from None
-        atomic_write_bytes(path, data)
+                    return path.read_bytes()
+                except FileNotFoundError:
+                    pass
+                with self._making:
+                    try:
+                        data = self._make(fh)
+                    except (OSError, ValueError, SyntaxError,
+                            Image.DecompressionBombError) as exc:
+                        raise ThumbnailError(f"{type(exc).__name__}: {exc}") from None
+                atomic_write_bytes(path, data)
+            finally:
+                with self._lock:
+                    if held:
+                        file_lock.release()
+                    if not file_lock.locked():
+                        self._files.pop(path, None)
         self._note_made()
         return data
 

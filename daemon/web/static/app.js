@@ -2,6 +2,15 @@
 // (polls /api/state and re-renders the sections in place, keeping scroll and selection).
 "use strict";
 (function () {
+  // a thumbnail that cannot be made (the source is gone, not an image): a quiet
+  // placeholder in its place, not the browser's broken-image icon and alt text
+  const noPic = (img) => img.parentElement && img.parentElement.classList.contains("pic")
+    && img.parentElement.classList.add("nopic");
+  document.addEventListener("error", (e) => { if (e.target.tagName === "IMG") noPic(e.target); }, true);
+  document.querySelectorAll(".pic img").forEach((img) => {
+    if (img.complete && img.naturalWidth === 0) noPic(img);
+  });
+
   const live = document.getElementById("live");
   const msg = document.getElementById("msg");
   if (!live) return;

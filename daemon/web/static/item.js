@@ -18,9 +18,15 @@
   let tool = "pan", strokes = [], drawing = null;
   let version = Date.now();
 
+  // the message floats over the view (it never moves the images); a plain one goes
+  // after a while, an error stays until it is clicked
+  let hideLater = null;
   function say(text, isError) {
     msg.textContent = text; msg.classList.remove("hidden"); msg.classList.toggle("error", !!isError);
+    clearTimeout(hideLater);
+    if (!isError) hideLater = setTimeout(() => msg.classList.add("hidden"), 8000);
   }
+  msg.addEventListener("click", () => msg.classList.add("hidden"));
   const q = (f) => new URLSearchParams({pair: f.pair, root: f.root, path: f.path}).toString();
 
   // ---------------------------------------------------------------- images
@@ -129,8 +135,12 @@
     if ($("undo")) $("undo").disabled = !strokes.length;
     if ($("apply")) $("apply").disabled = !strokes.length;
   }
+  // a brush picked: the daemon gets the source ready (decoded, its alpha made) while
+  // the strokes are drawn, so Apply costs the strokes and the file, not a decode
+  let prepared = false;
   function setTool(t) {
     tool = t;
+    if (t !== "pan" && !prepared) { prepared = true; post("prepare", {}).catch(() => {}); }
     document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("on", b.dataset.tool === t));
     viewer.classList.toggle("brush", t !== "pan");
   }
