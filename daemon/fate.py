@@ -30,8 +30,9 @@ happened and its ``fate`` what becomes of the source:
 This module is the only writer of ``failed/`` and ``done/``, of the review
 sidecars a job leaves, and the only code that deletes a source. It takes a
 ``daemon.source.Source``, never the job: the caller holds the source's claim
-(``daemon.coord.claims.claim_source``), so one owner decides its fate at a time. A new fate is one ``Fate`` member, its kinds in
-``FATES`` and one branch in ``finish``, as ``REVIEW`` and ``WITHDRAW`` are.
+(``daemon.coord.claims.claim_source``), so one owner decides its fate at a time.
+A new fate is one ``Fate`` member, its kinds in ``FATES`` and one branch in
+``finish``, as ``REVIEW`` and ``WITHDRAW`` are.
 """
 from __future__ import annotations
 
@@ -213,7 +214,7 @@ def _fail(outcome: Outcome) -> None:
         except LinkedPathError as link:
             log.error("failed_dir_link_refused", path=str(source.src), error=str(link),
                       effect="moved to the top of failed/ instead")
-            write_failure(source.src, Path(source.rel.name), source.failed_dir, reason=reason, exc=exc,
-                          detail=f"{detail}; {link}", move=move)
+            write_failure(source.src, Path(source.rel.name), source.failed_dir, reason=reason,
+                          exc=exc, detail=f"{detail}; {link}", move=move)
     except OSError as err:
         log.error("failed_dir_unwritable", path=str(source.src), error=str(err))
