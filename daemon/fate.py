@@ -149,8 +149,12 @@ def finish(outcome: Outcome) -> Outcome:
 
 def _drop_held(source: Source) -> None:
     """Delivered (a redo, or new content): a cutout of it held before is done with."""
-    if source.review is not None:
+    if source.review is None:
+        return
+    try:
         review.drop_for(source.review_folder, source.rel, "delivered to the outbox")
+    except review.ReviewError as exc:  # an unreadable sidecar: the page lists it, logged
+        log.warning("review_not_dropped", path=str(source.src), error=str(exc))
 
 
 def _dispose(source: Source, made_from: tuple[int, int] | None = None) -> None:
