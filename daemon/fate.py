@@ -30,8 +30,9 @@ happened and its ``fate`` what becomes of the source:
 This module is the only writer of ``failed/`` and ``done/``, of the review
 sidecars a job leaves, and the only code that deletes a source. It takes a
 ``daemon.source.Source``, never the job: the caller holds the source's claim
-(``daemon.coord.claims.claim_source``), so one owner decides its fate at a time. A new fate is one ``Fate`` member, its kinds in
-``FATES`` and one branch in ``finish``, as ``REVIEW`` and ``WITHDRAW`` are.
+(``daemon.coord.claims.claim_source``), so one owner decides its fate at a time.
+A new fate is one ``Fate`` member, its kinds in ``FATES`` and one branch in
+``finish``, as ``REVIEW`` and ``WITHDRAW`` are.
 """
 from __future__ import annotations
 
@@ -148,8 +149,12 @@ def finish(outcome: Outcome) -> Outcome:
 
 def _drop_held(source: Source) -> None:
     """Delivered (a redo, or new content): a cutout of it held before is done with."""
-    if source.review is not None:
+    if source.review is None:
+        return
+    try:
         review.drop_for(source.review_folder, source.rel, "delivered to the outbox")
+    except review.ReviewError as exc:  # an unreadable sidecar: the page lists it, logged
+        log.warning("review_not_dropped", path=str(source.src), error=str(exc))
 
 
 def _dispose(source: Source, made_from: tuple[int, int] | None = None) -> None:
@@ -213,7 +218,7 @@ def _fail(outcome: Outcome) -> None:
         except LinkedPathError as link:
             log.error("failed_dir_link_refused", path=str(source.src), error=str(link),
                       effect="moved to the top of failed/ instead")
-            write_failure(source.src, Path(source.rel.name), source.failed_dir, reason=reason, exc=exc,
-                          detail=f"{detail}; {link}", move=move)
+            write_failure(source.src, Path(source.rel.name), source.failed_dir, reason=reason,
+                          exc=exc, detail=f"{detail}; {link}", move=move)
     except OSError as err:
         log.error("failed_dir_unwritable", path=str(source.src), error=str(err))

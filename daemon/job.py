@@ -15,7 +15,8 @@ claim (``daemon.coord.claims.claim_source``) around ``run``.
 
 Who else writes where (docs/architecture.md): ``daemon.fate`` writes
 ``failed/``, ``done/`` and the review sidecars; ``daemon.review`` (for
-``daemon.verdict``) moves held cutouts into the outbox on approval; ``daemon.ledger`` the outbox's ``.rembgd-ledger/``;
+``daemon.verdict``) moves held cutouts into the outbox on approval;
+``daemon.ledger`` the outbox's ``.rembgd-ledger/``;
 ``daemon.coord`` the claim files (``.rembgd-claims/``) and lock files; the
 standby probe (``daemon.service.standby``) its probe file; the supervisor
 removes this daemon's stale temp files.
@@ -189,8 +190,8 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
         if job.wait_incomplete and isinstance(exc, DecodeError) and (
                 isinstance(exc, TruncatedImage) or signature(job.src) not in (_sig(st), None)):
             return Outcome(source, "not_ready", error=str(exc), reason="incomplete", exc=exc)
-        return Outcome(source, "failed", error=str(exc), reason=getattr(exc, "reason", "undecodable"),
-                       exc=exc)
+        return Outcome(source, "failed", error=str(exc),
+                       reason=getattr(exc, "reason", "undecodable"), exc=exc)
     except ModelError:
         raise  # not the file's fault: the caller stops or refuses, naming the fix
     except OSError as exc:  # a link planted in the outbox, a full disk, a vanished source...

@@ -152,12 +152,17 @@ def hold(review_dir: Path, item: ReviewItem) -> Path:
 
 
 def is_waiting(review_dir: Path, source_rel: Path) -> bool:
-    """Whether ``source_rel``'s cutout waits in ``review_dir``."""
-    return waiting(review_dir, source_rel) is not None
+    """Whether ``source_rel``'s cutout waits in ``review_dir`` (a sidecar that cannot be
+    read counts: the source is left for the reviewer)."""
+    try:
+        return waiting(review_dir, source_rel) is not None
+    except ReviewError:
+        return True
 
 
 def waiting(review_dir: Path, source_rel: Path) -> ReviewItem | None:
-    """The item of ``source_rel`` waiting in ``review_dir``, if any."""
+    """The item of ``source_rel`` waiting in ``review_dir``, if any (ReviewError: its
+    sidecar cannot be read)."""
     for sidecar in (_sidecar(source_key(source_rel)), _legacy_sidecar(source_rel)):
         try:
             return _read(review_dir, sidecar)

@@ -78,7 +78,8 @@ def test_rename_in_rsync_style(tmp_path, cfg):
         tmp = tmp_path / "inbox" / ".coffee.jpg.Xy12ab"  # rsync's temp name
         tmp.write_bytes(encode(photo("coffee"), "JPEG"))
         d.quiet()  # the daemon must ignore the temp name meanwhile
-        assert not list((tmp_path / "outbox").iterdir())
+        # nothing but the claims folder (this daemon's presence file, issue 28 case 5)
+        assert [p.name for p in (tmp_path / "outbox").iterdir()] == [".rembgd-claims"]
         os.rename(tmp, tmp_path / "inbox" / "coffee.jpg")
         part = tmp_path / "inbox" / "rocket.jpg.part"
         part.write_bytes(encode(photo("rocket"), "JPEG"))

@@ -8,7 +8,7 @@ from daemon.fate import Fate, Outcome, finish
 from daemon.source import Source
 
 
-def _job(tmp_path: Path, after_success: str, done_dir: Path | None = None) -> Source:
+def _source(tmp_path: Path, after_success: str, done_dir: Path | None = None) -> Source:
     inbox = tmp_path / "inbox"
     (inbox / "shoot").mkdir(parents=True)
     src = inbox / "shoot" / "a.jpg"
@@ -20,30 +20,30 @@ def _job(tmp_path: Path, after_success: str, done_dir: Path | None = None) -> So
 
 def test_delivered_sources_are_kept_moved_or_deleted(tmp_path):
     for after, where in (("keep", "inbox"), ("move", "done"), ("delete", None)):
-        job = _job(tmp_path / after, after)
-        assert finish(Outcome(job, "miss")).kind == "miss"
+        source = _source(tmp_path / after, after)
+        assert finish(Outcome(source, "miss")).kind == "miss"
         left = sorted(p.relative_to(tmp_path / after).as_posix()
                       for p in (tmp_path / after).rglob("a.jpg"))
         assert left == ([f"{where}/shoot/a.jpg"] if where else []), (after, left)
 
 
 def test_waiting_and_retried_sources_stay_put(tmp_path):
-    job = _job(tmp_path, "move")
+    source = _source(tmp_path, "move")
     for kind in ("retry", "not_ready"):
-        assert finish(Outcome(job, kind, error="busy")).fate in (Fate.RETRY, Fate.WAIT)
-        assert job.src.read_bytes() == b"the photo"
+        assert finish(Outcome(source, kind, error="busy")).fate in (Fate.RETRY, Fate.WAIT)
+        assert source.src.read_bytes() == b"the photo"
     assert not (tmp_path / "done").exists() and not (tmp_path / "failed").exists()
 
 
 def test_given_up_and_timed_out_go_to_failed_with_why(tmp_path):
-    job = _job(tmp_path, "keep")
-    finish(Outcome(job, "retry", error="disk full", reason="transient").given_up(3))
+    source = _source(tmp_path, "keep")
+    finish(Outcome(source, "retry", error="disk full", reason="transient").given_up(3))
     rec = json.loads((tmp_path / "failed" / "shoot" / "a.jpg.error.json").read_text())
     assert rec["reason"] == "transient" and rec["error"] == "gave up after 3 attempts: disk full"
-    assert not job.src.exists()
+    assert not source.src.exists()
 
-    job = _job(tmp_path / "t", "keep")
-    finish(Outcome(job, "not_ready", error="empty file (0 bytes)").timed_out(900))
+    source = _source(tmp_path / "t", "keep")
+    finish(Outcome(source, "not_ready", error="empty file (0 bytes)").timed_out(900))
     rec = json.loads((tmp_path / "t" / "failed" / "shoot" / "a.jpg.error.json").read_text())
     assert rec["reason"] == "incomplete" and rec["error"].startswith("still incomplete after 900 s")
 
@@ -51,8 +51,8 @@ def test_given_up_and_timed_out_go_to_failed_with_why(tmp_path):
 def test_a_move_to_done_that_fails_is_finished_as_that_failure(tmp_path):
     not_a_folder = tmp_path / "done-file"
     not_a_folder.write_bytes(b"")
-    job = _job(tmp_path, "move", done_dir=not_a_folder)
-    outcome = finish(Outcome(job, "miss", sha256="ab" * 32))
+    source = _source(tmp_path, "move", done_dir=not_a_folder)
+    outcome = finish(Outcome(source, "miss", sha256="ab" * 32))
     assert outcome.kind == "failed" and outcome.reason == "io_error"
     assert outcome.sha256 == "ab" * 32
     rec = json.loads((tmp_path / "failed" / "shoot" / "a.jpg.error.json").read_text())
@@ -65,13 +65,13 @@ def test_withdraw_removes_only_what_this_job_wrote(tmp_path):
     from daemon.fate import identity
     from daemon.nofollow import atomic_write_under
 
-    job = _job(tmp_path, "move")
-    mine = atomic_write_under(job.outbox, Path("master/shoot/a.jpg.png"), b"this job's")
-    theirs = atomic_write_under(job.outbox, Path("web/shoot/a.jpg.webp"), b"this job's")
+    source = _source(tmp_path, "move")
+    mine = atomic_write_under(source.outbox, Path("master/shoot/a.jpg.png"), b"this job's")
+    theirs = atomic_write_under(source.outbox, Path("web/shoot/a.jpg.webp"), b"this job's")
     ids = {mine: identity(mine), theirs: identity(theirs)}
-    atomic_write_under(job.outbox, Path("web/shoot/a.jpg.webp"), b"delivered by another")
-    job.src.unlink()
-    finish(Outcome(job, "withdrawn", written=[mine, theirs], identities=ids))
+    atomic_write_under(source.outbox, Path("web/shoot/a.jpg.webp"), b"delivered by another")
+    source.src.unlink()
+    finish(Outcome(source, "withdrawn", written=[mine, theirs], identities=ids))
     assert not mine.exists()
     assert theirs.read_bytes() == b"delivered by another"
 

@@ -340,3 +340,27 @@ def test_claim_falls_back_to_claim_files_when_the_backend_is_down(tmp_path, own_
     again.release()
     other.link.close()
     down.link.close()
+
+
+def test_presence_names_live_daemons_on_the_same_inbox_only(tmp_path):
+    """Issue 28 case 5: a daemon sees another one on its inbox (logged once as
+    inbox_shared); a dead one on this host, a stale one or another inbox's is not one."""
+    from daemon.coord.presence import Presence
+
+    claims = outbox_claims(tmp_path)
+    inbox = tmp_path / "inbox"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    me = Presence(claims, inbox, "sqlite")
+    live = Presence(claims, Path("/mnt/elsewhere/inbox"), "sqlite", host="other-host", pid=4242)
+    dead = Presence(claims, inbox, "sqlite", pid=gone.pid)  # this host, a process that ended
+    other = Presence(claims, tmp_path / "photos", "sqlite", host="h2", pid=1)
+    stale = Presence(claims, inbox, "redis", host="h3", pid=1)
+    for p in (live, dead, other, stale):
+        p.announce()
+    os.utime(stale.path, (0, 0))
+    assert [p["host"] for p in me.tick(0.0)] == ["other-host"]
+    assert me.path.is_file() and me.seen == {"other-host:4242"}
+    assert me.tick(1.0) == []  # touched at most every REFRESH_S
+    me.withdraw()
+    assert not me.path.exists()

@@ -208,3 +208,17 @@ def test_the_status_line_counts_cutouts_held_for_review():
     line = status_line("idle", {"exact": 1, "miss": 2, "review": 3, "failed": 1}, 0)
     assert line == "idle; since start: 1 hits / 2 misses, 3 held for review, 1 failed"
     assert status_line("busy", {"miss": 1}, 4) == "busy; since start: 0 hits / 1 misses; 4 queued now"
+
+
+def test_an_unreadable_sidecar_leaves_the_source_for_the_reviewer(tmp_path):
+    """Delivering a source whose held sidecar is garbage never crashes the worker: the
+    source still counts as waiting, and the delivery logs that it could not drop it."""
+    from daemon.fate import Outcome, finish
+    from daemon.source import Source
+
+    pair = _pair(tmp_path)
+    item = _held(pair)
+    (tmp_path / "review" / ".rembgd-review" / f"{item.key}.json").write_text("{not json")
+    assert review.is_waiting(review.review_dir(pair), Path("shoot/cat.jpg"))
+    source = Source.for_pair(pair, Path("shoot/cat.jpg"))
+    assert finish(Outcome(source, "miss")).kind == "miss"

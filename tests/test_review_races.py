@@ -346,9 +346,44 @@ def test_on_a_daemon_approve_after_the_source_was_replaced_is_refused(tmp_path, 
         (tmp_path / "chelsea.jpg").write_bytes(chelsea)
         (tmp_path / "chelsea.jpg").rename(tmp_path / "inbox" / "a.jpg")
         status, body = _post(url, "/approve", {"pair": 0, "item": item.id})
-        assert status == 409, body
+        # refused, saying why: the new photo is being processed, or is not the held one
+        assert status == 409 and ("not the file its cutout was made from" in body
+                                  or "being processed" in body), (status, body)
         again = _wait_held(daemon, folder, "a.jpg", 2)  # chelsea, processed and held
         daemon.quiet()
     assert again.sha256 == hashlib.sha256(chelsea).hexdigest() and again.id != item.id
     assert (tmp_path / "inbox" / "a.jpg").read_bytes() == chelsea
     assert not (tmp_path / "outbox" / "a.jpg.png").exists()
+
+
+@pytest.mark.parametrize("backend", ["flock", "redis"])
+def test_approve_waits_for_the_sources_owner_on_both_lock_backends(tmp_path, backend, request):
+    """Another daemon (its own lock backend: flocks in its own cache folder, or the shared
+    Redis) holds the source's claim: Approve is refused and nothing moves; once released,
+    Approve goes through."""
+    from daemon.coord.claims import claim_source
+    from daemon.coord.locks import FlockLocks, open_locks
+    from daemon.source import Source
+
+    if backend == "flock":
+        mine, theirs = FlockLocks(tmp_path / "a" / "locks"), FlockLocks(tmp_path / "b" / "locks")
+    else:
+        from tests.test_locks import redis_store_cfg
+
+        prefix = request.getfixturevalue("redis_prefix")
+        mine, theirs = (open_locks(redis_store_cfg(tmp_path, prefix), tmp_path / d)
+                        for d in ("a", "b"))
+    pair = _pair(tmp_path, after_success="move")
+    item = _held(pair, rel="a.jpg")
+    owner = claim_source(theirs, Source.for_pair(pair, Path("a.jpg")))
+    assert owner is not None
+    for _ in range(ROUNDS):
+        with pytest.raises(verdict.Busy, match="being processed"):
+            verdict.approve(pair, item.id, claim=lambda s: claim_source(mine, s))
+    assert _visible(pair.outbox) == [] and (pair.inbox / "a.jpg").is_file()
+    owner.release()
+    assert verdict.approve(pair, item.id, claim=lambda s: claim_source(mine, s)) == \
+        [pair.outbox / "a.jpg.png"]
+    assert (pair.done_dir / "a.jpg").is_file()
+    mine.close()
+    theirs.close()

@@ -6,7 +6,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.helpers import write_config
 from tests.harness import Daemon, wait_for

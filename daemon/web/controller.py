@@ -91,12 +91,15 @@ class Controller(Protocol):
         """Move failed/<rel> back into the inbox (its sidecar removed); where it landed."""
 
     def approve(self, pair: int, item_id: str) -> list[Path]:
-        """Move a review item's outputs to the outbox (FileNotFoundError: no such item;
-        Refused: it cannot be approved, e.g. an output is missing)."""
+        """Move a review item's outputs to the outbox, all or none (FileNotFoundError: no
+        such item; Refused, saying why: the source is being processed, its bytes are not
+        the ones the cutout was made from, the item was replaced by a newer cutout of the
+        same source since the page was rendered, or an output is missing)."""
 
     def redo(self, pair: int, item_id: str, model: str) -> None:
         """Queue a review item's source again with ``model`` (Refused: an unknown or
-        broken model, or the source is gone)."""
+        broken model, or the source is gone). The queued job goes ahead only while the
+        source still waits for review (an Approve that came first wins)."""
 
     def models(self) -> list[str]:
         """Installed mask models a review item can be redone with."""
