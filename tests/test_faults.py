@@ -85,6 +85,16 @@ def read_only_bind(target: Path) -> bool:
     return True
 
 
+CLAIMS = ".rembgd-claims"  # the claim files (one per source in work), in every outbox
+
+
+def claims_left(outbox: Path) -> list[str]:
+    """Claim files still there (a daemon's presence file beside them is not a claim)."""
+    from daemon.coord.presence import PREFIX
+
+    return [p.name for p in (outbox / CLAIMS).iterdir() if not p.name.startswith(PREFIX)]
+
+
 def events_named(d: Daemon, name: str) -> list[dict]:
     return [e for e in d.events() if e.get("event") == name]
 
@@ -125,8 +135,8 @@ def test_disk_full_outbox_tmpfs(tmp_path, models_dir):
             assert twice and all(v[1] == 2 * v[0] for v in twice), by_path  # backoff doubles
             # nothing partial, nothing under a final name, no temp file left behind (an
             # attempt in flight may hold its temp for a moment: a leaked one never goes)
-            wait_for(lambda: sorted(p.name for p in outbox.iterdir()) == ["filler.bin"],
-                     timeout=30)
+            wait_for(lambda: sorted(p.name for p in outbox.iterdir()
+                                    if p.name != CLAIMS) == ["filler.bin"], timeout=30)
             assert not (tmp_path / "failed").exists()
             filler.unlink()  # space is back
             wait_for(lambda: all((outbox / f"{n}.png").exists() for n in names), timeout=90)
@@ -135,7 +145,9 @@ def test_disk_full_outbox_tmpfs(tmp_path, models_dir):
             assert d.proc.poll() is None
         assert sorted(p.name for p in visible_outputs_complete(outbox)) == \
             sorted(f"{n}.png" for n in names)
-        assert [p.name for p in outbox.iterdir() if p.name.startswith(".")] == [".rembgd-ledger"]
+        assert sorted(p.name for p in outbox.iterdir() if p.name.startswith(".")) == \
+            [CLAIMS, ".rembgd-ledger"]
+        assert not claims_left(outbox)  # every claim released
     assert all(n == 1 for n in done.values()) and len(done) == 3, done
     assert not (tmp_path / "failed").exists()  # nothing was given up on, nothing lost
     assert all((tmp_path / "inbox" / n).exists() for n in names)  # after_success: keep
@@ -175,8 +187,9 @@ def test_disk_full_injected_enospc(tmp_path, models_dir, shared_engines, monkeyp
     assert sum(failures.values()) == 6  # two per file, then space came back
     assert svc.counters.get("retries") == 6 and svc.counters.get("failed") == 0
     assert sorted(p.name for p in complete_pngs(outbox)) == sorted(n + ".png" for n in names)
-    hidden = [p.name for p in outbox.iterdir() if p.name.startswith(".")]
-    assert hidden == [".rembgd-ledger"]  # temps cleaned up
+    hidden = sorted(p.name for p in outbox.iterdir() if p.name.startswith("."))
+    assert hidden == [CLAIMS, ".rembgd-ledger"]  # temps cleaned up
+    assert not claims_left(outbox)  # every claim released
     assert not any(os.path.exists(t) for t in seen_tmp)
 
 
