@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 
 import pytest
+import yaml
 
 from tests.helpers import encode, photo, write_config
 from tests.harness import Daemon, wait_for
@@ -200,14 +202,15 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
         again = png_alpha((tmp_path / "outbox" / "cat-again.jpg.png").read_bytes())
         assert (again == after).all()
 
-        # batch approve two held cutouts
-        folder = tmp_path / "review"
-        folder.mkdir()
-        for name in ("a.jpg", "b.jpg"):
-            (folder / f"{name}.png").write_bytes(output.read_bytes())
-            review.hold(folder, review.new_item(str(tmp_path / "inbox"), Path(name),
-                                                [Path(f"{name}.png")], 0.2, ("uncertain edge",),
-                                                "u2netp", "miss"))
+        # batch approve two held cutouts: the pair now holds every cutout (a reload)
+        data = yaml.safe_load(config.read_text())
+        data["watch"][0]["review"] = {"min_confidence": 1.0}
+        config.write_text(yaml.safe_dump(data))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log(lambda e: e.get("event") == "config_reloaded")
+        for name, shot in (("a.jpg", "coffee"), ("b.jpg", "astronaut")):
+            (tmp_path / "inbox" / name).write_bytes(encode(photo(shot)[::4, ::4]))
+        daemon.wait_log(lambda e: e.get("event") == "review_held", count=2)
         browser.get(url)
         browser.find_element(By.CSS_SELECTOR, "input[data-select-all=review]").click()
         browser.find_element(By.CSS_SELECTOR, "button[data-batch=approve]").click()
@@ -219,17 +222,19 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
             By.CSS_SELECTOR, "section[aria-labelledby=recent]").text
 
         # the phone: 390 px, no horizontal scroll, on the list and on an item
+        (tmp_path / "inbox" / "a.jpg").unlink()
         browser.set_window_size(390, 844)
         browser.get(url)
         over = _overflowing(browser)
         assert over == [], "; ".join(over)
-        # a.jpg's source was never in the inbox: a placeholder, not a broken image
+        # a.jpg's source is gone from the inbox: a placeholder, not a broken image
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".pic.nopic"))
         _screenshot(browser, tmp_path, "web-phone.png")
         # a cutout held for review (cat.jpg's again: its source is in the inbox), on the
         # phone: Approve within thumb reach at the bottom of the screen
         held = review.new_item(str(tmp_path / "inbox"), Path("cat.jpg"), [Path("cat.jpg.png")],
                                0.42, ("uncertain edge",), "u2netp", "miss")
+        folder = tmp_path / "review"
         (folder / "cat.jpg.png").write_bytes(output.read_bytes())
         review.hold(folder, held)
         browser.get(url.rstrip("/") + f"/item/r0-{held.id}")
