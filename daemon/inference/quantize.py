@@ -34,9 +34,9 @@ RECIPE = "qdq-conv-u8s8-perchannel-minmax-v1"
 OPSET = 13
 RANGE_STEP = 1 / 64        # calibration ranges are rounded outwards to this grid
 # a channel is "constant" when its spread is under this fraction of its peak, and it
-# dominates the tensor when its peak is this many times the median channel's peak
+# sets the tensor's range when its peak is this many times every other channel's peak
 CONSTANT_SPREAD = 0.01
-DOMINANCE = 8.0
+DOMINANCE = 1.5
 
 # scikit-image sample photos that load offline (grey ones are stacked to RGB)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina",
@@ -156,15 +156,16 @@ def activation_stats(model, inputs: list[dict], session_opts) -> tuple[dict, dic
 
 
 def constant_channel_convs(model, channels: dict) -> set[str]:
-    """Convs whose output has a near-constant channel dominating the rest, and every Conv
-    reading that output (through Relu, MaxPool, Resize, Concat...)."""
+    """Convs whose output range is set by near-constant channels (folded BatchNorm: ~0
+    weights, a large bias), and every Conv reading that output (through Relu, MaxPool,
+    Resize, Concat...): one uint8 range would round the other channels to nothing."""
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     cons = _consumers(model)
     flagged: set[str] = set()
     for n in convs:
         peak, spread = channels[n.output[0]]
-        top = int(peak.argmax())
-        if peak[top] > DOMINANCE * float(np.median(peak)) and spread[top] < CONSTANT_SPREAD * peak[top]:
+        const = spread < CONSTANT_SPREAD * peak
+        if const.any() and (~const).any() and peak[const].max() > DOMINANCE * peak[~const].max():
             flagged.add(n.name)
             todo = list(n.output)
             while todo:
