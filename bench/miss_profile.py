@@ -36,6 +36,7 @@ STAGES = {  # label: (file suffix, function name) as pstats keys them
     "embedder": ("daemon/inference/engine.py", "embed"),
     "model (predict_mask)": ("daemon/imaging/render.py", "predict_mask"),
     "ORT run (mask + embedder)": ("~", "<method 'run' of 'onnxruntime.capi.onnxruntime_pybind11_state.InferenceSession' objects>"),
+    "mask model normalize": ("daemon/inference/engine.py", "normalize"),
     "refine": ("daemon/imaging/refine.py", "refine"),
     "confidence": ("daemon/imaging/confidence.py", "score"),
     "render_target (encode)": ("daemon/imaging/render.py", "render_target"),
@@ -51,6 +52,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models-dir", type=Path, default=ROOT / "var" / "models")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--cpu", action="store_true",
+                    help="this thread's CPU seconds instead of wall (a loaded machine; ORT's "
+                         "own pool thread is then not counted)")
     args = ap.parse_args()
 
     from daemon.cli import main as cli_main
@@ -61,7 +65,7 @@ def main() -> int:
     original = Pipeline.render
 
     def profiled(self, *a, **kw):
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time if args.cpu else time.perf_counter)
         prof.enable()
         try:
             return original(self, *a, **kw)
@@ -91,12 +95,14 @@ def main() -> int:
         stats.add(p)
     n = len(profiles)
     print(f"rc {rc}; {n} files; wall {wall:.2f} s for the whole command ({wall / max(n, 1):.3f} s/file)")
-    print(f"\nstage cumulative seconds per file (model {args.model}, {args.threads} ORT threads):")
+    print(f"\nstage cumulative {'thread CPU' if args.cpu else 'wall'} seconds per file "
+          f"(model {args.model}, {args.threads} ORT threads):")
     for label, (suffix, fn) in STAGES.items():
         total = sum(v[3] for k, v in stats.stats.items() if k[0].endswith(suffix) and k[2] == fn)
         print(f"  {label:34s} {total / n:.4f}")
     out = io.StringIO()
-    pstats.Stats(stats, stream=out).sort_stats("tottime").print_stats(args.top)
+    stats.stream = out
+    stats.sort_stats("tottime").print_stats(args.top)
     print(out.getvalue())
     return 0
 
