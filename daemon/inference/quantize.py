@@ -23,7 +23,6 @@ photos; ``install`` refuses a model that fails it.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -294,7 +293,3 @@ def gate(fp32, int8) -> GateResult:
     mean = float(np.mean(list(per.values())))
     ok = mean >= GATE_MEAN_IOU and per[worst] >= GATE_MIN_IOU
     return GateResult(round(mean, 4), per[worst], worst, per, extra, ok)
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
