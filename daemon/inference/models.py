@@ -63,10 +63,11 @@ class Record:
     md5: str
     sha256: str
     source: str = "unknown"        # wheel requirement, source path, or a phrase
-    source_kind: str = "unknown"   # wheel | file | converted | download | adopted | legacy
+    source_kind: str = "unknown"   # wheel | file | converted | quantized | download | adopted | legacy
     installed_at: str = ""         # ISO 8601, UTC
     licence: str = ""
     warnings: list[str] = field(default_factory=list)
+    quality: dict = field(default_factory=dict)  # a quantised model's gate result
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
