@@ -32,7 +32,7 @@ from daemon.imaging import fingerprint as fpmod
 from daemon.imaging.confidence import Confidence
 from daemon.imaging.decode import decode, probe_pixels
 from daemon.imaging.keys import Target, mask_key, targets
-from daemon.imaging.refine import refine
+from daemon.imaging.matte import Matte
 from daemon.imaging.render import (decode_mask, encode_mask, fit_mask, predict_mask,
                                    render_target, stamp_files, working_mask_size)
 from daemon.inference.engine import Engines
@@ -113,12 +113,13 @@ class Pipeline:
         mask, hit, inference_s = self._mask(wanted[0].mask_key, plan.options, fp,
                                             np.asarray(small), (decoded.width, decoded.height))
         judged = confidence.score(mask, np.asarray(small)) if plan.judge else None
-        files, errors, full_masks = {}, {}, {}  # one full-size mask per refine mode
+        files, errors = {}, {}
+        matte = Matte(decoded.rgb, decoded.full, mask)  # one alpha per mode, shared
         for target in wanted:
             try:
-                if target.refine not in full_masks:
-                    full_masks[target.refine] = refine(decoded.rgb, mask, target.refine)
-                files[target.name] = render_target(target, decoded, full_masks[target.refine])
+                alpha = matte.alpha(*target.alpha_key)
+                patch = matte.colours(*target.alpha_key) if _despills(target) else None
+                files[target.name] = render_target(target, decoded, alpha, patch)
             except Exception as exc:  # one deliverable's fault; the others still ship
                 log.warning("deliverable_failed", output=target.name or "png",
                             error=f"{type(exc).__name__}: {exc}")
@@ -161,3 +162,13 @@ class Pipeline:
         seconds.append(time.perf_counter() - start)
         self.inferences += 1
         return mask
+
+
+def _despills(target: Target) -> bool:
+    """Despill on, and a cutout whose colours it changes (not the mask PNG, not rembg's
+    own alpha matting or background colour)."""
+    if not target.despill:
+        return False
+    o = target.options
+    return target.deliverable is not None or not (
+        o.only_mask or o.alpha_matting.enabled or o.bgcolor is not None)

@@ -1,0 +1,107 @@
+"""The backdrop model: what is behind the subject, fitted on the sure backdrop of the photo.
+
+Studio photos are shot on a sweep: a backdrop that varies smoothly, plus sensor noise.
+The model is that sweep on a coarse grid (long side about ``GRID`` cells):
+
+- the photo is area-reduced to the grid; cells the working mask calls subject (or
+  near it) are filled from the backdrop around them (normalised box sums, wider and
+  wider until every cell is known);
+- a median over ``MEDIAN`` x ``MEDIAN`` cells (about 150 px at 24 MP) then removes
+  what is thin against it: straps, cords, chains, strands, specks that the model
+  missed stay out of the backdrop, while a broad floor shadow, which varies over
+  hundreds of pixels, is followed and so becomes part of the backdrop;
+- the noise: the backdrop's robust spread around the model, from full-size samples
+  (for the detail stage's floor) and at the grid (for the plainness test);
+- ``plain``: the backdrop is a sweep, not a busy scene (shelves, foliage, a room),
+  when its cells sit within ``BUSY_LEVELS`` of the model. The detail stage only acts
+  on a plain backdrop.
+
+Exact integer reductions and per-pixel operations (area resize, integer box sums,
+median of uint8, bilinear sampling), so the result never depends on OpenCV's thread
+count. Pure: numpy in, numpy out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+GRID = 384  # cells on the long side
+MEDIAN = 9  # cells: the median's window (thin structures cover less than half of it)
+BG_SURE = 8  # working-mask level at or below which a pixel is backdrop
+FILL_RADII = (1, 2, 4, 8, 16, 32, 64)  # cells: the subject is filled from the nearest backdrop
+BUSY_LEVELS = 2.0  # grey levels: the robust spread of grid cells around the model, at most
+REMAP_ROW = 4096  # points per row of the sampling maps (remap wants each side < 32767)
+
+
+@dataclass(frozen=True)
+class Backdrop:
+    grid: np.ndarray  # gh x gw x 3 float32, grey levels 0-255 (8-bit scale)
+    size: tuple[int, int]  # the photo's (width, height)
+    noise: float  # full-size per-channel noise sigma around the model, grey levels
+    spread: float  # the grid cells' robust spread around the model, grey levels
+    plain: bool  # a smooth sweep, not a busy scene
+
+    def at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """The backdrop (N x 3 float32, 0-255) at full-size pixels (xs, ys), bilinear."""
+        gh, gw = self.grid.shape[:2]
+        w, h = self.size
+        n = len(xs)
+        rows = max(-(-n // REMAP_ROW), 1)
+        at = np.zeros((2, rows * REMAP_ROW), np.float32)
+        # full-size pixel centre X sits at grid (X + 0.5) * gw / w - 0.5 (cv2.resize's convention)
+        at[0, :n] = (xs + 0.5) * (gw / w) - 0.5
+        at[1, :n] = (ys + 0.5) * (gh / h) - 0.5
+        at = at.reshape(2, rows, REMAP_ROW)
+        out = cv2.remap(self.grid, at[0], at[1], cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+        return out.reshape(rows * REMAP_ROW, 3)[:n]
+
+    def resized(self, width: int, height: int) -> np.ndarray:
+        """The model at (width, height) (HxWx3 float32), e.g. a detection grid."""
+        return cv2.resize(self.grid, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def fit(rgb: np.ndarray, mask: np.ndarray) -> Backdrop | None:
+    """The backdrop of ``rgb`` (HxWx3 uint8) behind the working-size ``mask``; None where
+    there is too little backdrop to fit (the subject fills the frame)."""
+    h, w = rgb.shape[:2]
+    k = max(1, -(-max(w, h) // GRID))
+    gw, gh = -(-w // k), -(-h // k)
+    small = cv2.resize(rgb, (gw, gh), interpolation=cv2.INTER_AREA)
+    m = cv2.resize(mask, (gw, gh), interpolation=cv2.INTER_AREA)
+    near = cv2.dilate((m > BG_SURE).astype(np.uint8), np.ones((3, 3), np.uint8))
+    known = (1 - near).astype(np.uint8)
+    if known.sum() < 64:
+        return None
+    filled = small.copy()
+    todo = near > 0
+    for r in FILL_RADII:
+        if not todo.any():
+            break
+        n = cv2.boxFilter(known, cv2.CV_32S, (2 * r + 1,) * 2, normalize=False)
+        s = cv2.boxFilter(small * known[..., None], cv2.CV_32S, (2 * r + 1,) * 2,
+                          normalize=False)
+        got = todo & (n > 0)
+        filled[got] = ((s[got] + n[got, None] // 2) // n[got, None]).astype(np.uint8)
+        todo &= ~got
+    if todo.any():  # farther than the widest radius: the backdrop's mean
+        filled[todo] = np.rint(small[known > 0].mean(axis=0)).astype(np.uint8)
+    model = cv2.medianBlur(filled, MEDIAN)
+    grid = model.astype(np.float32)
+    # the spread of the backdrop's cells around the model (away from the subject)
+    far = cv2.erode(known, np.ones((5, 5), np.uint8)) > 0
+    if far.sum() < 64:
+        far = known > 0
+    resid = np.abs(small[far].astype(np.float32) - grid[far]).mean(axis=1)
+    spread = float(1.4826 * np.median(resid))
+    spread95 = float(np.percentile(resid, 95))
+    # full-size noise: one pixel per far cell (its centre), against the model there
+    ys, xs = np.nonzero(far)
+    X = np.minimum(xs * k + k // 2, w - 1)
+    Y = np.minimum(ys * k + k // 2, h - 1)
+    diff = rgb[Y, X].astype(np.float32) - grid[ys, xs]
+    noise = float(1.4826 * np.median(np.abs(diff - np.median(diff, axis=0))))
+    plain = spread <= BUSY_LEVELS and spread95 <= 3 * BUSY_LEVELS
+    return Backdrop(grid, (w, h), noise, spread, plain)
