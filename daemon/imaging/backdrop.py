@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+DETECT = 1536  # px: the reduced photo's long side (at most): a k x k area reduction
 GRID = 384  # cells on the long side
 MEDIAN = 9  # cells: the median's window (thin structures cover less than half of it)
 BG_SURE = 8  # working-mask level at or below which a pixel is backdrop
@@ -39,6 +40,8 @@ REMAP_ROW = 4096  # points per row of the sampling maps (remap wants each side <
 class Backdrop:
     grid: np.ndarray  # gh x gw x 3 float32, grey levels 0-255 (8-bit scale)
     size: tuple[int, int]  # the photo's (width, height)
+    reduced: np.ndarray  # the photo's first (h // k) * k rows and (w // k) * k columns, area-reduced
+    k: int  # full-size px per reduced px
     noise: float  # full-size per-channel noise sigma around the model, grey levels
     spread: float  # the grid cells' robust spread around the model, grey levels
     plain: bool  # a smooth sweep, not a busy scene
@@ -46,7 +49,7 @@ class Backdrop:
     def at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """The backdrop (N x 3 float32, 0-255) at full-size pixels (xs, ys), bilinear."""
         gh, gw = self.grid.shape[:2]
-        w, h = self.size
+        w, h = self.covered
         n = len(xs)
         rows = max(-(-n // REMAP_ROW), 1)
         at = np.zeros((2, rows * REMAP_ROW), np.float32)
@@ -58,18 +61,34 @@ class Backdrop:
                         borderMode=cv2.BORDER_REPLICATE)
         return out.reshape(rows * REMAP_ROW, 3)[:n]
 
-    def resized(self, width: int, height: int) -> np.ndarray:
-        """The model at (width, height) (HxWx3 float32), e.g. a detection grid."""
-        return cv2.resize(self.grid, (width, height), interpolation=cv2.INTER_LINEAR)
+    @property
+    def covered(self) -> tuple[int, int]:
+        """(width, height) of the photo's part the grid covers (the reduction drops the last
+        w % k columns and h % k rows; the model extends over them unchanged)."""
+        return self.reduced.shape[1] * self.k, self.reduced.shape[0] * self.k
+
+    def over_reduced(self) -> np.ndarray:
+        """The model at each pixel of ``reduced`` (HxWx3 float32), bilinear."""
+        dh, dw = self.reduced.shape[:2]
+        gh, gw = self.grid.shape[:2]
+        return cv2.resize(self.grid, (dw, dh), interpolation=cv2.INTER_LINEAR) \
+            if (gh, gw) != (dh, dw) else self.grid
 
 
 def fit(rgb: np.ndarray, mask: np.ndarray) -> Backdrop | None:
     """The backdrop of ``rgb`` (HxWx3 uint8) behind the working-size ``mask``; None where
     there is too little backdrop to fit (the subject fills the frame)."""
     h, w = rgb.shape[:2]
-    k = max(1, -(-max(w, h) // GRID))
-    gw, gh = -(-w // k), -(-h // k)
-    small = cv2.resize(rgb, (gw, gh), interpolation=cv2.INTER_AREA)
+    k = max(1, -(-max(w, h) // DETECT))
+    dw, dh = w // k, h // k
+    if dw < 8 or dh < 8:
+        return None
+    # one pass over the photo: an exact k x k area reduction (integer sums), then the grid
+    reduced = cv2.resize(rgb[:dh * k, :dw * k], (dw, dh), interpolation=cv2.INTER_AREA) \
+        if k > 1 else rgb
+    kg = max(1, -(-max(dw, dh) // GRID))
+    gw, gh = -(-dw // kg), -(-dh // kg)
+    small = cv2.resize(reduced, (gw, gh), interpolation=cv2.INTER_AREA)
     m = cv2.resize(mask, (gw, gh), interpolation=cv2.INTER_AREA)
     near = cv2.dilate((m > BG_SURE).astype(np.uint8), np.ones((3, 3), np.uint8))
     known = (1 - near).astype(np.uint8)
@@ -99,9 +118,9 @@ def fit(rgb: np.ndarray, mask: np.ndarray) -> Backdrop | None:
     spread95 = float(np.percentile(resid, 95))
     # full-size noise: one pixel per far cell (its centre), against the model there
     ys, xs = np.nonzero(far)
-    X = np.minimum(xs * k + k // 2, w - 1)
-    Y = np.minimum(ys * k + k // 2, h - 1)
+    X = np.minimum(((xs + 0.5) * (dw * k / gw)).astype(np.intp), w - 1)
+    Y = np.minimum(((ys + 0.5) * (dh * k / gh)).astype(np.intp), h - 1)
     diff = rgb[Y, X].astype(np.float32) - grid[ys, xs]
     noise = float(1.4826 * np.median(np.abs(diff - np.median(diff, axis=0))))
     plain = spread <= BUSY_LEVELS and spread95 <= 3 * BUSY_LEVELS
-    return Backdrop(grid, (w, h), noise, spread, plain)
+    return Backdrop(grid, (w, h), reduced, k, noise, spread, plain)

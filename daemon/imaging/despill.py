@@ -60,8 +60,10 @@ class Patch:
 
 def foreground(full: np.ndarray, alpha: np.ndarray, backdrop: Backdrop | None) -> Patch | None:
     """The subject's colour at every pixel of ``full`` (HxWx3 uint8/uint16) whose ``alpha``
-    (HxW uint8) is partial (``LOW``-``HIGH``); None where there is none or no backdrop model."""
-    if backdrop is None:
+    (HxW uint8) is partial (``LOW``-``HIGH``); None where there is none, or where the
+    backdrop is not a plain sweep (a model of a busy scene is not what is behind an edge:
+    measured no better than the photo's own pixels, bench/detail.md)."""
+    if backdrop is None or not backdrop.plain:
         return None
     points = cv2.findNonZero(cv2.inRange(alpha, LOW, HIGH))
     if points is None:

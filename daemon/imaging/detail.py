@@ -5,8 +5,8 @@ so the model's mask (and ``refine``, which only re-decides the band around it) m
 straps, cords, chains and strands. On a studio sweep they are still plain to see: they
 depart from the backdrop (``daemon.imaging.backdrop``) beyond its noise. This stage:
 
-1. on a detection grid (the photo area-reduced by an integer ``k``, long side about
-   ``DETECT``): the pixels departing from the backdrop model by more than
+1. on the photo area-reduced by an integer ``k`` (long side about 1536 px, the backdrop
+   model's ``reduced``): the pixels departing from the backdrop model by more than
    ``THRESHOLD_SIGMAS`` times the grid's noise (at least ``THRESHOLD_MIN`` levels);
 2. keeps those connected (8-neighbours) to the subject (working mask >= ``SEED``):
    dust and specks lying apart from it stay out; a floor shadow is part of the
@@ -32,7 +32,6 @@ import numpy as np
 
 from daemon.imaging.backdrop import Backdrop
 
-DETECT = 1536  # px, the detection grid's long side (at most)
 THRESHOLD_SIGMAS = 6.0  # departure at the detection grid, in units of its noise
 THRESHOLD_MIN = 4.0  # grey levels, at least (seams, paper texture, the model's own error)
 SEED = 128  # working-mask level of the subject the detail must connect to
@@ -47,21 +46,13 @@ def recover(rgb: np.ndarray, mask: np.ndarray, alpha: np.ndarray,
     if backdrop is None or not backdrop.plain:
         return alpha
     h, w = rgb.shape[:2]
-    k = max(1, -(-max(w, h) // DETECT))
-    dw, dh = w // k, h // k
-    if dw < 8 or dh < 8:
-        return alpha
-    small = cv2.resize(rgb[:dh * k, :dw * k], (dw, dh), interpolation=cv2.INTER_AREA)
-    # the model at the detection grid: cell centres of k x k blocks
-    gh, gw = backdrop.grid.shape[:2]
-    ys, xs = np.mgrid[0:dh, 0:dw].astype(np.float32)
-    mx = (xs * k + k / 2) * (gw / w) - 0.5
-    my = (ys * k + k / 2) * (gh / h) - 0.5
-    model = cv2.remap(backdrop.grid, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    dev = np.abs(small.astype(np.float32) - model).max(axis=2)
-    seed = cv2.resize(mask, (dw, dh), interpolation=cv2.INTER_AREA) >= SEED
+    k, small = backdrop.k, backdrop.reduced
+    dh, dw = small.shape[:2]
+    dev = np.abs(small.astype(np.float32) - backdrop.over_reduced()).max(axis=2)
+    m = cv2.resize(mask, (dw, dh), interpolation=cv2.INTER_AREA)
+    seed = m >= SEED
     # the grid's noise: the robust spread of the departure on the backdrop far from the subject
-    far = cv2.resize(mask, (dw, dh), interpolation=cv2.INTER_AREA) == 0
+    far = m == 0
     sample = dev[far][::7]
     sigma = 1.4826 * float(np.median(sample)) if sample.size else 1.0
     threshold = max(THRESHOLD_SIGMAS * sigma, THRESHOLD_MIN)
