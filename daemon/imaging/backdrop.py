@@ -32,6 +32,7 @@ GRID = 384  # cells on the long side
 MEDIAN = 9  # cells: the median's window (thin structures cover less than half of it)
 BG_SURE = 8  # working-mask level at or below which a pixel is backdrop
 FILL_RADII = (1, 2, 4, 8, 16, 32, 64)  # cells: the subject is filled from the nearest backdrop
+PRE_MEDIAN = 5  # reduced px: the median each cell's mean is taken over (strands out)
 BUSY_LEVELS = 2.0  # grey levels: the robust spread of grid cells around the model, at most
 REMAP_ROW = 4096  # points per row of the sampling maps (remap wants each side < 32767)
 
@@ -88,39 +89,47 @@ def fit(rgb: np.ndarray, mask: np.ndarray) -> Backdrop | None:
         if k > 1 else rgb
     kg = max(1, -(-max(dw, dh) // GRID))
     gw, gh = -(-dw // kg), -(-dh // kg)
-    small = cv2.resize(reduced, (gw, gh), interpolation=cv2.INTER_AREA)
+    # the cells: means of a small median of the reduced photo, so that a dense fringe of
+    # strands (a texture at the cells' scale) does not darken them
+    small = cv2.resize(cv2.medianBlur(reduced, PRE_MEDIAN), (gw, gh), interpolation=cv2.INTER_AREA)
     m = cv2.resize(mask, (gw, gh), interpolation=cv2.INTER_AREA)
     near = cv2.dilate((m > BG_SURE).astype(np.uint8), np.ones((3, 3), np.uint8))
     known = (1 - near).astype(np.uint8)
     if known.sum() < 64:
         return None
-    filled = small.copy()
-    todo = near > 0
-    for r in FILL_RADII:
-        if not todo.any():
-            break
-        n = cv2.boxFilter(known, cv2.CV_32S, (2 * r + 1,) * 2, normalize=False)
-        s = cv2.boxFilter(small * known[..., None], cv2.CV_32S, (2 * r + 1,) * 2,
-                          normalize=False)
-        got = todo & (n > 0)
-        filled[got] = ((s[got] + n[got, None] // 2) // n[got, None]).astype(np.uint8)
-        todo &= ~got
-    if todo.any():  # farther than the widest radius: the backdrop's mean
-        filled[todo] = np.rint(small[known > 0].mean(axis=0)).astype(np.uint8)
-    model = cv2.medianBlur(filled, MEDIAN)
-    grid = model.astype(np.float32)
+    model = _fill_median(small, known)
     # the spread of the backdrop's cells around the model (away from the subject)
     far = cv2.erode(known, np.ones((5, 5), np.uint8)) > 0
     if far.sum() < 64:
         far = known > 0
-    resid = np.abs(small[far].astype(np.float32) - grid[far]).mean(axis=1)
-    spread = float(1.4826 * np.median(resid))
-    spread95 = float(np.percentile(resid, 95))
+    resid = np.abs(small.astype(np.int16) - model).max(axis=2)
+    spread = float(1.4826 * np.median(resid[far]))
+    spread95 = float(np.percentile(resid[far], 95))
+    plain = spread <= BUSY_LEVELS and spread95 <= 3 * BUSY_LEVELS
+    grid = model.astype(np.float32)
     # full-size noise: one pixel per far cell (its centre), against the model there
     ys, xs = np.nonzero(far)
     X = np.minimum(((xs + 0.5) * (dw * k / gw)).astype(np.intp), w - 1)
     Y = np.minimum(((ys + 0.5) * (dh * k / gh)).astype(np.intp), h - 1)
     diff = rgb[Y, X].astype(np.float32) - grid[ys, xs]
     noise = float(1.4826 * np.median(np.abs(diff - np.median(diff, axis=0))))
-    plain = spread <= BUSY_LEVELS and spread95 <= 3 * BUSY_LEVELS
     return Backdrop(grid, (w, h), reduced, k, noise, spread, plain)
+
+
+def _fill_median(small: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """The median of ``small`` (uint8 cells) over ``MEDIAN`` cells after the cells not
+    ``known`` are filled from the nearest known ones (integer box means, wider and wider)."""
+    filled = small.copy()
+    todo = known == 0
+    weighted = small * known[..., None]
+    for r in FILL_RADII:
+        if not todo.any():
+            break
+        n = cv2.boxFilter(known, cv2.CV_32S, (2 * r + 1,) * 2, normalize=False)
+        s = cv2.boxFilter(weighted, cv2.CV_32S, (2 * r + 1,) * 2, normalize=False)
+        got = todo & (n > 0)
+        filled[got] = ((s[got] + n[got, None] // 2) // n[got, None]).astype(np.uint8)
+        todo &= ~got
+    if todo.any():  # farther than the widest radius: the backdrop's mean
+        filled[todo] = np.rint(small[known > 0].mean(axis=0)).astype(np.uint8)
+    return cv2.medianBlur(filled, MEDIAN)
