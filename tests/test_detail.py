@@ -232,3 +232,67 @@ def test_hits_match_misses_at_any_opencv_thread_count_and_near_hits_use_new_pixe
 def _pixels(png: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(png)) as img:
         return np.asarray(img.convert("RGBA"))
+
+
+def test_detail_and_despill_key_the_outputs_and_a_deliverable_wins(tmp_path, models_dir):
+    """`detail: off` / `despill: off` in YAML (booleans), per pair and per deliverable; each
+    keys the outputs (a toggle re-renders from the cached mask), never the mask."""
+    import dataclasses
+
+    from daemon.config import OutputOptions
+    from daemon.imaging.keys import targets
+
+    path = write_config(tmp_path, models_dir, output={"detail": False})
+    text = path.read_text()
+    assert "detail: false" in text
+    path.write_text(text.replace("detail: false", "detail: off"))  # as a user writes it
+    cfg = configmod.load(path)
+    assert cfg.output_defaults.detail is False and cfg.output_defaults.despill is True
+    on, off = OutputOptions(), OutputOptions(detail=False)
+    nospill = OutputOptions(despill=False)
+    assert on.mask_options == off.mask_options == nospill.mask_options
+    keys = {targets("m", o, ())[0].output_key for o in (on, off, nospill)}
+    assert len(keys) == 3
+    web = Deliverable(name="web", format="webp")
+    pinned = dataclasses.replace(web, detail=True, despill=False)
+    assert targets("m", off, (web,))[0].detail is False  # the pair's default
+    t = targets("m", off, (pinned,))[0]
+    assert (t.detail, t.despill) == (True, False)
+    assert t.output_key == targets("m", on, (pinned,))[0].output_key
+
+
+def test_the_png_strips_and_the_cutout_carry_the_same_colours_through_srgb(bag):
+    """The straight PNG writes the patch strip by strip, converted to sRGB on its own: the
+    same file as the cutout with the patch in it, converted whole."""
+    from iccprofiles import adobe_rgb
+
+    y0, y1, x0, x1 = 2200, 2700, 1700, 2300
+    rgb = np.ascontiguousarray(bag["rgb"][y0:y1, x0:x1])
+    alpha = np.ascontiguousarray(bag["detail"][y0:y1, x0:x1])
+    bd = backdrop.fit(bag["rgb"], bag["mask"])
+    full = despill.foreground(bag["rgb"], bag["detail"], bd).cropped((x0, y0, x1, y1))
+    assert len(full.flat) > 1000
+    spec = Deliverable(name="cutout", format="png", colour="srgb")
+    meta = SourceMeta(icc=adobe_rgb())
+    straight = deliver.render(rgb, alpha, spec, meta, full)
+    whole = deliver.encode(deliver.cutout(rgb, alpha, full), spec, meta)
+    assert straight == whole
+    assert straight != deliver.render(rgb, alpha, spec, meta)
+
+
+@pytest.mark.parametrize("size,working", [((1, 1), (1, 1)), ((7, 3), (7, 3)),
+                                          ((3, 4000), (2, 2048)), ((9000, 5), (2048, 1)),
+                                          ((40, 30), (40, 30))])
+def test_tiny_and_extreme_shapes(size, working):
+    """Any image gets its matte: a plain grey frame with a dark square in the middle."""
+    w, h = size
+    rgb = np.full((h, w, 3), 200, np.uint8)
+    rgb[h // 3:max(h // 3 + 1, 2 * h // 3), w // 3:max(w // 3 + 1, 2 * w // 3)] = 40
+    mask = cv2.resize((rgb[..., 0] < 100).astype(np.uint8) * 255, working,
+                      interpolation=cv2.INTER_AREA)
+    matte = Matte(rgb, rgb, mask)
+    alpha = matte.alpha("edges", True)
+    assert alpha.shape == (h, w) and alpha.dtype == np.uint8
+    patch = matte.colours("edges", True)
+    if patch is not None:
+        assert patch.values.shape == (len(patch.flat), 3)
