@@ -26,6 +26,7 @@ import numpy as np
 
 from daemon.imaging.backdrop import Backdrop
 
+CHUNK = 1 << 18  # pixels solved at once
 LOW, HIGH = 2, 253  # alpha levels solved: at 1 or 254 the mix is < 1 level from the colour
 
 
@@ -68,12 +69,22 @@ def foreground(full: np.ndarray, alpha: np.ndarray, backdrop: Backdrop | None) -
     points = cv2.findNonZero(cv2.inRange(alpha, LOW, HIGH))
     if points is None:
         return None
-    xs, ys = points.reshape(-1, 2).T  # row-major order: ascending indices
     w = alpha.shape[1]
-    flat = ys.astype(np.intp) * w + xs
+    points = points.reshape(-1, 2)  # (x, y) in row-major order: ascending indices
+    flat = points[:, 1].astype(np.intp) * w + points[:, 0]
+    del points
     top = 255.0 if full.dtype == np.uint8 else 65535.0
-    pixel = full.reshape(-1, 3).take(flat, axis=0).astype(np.float32)
-    B = backdrop.at(xs, ys) * np.float32(top / 255)
-    a = alpha.take(flat).astype(np.float32) * np.float32(1 / 255)
-    F = B + (pixel - B) / a[:, None]
-    return Patch(flat, np.clip(np.rint(F), 0, top).astype(full.dtype), w)
+    values = np.empty((len(flat), 3), full.dtype)
+    for i in range(0, len(flat), CHUNK):  # bounded temporaries
+        at = flat[i:i + CHUNK]
+        ys, xs = np.divmod(at, w)
+        pixel = full.reshape(-1, 3).take(at, axis=0).astype(np.float32)
+        B = backdrop.at(xs, ys)
+        B *= np.float32(top / 255)
+        a = alpha.take(at).astype(np.float32) * np.float32(1 / 255)
+        pixel -= B
+        pixel /= a[:, None]
+        pixel += B
+        np.clip(np.rint(pixel, out=pixel), 0, top, out=pixel)
+        values[i:i + CHUNK] = pixel
+    return Patch(flat, values, w)

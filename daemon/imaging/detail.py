@@ -8,12 +8,20 @@ depart from the backdrop (``daemon.imaging.backdrop``) beyond its noise. This st
 1. on the photo area-reduced by an integer ``k`` (long side about 1536 px, the backdrop
    model's ``reduced``): the pixels departing from the backdrop model by more than
    ``THRESHOLD_SIGMAS`` times the grid's noise (at least ``THRESHOLD_MIN`` levels);
-2. keeps those connected (8-neighbours) to the subject (working mask >= ``SEED``):
+2. keeps those connected (8-neighbours) to the subject (working mask >= ``SEED``) that
+   reach out of its edge zone (whole: with their roots; ``EDGE_ZONE`` px, or ``ZONE_BANDS`` widths of the model's
+   own soft band where that is wider): a soft edge,
+   feathered or defocused, departs from the backdrop too, but it is refine's and stays
+   within the zone (the model sees a soft edge as soft: its band is as wide), and a part
+   within the zone no thicker than ``2 THIN`` px (a stub of a strand) is kept too; and that lie within ``SHARP_REACH`` px of a sharp change of the
+   departure (its range over 3 x 3 at least ``SHARP`` of its max): structures have
+   edges, a smooth ramp (a heavily feathered outline) has none. Of those:
    dust and specks lying apart from it stay out; a floor shadow is part of the
    backdrop model already (it varies over hundreds of pixels), and where the model
-   follows it imperfectly (at the subject's base) a pixel that is the backdrop's own
-   colour at most ``SHADOW_DEPTH`` darker is not a departure; seams and paper texture
-   stay under the threshold;
+   follows it imperfectly (at the subject's base) a broad area (it survives an opening
+   of radius ``BROAD``) of the backdrop's own colour at most ``SHADOW_DEPTH`` darker is
+   not a departure, while a thin chain of the sweep's hue still is; seams and paper
+   texture stay under the threshold;
 3. at full size, on the pixels of those cells (grown by one cell): the alpha of a
    two-colour model whose ends are the backdrop ``B`` and the structure's own colour
    ``B + S``, ``S`` the strongest departure within ``REACH`` px (a strand's covered
@@ -39,9 +47,15 @@ from daemon.imaging.backdrop import Backdrop
 THRESHOLD_SIGMAS = 6.0  # departure at the detection grid, in units of its noise
 THRESHOLD_MIN = 4.0  # grey levels, at least (seams, paper texture, the model's own error)
 SEED = 128  # working-mask level of the subject the detail must connect to
+EDGE_ZONE = 40  # px at 24 MP (in proportion to the frame): the subject's edge zone
+ZONE_BANDS = 2.0  # ... or this many widths of the model's own soft band, if wider
+THIN = 8  # px at 24 MP: a part within the zone no thicker than twice this is kept
+SHARP = 0.5  # a sharp change: the departure's range over 3 x 3 is this share of its max
+SHARP_REACH = 32  # px at 24 MP: a structure's pixels lie this near a sharp change
 FLOOR_SIGMAS = 2.5  # full-size noise floor under the departure
 REACH = 4  # px: a structure's own colour is its strongest departure this near
 SHADOW_COS, SHADOW_DEPTH = 0.998, 0.08  # the backdrop's own colour, at most this much darker
+BROAD = 2  # reduced px: a shadow-like area survives an opening of this radius (thin ones do not)
 
 
 def recover(rgb: np.ndarray, mask: np.ndarray, alpha: np.ndarray,
@@ -54,8 +68,16 @@ def recover(rgb: np.ndarray, mask: np.ndarray, alpha: np.ndarray,
     k, small = backdrop.k, backdrop.reduced
     dh, dw = small.shape[:2]
     model = backdrop.over_reduced()
-    dev = np.abs(small.astype(np.float32) - model).max(axis=2)
-    dev[_shadowlike(small.reshape(-1, 3), model.reshape(-1, 3)).reshape(dh, dw)] = 0
+    diff = small.astype(np.float32)
+    # broad areas of the backdrop's own colour a little darkened: a shadow the model follows
+    # imperfectly (thin structures of the sweep's hue are not broad: an opening drops them)
+    shade = _shadowlike(diff.reshape(-1, 3), model.reshape(-1, 3)).reshape(dh, dw)
+    np.subtract(diff, model, out=diff)
+    dev = np.abs(diff, out=diff).max(axis=2)
+    del diff, model
+    shade = cv2.morphologyEx(shade.astype(np.uint8), cv2.MORPH_OPEN,
+                             np.ones((2 * BROAD + 1,) * 2, np.uint8)) > 0
+    dev[shade] = 0
     m = cv2.resize(mask, (dw, dh), interpolation=cv2.INTER_AREA)
     seed = m >= SEED
     # the grid's noise: the robust spread of the departure on the backdrop far from the subject
@@ -66,15 +88,38 @@ def recover(rgb: np.ndarray, mask: np.ndarray, alpha: np.ndarray,
     cand = (dev > threshold) & ~seed
     if not cand.any():
         return alpha
+    # structures have edges: keep what lies near a sharp change of the departure (a smooth
+    # ramp, a feathered outline, is not a structure)
+    square = np.ones((3, 3), np.uint8)
+    hi = cv2.dilate(dev, square)
+    sharp = cand & (hi - cv2.erode(dev, square) >= SHARP * hi)
+    near = max(1, round(SHARP_REACH * max(w, h) / 6000 / k))
+    cand &= cv2.dilate(sharp.astype(np.uint8), np.ones((2 * near + 1,) * 2, np.uint8)) > 0
     union = (cand | seed).astype(np.uint8)
     n, labels = cv2.connectedComponents(union, connectivity=8)
     attached = np.zeros(n, bool)
     attached[np.unique(labels[seed])] = True
     attached[0] = False
     found = (attached[labels] & cand).astype(np.uint8)
-    if not found.any():
+    # what reaches beyond the subject's edge zone: a soft edge (a feathered or defocused
+    # outline, refine's business) stays within it, a strap, a cord or a strand goes out
+    reach = max(1, round(max(EDGE_ZONE * max(w, h) / 6000, ZONE_BANDS * _band(mask) * w
+                                  / mask.shape[1]) / k))
+    zone = cv2.dilate(seed.astype(np.uint8), cv2.getStructuringElement(
+        cv2.MORPH_ELLIPSE, (2 * reach + 1,) * 2))
+    n, parts = cv2.connectedComponents(found, connectivity=8)
+    out = np.zeros(n, bool)
+    out[np.unique(parts[(found & (1 - zone)) > 0])] = True
+    # ... or thin: a strand's stub poking out of the subject; a soft edge is broad
+    inside = found > 0
+    depth = np.zeros(n, np.float32)
+    np.maximum.at(depth, parts[inside], cv2.distanceTransform(found, cv2.DIST_L2, 3)[inside])
+    out |= depth <= THIN * max(w, h) / 6000 / k
+    out[0] = False
+    if not out.any():
         return alpha
-    found = cv2.dilate(found, np.ones((3, 3), np.uint8))
+    # whole: a strap, a cord or a strand with its roots inside the zone
+    found = cv2.dilate(out[parts].astype(np.uint8), np.ones((3, 3), np.uint8))
     # full-size pixels of the found cells
     cy, cx = np.nonzero(found)
     oy, ox = np.divmod(np.arange(k * k), k)
@@ -84,7 +129,7 @@ def recover(rgb: np.ndarray, mask: np.ndarray, alpha: np.ndarray,
     pixel = rgb.reshape(-1, 3).take(flat, axis=0).astype(np.float32)
     B = backdrop.at(X, Y)
     e = np.rint(pixel - B).astype(np.int16)  # the departure, per channel
-    e[_shadowlike(pixel, B)] = 0
+    e[_shadowlike(pixel, B) & shade.reshape(-1).take((Y // k) * dw + X // k)] = 0
     # the structure's own departure S: per channel the strongest within REACH px (max or
     # min, whichever is farther from 0), on a window over the found pixels
     y0, x0 = int(Y.min()), int(X.min())
@@ -111,10 +156,19 @@ def _shadowlike(pixel: np.ndarray, B: np.ndarray) -> np.ndarray:
     """Which pixels (N x 3) are the backdrop ``B`` (N x 3) darkened a little with its own
     colour: a floor shadow's edge the model follows imperfectly, not a structure (a black
     cord on a white sweep is that colour too, but far darker)."""
-    pixel = pixel.astype(np.float32)
+    pixel = pixel.astype(np.float32, copy=False)
     ii = np.einsum("ij,ij->i", pixel, pixel)
     bb = np.einsum("ij,ij->i", B, B)
     ib = np.einsum("ij,ij->i", pixel, B)
     # cos(I, B) >= SHADOW_COS and 1 - SHADOW_DEPTH <= |I| / |B| <= 1, without square roots
     return ((ib >= 0) & (ib * ib >= SHADOW_COS ** 2 * ii * bb) & (ii <= bb)
             & (ii >= (1 - SHADOW_DEPTH) ** 2 * bb))
+
+
+def _band(mask: np.ndarray) -> float:
+    """The width (working px) of the model's soft band: its partial pixels per pixel of
+    the subject's outline."""
+    subject = (mask >= SEED).astype(np.uint8)
+    outline = int(subject.sum()) - int(cv2.erode(subject, np.ones((3, 3), np.uint8)).sum())
+    partial = int(np.count_nonzero((mask > 8) & (mask < 247)))
+    return partial / outline if outline else 0.0
