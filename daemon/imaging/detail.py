@@ -7,21 +7,20 @@ depart from the backdrop (``daemon.imaging.backdrop``) beyond its noise. This st
 
 1. on the photo area-reduced by an integer ``k`` (long side about 1536 px, the backdrop
    model's ``reduced``): the pixels departing from the backdrop model by more than
-   ``THRESHOLD_SIGMAS`` times the grid's noise (at least ``THRESHOLD_MIN`` levels);
-2. keeps those connected (8-neighbours) to the subject (working mask >= ``SEED``) that
-   reach out of its edge zone (whole: with their roots; ``EDGE_ZONE`` px, or ``ZONE_BANDS`` widths of the model's
-   own soft band where that is wider): a soft edge,
-   feathered or defocused, departs from the backdrop too, but it is refine's and stays
-   within the zone (the model sees a soft edge as soft: its band is as wide), and a part
-   within the zone no thicker than ``2 THIN`` px (a stub of a strand) is kept too; and that lie within ``SHARP_REACH`` px of a sharp change of the
-   departure (its range over 3 x 3 at least ``SHARP`` of its max): structures have
-   edges, a smooth ramp (a heavily feathered outline) has none. Of those:
-   dust and specks lying apart from it stay out; a floor shadow is part of the
-   backdrop model already (it varies over hundreds of pixels), and where the model
-   follows it imperfectly (at the subject's base) a broad area (it survives an opening
-   of radius ``BROAD``) of the backdrop's own colour at most ``SHADOW_DEPTH`` darker is
-   not a departure, while a thin chain of the sweep's hue still is; seams and paper
-   texture stay under the threshold;
+   ``THRESHOLD_SIGMAS`` times the grid's noise (at least ``THRESHOLD_MIN`` levels).
+   Not a departure: a broad area (it survives an opening of radius ``BROAD``) of the
+   backdrop's own colour at most ``SHADOW_DEPTH`` darker, where the model follows a
+   floor shadow imperfectly (at the subject's base); a thin chain of the sweep's hue
+   still departs. Seams and paper texture stay under the threshold;
+2. of those, the structures: within ``SHARP_REACH`` px of a sharp change of the
+   departure (its range over 3 x 3 at least ``SHARP`` of its max: structures have
+   edges, a smooth ramp has none), connected (8-neighbours) to the subject (working
+   mask >= ``SEED``): dust and specks lying apart stay out; and each connected part
+   either reaching out of the subject's edge zone (``EDGE_ZONE`` px, or ``ZONE_BANDS``
+   widths of the model's own soft band where that is wider) or thin (no thicker than
+   ``2 THIN`` px: a strand's stub). A soft edge, feathered or defocused, departs from
+   the backdrop too, but it is broad and stays within the zone (the model sees a soft
+   edge as soft: its band is as wide): it is refine's;
 3. at full size, on the pixels of those cells (grown by one cell): the alpha of a
    two-colour model whose ends are the backdrop ``B`` and the structure's own colour
    ``B + S``, ``S`` the strongest departure within ``REACH`` px (a strand's covered
@@ -64,63 +63,81 @@ def recover(rgb: np.ndarray, mask: np.ndarray, alpha: np.ndarray,
     place; unchanged where the backdrop is not a plain sweep."""
     if backdrop is None or not backdrop.plain:
         return alpha
-    h, w = rgb.shape[:2]
-    k, small = backdrop.k, backdrop.reduced
+    dev, shade = _departures(backdrop)
+    found = _structures(dev, mask, rgb.shape[1], rgb.shape[0], backdrop.k)
+    if found is None:
+        return alpha
+    flat, new = _alpha(rgb, backdrop, found, shade)
+    np.put(alpha, flat, np.maximum(alpha.take(flat), new))
+    return alpha
+
+
+def _departures(backdrop: Backdrop) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of the reduced photo: its departure from the model (the largest channel's,
+    grey levels; 0 in broad shadow-like areas) and those areas (bool)."""
+    small = backdrop.reduced
     dh, dw = small.shape[:2]
     model = backdrop.over_reduced()
     diff = small.astype(np.float32)
-    # broad areas of the backdrop's own colour a little darkened: a shadow the model follows
-    # imperfectly (thin structures of the sweep's hue are not broad: an opening drops them)
     shade = _shadowlike(diff.reshape(-1, 3), model.reshape(-1, 3)).reshape(dh, dw)
     np.subtract(diff, model, out=diff)
     dev = np.abs(diff, out=diff).max(axis=2)
     del diff, model
+    # broad only: thin structures of the sweep's hue do not survive the opening
     shade = cv2.morphologyEx(shade.astype(np.uint8), cv2.MORPH_OPEN,
                              np.ones((2 * BROAD + 1,) * 2, np.uint8)) > 0
     dev[shade] = 0
+    return dev, shade
+
+
+def _structures(dev: np.ndarray, mask: np.ndarray, w: int, h: int, k: int) -> np.ndarray | None:
+    """The reduced pixels (uint8 0/1, grown by one) of the structures attached to the
+    subject, or None."""
+    dh, dw = dev.shape
+    per_px = max(w, h) / 6000 / k  # reduced px per full-size px at 24 MP
     m = cv2.resize(mask, (dw, dh), interpolation=cv2.INTER_AREA)
     seed = m >= SEED
     # the grid's noise: the robust spread of the departure on the backdrop far from the subject
-    far = m == 0
-    sample = dev[far][::7]
+    sample = dev[m == 0][::7]
     sigma = 1.4826 * float(np.median(sample)) if sample.size else 1.0
-    threshold = max(THRESHOLD_SIGMAS * sigma, THRESHOLD_MIN)
-    cand = (dev > threshold) & ~seed
+    cand = (dev > max(THRESHOLD_SIGMAS * sigma, THRESHOLD_MIN)) & ~seed
     if not cand.any():
-        return alpha
-    # structures have edges: keep what lies near a sharp change of the departure (a smooth
-    # ramp, a feathered outline, is not a structure)
+        return None
+    # near a sharp change of the departure: structures have edges, a smooth ramp has none
     square = np.ones((3, 3), np.uint8)
     hi = cv2.dilate(dev, square)
     sharp = cand & (hi - cv2.erode(dev, square) >= SHARP * hi)
-    near = max(1, round(SHARP_REACH * max(w, h) / 6000 / k))
+    near = max(1, round(SHARP_REACH * per_px))
     cand &= cv2.dilate(sharp.astype(np.uint8), np.ones((2 * near + 1,) * 2, np.uint8)) > 0
-    union = (cand | seed).astype(np.uint8)
-    n, labels = cv2.connectedComponents(union, connectivity=8)
+    # attached: connected to the subject
+    n, labels = cv2.connectedComponents((cand | seed).astype(np.uint8), connectivity=8)
     attached = np.zeros(n, bool)
     attached[np.unique(labels[seed])] = True
     attached[0] = False
     found = (attached[labels] & cand).astype(np.uint8)
-    # what reaches beyond the subject's edge zone: a soft edge (a feathered or defocused
-    # outline, refine's business) stays within it, a strap, a cord or a strand goes out
-    reach = max(1, round(max(EDGE_ZONE * max(w, h) / 6000, ZONE_BANDS * _band(mask) * w
-                                  / mask.shape[1]) / k))
+    # each part reaching out of the subject's edge zone, or thin
+    zone_px = max(EDGE_ZONE * max(w, h) / 6000, ZONE_BANDS * _band(mask) * w / mask.shape[1])
+    radius = max(1, round(zone_px / k))
     zone = cv2.dilate(seed.astype(np.uint8), cv2.getStructuringElement(
-        cv2.MORPH_ELLIPSE, (2 * reach + 1,) * 2))
+        cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
     n, parts = cv2.connectedComponents(found, connectivity=8)
-    out = np.zeros(n, bool)
-    out[np.unique(parts[(found & (1 - zone)) > 0])] = True
-    # ... or thin: a strand's stub poking out of the subject; a soft edge is broad
+    keep = np.zeros(n, bool)
+    keep[np.unique(parts[(found & (1 - zone)) > 0])] = True
     inside = found > 0
     depth = np.zeros(n, np.float32)
     np.maximum.at(depth, parts[inside], cv2.distanceTransform(found, cv2.DIST_L2, 3)[inside])
-    out |= depth <= THIN * max(w, h) / 6000 / k
-    out[0] = False
-    if not out.any():
-        return alpha
-    # whole: a strap, a cord or a strand with its roots inside the zone
-    found = cv2.dilate(out[parts].astype(np.uint8), np.ones((3, 3), np.uint8))
-    # full-size pixels of the found cells
+    keep |= depth <= THIN * per_px
+    keep[0] = False
+    if not keep.any():
+        return None
+    return cv2.dilate(keep[parts].astype(np.uint8), square)
+
+
+def _alpha(rgb: np.ndarray, backdrop: Backdrop, found: np.ndarray, shade: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(row-major indices, alpha uint8) of the full-size pixels of the ``found`` cells."""
+    k, w = backdrop.k, rgb.shape[1]
+    dw = found.shape[1]
     cy, cx = np.nonzero(found)
     oy, ox = np.divmod(np.arange(k * k), k)
     Y = (cy[:, None] * k + oy[None, :]).ravel()
@@ -130,6 +147,7 @@ def recover(rgb: np.ndarray, mask: np.ndarray, alpha: np.ndarray,
     B = backdrop.at(X, Y)
     e = np.rint(pixel - B).astype(np.int16)  # the departure, per channel
     e[_shadowlike(pixel, B) & shade.reshape(-1).take((Y // k) * dw + X // k)] = 0
+    del pixel, B
     # the structure's own departure S: per channel the strongest within REACH px (max or
     # min, whichever is farther from 0), on a window over the found pixels
     y0, x0 = int(Y.min()), int(X.min())
@@ -141,15 +159,12 @@ def recover(rgb: np.ndarray, mask: np.ndarray, alpha: np.ndarray,
         hi = cv2.dilate(win, kernel)[Y - y0, X - x0]
         lo = cv2.erode(win, kernel)[Y - y0, X - x0]
         S[:, c] = np.where(hi >= -lo, hi, lo)
-    # alpha: the departure's projection on S, above the noise floor
-    reach = np.sqrt(np.einsum("ij,ij->i", S, S))
-    along = np.einsum("ij,ij->i", e.astype(np.float32), S) / np.maximum(reach, 1.0)
+    # the departure's projection on S, above the noise floor
+    strength = np.sqrt(np.einsum("ij,ij->i", S, S))
+    along = np.einsum("ij,ij->i", e.astype(np.float32), S) / np.maximum(strength, 1.0)
     floor = FLOOR_SIGMAS * backdrop.noise
-    a = (along - floor) / np.maximum(reach - floor, 1.0)
-    new = np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8)
-    old = alpha.take(flat)
-    np.put(alpha, flat, np.maximum(old, new))
-    return alpha
+    a = (along - floor) / np.maximum(strength - floor, 1.0)
+    return flat, np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _shadowlike(pixel: np.ndarray, B: np.ndarray) -> np.ndarray:
