@@ -34,7 +34,7 @@ from daemon.imaging.confidence import Confidence
 from daemon.imaging.decode import decode, probe_pixels
 from daemon.imaging.keys import Target, mask_key, targets
 from daemon.imaging.png import encode_png
-from daemon.imaging.refine import refine
+from daemon.imaging.matte import Matte
 from daemon.imaging.render import (decode_mask, encode_mask, fit_mask, predict_mask,
                                    render_target, stamp_files, working_mask_size)
 from daemon.inference.engine import Engines
@@ -125,12 +125,13 @@ class Pipeline:
         mask, hit, inference_s = self._mask(wanted[0].mask_key, plan.options, fp,
                                             np.asarray(small), (decoded.width, decoded.height))
         judged = confidence.score(mask, np.asarray(small)) if plan.judge else None
-        files, errors, full_masks = {}, {}, {}  # one full-size mask per refine mode
+        files, errors = {}, {}
+        matte = Matte(decoded.rgb, decoded.full, mask)  # one alpha per mode, shared
         for target in wanted:
             try:
-                if target.refine not in full_masks:
-                    full_masks[target.refine] = refine(decoded.rgb, mask, target.refine)
-                files[target.name] = render_target(target, decoded, full_masks[target.refine])
+                alpha = matte.alpha(*target.alpha_key)
+                patch = matte.colours(*target.alpha_key) if _despills(target) else None
+                files[target.name] = render_target(target, decoded, alpha, patch)
             except Exception as exc:  # one deliverable's fault; the others still ship
                 log.warning("deliverable_failed", output=target.name or "png",
                             error=f"{type(exc).__name__}: {exc}")
@@ -149,7 +150,7 @@ class Pipeline:
         The source stays decoded on the workbench for the next touch-up of it."""
         wanted = self.targets(plan)
         sha = fpmod.sha256_bytes(data)
-        basis = (wanted[0].mask_key, wanted[0].refine)
+        basis = (wanted[0].mask_key, *wanted[0].alpha_key)  # mask, refine mode, detail
         self.workbench.wait_prepared(sha)  # (before the budget: the preparing holds some)
         with self.budget.hold(probe_pixels(data)):
             work = self._work(data, sha, plan, basis)
@@ -166,7 +167,7 @@ class Pipeline:
         draws): decoded, fingerprinted, its current alpha made."""
         wanted = self.targets(plan)
         sha = fpmod.sha256_bytes(data)
-        basis = (wanted[0].mask_key, wanted[0].refine)
+        basis = (wanted[0].mask_key, *wanted[0].alpha_key)  # mask, refine mode, detail
         with self.workbench.preparing(sha), self.budget.hold(probe_pixels(data)):
             work = self._work(data, sha, plan, basis)
             self.workbench.keep(work)
@@ -189,7 +190,7 @@ class Pipeline:
             alpha = fit_mask(decode_mask(current[1]), *size)
         else:
             mask = self._mask(basis[0], plan.options, fp, np.asarray(decoded.small), size)[0]
-            alpha = refine(decoded.rgb, mask, basis[1])
+            alpha = Matte(decoded.rgb, decoded.full, mask).alpha(*basis[1:])  # as delivered
         return Work(sha, basis, decoded, fp, alpha, current[0] if current else None)
 
     def forget_correction(self, data: bytes) -> bool:
@@ -204,10 +205,13 @@ class Pipeline:
     @staticmethod
     def _render_alpha(wanted: list[Target], decoded, alpha: np.ndarray
                       ) -> tuple[dict[str, bytes], dict[str, BaseException]]:
+        """Every target from one decided alpha (a retoucher's), despilled like any other."""
         files, errors = {}, {}
+        matte = Matte.decided(decoded.rgb, decoded.full, alpha)
         for target in wanted:
             try:
-                files[target.name] = render_target(target, decoded, alpha)
+                patch = matte.colours(*target.alpha_key) if _despills(target) else None
+                files[target.name] = render_target(target, decoded, alpha, patch)
             except Exception as exc:  # one deliverable's fault; the others still ship
                 log.warning("deliverable_failed", output=target.name or "png",
                             error=f"{type(exc).__name__}: {exc}")
@@ -245,3 +249,13 @@ class Pipeline:
         seconds.append(time.perf_counter() - start)
         self.inferences += 1
         return mask
+
+
+def _despills(target: Target) -> bool:
+    """Despill on, and a cutout whose colours it changes (not the mask PNG, not rembg's
+    own alpha matting or background colour)."""
+    if not target.despill:
+        return False
+    o = target.options
+    return target.deliverable is not None or not (
+        o.only_mask or o.alpha_matting.enabled or o.bgcolor is not None)

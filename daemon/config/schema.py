@@ -42,6 +42,13 @@ REFINE_DOC = ("edges: re-decide the mask's soft edge band from the full-size pho
               "plain bilinear upscale of the model's mask; glass: edges, then partial alpha where "
               "the sweep visibly shows through the subject, dimmed (transparent products; "
               "opt-in: an opaque product shaded like the sweep can be mistaken for glass)")
+DETAIL_DOC = ("recover thin structures attached to the subject that the model misses (straps, "
+              "cords, chains, strands) from the full-size photo, where the backdrop is a plain "
+              "sweep; does nothing on a busy backdrop (bench/detail.md); off: the refined mask "
+              "as it is")
+DESPILL_DOC = ("write the subject's own colour, not the backdrop's mix, in partly transparent "
+               "pixels (edges, strands, glass), solved against the fitted backdrop, in the "
+               "source's colour space and bit depth (bench/detail.md); off: the photo's pixels")
 FORMAT_EXT = {"png": ".png", "tiff": ".tif", "webp": ".webp", "jpeg": ".jpg"}
 COLOUR_DOC = "keep: embed the source's ICC profile; srgb: convert to sRGB (littleCMS)"
 
@@ -104,6 +111,8 @@ class OutputOptions:
     metadata: str = setting("keep", "keep: EXIF (orientation set to 1) and XMP; strip: none",
                             choices=METADATA)
     refine: str = setting("edges", REFINE_DOC + "; the deliverables' default", choices=REFINES)
+    detail: bool = setting(True, DETAIL_DOC + "; the deliverables' default")
+    despill: bool = setting(True, DESPILL_DOC + "; the deliverables' default")
 
     @property
     def mask_options(self) -> tuple:
@@ -160,6 +169,9 @@ class Deliverable:
                             "the format holds it (JPEG, TIFF); strip: none", choices=METADATA)
     refine: str | None = setting(None, REFINE_DOC, choices=REFINES,
                                  default_doc="the pair's `options.refine`")
+    detail: bool | None = setting(None, DETAIL_DOC, default_doc="the pair's `options.detail`")
+    despill: bool | None = setting(None, DESPILL_DOC,
+                                   default_doc="the pair's `options.despill`")
 
     @property
     def ext(self) -> str:

@@ -1,6 +1,7 @@
 """Deliverables: upright source pixels + mask + a ``Deliverable`` spec -> the encoded file.
 
-Order: cutout (alpha = mask; 16-bit: mask * 257) -> crop to the subject ->
+Order: cutout (alpha = mask; 16-bit: mask * 257; the subject's edge colours of
+``daemon.imaging.despill`` written in, when given) -> crop to the subject ->
 canvas -> max_size -> colour (keep the source ICC | convert to sRGB) ->
 flatten on ``spec.flattened`` -> encode.
 
@@ -23,6 +24,7 @@ treated as no profile (sRGB), as colour-managed viewers do.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -31,6 +33,7 @@ from PIL import Image
 from daemon.config.schema import Deliverable
 from daemon.imaging.colour import ColourError, srgb_profile, to_srgb
 from daemon.imaging.decode import to8
+from daemon.imaging.despill import Patch
 from daemon.imaging.geometry import crop, crop_box, limit_size, place_on_canvas, subject_box
 from daemon.imaging.meta import EXIF_PREFIX, SourceMeta, photoshop_iptc_segment
 from daemon.imaging.png import encode_png
@@ -40,8 +43,9 @@ _TIFF_TEXT_TAGS = (271, 272, 315, 33432)  # Make, Model, Artist, Copyright
 _JPEG_APP1_MAX = 0xFFFF - 2
 
 
-def cutout(full: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """HxWx3 pixels + HxW uint8 mask -> HxWx4 of the same dtype, alpha = mask (x257 at 16 bits)."""
+def cutout(full: np.ndarray, mask: np.ndarray, colours: Patch | None = None) -> np.ndarray:
+    """HxWx3 pixels + HxW uint8 mask -> HxWx4 of the same dtype, alpha = mask (x257 at 16 bits),
+    with ``colours`` written in."""
     if mask.shape != full.shape[:2]:
         raise ValueError(f"mask {mask.shape} does not match the image {full.shape[:2]}")
     if mask.dtype != np.uint8:
@@ -52,6 +56,8 @@ def cutout(full: np.ndarray, mask: np.ndarray) -> np.ndarray:
         out[..., 3] = mask
     else:
         np.multiply(mask, 257, out=out[..., 3], dtype=np.uint16)
+    if colours is not None:
+        colours.onto(out)
     return out
 
 
@@ -76,8 +82,10 @@ def _colour(pixels: np.ndarray, mode: str, icc: bytes | None) -> tuple[np.ndarra
         return pixels, srgb_profile()
 
 
-def render(full: np.ndarray, mask: np.ndarray, spec: Deliverable, meta: SourceMeta) -> bytes:
-    """The encoded deliverable file for ``full`` (HxWx3 uint8/uint16) cut out with ``mask``."""
+def render(full: np.ndarray, mask: np.ndarray, spec: Deliverable, meta: SourceMeta,
+           colours: Patch | None = None) -> bytes:
+    """The encoded deliverable file for ``full`` (HxWx3 uint8/uint16) cut out with ``mask``;
+    ``colours``: the subject's colours for some pixels (despill), else the photo's."""
     if mask.shape != full.shape[:2]:
         raise ValueError(f"mask {mask.shape} does not match the image {full.shape[:2]}")
     if spec.crop == "subject":
@@ -86,11 +94,12 @@ def render(full: np.ndarray, mask: np.ndarray, spec: Deliverable, meta: SourceMe
             h, w = mask.shape
             box = crop_box(box, spec.margin, spec.margin_unit, (w, h))
             full, mask = crop(full, box), crop(mask, box)  # views: only the crop is cut out
+            colours = colours.cropped(box) if colours is not None else None
     elif spec.crop != "none":
         raise ValueError(f"crop must be 'none' or 'subject', not {spec.crop!r}")
     if _straight_png(full, mask, spec):
-        return _png_with_alpha(full, mask, spec, meta)
-    pixels = cutout(full, mask)
+        return _png_with_alpha(full, mask, spec, meta, colours)
+    pixels = cutout(full, mask, colours)
     if spec.canvas is not None:
         c = spec.canvas
         pixels = place_on_canvas(pixels, tuple(c.aspect), c.long_edge, c.fill)
@@ -105,17 +114,22 @@ def _straight_png(full: np.ndarray, mask: np.ndarray, spec: Deliverable) -> bool
 
 
 def _png_with_alpha(rgb: np.ndarray, mask: np.ndarray, spec: Deliverable,
-                    meta: SourceMeta) -> bytes:
-    """The same file as ``encode(cutout(rgb, mask), ...)``, without the HxWx4 copy: the
-    colour transform is per pixel and leaves alpha alone, so it runs on the RGB part,
-    and the PNG writer interleaves the alpha strip by strip."""
+                    meta: SourceMeta, colours: Patch | None = None) -> bytes:
+    """The same file as ``encode(cutout(rgb, mask, colours), ...)``, without the HxWx4 copy:
+    the colour transform is per pixel and leaves alpha alone, so it runs on the RGB part
+    (and on the patch's colours), and the PNG writer interleaves the alpha and the patch
+    strip by strip."""
     rgb, icc = _colour(rgb, spec.colour, meta.icc)
+    if colours is not None and spec.colour != "keep":
+        values, _ = _colour(colours.values[:, None, :], spec.colour, meta.icc)
+        colours = dataclasses.replace(colours, values=np.ascontiguousarray(values[:, 0, :]))
     if spec.metadata == "strip":
         meta = meta.stripped()
     elif spec.metadata != "keep":
         raise ValueError(f"metadata must be 'keep' or 'strip', not {spec.metadata!r}")
     return encode_png(rgb, level=spec.compression, icc_profile=icc, exif=meta.exif,
-                      xmp=meta.xmp, alpha=np.ascontiguousarray(mask))
+                      xmp=meta.xmp, alpha=np.ascontiguousarray(mask),
+                      colours=None if colours is None else colours.rows)
 
 
 def encode(pixels: np.ndarray, spec: Deliverable, meta: SourceMeta) -> bytes:

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass
 from daemon.config import Deliverable, OutputOptions
 
 MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
-RENDER_VERSION = 7  # bump when rendering changes: old stored outputs become misses
+RENDER_VERSION = 8  # bump when rendering changes: old stored outputs become misses
 # (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
 #  5: refine, on by default, and OpenCV's bilinear upscale;
 #  6: TIFF carries the source-stamp placeholder tag, daemon.imaging.stamp;
-#  7: refine in one pass (<= 2048 px) takes its statistics on a grid of 3 px, not 2)
+#  7: refine in one pass (<= 2048 px) takes its statistics on a grid of 3 px, not 2;
+#  8: the detail stage and despill, both on by default: daemon/imaging/detail.py, despill.py)
 MASK_EDGE = 2048  # the working mask's long side (see daemon.imaging.render)
 
 
@@ -34,6 +35,13 @@ class Target:
     options: OutputOptions
     deliverable: Deliverable | None = None
     refine: str = "none"  # imaging.refine mode: the deliverable's, else the options'
+    detail: bool = False  # imaging.detail: the deliverable's, else the options'
+    despill: bool = False  # imaging.despill: the deliverable's, else the options'
+
+    @property
+    def alpha_key(self) -> tuple[str, bool]:
+        """What the full-size alpha depends on: targets sharing it share one alpha."""
+        return self.refine, self.detail
 
 
 def _digest(payload: dict) -> str:
@@ -50,20 +58,23 @@ def mask_key(options: OutputOptions, model_checksum: str) -> str:
 def targets(mkey: str, options: OutputOptions, outputs: tuple[Deliverable, ...]) -> list[Target]:
     """The files one source becomes; output keys cover every render option.
 
-    ``refine`` keys the outputs, not the mask: it runs at render time on the cached
-    working mask against each file's own pixels, so toggling it re-renders from the
-    cache without a new inference, and the cached mask stays one per image.
+    ``refine``, ``detail`` and ``despill`` key the outputs, not the mask: they run at
+    render time on the cached working mask against each file's own pixels, so toggling
+    them re-renders from the cache without a new inference, and the cached mask stays
+    one per image.
     """
+    render = ("refine", "detail", "despill")
     if not outputs:
         legacy = {k: v for k, v in asdict(options).items()
-                  if k not in ("model", "post_process_mask", "refine")}
+                  if k not in ("model", "post_process_mask", *render)}
+        modes = {k: getattr(options, k) for k in render}
         return [Target("", mkey, _digest({"v": RENDER_VERSION, "mask": mkey, "legacy": legacy,
-                                          "refine": options.refine}),
-                       options.model, options, refine=options.refine)]
+                                          **modes}), options.model, options, **modes)]
     out = []
     for d in outputs:
-        mode = d.refine or options.refine
+        modes = {k: getattr(options, k) if getattr(d, k) is None else getattr(d, k)
+                 for k in render}
         out.append(Target(d.name, mkey, _digest({"v": RENDER_VERSION, "mask": mkey,
-                                                 "out": asdict(d), "refine": mode}),
-                          options.model, options, d, mode))
+                                                 "out": asdict(d), **modes}),
+                          options.model, options, d, **modes))
     return out

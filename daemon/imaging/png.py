@@ -70,7 +70,8 @@ _MAX_DIM = 2**31 - 1  # PNG limit on width and height
 
 def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None = None,
                exif: bytes | None = None, xmp: bytes | None = None,
-               text: dict[str, str] | None = None, alpha: np.ndarray | None = None) -> bytes:
+               text: dict[str, str] | None = None, alpha: np.ndarray | None = None,
+               colours=None) -> bytes:
     """Encode ``pixels`` (HxW, HxWx2, HxWx3 or HxWx4; uint8 or uint16) as PNG bytes.
 
     Channels map to grey (L, also HxWx1), grey+alpha (LA), RGB and RGBA; any
@@ -80,6 +81,9 @@ def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None 
     (Latin-1). ``alpha`` (HxW uint8, with HxWx3 uint8 ``pixels``) is written as the
     fourth channel of an RGBA PNG, interleaved strip by strip: the same file as
     encoding the stacked HxWx4 array, without building it (a 24 MP cutout is 96 MB).
+    ``colours`` (with ``alpha``): ``colours(r0, r1)`` gives (indices from row r0, N x 3
+    values) of pixels in rows r0..r1 whose colour the strip takes instead
+    (``daemon.imaging.despill.Patch.rows``).
     Raises ValueError for any other dtype, shape, level or option.
     """
     arr = _check_pixels(pixels)
@@ -113,7 +117,7 @@ def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None 
         _append_chunk(out, b"iTXt", _XMP_KEYWORD + b"\x00\x00\x00\x00\x00" + _as_bytes(xmp, "xmp"))
     for key, value in (text or {}).items():
         _append_chunk(out, b"tEXt", _text_keyword(key) + b"\x00" + _latin1(value, f"text[{key!r}]"))
-    stream = _zlib_stream(arr, level, alpha)
+    stream = _zlib_stream(arr, level, alpha, colours)
     with memoryview(stream) as view:
         for start in range(0, len(stream), IDAT_SIZE):  # the stream holds >= 6 bytes: >= 1 IDAT
             _append_chunk(out, b"IDAT", view[start:start + IDAT_SIZE])
@@ -140,7 +144,8 @@ def _check_pixels(pixels: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _zlib_stream(arr: np.ndarray, level: int, alpha: np.ndarray | None = None) -> bytes:
+def _zlib_stream(arr: np.ndarray, level: int, alpha: np.ndarray | None = None,
+                 colours=None) -> bytes:
     """The zlib stream of the filtered scanlines: segments deflated on ``THREADS`` threads.
 
     Each segment (``SEGMENT_BYTES`` of raw rows) is an independent raw-deflate run ending
@@ -153,7 +158,8 @@ def _zlib_stream(arr: np.ndarray, level: int, alpha: np.ndarray | None = None) -
     row_bytes = width * channels * arr.dtype.itemsize
     rows = max(1, SEGMENT_BYTES // row_bytes)
     starts = range(0, height, rows)
-    jobs = [(arr, alpha, level, r0, min(height, r0 + rows), r0 + rows >= height) for r0 in starts]
+    jobs = [(arr, alpha, level, r0, min(height, r0 + rows), r0 + rows >= height, colours)
+            for r0 in starts]
     if len(jobs) == 1 or THREADS == 1:
         parts = [_segment(*job) for job in jobs]
     else:
@@ -167,7 +173,7 @@ def _zlib_stream(arr: np.ndarray, level: int, alpha: np.ndarray | None = None) -
 
 
 def _segment(arr: np.ndarray, alpha: np.ndarray | None, level: int, r0: int, r1: int,
-             last: bool) -> tuple[bytes, int, int]:
+             last: bool, colours=None) -> tuple[bytes, int, int]:
     """Rows r0..r1 filtered and raw-deflated, strip by strip: (deflate bytes, Adler-32, length)."""
     if level == 0:
         comp, filt, code = zlib.compressobj(0, zlib.DEFLATED, -15), _filter_none, 0
@@ -186,10 +192,10 @@ def _segment(arr: np.ndarray, alpha: np.ndarray | None, level: int, r0: int, r1:
     if r0 == 0:
         prev = np.zeros(row_bytes, np.uint8)  # the row above the first row is all zeros
     else:  # the raw row above this segment
-        prev = _rows(arr, alpha, r0 - 1, r0, rgba)[0].copy()
+        prev = _rows(arr, alpha, r0 - 1, r0, rgba, colours)[0].copy()
     pieces, adler = [], 1
     for s0 in range(r0, r1, rows):
-        cur = _rows(arr, alpha, s0, min(r1, s0 + rows), rgba)
+        cur = _rows(arr, alpha, s0, min(r1, s0 + rows), rgba, colours)
         n = cur.shape[0]
         filt(cur, prev, buf[:n, 1:])
         adler = zlib.adler32(buf[:n], adler)
@@ -202,7 +208,7 @@ def _segment(arr: np.ndarray, alpha: np.ndarray | None, level: int, r0: int, r1:
 
 
 def _rows(arr: np.ndarray, alpha: np.ndarray | None, r0: int, r1: int,
-          rgba: np.ndarray | None) -> np.ndarray:
+          rgba: np.ndarray | None, colours=None) -> np.ndarray:
     """Raw scanline bytes of rows r0..r1; with ``alpha``, interleaved into the ``rgba`` buffer
     (one strip, cache-sized, instead of a full-size RGBA copy)."""
     if alpha is None:
@@ -210,6 +216,9 @@ def _rows(arr: np.ndarray, alpha: np.ndarray | None, r0: int, r1: int,
     n = r1 - r0
     rgba[:n, :, :3] = arr[r0:r1]
     rgba[:n, :, 3] = alpha[r0:r1]
+    if colours is not None:
+        at, values = colours(r0, r1)
+        rgba[:n].reshape(-1, 4)[at, :3] = values
     return rgba[:n].reshape(n, -1)
 
 

@@ -73,16 +73,18 @@ def predict_mask(engine, rgb: np.ndarray, options: OutputOptions,
     return fit_mask(mask, *size)
 
 
-def render_target(target: Target, decoded, mask: np.ndarray) -> bytes:
-    """The encoded file for ``target``; ``mask`` is at the image's full size."""
+def render_target(target: Target, decoded, mask: np.ndarray, colours=None) -> bytes:
+    """The encoded file for ``target``; ``mask`` is at the image's full size; ``colours``
+    (a ``daemon.imaging.despill.Patch``): the subject's colours in its partial pixels."""
     if target.deliverable is not None:
-        return deliver.render(decoded.full, mask, target.deliverable, decoded.meta)
+        return deliver.render(decoded.full, mask, target.deliverable, decoded.meta, colours)
     options = target.options
     if options.only_mask:
         return encode_png(mask, level=options.png_compression)
     if options.alpha_matting.enabled or options.bgcolor is not None:
         return _rembg_cutout(decoded, mask, options)
-    return deliver.render(decoded.full, mask, legacy_deliverable(options), decoded.meta)
+    return deliver.render(decoded.full, mask, legacy_deliverable(options), decoded.meta,
+                          colours)
 
 
 def _rembg_cutout(decoded, mask: np.ndarray, options: OutputOptions) -> bytes:
