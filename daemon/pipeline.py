@@ -120,7 +120,8 @@ class Pipeline:
             if self.corrections is not None else None
         if corrected is not None:  # touched up: done as the retoucher left it, never judged
             alpha = fit_mask(decode_mask(corrected), decoded.width, decoded.height)
-            files, errors = self._render_alpha(wanted, decoded, alpha)
+            guide = self._guide(wanted, plan, fp, decoded)
+            files, errors = self._render_alpha(wanted, decoded, alpha, guide)
             return Rendered(files, "exact", errors, sha256=sha)
         mask, hit, inference_s = self._mask(wanted[0].mask_key, plan.options, fp,
                                             np.asarray(small), (decoded.width, decoded.height))
@@ -158,7 +159,7 @@ class Pipeline:
             digest = None
             if self.corrections is not None:
                 digest = self.corrections.put(work.fp, encode_png(alpha, level=1))
-            files, errors = self._render_alpha(wanted, work.decoded, alpha)
+            files, errors = self._render_alpha(wanted, work.decoded, alpha, work.mask)
         self.workbench.keep(replace(work, alpha=alpha, digest=digest))
         return Rendered(stamp_files(files, wanted, sha), "exact", errors, sha256=sha)
 
@@ -186,12 +187,26 @@ class Pipeline:
         size = (decoded.width, decoded.height)
         current = self.corrections.current(sha, fp.pixel_hash) \
             if self.corrections is not None else None
+        mask = self._mask(basis[0], plan.options, fp, np.asarray(decoded.small), size)[0]
         if current is not None:
             alpha = fit_mask(decode_mask(current[1]), *size)
         else:
-            mask = self._mask(basis[0], plan.options, fp, np.asarray(decoded.small), size)[0]
             alpha = Matte(decoded.rgb, decoded.full, mask).alpha(*basis[1:])  # as delivered
-        return Work(sha, basis, decoded, fp, alpha, current[0] if current else None)
+        return Work(sha, basis, decoded, fp, alpha, current[0] if current else None, mask)
+
+    def _guide(self, wanted: list[Target], plan: Plan, fp: fpmod.Fingerprint, decoded
+               ) -> np.ndarray | None:
+        """The model's mask of a touched-up source (cached: a lookup, no inference), so
+        that its edge colours come from the backdrop its first cutout had; None without
+        a cache entry (the backdrop is then fitted around the correction itself)."""
+        if self.masks is None:
+            return None
+        hit = self.masks.lookup(wanted[0].mask_key, Probe(fp, lambda: self.engines.embedder(
+            ).embed(decoded.small)))
+        if hit is None:
+            return None
+        return fit_mask(decode_mask(hit.mask_png), *working_mask_size(decoded.width,
+                                                                      decoded.height))
 
     def forget_correction(self, data: bytes) -> bool:
         """Drop the correction of these bytes (and their pixels); whether there was one."""
@@ -203,11 +218,13 @@ class Pipeline:
         return self.corrections.drop(fp.sha256, fp.pixel_hash) > 0
 
     @staticmethod
-    def _render_alpha(wanted: list[Target], decoded, alpha: np.ndarray
+    def _render_alpha(wanted: list[Target], decoded, alpha: np.ndarray,
+                      guide: np.ndarray | None
                       ) -> tuple[dict[str, bytes], dict[str, BaseException]]:
-        """Every target from one decided alpha (a retoucher's), despilled like any other."""
+        """Every target from one decided alpha (a retoucher's), despilled like any other
+        (``guide``: the model's mask, which places the backdrop as in the first cutout)."""
         files, errors = {}, {}
-        matte = Matte.decided(decoded.rgb, decoded.full, alpha)
+        matte = Matte.decided(decoded.rgb, decoded.full, alpha, guide)
         for target in wanted:
             try:
                 patch = matte.colours(*target.alpha_key) if _despills(target) else None

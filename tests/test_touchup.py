@@ -2,8 +2,11 @@
 cache (a real SQLite store, a real model): re-drop, re-encode and revert."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from daemon.imaging import touchup
 from daemon.imaging.touchup import Stroke, StrokeError, parse_strokes
@@ -210,3 +213,32 @@ def test_a_touch_up_during_its_preparation_waits_for_it_and_decodes_nothing(
     preparing.join(30)
     touching.join(30)
     assert len(decodes) == 1 and result[0].files[""] == plain
+
+
+def test_a_touch_up_of_a_studio_shot_keeps_its_detail_and_edge_colours(tmp_path, models_dir,
+                                                                       shared_engines):
+    """The touch-up starts from the alpha that was delivered (refined, with the detail
+    stage's recovered structures) and its deliverables are despilled like any other: away
+    from the stroke, the touched-up cutout equals the model's cutout in every channel."""
+    from daemon import config as configmod
+    from daemon.cache.sqlite import SqliteStore
+    from daemon.pipeline import Plan
+    from tests.test_detail import _studio
+
+    cfg = configmod.load(write_config(tmp_path, models_dir))
+    pipe = pipeline_over(cfg, shared_engines, SqliteStore(cfg.cache.dir))
+    rgb = _studio(size=(1500, 1000))[0]
+    png = encode(rgb, "PNG")
+    opts = cfg.output_defaults
+    before = np.asarray(Image.open(io.BytesIO(render_legacy(pipe, png, opts).files[""])))
+    partial = (before[..., 3] > 10) & (before[..., 3] < 245)
+    assert partial.sum() > 500  # soft edges, strap and strands: despilled pixels
+    assert (before[partial][:, :3] != rgb[partial]).any(axis=1).mean() > 0.5
+
+    stroke = Stroke("remove", 30.0, ((750.0, 620.0), (800.0, 640.0)))  # inside the bag
+    after = np.asarray(Image.open(io.BytesIO(
+        pipe.touch_up(png, Plan(opts), [stroke]).files[""])))
+    reach = touchup.paint([stroke], 1500, 1000, grow=touchup.REACH) > 0
+    assert after[reach][:, 3].min() < 10 < before[reach][:, 3].max()  # the stroke took
+    diff = np.abs(after[~reach].astype(int) - before[~reach].astype(int))
+    assert diff.max() <= 1, diff.max()

@@ -88,11 +88,12 @@ class Work:
     """A source being touched up: decoded, fingerprinted, and its current alpha."""
 
     sha256: str
-    basis: tuple  # what the alpha was made for (mask key, refine mode)
+    basis: tuple  # what the alpha was made for (mask key, refine mode, detail)
     decoded: Any  # daemon.imaging.decode.Decoded
     fp: Fingerprint
     alpha: np.ndarray  # full size
     digest: str | None  # the stored correction this alpha is (None: none stored)
+    mask: np.ndarray | None = None  # the model's working-size mask: the backdrop's guide
 
 
 class Workbench:

@@ -33,11 +33,12 @@ class Matte:
         self._decided: np.ndarray | None = None
 
     @classmethod
-    def decided(cls, rgb: np.ndarray, full: np.ndarray, alpha: np.ndarray) -> "Matte":
+    def decided(cls, rgb: np.ndarray, full: np.ndarray, alpha: np.ndarray,
+                mask: np.ndarray | None = None) -> "Matte":
         """The matte of an alpha already decided (a retoucher's touch-up): every mode gives
-        that alpha, unrefined; only the edge colours are computed (its backdrop fitted
-        around it)."""
-        matte = cls(rgb, full, alpha)
+        that alpha, unrefined; only the edge colours are computed, over the backdrop
+        fitted around ``mask`` (the model's, as for the first cutout; else the alpha)."""
+        matte = cls(rgb, full, alpha if mask is None else mask)
         matte._decided = alpha
         return matte
 
