@@ -20,7 +20,6 @@ from tests.helpers import encode, photo
 from tests.test_review import _drop_shots, _held, _pair, _visible, svc  # noqa: F401 (fixture)
 
 ROUNDS = 20
-TIERS = ("exact", "pixel", "near", "miss")
 
 
 def _sha(path: Path) -> str:
@@ -229,7 +228,7 @@ def test_approve_while_the_redo_job_runs_is_refused(svc, monkeypatch):
 
     monkeypatch.setattr(svc.app.pipeline, "render", render_then_approve)
     assert verdict.redo(pair, item.id, "u2netp", lambda path, model: svc.intake.process(
-        WorkItem(0, path, model=model))) in TIERS
+        WorkItem(0, path, model=model))).tier is not None
     assert len(answers) == 1 and isinstance(answers[0], verdict.Busy), answers
     assert "being processed" in str(answers[0])
     _delivered_once(svc, "busy.png", shot)

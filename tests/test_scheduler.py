@@ -199,7 +199,7 @@ def test_a_redo_keeps_its_model_through_retries(tmp_path, rig):
     policy = RetryPolicy(lambda item, delay: sched.retry(item.pair, item.path, item.attempt,
                                                          delay, item.model),
                          Counters(), attempts=lambda: 3, backoff_s=lambda: 0.5)
-    outcome = Outcome(job=None, kind="retry", error="transient")
+    outcome = Outcome(source=None, kind="retry", error="transient")
     assert policy.retry(WorkItem(0, f, 0, model="u2net"), outcome) is False
     _run_until(sched, clock, got, 1.0)
     assert handed == [(0, f, 1, "u2net")]

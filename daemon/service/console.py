@@ -10,7 +10,6 @@ recent-outputs journal it opens is fed from the job outcomes.
 """
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -23,10 +22,11 @@ import structlog
 from daemon import review, verdict
 from daemon.config import Config, WatchPair
 from daemon.fate import Outcome
-from daemon.fsutil import ERROR_SUFFIX, fit_name, output_mode, safe_relative
+from daemon.fsutil import output_mode
 from daemon.inference.models import ModelError, mask_model_path
 from daemon.inference.registry import local_specs
-from daemon.nofollow import atomic_write_under, move_between, read_under, unlink_under
+from daemon.nofollow import (atomic_write_under, failure_sidecar, failure_sidecars,
+                             move_between, read_failure, read_under, unlink_under)
 from daemon.pipeline import Plan, Rendered
 from daemon.service.intake import WorkItem
 from daemon.web.controller import FailedFile, PairView, RecentOutput, Refused, WaitingFile
@@ -36,7 +36,6 @@ from daemon.web.thumbs import Thumbnails
 
 log = structlog.get_logger("rembgd.web")
 
-TIERS = ("exact", "pixel", "near", "miss")
 MAX_FAILED = 200  # listed on the page, newest first
 DISMISSED = ".dismissed"  # failed/.dismissed/: failed files moved aside, never deleted
 
@@ -87,21 +86,14 @@ class Console:
 
     def failed_files(self) -> list[FailedFile]:
         """The newest ``MAX_FAILED`` (by sidecar mtime: only those sidecars are read)."""
-        sidecars: list[tuple[float, int, Path]] = []
-        for i, p in enumerate(self.sup.cfg.watch):
-            for folder, dirs, files in os.walk(p.failed_dir, followlinks=False):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]  # .dismissed/
-                for name in files:
-                    if name.endswith(ERROR_SUFFIX) and not name.startswith("."):
-                        try:
-                            mtime = os.lstat(os.path.join(folder, name)).st_mtime
-                        except FileNotFoundError:
-                            continue
-                        sidecars.append((mtime, i, Path(folder, name)))
-        sidecars.sort(key=lambda s: s[0], reverse=True)
-        found = (_failed_entry(i, self.sup.cfg.watch[i].failed_dir, sidecar)
+        pairs = self.sup.cfg.watch
+        sidecars = sorted(((mtime, i, sidecar) for i, p in enumerate(pairs)
+                           for mtime, sidecar in failure_sidecars(p.failed_dir)),
+                          key=lambda s: s[0], reverse=True)
+        found = ((i, read_failure(pairs[i].failed_dir, sidecar))
                  for _, i, sidecar in sidecars[:MAX_FAILED])
-        return [f for f in found if f is not None]
+        return [FailedFile(i, f.rel.as_posix(), f.reason, f.error, f.unix_time)
+                for i, f in found if f is not None]
 
     def waiting_files(self) -> list[WaitingFile]:
         inboxes = sorted(enumerate(self.sup.cfg.watch), key=lambda ip: -len(ip[1].inbox.parts))
@@ -140,7 +132,7 @@ class Console:
         p = self._pair(pair)
         rel_path = Path(rel)
         landed = move_between(p.failed_dir, rel_path, p.inbox, rel_path)
-        unlink_under(p.failed_dir, rel_path.parent / fit_name(rel_path.name, ERROR_SUFFIX))
+        unlink_under(p.failed_dir, failure_sidecar(rel_path))
         self.sup.scheduler.settle(pair, landed, complete=True)  # a poller may see it late
         return landed
 
@@ -160,7 +152,7 @@ class Console:
             raise Refused(f"{rel} is already dismissed")
         aside = Path(DISMISSED) / rel_path
         landed = move_between(p.failed_dir, rel_path, p.failed_dir, aside)
-        sidecar = rel_path.parent / fit_name(rel_path.name, ERROR_SUFFIX)
+        sidecar = failure_sidecar(rel_path)
         try:
             move_between(p.failed_dir, sidecar, p.failed_dir, aside.parent / sidecar.name)
         except FileNotFoundError:
@@ -255,7 +247,7 @@ class Console:
 
     def record(self, pair: int, outcome: Outcome) -> None:
         """A job outcome: a delivered file goes into the recent-outputs journal."""
-        if outcome.kind not in TIERS:
+        if outcome.kind.tier is None:  # not delivered by this job
             return
         source = outcome.source
         source_root = {"keep": "inbox", "move": "done"}.get(source.after_success)
@@ -264,7 +256,7 @@ class Console:
             source_rel=source.rel.as_posix(),
             outputs=tuple(Path(os.path.relpath(w, source.outbox)).as_posix()
                           for w in outcome.written),
-            tier=outcome.kind, model=outcome.model or "", ms=round(outcome.ms, 1))
+            tier=outcome.kind.tier, model=outcome.model or "", ms=round(outcome.ms, 1))
         try:
             self.journal.add(entry)
         except sqlite3.Error as exc:  # the file is delivered; only the page misses it
@@ -280,19 +272,6 @@ def _review_errors() -> Iterator[None]:
         raise FileNotFoundError(str(exc)) from None
     except review.ReviewError as exc:
         raise Refused(str(exc)) from None
-
-
-def _failed_entry(pair: int, failed_dir: Path, sidecar: Path) -> FailedFile | None:
-    """The failed file a sidecar describes (None if it is unreadable or the file is gone)."""
-    try:
-        record = json.loads(read_under(failed_dir, safe_relative(sidecar, failed_dir)))
-        rel = safe_relative(Path(record["file"]), failed_dir)
-        os.lstat(failed_dir / rel)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return FailedFile(pair, rel.as_posix(), str(record.get("reason", "")),
-                      str(record.get("error", "")),
-                      float(record.get("unix_time") or 0.0))
 
 
 class Web:

@@ -24,7 +24,7 @@ from daemon import review
 from daemon.cache.base import StoreError
 from daemon.coord.claims import claim_source
 from daemon.coord.leases import Leases
-from daemon.fate import Outcome, finish
+from daemon.fate import Kind, Outcome, finish
 from daemon.fsutil import safe_relative
 from daemon.scan import path_ignore_reason
 from daemon.service.app import App
@@ -122,7 +122,7 @@ class Intake:
         try:
             lease = self.claim(job.source, app)
         except OSError as exc:  # the claim file cannot be written (full or read-only outbox)
-            outcome = Outcome(job.source, "retry", error=str(exc), reason="transient", exc=exc)
+            outcome = Outcome(job.source, Kind.RETRY, error=str(exc), reason="transient", exc=exc)
             return self._transient(item, outcome, app)
         if lease is None:
             self.counters.add("claimed_elsewhere")
@@ -162,8 +162,8 @@ class Intake:
         """A file the ledger records as processed: finished now (e.g. killed after writing,
         before moving), unless its cutout waits for review: then its fate is the reviewer's."""
         if job.review is not None and review.is_waiting(job.source.review_folder, job.rel):
-            return Outcome(job.source, "under_review")
-        return finish(Outcome(job.source, "up_to_date"))
+            return Outcome(job.source, Kind.UNDER_REVIEW)
+        return finish(Outcome(job.source, Kind.UP_TO_DATE))
 
     def _claim_fallback(self, exc: StoreError, app: App) -> None:
         """The lock backend failed and the claim file stood in: one more sign of a cache
@@ -173,10 +173,10 @@ class Intake:
 
     def _account(self, item: WorkItem, outcome: Outcome, app: App) -> str:
         """Count a finished outcome and schedule what comes next (a wait, a retry)."""
-        if outcome.kind == "not_ready":
+        if outcome.kind is Kind.NOT_READY:
             return self._not_ready(item, outcome)
         self.scheduler.ready(item.path)
-        if outcome.kind == "retry":
+        if outcome.kind is Kind.RETRY:
             return self._transient(item, outcome, app)
         self.counters.add(outcome.kind)
         self._measure(item, outcome, app)
@@ -189,11 +189,11 @@ class Intake:
         if self.metrics is None:
             return
         pair = str(app.pair(item.pair).inbox)
-        if outcome.kind == "failed":
+        if outcome.kind is Kind.FAILED:
             self.metrics.failed(pair, outcome.reason or "internal_error")
         elif outcome.tier is not None:  # delivered or held for review, not up_to_date
             self.metrics.processed(pair, outcome.tier, outcome.ms / 1000)
-            if outcome.kind == "review":
+            if outcome.kind is Kind.REVIEW:
                 self.metrics.reviewed(pair)
         if outcome.inference_s is not None:
             self.metrics.inference(outcome.inference_s)
@@ -236,7 +236,7 @@ class Intake:
                 return "standby"
         if self._retry(item, outcome):  # given up: failed for good
             self._measure(item, outcome.given_up(item.attempt + 1), app)
-        return "retry"
+        return Kind.RETRY
 
     def _not_ready(self, item: WorkItem, outcome: Outcome) -> str:
         """Empty, truncated or still changing: wait (with backoff) up to
@@ -244,7 +244,7 @@ class Intake:
         if self.scheduler.not_ready(item.pair, item.path):
             self.counters.add("waiting")
             return "waiting"
-        self.counters.add("failed")
+        self.counters.add(Kind.FAILED)
         failed = finish(outcome.timed_out(self.scheduler.incomplete_timeout_s))
         self._measure(item, failed, self._app())
-        return "failed"
+        return Kind.FAILED

@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from daemon.cache.base import Tier
+from daemon.fate import Kind
 from daemon.fsutil import atomic_write_bytes, temp_name, unlink_quietly
 
 
@@ -32,14 +34,14 @@ class Counters:
 
 
 def status_line(state: str, c: dict[str, int], queued: int) -> str:
-    hits = c.get("exact", 0) + c.get("pixel", 0) + c.get("near", 0)
-    text = f"{state}, {hits} hits / {c.get('miss', 0)} misses"
+    hits = sum(c.get(t, 0) for t in Tier if t.is_hit)
+    text = f"{state}, {hits} hits / {c.get(Tier.MISS, 0)} misses"
     if queued:
         text += f", {queued} queued"
-    if c.get("review"):
-        text += f", {c['review']} held for review"
-    if c.get("failed"):
-        text += f", {c['failed']} failed"
+    if c.get(Kind.REVIEW):
+        text += f", {c[Kind.REVIEW]} held for review"
+    if c.get(Kind.FAILED):
+        text += f", {c[Kind.FAILED]} failed"
     return text
 
 
@@ -79,10 +81,10 @@ def build_status(sup) -> dict:
 
 def progress_fields(st: dict) -> dict:
     counts = st["counters"]
-    hits = sum(counts.get(t, 0) for t in ("exact", "pixel", "near"))
+    hits = sum(counts.get(t, 0) for t in Tier if t.is_hit)
     return {"queued": st["queued"], "in_progress": st["in_progress"],
-            "done": hits + counts.get("miss", 0), "hits": hits,
-            "misses": counts.get("miss", 0), "failed": counts.get("failed", 0)}
+            "done": hits + counts.get(Tier.MISS, 0), "hits": hits,
+            "misses": counts.get(Tier.MISS, 0), "failed": counts.get(Kind.FAILED, 0)}
 
 
 def write_status(path: Path, data: dict, *, durable: bool = True) -> None:
