@@ -29,8 +29,9 @@ def test_delivered_sources_are_kept_moved_or_deleted(tmp_path):
 
 def test_waiting_and_retried_sources_stay_put(tmp_path):
     job = _job(tmp_path, "move")
-    for kind in ("retry", "not_ready"):
-        assert finish(Outcome(job, kind, error="busy")).fate in (Fate.RETRY, Fate.WAIT)
+    for kind, fate in (("retry", Fate.RETRY), ("not_ready", Fate.WAIT)):
+        done = finish(Outcome(job, kind, error="busy"))
+        assert (done.kind, done.fate) == (kind, fate)
         assert job.src.read_bytes() == b"the photo"
     assert not (tmp_path / "done").exists() and not (tmp_path / "failed").exists()
 
