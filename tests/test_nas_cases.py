@@ -848,7 +848,7 @@ def test_orphaned_temps_are_swept_in_every_folder_rembgd_writes(tmp_path, models
     """outbox, failed/, done/ and review/ (the pair's ``written_folders``): this host's
     orphans (their writer's pid is gone) at once, another host's by age."""
     from daemon import config as configmod
-    from daemon.service.supervisor import Supervisor
+    from daemon.service.housekeeping import sweep_temps
 
     cfg = configmod.load(config(tmp_path, models_dir, watch=[{
         "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
@@ -870,7 +870,7 @@ def test_orphaned_temps_are_swept_in_every_folder_rembgd_writes(tmp_path, models
         fresh_other = folder / ".p.jpg.png.rembgd-tmp.0badc0de-1-4567abcd"  # may be writing
         fresh_other.write_bytes(b"z")
         planted[key] = ([p for p in (folder / "sub").iterdir()] + [other], fresh_other)
-    Supervisor._clean_temps(pair)
+    sweep_temps(pair)
     for key, (orphans, fresh_other) in planted.items():
         assert len(orphans) == 2 and not any(p.exists() for p in orphans), key
         assert fresh_other.exists(), key

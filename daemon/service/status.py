@@ -45,10 +45,16 @@ def status_line(state: str, c: dict[str, int], queued: int) -> str:
     return text
 
 
+def queue_depth(sup) -> int:
+    """Files of a running Supervisor queued or settling; not those waiting to become
+    complete."""
+    return sup.workers.queue.qsize() + max(0, len(sup.scheduler) - len(sup.scheduler.waiting()))
+
+
 def build_status(sup) -> dict:
     """The status of a running Supervisor, as written to the status file."""
     c = sup.counters.snapshot()
-    queued = sup.workers.queue.qsize() + max(0, len(sup.scheduler) - len(sup.scheduler.waiting()))
+    queued = queue_depth(sup)
     state = sup.state
     if state == "running":
         state = "busy" if queued or sup.workers.in_progress else "idle"
@@ -68,8 +74,8 @@ def build_status(sup) -> dict:
         "counters": c,
         "inferences": app.pipeline.inferences if app is not None else 0,
         "events_seen": sum(h.events for h in sup.handlers),
-        "ticks": sup.ticks,  # the main loop's ticks (about 1 s); idle_ticks: idle ones in a row
-        "idle_ticks": sup.idle_ticks,
+        "ticks": sup.publisher.ticks,  # the main loop's ticks (about 1 s); idle_ticks: idle
+        "idle_ticks": sup.publisher.idle_ticks,  # ones in a row
         "incomplete": len(sup.scheduler.waiting()),  # files waiting to finish copying
         "standby": sup.standby.snapshot(),
         "web": sup.web.url,  # the status page, or None
