@@ -530,9 +530,9 @@ def test_file_renamed_while_processed_leaves_no_output_under_its_old_name(
 
     svc.app.pipeline.render = render_then_rename
     try:
-        assert svc.intake.process(WorkItem(0, ren)) == "withdrawn"
+        assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, ren)) == "withdrawn"
         svc.app.pipeline.render = render
-        assert svc.intake.process(WorkItem(0, renamed)) in SUCCESS
+        assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, renamed)) in SUCCESS
     finally:
         svc.app.close()
     live = sorted(p.relative_to(outbox).as_posix() for p in outbox.rglob("*")
@@ -731,9 +731,10 @@ def test_outbox_vanishing_right_after_the_check_is_not_recreated(tmp_path, model
             return admit(*args)
 
         svc.intake.admit = unmount_then_admit
-        assert svc.intake.process(WorkItem(0, src)) == "standby"
+        assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, src)) == "standby"
         assert not outbox.exists()
-        assert svc.standby.active(0) and "outbox" in svc.standby.snapshot()["0"]["reason"]
+        key = svc.cfg.watch[0].key
+        assert svc.standby.active(key) and "outbox" in svc.standby.snapshot()[key]["reason"]
         assert src.exists() and not (tmp_path / "failed").exists()
     finally:
         svc.app.close()
@@ -825,12 +826,12 @@ def test_a_file_held_on_standby_goes_at_once_when_its_inbox_returns(tmp_path, mo
     try:
         inbox.rename(away)  # the share goes as the file reaches a worker
         svc._follow_inboxes()
-        assert svc.standby.active(0)
-        assert svc.intake.process(WorkItem(0, src)) == "standby"
+        assert svc.standby.active(svc.cfg.watch[0].key)
+        assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, src)) == "standby"
         assert svc.scheduler.run_due() == 0 and svc.workers.queue.empty()  # waiting
         away.rename(inbox)  # back
         svc._follow_inboxes()
-        assert not svc.standby.active(0)
+        assert not svc.standby.active(svc.cfg.watch[0].key)
         assert svc.scheduler.run_due() == 1  # the wait was cut, not run out
         item = svc.workers.queue.get_nowait()
         assert item.path == src and svc.workers.queue.empty()  # once, not twice

@@ -47,11 +47,13 @@ class Console:
         self.sup = sup
         self.journal = journal
 
-    def _pair(self, index: int) -> WatchPair:
-        pairs = self.sup.cfg.watch
-        if not 0 <= index < len(pairs):
-            raise FileNotFoundError(f"no pair {index} in the running config")
-        return pairs[index]
+    def _pair(self, key: str) -> WatchPair:
+        """The running config's pair whose ``WatchPair.key`` is ``key``, wherever a reload
+        put it in the list (FileNotFoundError: none, e.g. a reload removed it)."""
+        pair = next((p for p in self.sup.cfg.watch if p.key == key), None)
+        if pair is None:
+            raise FileNotFoundError(f"no pair {key!r} in the running config")
+        return pair
 
     # ----------------------------------------------------------- reading
 
@@ -59,15 +61,15 @@ class Console:
         st = self.sup.status()
         busy = self.sup.workers.busy_paths()
         pairs = []
-        for i, p in enumerate(self.sup.cfg.watch):
-            outage = st["standby"].get(str(i))
+        for p in self.sup.cfg.watch:
+            outage = st["standby"].get(p.key)
             if outage is not None:
                 state, why = "standby", outage["reason"]
             elif any(p.inbox in path.parents for path in busy):
                 state, why = "busy", None
             else:
                 state, why = "watching", None
-            pairs.append(PairView(i, str(p.inbox), str(p.outbox), state, why))
+            pairs.append(PairView(p.key, str(p.inbox), str(p.outbox), state, why))
         return {"pairs": pairs, "queued": st["queued"], "in_progress": st["in_progress"],
                 "line": st["line"], "cache": st["cache"]}
 
@@ -81,7 +83,7 @@ class Console:
     def output(self, row: int) -> RecentOutput | None:
         return self.journal.get(row)
 
-    def latest_output(self, pair: int, source_rel: str) -> RecentOutput | None:
+    def latest_output(self, pair: str, source_rel: str) -> RecentOutput | None:
         return self.journal.latest_for(pair, source_rel)
 
     def failed_files(self) -> list[FailedFile]:
@@ -90,20 +92,20 @@ class Console:
         sidecars = sorted(((mtime, i, sidecar) for i, p in enumerate(pairs)
                            for mtime, sidecar in failure_sidecars(p.failed_dir)),
                           key=lambda s: s[0], reverse=True)
-        found = ((i, read_failure(pairs[i].failed_dir, sidecar))
+        found = ((pairs[i], read_failure(pairs[i].failed_dir, sidecar))
                  for _, i, sidecar in sidecars[:MAX_FAILED])
-        return [FailedFile(i, f.rel.as_posix(), f.reason, f.error, f.unix_time)
-                for i, f in found if f is not None]
+        return [FailedFile(p.key, f.rel.as_posix(), f.reason, f.error, f.unix_time)
+                for p, f in found if f is not None]
 
     def waiting_files(self) -> list[WaitingFile]:
-        inboxes = sorted(enumerate(self.sup.cfg.watch), key=lambda ip: -len(ip[1].inbox.parts))
+        inboxes = sorted(self.sup.cfg.watch, key=lambda p: -len(p.inbox.parts))
         now = time.time()
         found = []
         for path, left, checks in self.sup.scheduler.waiting():
-            pair = next((i for i, p in inboxes if p.inbox in path.parents), None)
+            pair = next((p for p in inboxes if p.inbox in path.parents), None)
             if pair is not None:  # else its pair went away in a reload
-                rel = path.relative_to(self.sup.cfg.watch[pair].inbox)
-                found.append(WaitingFile(pair, str(rel), now + max(left, 0.0), checks))
+                rel = path.relative_to(pair.inbox)
+                found.append(WaitingFile(pair.key, str(rel), now + max(left, 0.0), checks))
         return found
 
     def review_items(self) -> list[review.ReviewItem]:
@@ -111,7 +113,7 @@ class Console:
                  for item in review.list_items(review.review_dir(p))]
         return sorted(items, key=lambda item: -item.created)
 
-    def roots(self, pair: int) -> dict[str, Path]:
+    def roots(self, pair: str) -> dict[str, Path]:
         p = self._pair(pair)
         roots = {"outbox": p.outbox, "failed": p.failed_dir, "inbox": p.inbox,
                  "review": review.review_dir(p)}
@@ -128,7 +130,7 @@ class Console:
 
     # ----------------------------------------------------------- actions
 
-    def retry(self, pair: int, rel: str) -> Path:
+    def retry(self, pair: str, rel: str) -> Path:
         p = self._pair(pair)
         rel_path = Path(rel)
         landed = move_between(p.failed_dir, rel_path, p.inbox, rel_path)
@@ -136,7 +138,7 @@ class Console:
         self.sup.scheduler.settle(pair, landed, complete=True)  # a poller may see it late
         return landed
 
-    def approve(self, pair: int, item_id: str) -> list[Path]:
+    def approve(self, pair: str, item_id: str) -> list[Path]:
         p = self._pair(pair)
         with _review_errors():
             item = review.get(review.review_dir(p), item_id)
@@ -145,7 +147,7 @@ class Console:
                       item.confidence, item.reasons)
         return moved
 
-    def dismiss(self, pair: int, rel: str) -> Path:
+    def dismiss(self, pair: str, rel: str) -> Path:
         p = self._pair(pair)
         rel_path = Path(rel)
         if rel_path.parts[0] == DISMISSED:
@@ -161,19 +163,19 @@ class Console:
 
     # ----------------------------------------------------------- touch-up
 
-    def touchup(self, pair: int, source_root: str, source_rel: str, strokes: list) -> list[Path]:
+    def touchup(self, pair: str, source_root: str, source_rel: str, strokes: list) -> list[Path]:
         p, data, app = self._source(pair, source_root, source_rel)
         rendered = app.pipeline.touch_up(data, Plan(p.options, p.outputs), strokes)
         return self._deliver(pair, Path(source_rel), rendered, "touched-up")
 
-    def revert(self, pair: int, source_root: str, source_rel: str) -> list[Path]:
+    def revert(self, pair: str, source_root: str, source_rel: str) -> list[Path]:
         p, data, app = self._source(pair, source_root, source_rel)
         if not app.pipeline.forget_correction(data):
             raise Refused(f"{source_rel} has no touch-up to revert")
         rendered = app.pipeline.render(data, Plan(p.options, p.outputs))
         return self._deliver(pair, Path(source_rel), rendered, "reverted")
 
-    def _source(self, pair: int, source_root: str, source_rel: str):
+    def _source(self, pair: str, source_root: str, source_rel: str):
         p = self._pair(pair)
         roots = self.roots(pair)
         if source_root not in ("inbox", "done") or source_root not in roots:
@@ -183,7 +185,7 @@ class Console:
             raise Refused("the daemon is not ready (standby or starting)")
         return p, read_under(roots[source_root], Path(source_rel)), app
 
-    def _deliver(self, pair: int, rel: Path, rendered: Rendered, event: str) -> list[Path]:
+    def _deliver(self, pair: str, rel: Path, rendered: Rendered, event: str) -> list[Path]:
         """Write ``rendered`` like a job, under the source's claim (never beside a running
         job, Approve or Redo): atomically; to the review folder and approved into the
         outbox under the same claim when the source's cutout is held, else to the outbox."""
@@ -218,7 +220,7 @@ class Console:
         self._journal(pair, rel.as_posix(), written, event, rendered.tier, "touch-up", None, ())
         return written
 
-    def _journal(self, pair: int, source_rel: str, paths: list[Path], event: str, tier: str,
+    def _journal(self, pair: str, source_rel: str, paths: list[Path], event: str, tier: str,
                  model: str, confidence: float | None, reasons) -> None:
         p = self._pair(pair)
         source_root = {"keep": "inbox", "move": "done"}.get(p.after_success)
@@ -231,7 +233,7 @@ class Console:
         except sqlite3.Error as exc:
             log.warning("web_journal_failed", source=source_rel, error=str(exc))
 
-    def redo(self, pair: int, item_id: str, model: str) -> None:
+    def redo(self, pair: str, item_id: str, model: str) -> None:
         p = self._pair(pair)
         if model not in self.models():
             raise Refused(f"{model!r} is not an installed model ({', '.join(self.models())})")
@@ -245,7 +247,7 @@ class Console:
 
     # ----------------------------------------------------------- journal
 
-    def record(self, pair: int, outcome: Outcome) -> None:
+    def record(self, pair: str, outcome: Outcome) -> None:
         """A job outcome: a delivered file goes into the recent-outputs journal."""
         if outcome.kind.tier is None:  # not delivered by this job
             return
@@ -308,7 +310,7 @@ class Web:
     def url(self) -> str | None:
         return self._server.url if self._server is not None else None
 
-    def record(self, pair: int, outcome: Outcome) -> None:
+    def record(self, pair: str, outcome: Outcome) -> None:
         if self.console is not None:
             self.console.record(pair, outcome)
 

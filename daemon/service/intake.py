@@ -38,7 +38,7 @@ log = structlog.get_logger("rembgd.service")
 
 @dataclass(frozen=True)
 class WorkItem:
-    pair: int  # index into the current config's watch pairs
+    pair: str  # the pair's key (``WatchPair.key``): stable across reloads
     path: Path
     attempt: int = 0
     model: str | None = None  # a reviewer's redo: this model, delivered whatever its score
@@ -61,7 +61,7 @@ class Intake:
         self._app = app
         self.counters = counters
         self.metrics = metrics
-        self.listeners: list[Callable[[int, Outcome], None]] = []  # each finished job
+        self.listeners: list[Callable[[str, Outcome], None]] = []  # (pair key, outcome)
         self._retry = retry
         self._later = later
         self.scheduler = scheduler
@@ -102,9 +102,9 @@ class Intake:
     def process(self, item: WorkItem) -> str:
         """What a worker does with one queued path; returns the outcome's name."""
         app = self._app()
-        if item.pair >= len(app.cfg.watch):
-            return "skipped"  # a reload removed the pair
         pair = app.pair(item.pair)
+        if pair is None:
+            return "skipped"  # a reload removed the pair
         if self._on_standby(item, app):
             return "standby"
         admitted = self.admit(pair.inbox, item.path, app.cfg.ignore)
@@ -215,7 +215,7 @@ class Intake:
         pair = app.pair(item.pair)
         if not self.standby.active(item.pair) and pair.outbox.is_dir() and pair.inbox.is_dir():
             return False
-        delay = self.standby.check(item.pair, pair)
+        delay = self.standby.check(pair)
         if delay is None:
             return False
         self._wait_standby(item, delay)
@@ -230,7 +230,7 @@ class Intake:
         """A share outage puts the pair on standby (no attempt counted); a fault of this
         one file goes through the retry policy."""
         if is_outage_error(outcome.exc):
-            delay = self.standby.check(item.pair, app.pair(item.pair))
+            delay = self.standby.check(app.pair(item.pair))
             if delay is not None:
                 self._wait_standby(item, delay)
                 return "standby"

@@ -70,7 +70,7 @@ class Readings:
         return sum(1 for p in self.sup.cfg.watch for _ in failure_sidecars(p.failed_dir))
 
     def standby_pairs(self) -> dict[str, bool]:
-        return {str(p.inbox): self.sup.standby.active(i) for i, p in enumerate(self.sup.cfg.watch)}
+        return {str(p.inbox): self.sup.standby.active(p.key) for p in self.sup.cfg.watch}
 
     def cache(self) -> dict:
         app = self.sup.app

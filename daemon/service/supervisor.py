@@ -89,7 +89,7 @@ class Supervisor:
     def _schedule_retry(self, item: WorkItem, delay: float) -> None:
         self.scheduler.retry(item.pair, item.path, item.attempt, delay, item.model)
 
-    def _submit_from_scheduler(self, pair: int, path: Path, attempt: int,
+    def _submit_from_scheduler(self, pair: str, path: Path, attempt: int,
                                model: str | None) -> None:
         self.workers.submit(WorkItem(pair, path, attempt, model))
 
@@ -104,11 +104,11 @@ class Supervisor:
         kind = choose_observer(self.cfg.observer, [p.inbox for p in pairs])
         watches = Watches(make_observer(kind, self.cfg.poll_interval_s,
                                         full_scan_s=FULL_SCAN_S, ignore=self.cfg.ignore), kind)
-        for i, pair in enumerate(pairs):
-            handler = InboxHandler(i, pair.inbox, pair.recursive, self.cfg.ignore, self.scheduler,
-                                   self.catchup.scan_dir)
+        for pair in pairs:
+            handler = InboxHandler(pair.key, pair.inbox, pair.recursive, self.cfg.ignore,
+                                   self.scheduler, self.catchup.scan_dir)
             if not watches.add(handler, pair.recursive):
-                self.standby.check(i, pair)  # a missing inbox: standby, watched once it is back
+                self.standby.check(pair)  # a missing inbox: standby, watched once it is back
         watches.start()
         self.watches, self.handlers, self.observer_kind = watches, watches.handlers, kind
         log.info("watching", observer=kind, inboxes=[str(p.inbox) for p in pairs])
@@ -121,24 +121,25 @@ class Supervisor:
     def _follow_inboxes(self) -> None:
         """An inbox gone puts its pair on standby; one back (or replaced by another folder,
         or remounted) is watched again, resumes at once and gets a catch-up scan."""
-        for index, change in self.watches.refresh() if self.watches is not None else ():
-            pair = self.cfg.watch[index]
+        for key, change in self.watches.refresh() if self.watches is not None else ():
+            pair = next(p for p in self.cfg.watch if p.key == key)
             if change == "lost":
-                self.standby.check(index, pair)  # logs pair_standby (once)
+                self.standby.check(pair)  # logs pair_standby (once)
                 continue
             log.warning("inbox_watched_again", inbox=str(pair.inbox), change=change,
                         effect="catch-up scan of the inbox")
-            self.standby.wake(index)
-            self.standby.check(index, pair)  # logs pair_resumed when it was on standby
-            self.scheduler.wake(index)  # its files waiting on the standby backoff: now
-            self.rescan(only=index)
+            self.standby.wake(key)
+            self.standby.check(pair)  # logs pair_resumed when it was on standby
+            self.scheduler.wake(key)  # its files waiting on the standby backoff: now
+            self.rescan(only=key)
 
-    def rescan(self, *, immediate: bool = False, only: int | None = None) -> int:
-        """Sweep the stale temp files of every pair's outputs (of pair ``only``, or all),
+    def rescan(self, *, immediate: bool = False, only: str | None = None) -> int:
+        """Sweep the stale temp files of every pair's outputs (of the pair whose key is
+        ``only``, or all),
         then queue every inbox file not known as processed (``CatchUp.rescan``): the
         catch-up and the safety net. How many were queued."""
-        for i, pair in enumerate(self.cfg.watch):
-            if only is None or i == only:
+        for pair in self.cfg.watch:
+            if only is None or pair.key == only:
                 sweep_temps(pair)
         return self.catchup.rescan(immediate=immediate, only=only)
 
