@@ -439,7 +439,7 @@ def test_inbox_deleted_and_recreated_is_watched_again(tmp_path, models_dir, obse
         ev = d.wait_log(lambda e: e.get("event") == "pair_standby", timeout=20)[0]
         assert f"inbox {inbox} is missing" in ev["reason"], ev
         st = wait_for(lambda: (s := d.status()).get("state") == "standby" and s, timeout=10)
-        assert "inbox" in st["standby"]["0"]["reason"], st
+        assert "inbox" in st["standby"][str(inbox)]["reason"], st  # by its key
 
         inbox.mkdir()  # rescan_interval_s: 0, so only a new watch or its catch-up finds these
         (inbox / "b.jpg").write_bytes(jpg(*B))
@@ -638,7 +638,7 @@ def _outage_then_recovery(d: Daemon, tmp_path: Path, break_it, mend_it, names: l
     ev = d.wait_log(lambda e: e.get("event") == "pair_standby", timeout=20)[0]
     assert "outbox" in ev["reason"], ev
     st = wait_for(lambda: (s := d.status()).get("state") == "standby" and s, timeout=10)
-    assert "outbox" in st["standby"]["0"]["reason"], st
+    assert "outbox" in st["standby"][str(inbox)]["reason"], st  # by its key
     check_during()
     # every file reached a worker and was held while the share is out
     wait_for(lambda: d.status().get("counters", {}).get("standby_waits", 0) >= len(names),
