@@ -86,7 +86,7 @@ def seed(work: Path, n: int, models: Path) -> Path:
         (outbox / rel).parent.mkdir(exist_ok=True)
         (done / rel).write_bytes(src)
         (outbox / (rel + ".png")).write_bytes(png)
-        journal.add(RecentOutput(now + i, 0, "done", rel, (rel + ".png",),
+        journal.add(RecentOutput(now + i, "main", "done", rel, (rel + ".png",),
                                  ("exact", "near", "miss")[i % 3], "u2netp", 420.0))
     journal.close()
     for i in range(20):
@@ -220,7 +220,7 @@ class _DeskController:
 
     def snapshot(self):
         from daemon.web.controller import PairView
-        return {"pairs": [PairView(0, str(self._roots["inbox"]), str(self._roots["outbox"]),
+        return {"pairs": [PairView("main", str(self._roots["inbox"]), str(self._roots["outbox"]),
                                    "watching")], "queued": 0, "in_progress": 0,
                 "line": "idle; since start: 0 hits / 0 misses"}
 
@@ -247,7 +247,7 @@ class _DeskController:
         return ["u2netp"]
 
     def roots(self, pair):
-        if pair != 0:
+        if pair != "main":
             raise FileNotFoundError(pair)
         return self._roots
 
@@ -297,7 +297,7 @@ def measure_desk(n: int, requests: int, models: Path, touchups: int) -> list[str
         db = sqlite3.connect(work / "recent.sqlite")
         db.executemany(
             "INSERT INTO recent (time, pair, source_root, source_rel, outputs, tier, model, ms)"
-            " VALUES (?, 0, 'inbox', ?, ?, ?, 'u2netp', 420.0)",
+            " VALUES (?, 'main', 'inbox', ?, ?, ?, 'u2netp', 420.0)",
             ((now + i, f"shoot{i // 100:04d}/img{i:06d}.jpg",
               json.dumps([f"shoot{i // 100:04d}/img{i:06d}.jpg.png"]),
               ("exact", "near", "miss")[i % 3]) for i in range(n)))

@@ -30,9 +30,8 @@ happened and its ``fate`` what becomes of the source:
 This module is the only writer of ``failed/`` and ``done/``, of the review
 sidecars a job leaves, and the only code that deletes a source. It takes a
 ``daemon.source.Source``, never the job: the caller holds the source's claim
-(``daemon.coord.claims.claim_source``), so one owner decides its fate at a time.
-A new fate is one ``Fate`` member, its kinds in ``FATES`` and one branch in
-``finish``, as ``REVIEW`` and ``WITHDRAW`` are.
+(``daemon.coord.claims.claim_source``), so one owner decides its fate at a time. A new fate is one ``Fate`` member, its kinds (``Kind``) in
+``FATES`` and one branch in ``finish``, as ``REVIEW`` and ``WITHDRAW`` are.
 """
 from __future__ import annotations
 
@@ -44,6 +43,7 @@ from pathlib import Path
 import structlog
 
 from daemon import review
+from daemon.cache.base import Tier
 from daemon.fsutil import is_transient
 from daemon.nofollow import (LinkedInput, LinkedPathError, move_under, unlink_under,
                              write_failure)
@@ -61,10 +61,33 @@ class Fate(enum.Enum):
     WITHDRAW = "withdraw"
 
 
-FATES = {"exact": Fate.DELIVER, "pixel": Fate.DELIVER, "near": Fate.DELIVER,
-         "miss": Fate.DELIVER, "up_to_date": Fate.DELIVER, "failed": Fate.FAIL,
-         "review": Fate.REVIEW, "under_review": Fate.REVIEW,
-         "retry": Fate.RETRY, "not_ready": Fate.WAIT, "withdrawn": Fate.WITHDRAW}
+class Kind(enum.StrEnum):
+    """What happened to a source: a cache tier (it was delivered) or what happened
+    instead (a ``str``: logs, counters and JSON show the value)."""
+
+    EXACT = Tier.EXACT.value
+    PIXEL = Tier.PIXEL.value
+    NEAR = Tier.NEAR.value
+    MISS = Tier.MISS.value
+    UP_TO_DATE = "up_to_date"  # the ledger or the outputs' stamps vouch for it
+    FAILED = "failed"
+    RETRY = "retry"
+    REVIEW = "review"  # held: confidence below review.min_confidence
+    UNDER_REVIEW = "under_review"  # a rescan met a held source
+    NOT_READY = "not_ready"  # empty or still being written
+    WITHDRAWN = "withdrawn"  # renamed or deleted mid-job
+
+    @property
+    def tier(self) -> Tier | None:
+        """The cache tier a delivered cutout came from; None for every other kind."""
+        return Tier.named(self.value)
+
+
+FATES = {Kind.EXACT: Fate.DELIVER, Kind.PIXEL: Fate.DELIVER, Kind.NEAR: Fate.DELIVER,
+         Kind.MISS: Fate.DELIVER, Kind.UP_TO_DATE: Fate.DELIVER, Kind.FAILED: Fate.FAIL,
+         Kind.REVIEW: Fate.REVIEW, Kind.UNDER_REVIEW: Fate.REVIEW,
+         Kind.RETRY: Fate.RETRY, Kind.NOT_READY: Fate.WAIT, Kind.WITHDRAWN: Fate.WITHDRAW}
+assert set(FATES) == set(Kind), "every kind has a fate"
 
 
 Identity = tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns) of a written file
@@ -78,7 +101,7 @@ def identity(path: Path) -> Identity:
 @dataclass(frozen=True)
 class Outcome:
     source: Source
-    kind: str  # a key of FATES: a cache tier (the file was delivered) or what happened instead
+    kind: Kind  # a cache tier (the file was delivered) or what happened instead
     ms: float = 0.0
     error: str | None = None
     reason: str | None = None
@@ -86,12 +109,15 @@ class Outcome:
     sha256: str | None = None  # of the source bytes, once read
     written: list[Path] = field(default_factory=list)  # outputs written by this attempt
     detail: str | None = None  # the failed/ sidecar's text (default: ``str(exc)``)
-    tier: str | None = None  # where the mask came from (exact, pixel, near, miss), once rendered
+    tier: Tier | None = None  # where the mask came from, once rendered
     inference_s: float | None = None  # seconds of mask inference (a miss)
     model: str | None = None  # the mask model it was rendered with
     held: review.ReviewItem | None = None  # kind review: the item to record
     identities: dict[Path, Identity] = field(default_factory=dict)  # of ``written``, as written
     source_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the source it was made from
+
+    def __post_init__(self) -> None:  # a tier, or a kind's value, names its Kind
+        object.__setattr__(self, "kind", Kind(self.kind))
 
     @property
     def fate(self) -> Fate:
@@ -99,12 +125,12 @@ class Outcome:
 
     def given_up(self, attempts: int) -> Outcome:
         """The retry policy is exhausted: failed for good, saying what kept failing."""
-        return replace(self, kind="failed", reason=self.reason or "transient",
+        return replace(self, kind=Kind.FAILED, reason=self.reason or "transient",
                        detail=f"gave up after {attempts} attempts: {self.error}")
 
     def timed_out(self, waited_s: float) -> Outcome:
         """Still incomplete after ``waited_s``: failed as incomplete."""
-        return replace(self, kind="failed", reason="incomplete",
+        return replace(self, kind=Kind.FAILED, reason="incomplete",
                        detail=f"still incomplete after {waited_s:g} s: {self.error}")
 
 
@@ -114,12 +140,12 @@ def os_error_outcome(source: Source, exc: OSError, written: list[Path] | None = 
     error (full, read-only, gone) is retried, anything else fails it."""
     written = written if written is not None else []
     if isinstance(exc, LinkedPathError):  # never written through
-        return Outcome(source, "failed", error=str(exc), reason="linked_folder", exc=exc,
+        return Outcome(source, Kind.FAILED, error=str(exc), reason="linked_folder", exc=exc,
                        written=written)
     if is_transient(exc):
-        return Outcome(source, "retry", error=f"{exc.strerror or exc}: {exc.filename or ''}",
+        return Outcome(source, Kind.RETRY, error=f"{exc.strerror or exc}: {exc.filename or ''}",
                        reason="transient", exc=exc, written=written)
-    return Outcome(source, "failed", error=str(exc), reason="io_error", exc=exc,
+    return Outcome(source, Kind.FAILED, error=str(exc), reason="io_error", exc=exc,
                    written=written)
 
 

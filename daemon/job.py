@@ -33,7 +33,7 @@ import structlog
 from daemon import review
 from daemon.config import WatchPair
 from daemon.config.schema import ReviewConfig
-from daemon.fate import Outcome, finish, identity, os_error_outcome
+from daemon.fate import Kind, Outcome, finish, identity, os_error_outcome
 from daemon.fsutil import NAME_MAX, is_transient, name_bytes, output_mode, output_name
 from daemon.nofollow import (InputError, LinkedPathError, atomic_write_under,
                              read_regular_file)
@@ -119,10 +119,10 @@ def run(job: Job, pipeline: Pipeline, *, umask: int = 0o022) -> Outcome:
     outcome = _process(job, pipeline, umask)
     outcome = finish(replace(outcome, ms=(time.perf_counter() - start) * 1000,
                              model=job.plan.options.model))
-    if outcome.kind == "not_ready":  # not processed: it is waited for
+    if outcome.kind is Kind.NOT_READY:  # not processed: it is waited for
         log.info("not_ready", path=str(job.src), error=outcome.error)
         return outcome
-    level = log.warning if outcome.kind in ("failed", "retry") else log.info
+    level = log.warning if outcome.kind in (Kind.FAILED, Kind.RETRY) else log.info
     level("processed", path=str(job.src), outcome=outcome.kind, ms=round(outcome.ms, 1),
           model=job.plan.options.model, **({"error": outcome.error} if outcome.error else {}))
     return outcome
@@ -141,7 +141,7 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
         st = os.lstat(job.src)
         data = read_regular_file(job.src, root=job.src.parents[len(job.rel.parts) - 1])
         if not data and job.wait_incomplete:
-            return Outcome(source, "not_ready", error="empty file (0 bytes)", reason="incomplete")
+            return Outcome(source, Kind.NOT_READY, error="empty file (0 bytes)", reason="incomplete")
         rendered = pipeline.render(data, job.plan)
         errors = dict(rendered.errors)  # deliverable -> why it is missing
         held = review.is_held(job.review, rendered.confidence)
@@ -162,26 +162,26 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
             pipeline.masks.commit(rendered.cache_writes)
         now = signature(job.src)
         if now is None:  # renamed or deleted meanwhile: no output may outlive its name
-            return Outcome(source, "withdrawn", reason="vanished", written=written,
+            return Outcome(source, Kind.WITHDRAWN, reason="vanished", written=written,
                            identities=ids, error="renamed or deleted while it was processed; "
                                                  "its outputs were removed")
         if now != _sig(st):
             for path in written:  # older than the new content: redone, never taken as done
                 os.utime(path, ns=(st.st_mtime_ns, st.st_mtime_ns))
-            return Outcome(source, "retry", error="the source changed while it was being "
+            return Outcome(source, Kind.RETRY, error="the source changed while it was being "
                            "processed", reason="changed", written=written)
         if job.ledger is not None:
             job.ledger.record(job.rel, st, rendered.sha256,
                               [job.output_rel(n) for n in rendered.files if n not in errors])
         if errors:
             exc = DeliverableFailed(errors)
-            return Outcome(source, "failed", error=str(exc), reason=exc.reason, exc=exc,
+            return Outcome(source, Kind.FAILED, error=str(exc), reason=exc.reason, exc=exc,
                            sha256=rendered.sha256, written=written, identities=ids)
         done = Outcome(source, rendered.tier, sha256=rendered.sha256, written=written,
                        tier=rendered.tier, inference_s=rendered.inference_s, identities=ids,
                        source_id=(st.st_dev, st.st_ino))
         if held:  # fate.finish records the item
-            return replace(done, kind="review", held=review.new_item(
+            return replace(done, kind=Kind.REVIEW, held=review.new_item(
                 str(source.inbox), job.rel, [job.output_rel(n) for n in rendered.files],
                 rendered.confidence.score, rendered.confidence.reasons,
                 job.plan.options.model, rendered.tier, sha256=rendered.sha256))
@@ -189,16 +189,16 @@ def _process(job: Job, pipeline: Pipeline, umask: int) -> Outcome:
     except (DecodeError, InputError) as exc:
         if job.wait_incomplete and isinstance(exc, DecodeError) and (
                 isinstance(exc, TruncatedImage) or signature(job.src) not in (_sig(st), None)):
-            return Outcome(source, "not_ready", error=str(exc), reason="incomplete", exc=exc)
-        return Outcome(source, "failed", error=str(exc),
-                       reason=getattr(exc, "reason", "undecodable"), exc=exc)
+            return Outcome(source, Kind.NOT_READY, error=str(exc), reason="incomplete", exc=exc)
+        return Outcome(source, Kind.FAILED, error=str(exc), reason=getattr(exc, "reason", "undecodable"),
+                       exc=exc)
     except ModelError:
         raise  # not the file's fault: the caller stops or refuses, naming the fix
     except OSError as exc:  # a link planted in the outbox, a full disk, a vanished source...
         return os_error_outcome(source, exc, written)
     except Exception as exc:  # a bug or an exotic codec failure: keep the daemon alive
         log.exception("unexpected_error", path=str(job.src))
-        return Outcome(source, "failed", error=f"{type(exc).__name__}: {exc}",
+        return Outcome(source, Kind.FAILED, error=f"{type(exc).__name__}: {exc}",
                        reason="internal_error", exc=exc)
 
 

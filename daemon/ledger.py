@@ -11,10 +11,10 @@ outputs written (names relative to the outbox).
 
 * ``"done"``: a record whose size, mtime_ns, ctime_ns and inode all match (and the
   device too when this host wrote it: device numbers differ between NFS clients).
-* ``"changed"``: a record that does not match. The caller hashes the file: if
-  ``same_content(rel, sha256)`` it is done (e.g. ``touch``, a chmod, another host's
-  inode numbers; refresh with ``record``), else it is processed again, whether
-  its mtime is newer or older (``rsync -a``, ``cp -p``).
+* ``"changed"``: a record that does not match: the file is processed again,
+  whether its mtime is newer or older (``rsync -a``, ``cp -p``), and whatever
+  changed (a ``touch`` or a chmod too: the cache's exact tier makes that redo
+  cheap); the job's ``record`` then makes it ``"done"``.
 * ``"unknown"``: no record (or an unreadable one): a new file, one processed by
   a version before the ledger, or a record lost (ledger deleted, torn record).
 
@@ -29,9 +29,7 @@ version's first full scan of the outbox is done (``adopted_mark``, a file in the
 daemon's state folder, so that losing the ledger does not reopen it), the old
 rule applies to a file with no record file at all and no stamped output: an
 output at least as new as its source is adopted as done with a record without a
-sha256, so from then on any change to the source is seen; such a record's
-``same_content`` is always False, so a "changed" legacy file is redone rather
-than trusted.
+sha256, so from then on any change to the source is seen (and redone).
 """
 from __future__ import annotations
 
@@ -133,11 +131,6 @@ class Ledger:
         if rec is None:
             return "unknown"
         return "done" if rec.matches(st, self.host) else "changed"
-
-    def same_content(self, rel: Path, sha256: str) -> bool:
-        """True when ``rel`` was processed with exactly this content (by its sha256)."""
-        rec = self.get(rel)
-        return rec is not None and rec.sha256 is not None and rec.sha256 == sha256
 
     def vouch(self, rel: Path, st: os.stat_result, src: Path, outputs: list[Path], *,
               hash_source: bool = True) -> bool:

@@ -6,7 +6,8 @@ functions walk from the configured root folder one component at a time with
 and rename with ``renameat``, so no write ever goes through a link: a link
 below the root raises ``LinkedPathError``. The root itself may be a link the
 admin set up; it is resolved once. Also: the read of a source
-(``read_regular_file``: never a link, a FIFO or a folder), failed/ sidecars and
+(``read_regular_file``: never a link, a FIFO or a folder), failed/ sidecars (written
+and read here: ``write_failure``, ``failure_sidecars``, ``read_failure``) and
 the clean-up of this daemon's stale temp files.
 
 These are mechanisms, not decisions: who writes where is decided by their
@@ -21,12 +22,13 @@ import shutil
 import stat
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from daemon.fsutil import (DIR_FLAGS, ERROR_SUFFIX, STALE_TEMP_S, create_temp, fill_temp,
-                           fit_name, fsync_fd_quietly, is_temp_name, stamped_name,
-                           temp_orphaned, unlink_quietly)
+                           fit_name, fsync_fd_quietly, is_temp_name, safe_relative,
+                           stamped_name, temp_orphaned, unlink_quietly)
 
 
 class LinkedPathError(OSError):
@@ -312,8 +314,49 @@ def write_failure(src: Path, rel: Path, failed_dir: Path, *, reason: str, exc: B
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "unix_time": time.time(),
     }
-    sidecar = rel.parent / fit_name(dest.name, ERROR_SUFFIX)  # even for a 255-byte name
+    sidecar = failure_sidecar(rel.parent / dest.name)
     return atomic_write_under(failed_dir, sidecar, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def failure_sidecar(rel: Path) -> Path:
+    """The ``.error.json`` sidecar of the failed file ``rel`` (even of a 255-byte name)."""
+    return Path(rel).parent / fit_name(Path(rel).name, ERROR_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a failed/ sidecar says about its file."""
+
+    rel: Path  # the failed file, relative to failed/
+    reason: str
+    error: str
+    unix_time: float
+
+
+def failure_sidecars(failed_dir: Path) -> Iterator[tuple[float, Path]]:
+    """(mtime, path) of every sidecar under ``failed_dir``, never below a hidden folder
+    (``.dismissed/``) and never through a link."""
+    for folder, dirs, files in os.walk(failed_dir, followlinks=False):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.endswith(ERROR_SUFFIX) and not name.startswith("."):
+                try:
+                    yield os.lstat(os.path.join(folder, name)).st_mtime, Path(folder, name)
+                except FileNotFoundError:
+                    continue
+
+
+def read_failure(failed_dir: Path, sidecar: Path) -> Failure | None:
+    """The failure a sidecar under ``failed_dir`` describes (None if the sidecar is
+    unreadable or names a file that is gone or lies outside ``failed_dir``)."""
+    try:
+        record = json.loads(read_under(failed_dir, safe_relative(sidecar, failed_dir)))
+        rel = safe_relative(Path(record["file"]), failed_dir)
+        os.lstat(failed_dir / rel)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Failure(rel, str(record.get("reason", "")), str(record.get("error", "")),
+                   float(record.get("unix_time") or 0.0))
 
 
 def remove_stale_temps(root: Path, older_than_s: float = STALE_TEMP_S, *,

@@ -22,6 +22,7 @@ import numpy as np
 import structlog
 
 from daemon.budget import PixelBudget
+from daemon.cache.base import Tier
 from daemon.cache.corrections import Corrections, Work, Workbench
 from daemon.cache.guard import CacheGuard
 from daemon.cache.mask_cache import CacheWrite, MaskCache, MaskHit, Probe
@@ -54,7 +55,7 @@ class Plan:
 @dataclass(frozen=True)
 class Rendered:
     files: Mapping[str, bytes]  # target name ("" for the legacy PNG) -> encoded bytes
-    tier: str  # exact | pixel | near | miss
+    tier: Tier
     errors: Mapping[str, BaseException] = field(default_factory=dict)  # target -> why it failed
     entry_id: str | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
@@ -65,7 +66,7 @@ class Rendered:
 
     @property
     def inferred(self) -> bool:
-        return self.tier == "miss"
+        return self.tier is Tier.MISS
 
 
 class Pipeline:
@@ -102,7 +103,7 @@ class Pipeline:
         stored = self.masks.stored_outputs(wanted, sha) \
             if self.masks is not None and not plan.judge and not corrected else None
         if stored is not None:
-            return Rendered(stamp_files(stored.files, wanted, sha), "exact",
+            return Rendered(stamp_files(stored.files, wanted, sha), Tier.EXACT,
                             entry_id=stored.entry_id, sha256=sha)
         with self.budget.hold(probe_pixels(data)):
             rendered = self._render_decoded(data, sha, plan, wanted)
@@ -122,7 +123,7 @@ class Pipeline:
             alpha = fit_mask(decode_mask(corrected), decoded.width, decoded.height)
             guide = self._guide(wanted, plan, fp, decoded)
             files, errors = self._render_alpha(wanted, decoded, alpha, guide)
-            return Rendered(files, "exact", errors, sha256=sha)
+            return Rendered(files, Tier.EXACT, errors, sha256=sha)
         mask, hit, inference_s = self._mask(wanted[0].mask_key, plan.options, fp,
                                             np.asarray(small), (decoded.width, decoded.height))
         judged = confidence.score(mask, np.asarray(small)) if plan.judge else None
@@ -138,7 +139,7 @@ class Pipeline:
                             error=f"{type(exc).__name__}: {exc}")
                 errors[target.name] = exc
         if hit is None:  # no cache
-            return Rendered(files, "miss", errors, sha256=sha, confidence=judged,
+            return Rendered(files, Tier.MISS, errors, sha256=sha, confidence=judged,
                             inference_s=inference_s)
         writes = self.masks.output_rows(hit, fp, wanted, files)
         return Rendered(files, hit.tier, errors, hit.entry_id, hit.metrics, sha, tuple(writes),
@@ -161,7 +162,7 @@ class Pipeline:
                 digest = self.corrections.put(work.fp, encode_png(alpha, level=1))
             files, errors = self._render_alpha(wanted, work.decoded, alpha, work.mask)
         self.workbench.keep(replace(work, alpha=alpha, digest=digest))
-        return Rendered(stamp_files(files, wanted, sha), "exact", errors, sha256=sha)
+        return Rendered(stamp_files(files, wanted, sha), Tier.EXACT, errors, sha256=sha)
 
     def prepare_touch_up(self, data: bytes, plan: Plan) -> None:
         """Put the source on the workbench ahead of its touch-up (while the retoucher

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import structlog
 
+from daemon.cache.base import Tier
 from daemon.config import WatchPair
 from daemon.config.schema import ReviewConfig
 from daemon.fsutil import fsync_fd_quietly
@@ -40,7 +41,6 @@ from daemon.nofollow import (LinkedPathError, atomic_write_under, dir_under, ope
 
 log = structlog.get_logger("rembgd.review")
 
-TIERS = ("exact", "pixel", "near", "miss")
 SIDECARS = ".rembgd-review"
 KEY_HEX = 20  # of an id: the source's key; the rest names the hold
 _ID = re.compile(r"[0-9a-f]{40}")
@@ -68,7 +68,7 @@ class ReviewItem:
     confidence: float
     reasons: tuple[str, ...]
     model: str
-    tier: str
+    tier: Tier
     created: float
     sha256: str | None = None  # of the source bytes the cutout was made from (None: older)
 
@@ -85,8 +85,8 @@ class ReviewItem:
         """Raises ValueError for a malformed sidecar, or one naming a path that is not
         plain and relative (a sidecar is never trusted to lead out of its folders)."""
         d = json.loads(data)
-        if d["tier"] not in TIERS:
-            raise ValueError(f"tier {d['tier']!r} is not one of {', '.join(TIERS)}")
+        if Tier.named(d["tier"]) is None:
+            raise ValueError(f"tier {d['tier']!r} is not one of {', '.join(Tier)}")
         for rel in [d["source_rel"], *d["outputs"]]:
             p = Path(str(rel))
             if p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) \
@@ -95,7 +95,7 @@ class ReviewItem:
         return cls(id=str(d["id"]), pair=str(d["pair"]), source_rel=str(d["source_rel"]),
                    outputs=tuple(map(str, d["outputs"])), confidence=float(d["confidence"]),
                    reasons=tuple(map(str, d["reasons"])), model=str(d["model"]),
-                   tier=str(d["tier"]), created=float(d["created"]),
+                   tier=Tier(d["tier"]), created=float(d["created"]),
                    sha256=str(d["sha256"]) if d.get("sha256") else None)
 
 
@@ -319,7 +319,7 @@ def drop_for(review_dir: Path, source_rel: Path, why: str) -> bool:
 
 
 def new_item(pair: str, source_rel: Path, outputs: list[Path], confidence: float,
-             reasons: tuple[str, ...], model: str, tier: str, *, sha256: str | None = None,
+             reasons: tuple[str, ...], model: str, tier: Tier, *, sha256: str | None = None,
              created: float | None = None) -> ReviewItem:
     """The record of a cutout of ``source_rel`` (whose bytes hash to ``sha256``) held now."""
     created = time.time() if created is None else created

@@ -554,3 +554,30 @@ def test_web_token_rule_is_stated_once_and_every_accepted_token_works(tree):
         assert gate.bearer_ok(f"Bearer {token}")
         assert gate.login(token) is not None
         assert len(urlencode({"token": token}).encode()) <= MAX_FORM  # the form takes it
+
+
+def test_a_pair_is_named_by_its_name_else_its_inbox(tree):
+    """Issue 26.2: the pair's stable key, whatever its place in the list."""
+    data = base()
+    data["watch"].append({"inbox": "in2", "outbox": "out2", "name": "studio-2.web_a"})
+    pairs = C.load(_write(tree, data)).watch
+    assert [p.key for p in pairs] == [str((tree / "in").resolve()), "studio-2.web_a"]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("a/b", "must be 1-64 letters"), ("../x", "must be 1-64 letters"), ("x.", "must be 1-64"),
+    ("", "must be 1-64"), ("é", "must be 1-64"), ("a" * 65, "must be 1-64"),
+    (3, "expected str")])
+def test_a_bad_pair_name_is_named(tree, name, words):
+    data = base()
+    data["watch"][0]["name"] = name
+    message = _error(tree, data)
+    assert ": watch[0].name: " in message and words in message, message
+
+
+def test_two_pairs_one_name(tree):
+    data = base()
+    data["watch"][0]["name"] = "studio"
+    data["watch"].append({"inbox": "in2", "outbox": "out2", "name": "studio"})
+    message = _error(tree, data)
+    assert ": watch[1].name: " in message and "also the name of watch[0]" in message, message

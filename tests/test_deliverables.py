@@ -91,7 +91,8 @@ class Studio:
 
     def run(self, rel: str) -> jobmod.Outcome:
         p = self.pair
-        job = jobmod.Job.for_pair(p, Path(rel), self.app.plan(0), ledger=self.app.ledgers[0])
+        job = jobmod.Job.for_pair(p, Path(rel), self.app.plan(p.key),
+                                  ledger=self.app.ledgers[p.key])
         return jobmod.run(job, self.app.pipeline)
 
     def out(self, name: str, rel: str, ext: str) -> Path:
@@ -450,7 +451,7 @@ def test_cache_rows_of_another_key_version_are_misses(studio, monkeypatch):
     (all transparent) and a wrong output; the current version must serve neither."""
     s = studio([MASTER])
     data = save(coffee(), "JPEG", quality=95)
-    plan = s.app.plan(0)
+    plan = s.app.plan(s.pair.key)
     checksum = s.app.engines.model_file("u2netp").md5
     decoded = decode(data)
     fp = fpmod.fingerprint(data, decoded.rgb, s.app.engines.embedder().embed(decoded.rgb))

@@ -28,10 +28,11 @@ def test_delivered_sources_are_kept_moved_or_deleted(tmp_path):
 
 
 def test_waiting_and_retried_sources_stay_put(tmp_path):
-    source = _source(tmp_path, "move")
-    for kind in ("retry", "not_ready"):
-        assert finish(Outcome(source, kind, error="busy")).fate in (Fate.RETRY, Fate.WAIT)
-        assert source.src.read_bytes() == b"the photo"
+    job = _source(tmp_path, "move")
+    for kind, fate in (("retry", Fate.RETRY), ("not_ready", Fate.WAIT)):
+        done = finish(Outcome(job, kind, error="busy"))
+        assert (done.kind, done.fate) == (kind, fate)
+        assert job.src.read_bytes() == b"the photo"
     assert not (tmp_path / "done").exists() and not (tmp_path / "failed").exists()
 
 
@@ -93,3 +94,46 @@ def test_fate_review_and_verdict_never_import_the_job():
             elif isinstance(node, ast.Import):
                 imported |= {a.name for a in node.names}
         assert not imported & never, (name, imported & never)
+
+
+def test_kinds_and_tiers_are_str_enums_declared_once(tmp_path):
+    """Issue 26.3: one declaration each; logs, counters and JSON still read the value."""
+    from daemon.cache.base import Tier
+    from daemon.fate import FATES, Kind
+
+    assert set(FATES) == set(Kind)
+    assert [t.value for t in Tier] == ["exact", "pixel", "near", "miss"]
+    assert all(Kind(t).tier is t for t in Tier)  # a rendered tier names its kind
+    assert Kind.UP_TO_DATE.tier is None and Kind.REVIEW.tier is None
+    assert json.dumps({Kind.MISS: Tier.NEAR}) == '{"miss": "near"}' and f"{Kind.FAILED}" == "failed"
+    job = _source(tmp_path, "keep")
+    assert Outcome(job, Tier.PIXEL).kind is Kind.PIXEL and Outcome(job, "failed").fate is Fate.FAIL
+    try:
+        Outcome(job, "exactish")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("an unknown kind was accepted")
+
+
+def test_the_failed_sidecar_is_read_beside_its_writer(tmp_path):
+    """Issue 26.3: ``read_failure`` reads what ``write_failure`` writes; a sidecar that
+    names a file outside failed/, or a gone file, reads as nothing."""
+    from daemon.nofollow import failure_sidecars, read_failure, write_failure
+
+    job = _source(tmp_path, "keep")
+    failed = tmp_path / "failed"
+    sidecar = write_failure(job.src, job.rel, failed, reason="undecodable",
+                            exc=ValueError("bad"), detail="not an image")
+    assert [p for _, p in failure_sidecars(failed)] == [sidecar]
+    got = read_failure(failed, sidecar)
+    assert (got.rel, got.reason, got.error) == (Path("shoot/a.jpg"), "undecodable", "not an image")
+    rec = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**rec, "file": str(tmp_path / "inbox" / "shoot" / "b.jpg")}))
+    assert read_failure(failed, sidecar) is None  # outside failed/
+    sidecar.write_text(json.dumps(rec))
+    (failed / "shoot" / "a.jpg").unlink()
+    assert read_failure(failed, sidecar) is None  # the file is gone
+    (failed / ".dismissed").mkdir()
+    (failed / ".dismissed" / "c.jpg.error.json").write_text("{}")
+    assert [p for _, p in failure_sidecars(failed)] == [sidecar]

@@ -435,7 +435,7 @@ def service(tmp_path, models_dir, shared_engines):
 def _item(svc, name: str):
     from daemon.service.intake import WorkItem
 
-    return WorkItem(0, svc.cfg.watch[0].inbox / name)
+    return WorkItem(svc.cfg.watch[0].key, svc.cfg.watch[0].inbox / name)
 
 
 def _out(svc, name: str) -> Path:

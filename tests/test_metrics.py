@@ -43,9 +43,10 @@ def test_counts_and_labels_after_real_processing(svc, tmp_path):
     for name, payload in (("a.jpg", data), ("b.jpg", data), ("broken.jpg", b"not an image")):
         (tmp_path / "inbox" / name).write_bytes(payload)
     (tmp_path / "in2" / "busy.png").write_bytes(encode(busy_shot(coverage(bottle_shape)), "PNG"))
-    outcomes = [svc.intake.process(WorkItem(0, tmp_path / "inbox" / n))
+    outcomes = [svc.intake.process(WorkItem(svc.cfg.watch[0].key, tmp_path / "inbox" / n))
                 for n in ("a.jpg", "b.jpg", "broken.jpg")]
-    outcomes.append(svc.intake.process(WorkItem(1, tmp_path / "in2" / "busy.png")))
+    outcomes.append(svc.intake.process(WorkItem(svc.cfg.watch[1].key,
+                                                tmp_path / "in2" / "busy.png")))
     assert outcomes == ["miss", "exact", "failed", "review"]
 
     got = _samples(svc)
@@ -103,7 +104,7 @@ def test_a_cache_outage_shows_in_metrics_status_and_page_and_its_error_never_nes
     try:
         inbox = tmp_path / "inbox"
         (inbox / "a.jpg").write_bytes(encode(photo("coffee")))
-        assert svc.intake.process(WorkItem(0, inbox / "a.jpg")) == "miss"
+        assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, inbox / "a.jpg")) == "miss"
         got = _samples(svc)
         assert got[("rembgd_cache_available", ())] == 1.0
         assert got[("rembgd_cache_outages_total", ())] == 0.0
@@ -113,7 +114,8 @@ def test_a_cache_outage_shows_in_metrics_status_and_page_and_its_error_never_nes
         own_redis.wait(5)
         for i, name in enumerate(("chelsea", "rocket", "astronaut", "coffee", "chelsea")):
             (inbox / f"{i}.jpg").write_bytes(encode(photo(name)[::2, ::2]))
-            assert svc.intake.process(WorkItem(0, inbox / f"{i}.jpg")) == "miss"  # no cache
+            item = WorkItem(svc.cfg.watch[0].key, inbox / f"{i}.jpg")
+            assert svc.intake.process(item) == "miss"  # no cache
         cache = svc.status()["cache"]
         assert cache["available"] is False and cache["outages"] == 1, cache
         error = cache["error"]

@@ -439,7 +439,7 @@ def test_inbox_deleted_and_recreated_is_watched_again(tmp_path, models_dir, obse
         ev = d.wait_log(lambda e: e.get("event") == "pair_standby", timeout=20)[0]
         assert f"inbox {inbox} is missing" in ev["reason"], ev
         st = wait_for(lambda: (s := d.status()).get("state") == "standby" and s, timeout=10)
-        assert "inbox" in st["standby"]["0"]["reason"], st
+        assert "inbox" in st["standby"][str(inbox)]["reason"], st  # by its key
 
         inbox.mkdir()  # rescan_interval_s: 0, so only a new watch or its catch-up finds these
         (inbox / "b.jpg").write_bytes(jpg(*B))
@@ -530,9 +530,9 @@ def test_file_renamed_while_processed_leaves_no_output_under_its_old_name(
 
     svc.app.pipeline.render = render_then_rename
     try:
-        assert svc.intake.process(WorkItem(0, ren)) == "withdrawn"
+        assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, ren)) == "withdrawn"
         svc.app.pipeline.render = render
-        assert svc.intake.process(WorkItem(0, renamed)) in SUCCESS
+        assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, renamed)) in SUCCESS
     finally:
         svc.app.close()
     live = sorted(p.relative_to(outbox).as_posix() for p in outbox.rglob("*")
@@ -638,7 +638,7 @@ def _outage_then_recovery(d: Daemon, tmp_path: Path, break_it, mend_it, names: l
     ev = d.wait_log(lambda e: e.get("event") == "pair_standby", timeout=20)[0]
     assert "outbox" in ev["reason"], ev
     st = wait_for(lambda: (s := d.status()).get("state") == "standby" and s, timeout=10)
-    assert "outbox" in st["standby"]["0"]["reason"], st
+    assert "outbox" in st["standby"][str(inbox)]["reason"], st  # by its key
     check_during()
     # every file reached a worker and was held while the share is out
     wait_for(lambda: d.status().get("counters", {}).get("standby_waits", 0) >= len(names),
@@ -731,9 +731,10 @@ def test_outbox_vanishing_right_after_the_check_is_not_recreated(tmp_path, model
             return admit(*args)
 
         svc.intake.admit = unmount_then_admit
-        assert svc.intake.process(WorkItem(0, src)) == "standby"
+        assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, src)) == "standby"
         assert not outbox.exists()
-        assert svc.standby.active(0) and "outbox" in svc.standby.snapshot()["0"]["reason"]
+        key = svc.cfg.watch[0].key
+        assert svc.standby.active(key) and "outbox" in svc.standby.snapshot()[key]["reason"]
         assert src.exists() and not (tmp_path / "failed").exists()
     finally:
         svc.app.close()
@@ -825,12 +826,12 @@ def test_a_file_held_on_standby_goes_at_once_when_its_inbox_returns(tmp_path, mo
     try:
         inbox.rename(away)  # the share goes as the file reaches a worker
         svc._follow_inboxes()
-        assert svc.standby.active(0)
-        assert svc.intake.process(WorkItem(0, src)) == "standby"
+        assert svc.standby.active(svc.cfg.watch[0].key)
+        assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, src)) == "standby"
         assert svc.scheduler.run_due() == 0 and svc.workers.queue.empty()  # waiting
         away.rename(inbox)  # back
         svc._follow_inboxes()
-        assert not svc.standby.active(0)
+        assert not svc.standby.active(svc.cfg.watch[0].key)
         assert svc.scheduler.run_due() == 1  # the wait was cut, not run out
         item = svc.workers.queue.get_nowait()
         assert item.path == src and svc.workers.queue.empty()  # once, not twice
@@ -848,7 +849,7 @@ def test_orphaned_temps_are_swept_in_every_folder_rembgd_writes(tmp_path, models
     """outbox, failed/, done/ and review/ (the pair's ``written_folders``): this host's
     orphans (their writer's pid is gone) at once, another host's by age."""
     from daemon import config as configmod
-    from daemon.service.supervisor import Supervisor
+    from daemon.service.housekeeping import sweep_temps
 
     cfg = configmod.load(config(tmp_path, models_dir, watch=[{
         "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
@@ -870,7 +871,7 @@ def test_orphaned_temps_are_swept_in_every_folder_rembgd_writes(tmp_path, models
         fresh_other = folder / ".p.jpg.png.rembgd-tmp.0badc0de-1-4567abcd"  # may be writing
         fresh_other.write_bytes(b"z")
         planted[key] = ([p for p in (folder / "sub").iterdir()] + [other], fresh_other)
-    Supervisor._clean_temps(pair)
+    sweep_temps(pair)
     for key, (orphans, fresh_other) in planted.items():
         assert len(orphans) == 2 and not any(p.exists() for p in orphans), key
         assert fresh_other.exists(), key

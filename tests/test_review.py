@@ -165,10 +165,10 @@ def test_a_low_confidence_cutout_is_held_for_review_and_approved(svc, tmp_path):
 
     pair = svc.cfg.watch[0]
     clean, busy = _drop_shots(pair.inbox)
-    assert svc.intake.process(WorkItem(0, clean)) == "miss"
+    assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, clean)) == "miss"
     assert (pair.outbox / "clean.png.png").is_file() and (pair.done_dir / "clean.png").is_file()
 
-    assert svc.intake.process(WorkItem(0, busy)) == "review"
+    assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, busy)) == "review"
     held = tmp_path / "review" / "busy.png.png"
     assert held.is_file() and not (pair.outbox / "busy.png.png").exists()
     assert busy.is_file()  # not disposed of while under review
@@ -192,11 +192,11 @@ def test_redo_delivers_to_the_outbox_and_drops_the_item(svc, tmp_path):
 
     pair = svc.cfg.watch[0]
     _, busy = _drop_shots(pair.inbox)
-    assert svc.intake.process(WorkItem(0, busy)) == "review"
+    assert svc.intake.process(WorkItem(svc.cfg.watch[0].key, busy)) == "review"
     [item] = review.list_items(review.review_dir(pair))
     # as the web page's Redo does, but processed here and now rather than queued
     assert verdict.redo(pair, item.id, "u2netp", lambda path, model: svc.intake.process(
-        WorkItem(0, path, model=model))) == "exact"  # delivered whatever its score
+        WorkItem(pair.key, path, model=model))) == "exact"  # delivered whatever its score
     assert (pair.outbox / "busy.png.png").is_file() and (pair.done_dir / "busy.png").is_file()
     assert review.list_items(review.review_dir(pair)) == []
     assert not (tmp_path / "review" / "busy.png.png").exists()

@@ -20,7 +20,6 @@ from tests.helpers import encode, photo
 from tests.test_review import _drop_shots, _held, _pair, _visible, svc  # noqa: F401 (fixture)
 
 ROUNDS = 20
-TIERS = ("exact", "pixel", "near", "miss")
 
 
 def _sha(path: Path) -> str:
@@ -189,7 +188,7 @@ def test_redo_then_approve_never_loses_the_outputs(svc, tmp_path):
     redo delivers); the outputs are in the outbox either way."""
     pair = svc.cfg.watch[0]
     _, busy = _drop_shots(pair.inbox)
-    assert svc.intake.process(WorkItem(0, busy)) == "review"
+    assert svc.intake.process(WorkItem(pair.key, busy)) == "review"
     shot = (pair.inbox / "busy.png").read_bytes()
     cutout = (review.review_dir(pair) / "busy.png.png").read_bytes()
     seen = set()
@@ -198,7 +197,7 @@ def test_redo_then_approve_never_loses_the_outputs(svc, tmp_path):
         item = _hold_for_redo(svc, name, shot, cutout)
         redo, approve = _race(
             lambda: verdict.redo(pair, item.id, "u2netp", lambda path, model: svc.intake.process(
-                WorkItem(0, path, model=model))),
+                WorkItem(pair.key, path, model=model))),
             lambda: verdict.approve(pair, item.id, claim=svc.intake.claim))
         assert not isinstance(redo, Exception) or isinstance(redo, review.NotFound), redo
         assert not isinstance(approve, Exception) or isinstance(
@@ -213,7 +212,7 @@ def test_approve_while_the_redo_job_runs_is_refused(svc, monkeypatch):
     lost everything in 6 of 6 runs). It is refused, and the redo delivers."""
     pair = svc.cfg.watch[0]
     _, busy = _drop_shots(pair.inbox)
-    assert svc.intake.process(WorkItem(0, busy)) == "review"
+    assert svc.intake.process(WorkItem(pair.key, busy)) == "review"
     [item] = review.list_items(review.review_dir(pair))
     shot = busy.read_bytes()
     answers = []
@@ -229,7 +228,7 @@ def test_approve_while_the_redo_job_runs_is_refused(svc, monkeypatch):
 
     monkeypatch.setattr(svc.app.pipeline, "render", render_then_approve)
     assert verdict.redo(pair, item.id, "u2netp", lambda path, model: svc.intake.process(
-        WorkItem(0, path, model=model))) in TIERS
+        WorkItem(pair.key, path, model=model))).tier is not None
     assert len(answers) == 1 and isinstance(answers[0], verdict.Busy), answers
     assert "being processed" in str(answers[0])
     _delivered_once(svc, "busy.png", shot)
@@ -238,11 +237,11 @@ def test_approve_while_the_redo_job_runs_is_refused(svc, monkeypatch):
 def test_a_redo_after_approve_is_cancelled(svc):
     pair = svc.cfg.watch[0]
     _, busy = _drop_shots(pair.inbox)
-    assert svc.intake.process(WorkItem(0, busy)) == "review"
+    assert svc.intake.process(WorkItem(pair.key, busy)) == "review"
     [item] = review.list_items(review.review_dir(pair))
     shot = busy.read_bytes()
     queued = verdict.redo(pair, item.id, "u2netp", lambda path, model: WorkItem(
-        0, path, model=model))  # queued, not yet run
+        pair.key, path, model=model))  # queued, not yet run
     verdict.approve(pair, item.id, claim=svc.intake.claim)
     shutil.copy(pair.done_dir / "busy.png", busy)  # even with the source back in place
     assert svc.intake.process(queued) == "skipped"  # the redo is cancelled
@@ -313,8 +312,9 @@ def test_on_a_daemon_redo_then_approve_at_once_keeps_the_outputs(tmp_path, model
             shot = encode(photo("chelsea")[i:, 2 * i:])  # another photo each round
             (tmp_path / "inbox" / name).write_bytes(shot)
             item = _wait_held(daemon, folder, name, 1)
-            redo = _post(url, "/redo", {"pair": 0, "item": item.id, "model": "u2netp"})
-            approve = _post(url, "/approve", {"pair": 0, "item": item.id})
+            pair = str(tmp_path / "inbox")  # its key: the inbox path (no name)
+            redo = _post(url, "/redo", {"pair": pair, "item": item.id, "model": "u2netp"})
+            approve = _post(url, "/approve", {"pair": pair, "item": item.id})
             answers.append((redo[0], approve[0]))
             assert redo[0] == 303 and approve[0] in (303, 409), (redo, approve)
             if approve[0] == 409:
@@ -345,7 +345,8 @@ def test_on_a_daemon_approve_after_the_source_was_replaced_is_refused(tmp_path, 
         assert item.sha256 == hashlib.sha256(coffee).hexdigest()
         (tmp_path / "chelsea.jpg").write_bytes(chelsea)
         (tmp_path / "chelsea.jpg").rename(tmp_path / "inbox" / "a.jpg")
-        status, body = _post(url, "/approve", {"pair": 0, "item": item.id})
+        status, body = _post(url, "/approve", {"pair": str(tmp_path / "inbox"),
+                                               "item": item.id})
         # refused, saying why: the new photo is being processed, or is not the held one
         assert status == 409 and ("not the file its cutout was made from" in body
                                   or "being processed" in body), (status, body)

@@ -44,12 +44,12 @@ def test_a_path_is_handed_out_once_stable_for_settle_s(tmp_path, rig):
     f = tmp_path / "a.jpg"
     f.write_bytes(b"x")
     start = clock()
-    sched.settle(0, f)
-    sched.settle(0, f)  # a second event for a scheduled path adds nothing
+    sched.settle("main", f)
+    sched.settle("main", f)  # a second event for a scheduled path adds nothing
     _run_until(sched, clock, got, 0.9)
     assert got == []
     _run_until(sched, clock, got, 1.0)
-    assert [(p, path) for p, path, _, _ in got] == [(0, f)]
+    assert [(p, path) for p, path, _, _ in got] == [("main", f)]
     assert 1.0 <= got[0][3] - start <= 1.5
     assert len(sched) == 0
 
@@ -58,7 +58,7 @@ def test_a_growing_file_is_held_until_it_stops(tmp_path, rig):
     sched, clock, got = rig
     f = tmp_path / "a.jpg"
     f.write_bytes(b"x")
-    sched.settle(0, f)
+    sched.settle("main", f)
     for i in range(10):  # grows every 0.5 s for 5 s
         _run_until(sched, clock, got, 0.5)
         with open(f, "ab") as fh:
@@ -72,8 +72,8 @@ def test_close_after_write_skips_the_wait_and_is_never_handed_out_twice(tmp_path
     sched, clock, got = rig
     f = tmp_path / "a.jpg"
     f.write_bytes(b"x")
-    sched.settle(0, f)
-    sched.settle(0, f, complete=True)
+    sched.settle("main", f)
+    sched.settle("main", f, complete=True)
     assert sched.run_due() == 1
     _run_until(sched, clock, got, 3.0)
     assert len(got) == 1
@@ -84,13 +84,13 @@ def test_an_empty_file_waits_with_growing_backoff_then_is_handed_out_again(tmp_p
     f = tmp_path / "a.jpg"
     f.write_bytes(b"")  # created, nothing written yet
     handouts = []
-    sched.settle(0, f)
+    sched.settle("main", f)
     _run_until(sched, clock, got, 2.0)
     assert len(got) == 1  # stable and empty: the worker sees it is not ready
     for _ in range(6):
         asked = clock()
         got.clear()
-        assert sched.not_ready(0, f) is True
+        assert sched.not_ready("main", f) is True
         _run_until(sched, clock, got, 40.0, step=0.25, stop_on_handout=True)
         assert len(got) == 1, "it comes back by itself"
         handouts.append(got[0][3] - asked)
@@ -103,7 +103,7 @@ def test_the_writer_comes_back_and_the_file_is_processed(tmp_path, rig):
     f = tmp_path / "a.jpg"
     f.write_bytes(b"")
     first = clock()
-    assert sched.not_ready(0, f, first_seen=first)
+    assert sched.not_ready("main", f, first_seen=first)
     _run_until(sched, clock, got, 0.5)
     f.write_bytes(b"the photo, at last")  # written mid-wait: stability starts over
     _run_until(sched, clock, got, 5.0)
@@ -117,9 +117,9 @@ def test_waiting_lists_each_incomplete_file_with_its_time_left(tmp_path, rig):
     early.write_bytes(b"")
     late.write_bytes(b"\xff\xd8")
     assert sched.waiting() == []
-    assert sched.not_ready(0, early)
+    assert sched.not_ready("main", early)
     _run_until(sched, clock, got, 10.0)
-    assert sched.not_ready(0, late)
+    assert sched.not_ready("main", late)
     (p1, left1, tries1), (p2, left2, tries2) = sched.waiting()
     assert (p1, p2) == (early, late)  # the soonest to give up first
     assert left1 == pytest.approx(120.0 - 10.0, abs=0.5) and tries1 >= 1
@@ -127,7 +127,7 @@ def test_waiting_lists_each_incomplete_file_with_its_time_left(tmp_path, rig):
     sched.ready(early)
     assert [w[0] for w in sched.waiting()] == [late]
     late.unlink()
-    assert sched.not_ready(0, late)  # vanished: forgotten
+    assert sched.not_ready("main", late)  # vanished: forgotten
     assert sched.waiting() == []
 
 
@@ -137,7 +137,7 @@ def test_after_the_timeout_without_change_it_is_failed(tmp_path, rig):
     f.write_bytes(b"")
     first = clock()
     rounds = 0
-    while sched.not_ready(0, f, first_seen=first):
+    while sched.not_ready("main", f, first_seen=first):
         rounds += 1
         got.clear()
         _run_until(sched, clock, got, 40.0, step=0.5, stop_on_handout=True)
@@ -152,18 +152,18 @@ def test_any_change_restarts_the_timeout(tmp_path, rig):
     f.write_bytes(b"")
     first = clock()
     for i in range(8):  # a very slow writer: a few bytes every ~30 s, for 4 minutes
-        assert sched.not_ready(0, f, first_seen=first)
+        assert sched.not_ready("main", f, first_seen=first)
         _run_until(sched, clock, got, 30.0, step=0.5)
         with open(f, "ab") as fh:
             fh.write(b"x")
-    assert clock() - first > 120.0 and sched.not_ready(0, f)
+    assert clock() - first > 120.0 and sched.not_ready("main", f)
 
 
 def test_a_vanished_file_is_dropped(tmp_path, rig):
     sched, clock, got = rig
     f = tmp_path / "a.jpg"
     f.write_bytes(b"")
-    assert sched.not_ready(0, f)
+    assert sched.not_ready("main", f)
     f.unlink()
     _run_until(sched, clock, got, 40.0, step=0.5)
     assert got == [] and len(sched) == 0
@@ -200,6 +200,6 @@ def test_a_redo_keeps_its_model_through_retries(tmp_path, rig):
                                                          delay, item.model),
                          Counters(), attempts=lambda: 3, backoff_s=lambda: 0.5)
     outcome = Outcome(source=None, kind="retry", error="transient")
-    assert policy.retry(WorkItem(0, f, 0, model="u2net"), outcome) is False
+    assert policy.retry(WorkItem("main", f, 0, model="u2net"), outcome) is False
     _run_until(sched, clock, got, 1.0)
-    assert handed == [(0, f, 1, "u2net")]
+    assert handed == [("main", f, 1, "u2net")]

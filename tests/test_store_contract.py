@@ -18,7 +18,7 @@ from PIL import Image
 from tests.helpers import REDIS_URL, encode, photo
 from daemon import config as configmod
 from daemon.imaging.fingerprint import Fingerprint, fingerprint, hamming
-from daemon.cache.base import TIERS, Entry, StoreError, StoreHealth
+from daemon.cache.base import Entry, Tier, StoreError, StoreHealth
 
 KEY = "k" * 32
 OTHER_KEY = "o" * 32
@@ -281,7 +281,7 @@ def test_delete_removes_rows_and_orphans_but_keeps_shared_blobs(store, real):
 def test_record_flush_updates_hits_and_tier_counts(backend, store, real):
     before = time.time()
     e = store.put(KEY, "u2netp", real["chelsea"], b"m", b"o")
-    assert store.tier_counts(before - 3600) == dict.fromkeys(TIERS, 0)
+    assert store.tier_counts(before - 3600) == dict.fromkeys(Tier, 0)
     time.sleep(0.01)
     store.record(e.id, "exact")
     store.record(e.id, "exact")
@@ -294,7 +294,7 @@ def test_record_flush_updates_hits_and_tier_counts(backend, store, real):
     assert got.last_hit > e.last_hit and got.last_hit >= before
     counts = store.tier_counts(before - 60)
     assert counts == {"exact": 2, "pixel": 0, "near": 1, "miss": 2}
-    assert store.tier_counts(time.time() + 7200) == dict.fromkeys(TIERS, 0)
+    assert store.tier_counts(time.time() + 7200) == dict.fromkeys(Tier, 0)
     other = backend.open()  # another process / machine sees the flushed counts
     assert other.tier_counts(before - 60) == counts
     assert [x.hits for x in other.entries()] == [3]

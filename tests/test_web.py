@@ -18,11 +18,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from daemon.web.items import pair_tag
 from tests.helpers import encode, photo, write_config
 from tests.harness import ROOT, Daemon, wait_for
 
 pytestmark = pytest.mark.slow
 
+PAIR = "studio"  # the pair's name: forms, URLs and item ids name it, never its place
+TAG = pair_tag(PAIR)
 TOKEN = "s3cret-token-for-tests-0123456789"
 
 
@@ -74,7 +77,7 @@ def local(tmp_path_factory, models_dir):
     """A daemon with the page on 127.0.0.1 (no token), one photo done and one file failed."""
     tmp = tmp_path_factory.mktemp("web")
     config = write_config(tmp, models_dir, web={"listen": "127.0.0.1:0"}, watch=[{
-        "inbox": str(tmp / "inbox"), "outbox": str(tmp / "outbox"),
+        "inbox": str(tmp / "inbox"), "outbox": str(tmp / "outbox"), "name": PAIR,
         "review": {"min_confidence": 0.0}}])  # nothing is held but what a test holds
     (tmp / "inbox" / "cat.jpg").write_bytes(encode(photo("chelsea")))
     (tmp / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
@@ -114,7 +117,7 @@ def test_page_lists_outputs_failures_and_serves_thumbnails(local):
     assert "cat.jpg" in page and "miss" in page and "u2netp" in page  # recent output
     assert "broken.jpg" in page and "unsupported" in page and ">Retry<" in page
     for root, rel in (("outbox", "cat.jpg.png"), ("inbox", "cat.jpg")):
-        status, headers, data = fetch(url, f"/thumb?pair=0&root={root}&path={rel}")
+        status, headers, data = fetch(url, f"/thumb?pair=studio&root={root}&path={rel}")
         assert status == 200 and headers["content-type"] == "image/webp"
         with Image.open(io.BytesIO(data)) as thumb:
             assert max(thumb.size) == 256
@@ -150,13 +153,13 @@ def test_review_approve_and_redo(local):
     assert "Waiting for review (1)" in html and "uncertain edge" in html and "0.31" in html
     item = re.search(r'name="item" value="([0-9a-f]{40})"', html).group(1)
     status, _, data = fetch(url, "/thumb?" + urlencode(
-        {"pair": 0, "root": "review", "path": "cat.jpg.png"}))
+        {"pair": PAIR, "root": "review", "path": "cat.jpg.png"}))
     assert status == 200 and Image.open(io.BytesIO(data)).mode == "RGBA"
     for bad in ("../x", "not-an-id", item + "/.."):
         assert fetch(url, "/approve", method="POST", form={
-            "pair": 0, "item": bad, "form_token": form_token(html)})[0] in (400, 404)
+            "pair": PAIR, "item": bad, "form_token": form_token(html)})[0] in (400, 404)
     status, _, _ = fetch(url, "/approve", method="POST",
-                         form={"pair": 0, "item": item, "form_token": form_token(html)})
+                         form={"pair": PAIR, "item": item, "form_token": form_token(html)})
     assert status == 303 and cutout.is_file() and not (folder / "cat.jpg.png").exists()
     assert "nothing waiting for review" in fetch(url, "/")[2].decode()
 
@@ -168,12 +171,12 @@ def test_review_approve_and_redo(local):
     held = re.search(r'name="item" value="([0-9a-f]{40})"', html).group(1)
     assert held != item  # an id per hold: Approve by the earlier one is refused
     assert fetch(url, "/approve", method="POST", form={
-        "pair": 0, "item": item, "form_token": form_token(html)})[0] == 409
+        "pair": PAIR, "item": item, "form_token": form_token(html)})[0] == 409
     assert fetch(url, "/redo", method="POST", form={
-        "pair": 0, "item": held, "model": "bria-rmbg", "form_token": form_token(html)})[0] == 409
+        "pair": PAIR, "item": held, "model": "bria-rmbg", "form_token": form_token(html)})[0] == 409
     item = held
     status, _, _ = fetch(url, "/redo", method="POST", form={
-        "pair": 0, "item": item, "model": "u2netp", "form_token": form_token(html)})
+        "pair": PAIR, "item": item, "model": "u2netp", "form_token": form_token(html)})
     assert status == 303
     redone = daemon.wait_log(lambda e: e.get("event") == "processed", count=before + 1)[-1]
     assert redone["path"] == str(tmp / "inbox" / "cat.jpg") and redone["model"] == "u2netp"
@@ -185,10 +188,10 @@ def test_retry_moves_the_failed_file_back_and_it_is_processed(local):
     failed = tmp / "failed" / "broken.jpg"
     failed.write_bytes(encode(photo("astronaut")))  # the retoucher fixed the file
     token = form_token(fetch(url, "/")[2])
-    assert fetch(url, "/retry", method="POST", form={"pair": 0, "path": "broken.jpg"})[0] == 403
+    assert fetch(url, "/retry", method="POST", form={"pair": PAIR, "path": "broken.jpg"})[0] == 403
     assert failed.exists()  # no form token: refused, nothing moved
     status, headers, _ = fetch(url, "/retry", method="POST",
-                               form={"pair": 0, "path": "broken.jpg", "form_token": token})
+                               form={"pair": PAIR, "path": "broken.jpg", "form_token": token})
     assert status == 303 and headers["location"].startswith("/?msg=Retrying")
     assert not failed.exists() and not (tmp / "failed" / "broken.jpg.error.json").exists()
     daemon.wait_log(lambda e: e.get("event") == "processed" and e.get("outcome") == "miss"
@@ -202,7 +205,7 @@ def test_an_incomplete_file_is_listed_as_waiting_until_it_completes(tmp_path, mo
     """A truncated JPEG (a copy still running, or broken) is shown as waiting, with when
     it will go to failed/; once the copy completes it is processed and leaves the list."""
     config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0"},
-                          incomplete_timeout_s=600)
+                          incomplete_timeout_s=600, pair={"name": PAIR})
     whole = encode(photo("coffee"))
     (tmp_path / "inbox" / "copying.jpg").write_bytes(whole[: len(whole) // 2])
     daemon, url = start(config)
@@ -215,7 +218,8 @@ def test_an_incomplete_file_is_listed_as_waiting_until_it_completes(tmp_path, mo
         gives_up = re.search(r"<td>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)</td></tr>", section).group(1)
         left = time.mktime(time.strptime(gives_up, "%Y-%m-%d %H:%M:%S")) - time.time()
         assert 500 < left <= 601  # incomplete_timeout_s from the first check
-        assert fetch(url, "/thumb?pair=0&root=inbox&path=copying.jpg")[0] == 415  # no thumb yet
+        # no thumb yet
+        assert fetch(url, "/thumb?pair=studio&root=inbox&path=copying.jpg")[0] == 415
         assert not list((tmp_path / "failed").glob("copying.jpg*"))
         assert b"rembgd_files_incomplete 1.0" in fetch(url, "/metrics")[2]
         assert daemon.wait_ticks(1)["incomplete"] == 1  # `rembgd status` counts it too
@@ -242,10 +246,10 @@ def test_path_traversal_links_and_foreign_hosts_are_refused(local, tmp_path):
                "link.png", "linked_dir/x.png", "%2e%2e/config.yaml", "a//b"]
     for rel in refused:
         for route in ("thumb", "file"):
-            status, _, body = fetch(url, f"/{route}?pair=0&root=outbox&path={rel}")
+            status, _, body = fetch(url, f"/{route}?pair=studio&root=outbox&path={rel}")
             assert status in (400, 404), (route, rel, status)
             assert b"not for the web" not in body and b"watch" not in body
-    assert fetch(url, "/file?pair=0&root=cache&path=index.sqlite")[0] == 400
+    assert fetch(url, "/file?pair=studio&root=cache&path=index.sqlite")[0] == 400
     assert fetch(url, "/file?pair=7&root=outbox&path=cat.jpg.png")[0] == 404
     (tmp / "failed" / "keep.jpg").write_bytes(b"x")
     (tmp / "failed" / "keep.jpg.error.json").write_text(json.dumps(
@@ -253,13 +257,13 @@ def test_path_traversal_links_and_foreign_hosts_are_refused(local, tmp_path):
     token = form_token(fetch(url, "/")[2])  # the page shows keep.jpg's Retry form
     for rel in ("../inbox/cat.jpg", str(tmp / "failed" / "keep.jpg"), "sub/../keep.jpg"):
         status, _, _ = fetch(url, "/retry", method="POST",
-                             form={"pair": 0, "path": rel, "form_token": token})
+                             form={"pair": PAIR, "path": rel, "form_token": token})
         assert status == 400, rel
     os.symlink(secret, tmp / "failed" / "evil.jpg")
     (tmp / "failed" / "evil.jpg.error.json").write_text(json.dumps(
         {"file": str(tmp / "failed" / "evil.jpg"), "reason": "unsupported", "error": "x"}))
     assert fetch(url, "/retry", method="POST",
-                 form={"pair": 0, "path": "evil.jpg", "form_token": token})[0] == 400
+                 form={"pair": PAIR, "path": "evil.jpg", "form_token": token})[0] == 400
     assert secret.read_text() == "not for the web" and (tmp / "failed" / "keep.jpg").exists()
     odd = '<img src=x onerror="alert(1)">.jpg'
     (tmp / "failed" / odd).write_bytes(b"x")
@@ -273,13 +277,14 @@ def test_path_traversal_links_and_foreign_hosts_are_refused(local, tmp_path):
 
 
 def test_off_localhost_the_token_is_required(tmp_path, models_dir):
-    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.2:0"})
+    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.2:0"}, pair={"name": PAIR})
     out = subprocess.run([sys.executable, "-m", "daemon", "-c", str(config), "run"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2
     assert f"{config}: web.token: is required when web.listen is 127.0.0.2:0" in out.stderr
 
-    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.2:0", "token": TOKEN})
+    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.2:0", "token": TOKEN},
+                          pair={"name": PAIR})
     (tmp_path / "inbox" / "a.jpg").write_bytes(b"not an image at all")
     daemon, url = start(config)
     daemon.wait_processed(1)
@@ -287,7 +292,7 @@ def test_off_localhost_the_token_is_required(tmp_path, models_dir):
         assert urlsplit(url).hostname == "127.0.0.2"
         assert fetch(url, "/")[0] == 303  # to the login form
         assert fetch(url, "/metrics")[0] == 401
-        assert fetch(url, "/thumb?pair=0&root=inbox&path=x.jpg")[0] == 401
+        assert fetch(url, "/thumb?pair=studio&root=inbox&path=x.jpg")[0] == 401
         assert fetch(url, "/", headers={"Authorization": "Bearer wrong-token-0123456789"})[0] == 303
         assert fetch(url, "/", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
         assert fetch(url, "/login", method="POST", form={"token": "nope"})[0] == 403
@@ -301,11 +306,11 @@ def test_off_localhost_the_token_is_required(tmp_path, models_dir):
         failed = tmp_path / "failed" / "a.jpg"
         failed.write_bytes(encode(photo("coffee")))
         # the cookie alone (what a cross-site form would carry) is not enough to act
-        assert fetch(url, "/retry", method="POST", form={"pair": 0, "path": "a.jpg"},
+        assert fetch(url, "/retry", method="POST", form={"pair": PAIR, "path": "a.jpg"},
                      headers=session)[0] == 403
         assert failed.exists()
         status, _, _ = fetch(url, "/retry", method="POST", headers=session,
-                             form={"pair": 0, "path": "a.jpg", "form_token": form_token(html)})
+                             form={"pair": PAIR, "path": "a.jpg", "form_token": form_token(html)})
         assert status == 303 and not failed.exists()
         daemon.wait_log(lambda e: e.get("event") == "processed" and e.get("outcome") == "miss")
         # log out: the page's button clears the cookie in the browser
@@ -317,7 +322,8 @@ def test_off_localhost_the_token_is_required(tmp_path, models_dir):
         assert "Max-Age=0" in cleared and cleared.split(";")[0] == "rembgd_session="
         assert fetch(url, "/", headers={"Cookie": cleared.split(";")[0]})[0] == 303
 
-        write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0"})  # reload: restarted
+        write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0"},  # reload: restarted
+                     pair={"name": PAIR})
         daemon.signal(signal.SIGHUP)
         local_url = daemon.wait_log(lambda e: e.get("event") == "web_listening", count=2)[1]["url"]
         assert urlsplit(local_url).hostname == "127.0.0.1" and fetch(local_url, "/")[0] == 200
@@ -339,11 +345,11 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
 
     journal = Journal(tmp_path / "cache" / "web" / "recent.sqlite")
     for i in range(40):  # older outputs than the page's first 24
-        journal.add(RecentOutput(1_700_000_000 + i, 0, "inbox", f"old/img{i:05d}.jpg",
+        journal.add(RecentOutput(1_700_000_000 + i, PAIR, "inbox", f"old/img{i:05d}.jpg",
                                  (f"old/img{i:05d}.jpg.png",), "near", "u2netp", 5.0))
     journal.close()
     config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0", "token": TOKEN},
-                          watch=[{"inbox": str(tmp_path / "inbox"),
+                          watch=[{"inbox": str(tmp_path / "inbox"), "name": PAIR,
                                   "outbox": str(tmp_path / "outbox"),
                                   "review": {"min_confidence": 0.0}}])
     (tmp_path / "inbox" / "cat.jpg").write_bytes(encode(photo("chelsea")))
@@ -352,9 +358,11 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
     try:
         daemon.wait_processed(1)
         assert fetch(url, "/api/outputs", jar=False)[0] == 401
-        status, _, body = fetch(url, "/api/outputs?limit=24", headers=bearer, jar=False)
-        page = json.loads(body)
-        assert status == 200 and page["total"] == 41 and len(page["items"]) == 24
+        # the journal records an output just after its "processed" line is logged
+        page = wait_for(lambda: (p := json.loads(fetch(url, "/api/outputs?limit=24",
+                                                       headers=bearer, jar=False)[2]))
+                        ["total"] == 41 and p)
+        assert len(page["items"]) == 24
         assert page["items"][0]["source"]["path"] == "cat.jpg"
         found = json.loads(fetch(url, "/api/outputs?q=img00003", headers=bearer, jar=False)[2])
         assert found["total"] == 1 and found["items"][0]["source"]["path"] == "old/img00003.jpg"
@@ -365,10 +373,10 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         assert set(cat) >= {"id", "source", "outputs", "tier", "model", "confidence"}
         status, _, body = fetch(url, f"/api/items/{cat['id']}", headers=bearer, jar=False)
         assert status == 200 and json.loads(body)["outputs"][0]["path"] == "cat.jpg.png"
-        for bad in ("o99999", "r0-" + "0" * 40, "f0-" + "0" * 40):
+        for bad in ("o99999", f"r{TAG}-" + "0" * 40, f"f{TAG}-" + "0" * 40):
             assert fetch(url, f"/api/items/{bad}", headers=bearer, jar=False)[0] == 404
         assert fetch(url, "/api/items/..%2f..%2fetc", headers=bearer, jar=False)[0] == 404
-        assert fetch(url, "/preview?pair=0&root=outbox&path=../config.yaml", headers=bearer,
+        assert fetch(url, "/preview?pair=studio&root=outbox&path=../config.yaml", headers=bearer,
                      jar=False)[0] == 400
 
         output = tmp_path / "outbox" / "cat.jpg.png"
@@ -441,7 +449,7 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
         for name, shot in (("a.jpg", "coffee"), ("b.jpg", "astronaut")):
             (tmp_path / "inbox" / name).write_bytes(encode(photo(shot)[::4, ::4]))
         held = daemon.wait_log(lambda e: e.get("event") == "review_held", count=2)
-        ids = [f"r0-{e['id']}" for e in held[-2:]]
+        ids = [f"r{TAG}-{e['id']}" for e in held[-2:]]
         status, _, body = fetch(url, "/api/batch", method="POST", headers=bearer, jar=False,
                                 json_body={"action": "approve", "ids": ids + ["o99999"]})
         result = json.loads(body)
@@ -491,8 +499,8 @@ def test_a_second_touch_up_of_a_source_while_one_runs_is_refused_and_nothing_mix
     atomic_write_bytes(output, pipe.render(jpeg, plan).files[""])
     model = output.read_bytes()
     journal = Journal(tmp_path / "recent.sqlite")
-    journal.add(RecentOutput(time.time(), 0, "inbox", "cat.jpg", ("cat.jpg.png",), "miss",
-                             "u2netp", 1.0))
+    journal.add(RecentOutput(time.time(), str(roots["inbox"]), "inbox", "cat.jpg",
+                             ("cat.jpg.png",), "miss", "u2netp", 1.0))
     entered, release = threading.Event(), threading.Event()
 
     class Desk:  # the Controller's touch-up as the daemon's: render, then write atomically
@@ -555,3 +563,71 @@ def test_a_second_touch_up_of_a_source_while_one_runs_is_refused_and_nothing_mix
     assert png_alpha(after_first)[200, 330] == png_alpha(model)[200, 330] > 200
     assert png_alpha(after_both)[200, 330] <= 8
 
+
+def _hidden_forms(html: str, action: str) -> list[dict[str, str]]:
+    """The hidden fields of every ``action`` form of the page, as a browser would send them."""
+    import html as htmlmod
+
+    forms = re.findall(rf'<form method="post" action="/{action}"[^>]*>(.*?)</form>', html, re.S)
+    return [{k: htmlmod.unescape(v) for k, v in
+             re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', f)}
+            for f in forms]
+
+
+def test_a_reload_that_reorders_pairs_between_page_and_click_acts_on_the_right_pair(
+        tmp_path, models_dir):
+    """Issue 26.2: the page is rendered, then a reload puts a new pair first and swaps the
+    other two; Approve and Retry clicked on that page still act on the pair they showed
+    (never on the one that now stands at its old place in the list)."""
+    from daemon import review
+
+    folders = {k: {"inbox": str(tmp_path / k / "in"), "outbox": str(tmp_path / k / "out"),
+                   "review": {"min_confidence": 1.0}}  # every cutout is held
+               for k in ("A", "B", "C")}
+    for f in folders.values():
+        Path(f["inbox"]).mkdir(parents=True)
+    config = write_config(tmp_path, models_dir, web={"listen": "127.0.0.1:0"},
+                          watch=[folders["A"], folders["B"]])
+    shot = encode(photo("coffee")[::4, ::4])
+    for k in ("A", "B"):
+        (tmp_path / k / "in" / f"{k}.jpg").write_bytes(shot)
+        (tmp_path / k / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    daemon, url = start(config)
+    try:
+        daemon.wait_log(lambda e: e.get("event") == "review_held", count=2)
+        wait_for(lambda: all((tmp_path / k / "failed" / "broken.jpg.error.json").exists()
+                             for k in ("A", "B")))
+        [held_a] = review.list_items(tmp_path / "A" / "review")
+        html = wait_for(lambda: (p := fetch(url, "/")[2].decode()).count('action="/retry"') == 2
+                        and p)
+        token = form_token(html)
+        [approve_a] = [f for f in _hidden_forms(html, "approve") if f["item"] == held_a.id]
+        # the Retry of A's broken.jpg as rendered: its pair field names pair A (its key;
+        # a build that named pairs by their place rendered 0)
+        [retry_a] = [f for f in _hidden_forms(html, "retry")
+                     if f["pair"] in (folders["A"]["inbox"], "0")]
+        b_failed = tmp_path / "B" / "failed" / "broken.jpg"
+        b_before = b_failed.stat()
+
+        data = yaml.safe_load(config.read_text())
+        data["watch"] = [folders["C"], folders["B"], folders["A"]]  # inserted and reordered
+        config.write_text(yaml.safe_dump(data))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log(lambda e: e.get("event") == "config_reloaded")
+
+        status, headers, _ = fetch(url, "/approve", method="POST",
+                                   form={**approve_a, "form_token": token})
+        assert status == 303 and "Approved" in headers["location"], headers
+        assert (tmp_path / "A" / "out" / "A.jpg.png").is_file()
+        assert not (tmp_path / "B" / "out" / "B.jpg.png").exists()  # B's cutout still waits
+        assert len(review.list_items(tmp_path / "B" / "review")) == 1
+
+        status, headers, _ = fetch(url, "/retry", method="POST",
+                                   form={**retry_a, "form_token": token})
+        assert status == 303 and "Retrying" in headers["location"], headers
+        [retried] = daemon.wait_log(lambda e: e.get("event") == "web_retry")
+        assert retried["to"] == str(tmp_path / "A" / "in" / "broken.jpg")
+        after = b_failed.stat()  # B's failed file was not touched
+        assert (after.st_ino, after.st_mtime_ns) == (b_before.st_ino, b_before.st_mtime_ns)
+    finally:
+        daemon.stop()

@@ -69,11 +69,13 @@ def test_the_journal_searches_every_output_by_name_tier_model_reason_and_date(tm
     journal = Journal(tmp_path / "j.sqlite")
     day = time.mktime((2026, 3, 14, 12, 0, 0, 0, 0, -1))
     for i in range(60):
-        journal.add(RecentOutput(day + (i - 30) * 86400 / 10, 0, "inbox", f"shoot/img_{i:03d}.jpg",
+        journal.add(RecentOutput(day + (i - 30) * 86400 / 10, "main", "inbox",
+                                 f"shoot/img_{i:03d}.jpg",
                                  (f"shoot/img_{i:03d}.jpg.png",), ("miss", "near")[i % 2],
                                  "u2netp" if i < 50 else "isnet-general-use", 1.0,
                                  reasons=("uncertain edge",) if i == 7 else ()))
-    journal.add(RecentOutput(day, 0, "inbox", "100%_cotton.jpg", ("x.png",), "exact", "u2netp", 1.0,
+    journal.add(RecentOutput(day, "main", "inbox", "100%_cotton.jpg", ("x.png",), "exact",
+                             "u2netp", 1.0,
                              event="touched-up"))
     total, page = journal.search(parse_query(""), 24, 0)
     assert total == 61 and len(page) == 24 and page[0].source_rel == "100%_cotton.jpg"
@@ -95,21 +97,25 @@ def test_the_journal_searches_every_output_by_name_tier_model_reason_and_date(tm
         with pytest.raises(QueryError):
             parse_query(bad)
     got = journal.get(page[0].id)
-    assert got == page[0] and journal.latest_for(0, "shoot/img_007.jpg").reasons == (
+    assert got == page[0] and journal.latest_for("main", "shoot/img_007.jpg").reasons == (
         "uncertain edge",)
     journal.close()
 
 
 def test_item_ids_name_items_never_paths():
     assert items.parse_id("o12") == items.ItemRef("output", row=12)
-    ref = items.parse_id("r1-" + "a" * 40)
-    assert (ref.kind, ref.pair, ref.key) == ("review", 1, "a" * 40)
-    for bad in ("", "o", "../etc", "r1-" + "a" * 39, "f0-" + "g" * 40, "o1/..", "x12"):
+    tag = items.pair_tag("/srv/studio/in")  # a pair's key: its inbox path (or its name)
+    assert len(tag) == 10 and tag != items.pair_tag("/srv/studio/in2")
+    ref = items.parse_id(f"r{tag}-" + "a" * 40)
+    assert (ref.kind, ref.tag, ref.key) == ("review", tag, "a" * 40)
+    assert items.review_id("/srv/studio/in", type("I", (), {"id": "a" * 40})) == f"r{tag}-" + "a" * 40
+    for bad in ("", "o", "../etc", f"r{tag}-" + "a" * 39, f"f{tag}-" + "g" * 40, "o1/..", "x12",
+                "r1-" + "a" * 40, "r/srv/in-" + "a" * 40):  # an index or a path is no tag
         with pytest.raises(items.BadId):
             items.parse_id(bad)
-    same = [FailedFile(0, "a.jpg", "unsupported", "not an image", 1.0),
-            FailedFile(0, "b.jpg", "unsupported", "not an image", 2.0),
-            FailedFile(0, "c.jpg", "undecodable", "truncated", 3.0)]
+    same = [FailedFile("main", "a.jpg", "unsupported", "not an image", 1.0),
+            FailedFile("main", "b.jpg", "unsupported", "not an image", 2.0),
+            FailedFile("main", "c.jpg", "undecodable", "truncated", 3.0)]
     groups = items.failure_groups(same)
     assert [len(g["files"]) for g in groups] == [2, 1] and groups[0]["reason"] == "unsupported"
     assert items.parse_id(items.failed_id(same[0])).key == items.failed_key("a.jpg")
@@ -199,3 +205,29 @@ def test_a_request_waits_for_the_file_being_made_but_not_for_long(tmp_path, monk
         release.set()
         first.join(10)
         assert got and makes == (["prefetch", "MainThread"] if slow else ["prefetch"])
+
+
+def test_a_journal_that_named_pairs_by_index_is_rekeyed_once(tmp_path):
+    """Issue 26.2: rows of an older journal keep '#<index>' (no pair's key: they never act
+    on the pair that now stands at that place); a name that looks like a number stays text."""
+    import sqlite3
+
+    path = tmp_path / "recent.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE recent (id INTEGER PRIMARY KEY, time REAL NOT NULL, "
+               "pair INTEGER NOT NULL, source_root TEXT, source_rel TEXT NOT NULL, "
+               "outputs TEXT NOT NULL, tier TEXT NOT NULL, model TEXT NOT NULL, ms REAL NOT NULL)")
+    db.execute("INSERT INTO recent VALUES (1, 1.0, 0, 'inbox', 'a.jpg', '[\"a.jpg.png\"]', "
+               "'miss', 'u2netp', 5.0)")
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    [old] = journal.last(5)
+    assert (old.pair, old.source_rel, old.event) == ("#0", "a.jpg", "delivered")
+    assert journal.latest_for("0", "a.jpg") is None
+    journal.add(RecentOutput(2.0, "0123", "inbox", "b.jpg", ("b.jpg.png",), "exact", "u2netp", 1.0))
+    journal.close()
+    again = Journal(path)  # opened again: nothing to rekey
+    assert [o.pair for o in again.last(5)] == ["0123", "#0"]
+    assert again.latest_for("0123", "b.jpg").source_rel == "b.jpg"
+    again.close()

@@ -8,6 +8,7 @@ unreachable Redis) and nothing else; the original exception is its
 """
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass
 from typing import ClassVar, Iterable, Iterator, Protocol
@@ -16,7 +17,25 @@ import numpy as np
 
 from daemon.imaging.fingerprint import Fingerprint, Thumbs
 
-TIERS = ("exact", "pixel", "near", "miss")
+class Tier(enum.StrEnum):
+    """Where a mask came from: a lookup's tier (a ``str``: logs and JSON show the value)."""
+
+    EXACT = "exact"  # the same file
+    PIXEL = "pixel"  # the same pixels
+    NEAR = "near"  # a near-duplicate's mask, re-aligned
+    MISS = "miss"  # inferred
+
+    @property
+    def is_hit(self) -> bool:
+        return self is not Tier.MISS
+
+    @classmethod
+    def named(cls, value: str) -> Tier | None:
+        """The tier ``value`` names, or None where it names none."""
+        try:
+            return cls(value)
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -54,10 +73,10 @@ class HitBuffer:
         return time.monotonic() - self._taken_at > every_s
 
     def add(self, entry_id: str | None, tier: str, now: float) -> None:
-        assert tier in TIERS, tier
+        tier = Tier(tier)
         key = (int(now // 3600), tier)
         self.tiers[key] = self.tiers.get(key, 0) + 1
-        if entry_id is not None and tier != "miss":
+        if entry_id is not None and tier.is_hit:
             self._merge_hit(entry_id, now, 1)
 
     def _merge_hit(self, entry_id: str, when: float, n: int) -> None:

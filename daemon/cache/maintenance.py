@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Iterable
 
-from daemon.cache.base import Entry
+from daemon.cache.base import Entry, Tier
 from daemon.cache.policy import Rec, estimate_blob_sizes, policy_order, slim
 from daemon.config import CacheConfig, StoreConfig
 
@@ -75,7 +75,7 @@ def stats(store, store_cfg: StoreConfig, cache: CacheConfig, window_hours: float
     total = store.total_bytes()
     tiers = store.tier_counts(now - window_hours * 3600)
     lookups = sum(tiers.values())
-    hits = lookups - tiers.get("miss", 0)
+    hits = lookups - tiers.get(Tier.MISS, 0)
     limits = cache.limits
     return {
         "backend": store_cfg.backend,

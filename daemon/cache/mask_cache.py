@@ -24,7 +24,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import structlog
 
-from daemon.cache.base import Entry, Store
+from daemon.cache.base import Entry, Store, Tier
 from daemon.cache.guard import CacheGuard
 from daemon.config import CacheConfig
 from daemon.imaging import match
@@ -63,7 +63,7 @@ class MaskHit:
     """A mask found in (or just put into) the cache, as its stored PNG."""
 
     mask_png: bytes
-    tier: str  # exact | pixel | near | miss (just stored)
+    tier: Tier  # MISS: just stored
     entry_id: str | None  # the entry output rows name as origin (None: not stored)
     mask_digest: str | None
     metrics: dict = field(default_factory=dict)  # the near match's verification values
@@ -115,19 +115,19 @@ class MaskCache:
                 return None
             files[target.name] = blob
             first = first or hit.origin or hit.id
-        self._record(first, "exact")
+        self._record(first, Tier.EXACT)
         return StoredOutputs(files, first)
 
     def lookup(self, mkey: str, probe: Probe) -> MaskHit | None:
         """A cached mask for these bytes, these pixels or a verified near-duplicate."""
         fp = probe.fp
-        for tier, find in (("exact", lambda s: s.find_exact(mkey, fp.sha256)),
-                           ("pixel", lambda s: s.find_pixel(mkey, fp.pixel_hash))):
+        for tier, find in ((Tier.EXACT, lambda s: s.find_exact(mkey, fp.sha256)),
+                           (Tier.PIXEL, lambda s: s.find_pixel(mkey, fp.pixel_hash))):
             hit = self.guard.call(find)
             raw = self._blob(hit, hit.mask_digest) if hit is not None else None
             if raw is not None:
                 self._record(hit.id, tier)
-                if tier == "pixel" and fp.sha256 != hit.fp.sha256:
+                if tier is Tier.PIXEL and fp.sha256 != hit.fp.sha256:
                     alias = self._alias(hit, fp, len(raw))
                     return MaskHit(raw, tier, alias.entry.id, hit.mask_digest, alias=alias)
                 return MaskHit(raw, tier, hit.origin or hit.id, hit.mask_digest)
@@ -146,9 +146,9 @@ class MaskCache:
             raw = self._blob(cand, cand.mask_digest)
             if raw is None:
                 continue
-            self._record(cand.id, "near")
+            self._record(cand.id, Tier.NEAR)
             alias = self._alias(cand, fp, len(raw))
-            return MaskHit(raw, "near", alias.entry.id, cand.mask_digest, verdict.metrics, alias)
+            return MaskHit(raw, Tier.NEAR, alias.entry.id, cand.mask_digest, verdict.metrics, alias)
         return None
 
     # ----------------------------------------------------------- writes
@@ -157,10 +157,10 @@ class MaskCache:
         """Store an inferred mask now (counted as a miss); ``entry_id`` None if it failed."""
         fp = probe.embedded()
         entry = self.guard.call(lambda s: s.put(mkey, model, fp, mask_png, None))
-        self._record(None, "miss")
+        self._record(None, Tier.MISS)
         if entry is None:
-            return MaskHit(mask_png, "miss", None, None)
-        return MaskHit(mask_png, "miss", entry.id, entry.mask_digest)
+            return MaskHit(mask_png, Tier.MISS, None, None)
+        return MaskHit(mask_png, Tier.MISS, entry.id, entry.mask_digest)
 
     def output_rows(self, hit: MaskHit, fp: Fingerprint, wanted: Sequence[Target],
                     files: dict[str, bytes]) -> list[CacheWrite]:
@@ -180,7 +180,7 @@ class MaskCache:
 
     # ---------------------------------------------------------- helpers
 
-    def _record(self, entry_id: str | None, tier: str) -> None:
+    def _record(self, entry_id: str | None, tier: Tier) -> None:
         self.guard.call(lambda s: s.record(entry_id, tier))
 
     def _blob(self, entry: Entry, digest: str | None) -> bytes | None:

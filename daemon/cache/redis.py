@@ -46,7 +46,7 @@ import numpy as np
 import structlog
 
 from daemon.cache import redis_lua as lua
-from daemon.cache.base import (TIERS, Entry, HitBuffer, StoreError, StoreHealth, StoreUnavailable,
+from daemon.cache.base import (Tier, Entry, HitBuffer, StoreError, StoreHealth, StoreUnavailable,
                                describe)
 from daemon.cache.lru import LRU
 from daemon.cache.redis_keys import SCHEMA_VERSION, RedisKeys, pairs, text, warn_about_eviction
@@ -372,7 +372,7 @@ class RedisStore:
         self.flush()
         hours = self._call(self.client.zrangebyscore, self.keys.tier_hours,
                            int(since // 3600), "+inf")
-        counts = dict.fromkeys(TIERS, 0)
+        counts = dict.fromkeys(Tier, 0)
         if hours:
             with self.client.pipeline(transaction=False) as pipe:
                 for h in hours:

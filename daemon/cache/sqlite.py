@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator
 
 import structlog
 
-from daemon.cache.base import (TIERS, Entry, HitBuffer, StoreDamaged, StoreError, StoreHealth,
+from daemon.cache.base import (Tier, Entry, HitBuffer, StoreDamaged, StoreError, StoreHealth,
                                StoreUnavailable, describe, embedding_bytes, fingerprint_from)
 from daemon.cache.blobs import BlobDir
 from daemon.cache.sqlite_index import (BAND_COLS, COLUMNS, HEADERS, INDEX_NAME, SCHEMA_VERSION,
@@ -336,7 +336,7 @@ class SqliteStore:
             rows = db.execute(
                 "SELECT tier, SUM(n) FROM tier_counts WHERE hour >= ? GROUP BY tier",
                 (int(since // 3600),)).fetchall()
-        counts = dict.fromkeys(TIERS, 0)
+        counts = dict.fromkeys(Tier, 0)
         counts.update({t: int(n) for t, n in rows})
         return counts
 

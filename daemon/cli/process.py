@@ -13,13 +13,15 @@ from tqdm import tqdm
 
 from daemon import job as jobmod
 from daemon.budget import PixelBudget
+from daemon.cache.base import Tier
 from daemon.config import AlphaMatting, Config, OutputOptions
 from daemon.config.schema import REFINES
+from daemon.fate import Kind
 from daemon.pipeline import Pipeline, Plan
 from daemon.scan import is_ignored
 from daemon.source import Source
 
-TIER_ORDER = ("exact", "pixel", "near", "miss", "failed")
+TIER_ORDER = (*Tier, Kind.FAILED)
 log = structlog.get_logger("rembgd.process")
 
 
@@ -140,18 +142,18 @@ def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int, workers: i
             continue
         error = (f"output {out} is already written for {first}; process one of them "
                  "separately or pass their common folder")
-        log.warning("processed", path=str(job.src), outcome="failed", ms=0.0,
+        log.warning("processed", path=str(job.src), outcome=Kind.FAILED, ms=0.0,
                     model=job.plan.options.model, error=error)
-        counts["failed"] += 1
+        counts[Kind.FAILED] += 1
         failures.append((job.src, error))
     bar = tqdm(total=len(jobs), initial=len(failures), unit="img",
                disable=not sys.stderr.isatty(), file=sys.stderr)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="job") as pool:
         for job, res in zip(runnable, pool.map(lambda j: _run_one(pipeline, j, umask),
                                                runnable)):
-            outcome = "failed" if res.kind == "retry" else res.kind
+            outcome = Kind.FAILED if res.kind is Kind.RETRY else res.kind
             counts[outcome] += 1
-            if outcome == "failed":
+            if outcome is Kind.FAILED:
                 failures.append((job.src, res.error or ""))
             bar.set_postfix({k: counts[k] for k in TIER_ORDER if counts[k]}, refresh=False)
             bar.update(1)
@@ -165,6 +167,6 @@ def _run_jobs(pipeline: Pipeline, jobs: list[jobmod.Job], umask: int, workers: i
 
 def _run_one(pipeline: Pipeline, job: jobmod.Job, umask: int) -> jobmod.Outcome:
     res = jobmod.run(job, pipeline, umask=umask)
-    if res.kind == "retry":
+    if res.kind is Kind.RETRY:
         res = jobmod.run(job, pipeline, umask=umask)  # one more try, then report
     return res

@@ -22,7 +22,7 @@ import yaml
 
 from daemon.config.fields import read_key, read_section
 from daemon.config.folders import check_folders as check_pair_folders
-from daemon.config.outputs import check_unused_options, parse_outputs
+from daemon.config.outputs import NAME_RE, check_unused_options, parse_outputs
 from daemon.config.reader import Reader
 from daemon.config.schema import (DEFAULT_IGNORE, LOCAL_HOSTS, CacheConfig, Config, ConfigError,
                                   Deliverable, OutputOptions, PruneSchedule, ReviewConfig, Secret,
@@ -101,8 +101,18 @@ def _watch(r: Reader, output: OutputOptions,
         return ()
     if not isinstance(raw, list):
         r.fail("must be a list of {inbox, outbox} pairs", "watch")
-    return tuple(_pair(Reader(r.source, item, f"watch[{i}]"), output, outputs)
-                 for i, item in enumerate(raw))
+    pairs = tuple(_pair(Reader(r.source, item, f"watch[{i}]"), output, outputs)
+                  for i, item in enumerate(raw))
+    named: dict[str, int] = {}
+    for i, pair in enumerate(pairs):
+        if pair.name is None:
+            continue
+        if pair.name in named:
+            Reader(r.source, raw[i], f"watch[{i}]").fail(
+                f"{pair.name!r} is also the name of watch[{named[pair.name]}]; "
+                "pair names must be unique", "name")
+        named[pair.name] = i
+    return pairs
 
 
 def _pair(w: Reader, output: OutputOptions, outputs: tuple[Deliverable, ...]) -> WatchPair:
@@ -119,6 +129,9 @@ def _pair(w: Reader, output: OutputOptions, outputs: tuple[Deliverable, ...]) ->
         "inbox": inbox, "outbox": outbox, "options": options,
         "outputs": parse_outputs(w, "outputs", outputs), "review": review},
         defaults={"failed_dir": outbox.parent / "failed", "done_dir": inbox.parent / "done"})
+    if pair.name is not None and (not NAME_RE.match(pair.name) or pair.name.endswith(".")):
+        w.fail("must be 1-64 letters, digits, '.', '_' or '-', not starting or ending "
+               f"with '.', got {pair.name!r}", "name")
     if pair.outputs:
         own = w.data.get("outputs") is not None
         check_unused_options(w.source, f"{w.path}.outputs" if own else "outputs", options,

@@ -211,6 +211,10 @@ class WatchPair:
                                default_doc="`failed` beside the outbox")
     done_dir: Path = setting(doc="originals, with after_success: move",
                              default_doc="`done` beside the inbox")
+    name: str | None = setting(None, "the pair's stable name (1-64 letters, digits, '.', '_' "
+                               "or '-'; unique): the page, the journal and queued work "
+                               "name the pair by it, whatever its place in the list",
+                               default_doc="its inbox path")
     recursive: bool = setting(True, "watch subfolders too")
     after_success: str = setting("keep", "the source, once every output is written; move: "
                                  "to done_dir", choices=AFTER_SUCCESS)
@@ -223,6 +227,12 @@ class WatchPair:
     review: ReviewConfig | None = setting(
         None, "route low-confidence cutouts to a review folder instead of the outbox",
         default_doc="off: every cutout goes to the outbox")
+
+    @property
+    def key(self) -> str:
+        """The pair's stable identity across reloads: its ``name``, else its inbox path
+        (inboxes never overlap, and a name has no '/')."""
+        return self.name or str(self.inbox)
 
     def written_folders(self) -> dict[str, Path]:
         """Every folder rembgd writes into for this pair, by config key: the one list the

@@ -75,8 +75,8 @@ class App:
     engines: Engines
     cache: Cache | None  # None: the cache is disabled
     pipeline: Pipeline
-    plans: dict[int, Plan] = field(default_factory=dict)  # pair index -> plan
-    ledgers: dict[int, Ledger] = field(default_factory=dict)  # pair index -> its outbox's ledger
+    plans: dict[str, Plan] = field(default_factory=dict)  # pair key -> plan
+    ledgers: dict[str, Ledger] = field(default_factory=dict)  # pair key -> its outbox's ledger
 
     @classmethod
     def build(cls, cfg: Config, previous: App | None = None,
@@ -88,8 +88,8 @@ class App:
             and previous.cfg.threads == cfg.threads
         if engines is None:
             engines = previous.engines if reuse else Engines(cfg.models_dir, cfg.threads)
-        plans = {i: Plan(p.options, p.outputs, judge=p.review is not None)
-                 for i, p in enumerate(cfg.watch)}
+        plans = {p.key: Plan(p.options, p.outputs, judge=p.review is not None)
+                 for p in cfg.watch}
         engines.preload(sorted({plan.options.model for plan in plans.values()}))
         same_cache = previous is not None and (previous.cfg.store, previous.cfg.cache.dir,
                                                previous.cfg.cache.enabled) == (
@@ -104,8 +104,8 @@ class App:
         if previous is not None:
             pipeline.inferences = previous.pipeline.inferences  # a running total
         state_dir = configmod.state_path(cfg).parent
-        ledgers = {i: Ledger(p.outbox, adopted_mark=adopted_mark(state_dir, p.outbox))
-                   for i, p in enumerate(cfg.watch)}
+        ledgers = {p.key: Ledger(p.outbox, adopted_mark=adopted_mark(state_dir, p.outbox))
+                   for p in cfg.watch}
         return cls(cfg, engines, cache, pipeline, plans, ledgers)
 
     @property
@@ -127,11 +127,13 @@ class App:
             return current
         return Pruner(store, c.limits, c.prune, self.cache.locks)
 
-    def plan(self, pair_index: int) -> Plan:
-        return self.plans[pair_index]
+    def plan(self, key: str) -> Plan:
+        return self.plans[key]
 
-    def pair(self, pair_index: int) -> WatchPair:
-        return self.cfg.watch[pair_index]
+    def pair(self, key: str) -> WatchPair | None:
+        """The pair whose ``WatchPair.key`` is ``key``; None: no such pair (a reload
+        removed it)."""
+        return next((p for p in self.cfg.watch if p.key == key), None)
 
     def close(self) -> None:
         if self.cache is not None:

@@ -10,7 +10,6 @@ recent-outputs journal it opens is fed from the job outcomes.
 """
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -23,11 +22,12 @@ import structlog
 
 from daemon import review, verdict
 from daemon.config import Config, WatchPair
-from daemon.fate import Outcome
-from daemon.fsutil import ERROR_SUFFIX, fit_name, output_mode, safe_relative
+from daemon.fate import Kind, Outcome
+from daemon.fsutil import output_mode
 from daemon.inference.models import ModelError, mask_model_path
 from daemon.inference.registry import local_specs
-from daemon.nofollow import atomic_write_under, move_between, read_under, unlink_under
+from daemon.nofollow import (atomic_write_under, failure_sidecar, failure_sidecars,
+                             move_between, read_failure, read_under, unlink_under)
 from daemon.pipeline import Plan, Rendered
 from daemon.service.intake import WorkItem
 from daemon.service.status import status_line
@@ -39,7 +39,6 @@ from daemon.web.thumbs import Thumbnails
 
 log = structlog.get_logger("rembgd.web")
 
-TIERS = ("exact", "pixel", "near", "miss")
 MAX_FAILED = 200  # listed on the page, newest first
 DISMISSED = ".dismissed"  # failed/.dismissed/: failed files moved aside, never deleted
 
@@ -54,11 +53,13 @@ class Console:
         self._preparing_lock = threading.Lock()
         self._preparing = False  # a source being put on the workbench
 
-    def _pair(self, index: int) -> WatchPair:
-        pairs = self.sup.cfg.watch
-        if not 0 <= index < len(pairs):
-            raise FileNotFoundError(f"no pair {index} in the running config")
-        return pairs[index]
+    def _pair(self, key: str) -> WatchPair:
+        """The running config's pair whose ``WatchPair.key`` is ``key``, wherever a reload
+        put it in the list (FileNotFoundError: none, e.g. a reload removed it)."""
+        pair = next((p for p in self.sup.cfg.watch if p.key == key), None)
+        if pair is None:
+            raise FileNotFoundError(f"no pair {key!r} in the running config")
+        return pair
 
     # ----------------------------------------------------------- reading
 
@@ -66,15 +67,15 @@ class Console:
         st = self.sup.status()
         busy = self.sup.workers.busy_paths()
         pairs = []
-        for i, p in enumerate(self.sup.cfg.watch):
-            outage = st["standby"].get(str(i))
+        for p in self.sup.cfg.watch:
+            outage = st["standby"].get(p.key)
             if outage is not None:
                 state, why = "standby", outage["reason"]
             elif any(p.inbox in path.parents for path in busy):
                 state, why = "busy", None
             else:
                 state, why = "watching", None
-            pairs.append(PairView(i, str(p.inbox), str(p.outbox), state, why))
+            pairs.append(PairView(p.key, str(p.inbox), str(p.outbox), state, why))
         # the page shows the queue beside the line, as what is there now
         return {"pairs": pairs, "queued": st["queued"], "in_progress": st["in_progress"],
                 "line": status_line(st["state"], st["counters"], 0), "cache": st["cache"]}
@@ -89,36 +90,29 @@ class Console:
     def output(self, row: int) -> RecentOutput | None:
         return self.journal.get(row)
 
-    def latest_output(self, pair: int, source_rel: str) -> RecentOutput | None:
+    def latest_output(self, pair: str, source_rel: str) -> RecentOutput | None:
         return self.journal.latest_for(pair, source_rel)
 
     def failed_files(self) -> list[FailedFile]:
         """The newest ``MAX_FAILED`` (by sidecar mtime: only those sidecars are read)."""
-        sidecars: list[tuple[float, int, Path]] = []
-        for i, p in enumerate(self.sup.cfg.watch):
-            for folder, dirs, files in os.walk(p.failed_dir, followlinks=False):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]  # .dismissed/
-                for name in files:
-                    if name.endswith(ERROR_SUFFIX) and not name.startswith("."):
-                        try:
-                            mtime = os.lstat(os.path.join(folder, name)).st_mtime
-                        except FileNotFoundError:
-                            continue
-                        sidecars.append((mtime, i, Path(folder, name)))
-        sidecars.sort(key=lambda s: s[0], reverse=True)
-        found = (_failed_entry(i, self.sup.cfg.watch[i].failed_dir, sidecar)
+        pairs = self.sup.cfg.watch
+        sidecars = sorted(((mtime, i, sidecar) for i, p in enumerate(pairs)
+                           for mtime, sidecar in failure_sidecars(p.failed_dir)),
+                          key=lambda s: s[0], reverse=True)
+        found = ((pairs[i], read_failure(pairs[i].failed_dir, sidecar))
                  for _, i, sidecar in sidecars[:MAX_FAILED])
-        return [f for f in found if f is not None]
+        return [FailedFile(p.key, f.rel.as_posix(), f.reason, f.error, f.unix_time)
+                for p, f in found if f is not None]
 
     def waiting_files(self) -> list[WaitingFile]:
-        inboxes = sorted(enumerate(self.sup.cfg.watch), key=lambda ip: -len(ip[1].inbox.parts))
+        inboxes = sorted(self.sup.cfg.watch, key=lambda p: -len(p.inbox.parts))
         now = time.time()
         found = []
         for path, left, checks in self.sup.scheduler.waiting():
-            pair = next((i for i, p in inboxes if p.inbox in path.parents), None)
+            pair = next((p for p in inboxes if p.inbox in path.parents), None)
             if pair is not None:  # else its pair went away in a reload
-                rel = path.relative_to(self.sup.cfg.watch[pair].inbox)
-                found.append(WaitingFile(pair, str(rel), now + max(left, 0.0), checks))
+                rel = path.relative_to(pair.inbox)
+                found.append(WaitingFile(pair.key, str(rel), now + max(left, 0.0), checks))
         return found
 
     def review_items(self) -> list[review.ReviewItem]:
@@ -126,7 +120,7 @@ class Console:
                  for item in review.list_items(review.review_dir(p))]
         return sorted(items, key=lambda item: -item.created)
 
-    def roots(self, pair: int) -> dict[str, Path]:
+    def roots(self, pair: str) -> dict[str, Path]:
         p = self._pair(pair)
         roots = {"outbox": p.outbox, "failed": p.failed_dir, "inbox": p.inbox,
                  "review": review.review_dir(p)}
@@ -143,15 +137,15 @@ class Console:
 
     # ----------------------------------------------------------- actions
 
-    def retry(self, pair: int, rel: str) -> Path:
+    def retry(self, pair: str, rel: str) -> Path:
         p = self._pair(pair)
         rel_path = Path(rel)
         landed = move_between(p.failed_dir, rel_path, p.inbox, rel_path)
-        unlink_under(p.failed_dir, rel_path.parent / fit_name(rel_path.name, ERROR_SUFFIX))
+        unlink_under(p.failed_dir, failure_sidecar(rel_path))
         self.sup.scheduler.settle(pair, landed, complete=True)  # a poller may see it late
         return landed
 
-    def approve(self, pair: int, item_id: str) -> list[Path]:
+    def approve(self, pair: str, item_id: str) -> list[Path]:
         p = self._pair(pair)
         with _review_errors():
             item = review.get(review.review_dir(p), item_id)
@@ -160,14 +154,14 @@ class Console:
                       item.confidence, item.reasons)
         return moved
 
-    def dismiss(self, pair: int, rel: str) -> Path:
+    def dismiss(self, pair: str, rel: str) -> Path:
         p = self._pair(pair)
         rel_path = Path(rel)
         if rel_path.parts[0] == DISMISSED:
             raise Refused(f"{rel} is already dismissed")
         aside = Path(DISMISSED) / rel_path
         landed = move_between(p.failed_dir, rel_path, p.failed_dir, aside)
-        sidecar = rel_path.parent / fit_name(rel_path.name, ERROR_SUFFIX)
+        sidecar = failure_sidecar(rel_path)
         try:
             move_between(p.failed_dir, sidecar, p.failed_dir, aside.parent / sidecar.name)
         except FileNotFoundError:
@@ -176,12 +170,12 @@ class Console:
 
     # ----------------------------------------------------------- touch-up
 
-    def touchup(self, pair: int, source_root: str, source_rel: str, strokes: list) -> list[Path]:
+    def touchup(self, pair: str, source_root: str, source_rel: str, strokes: list) -> list[Path]:
         p, data, app = self._source(pair, source_root, source_rel)
         rendered = app.pipeline.touch_up(data, Plan(p.options, p.outputs), strokes)
         return self._deliver(pair, Path(source_rel), rendered, "touched-up")
 
-    def prepare(self, pair: int, source_root: str, source_rel: str) -> None:
+    def prepare(self, pair: str, source_root: str, source_rel: str) -> None:
         """The source put on the pipeline's workbench on a thread of its own, one at a
         time (another meanwhile is skipped: its touch-up then reads the source itself)."""
         p, data, app = self._source(pair, source_root, source_rel)
@@ -206,14 +200,14 @@ class Console:
 
         threading.Thread(target=run, name="web-prepare", daemon=True).start()
 
-    def revert(self, pair: int, source_root: str, source_rel: str) -> list[Path]:
+    def revert(self, pair: str, source_root: str, source_rel: str) -> list[Path]:
         p, data, app = self._source(pair, source_root, source_rel)
         if not app.pipeline.forget_correction(data):
             raise Refused(f"{source_rel} has no touch-up to revert")
         rendered = app.pipeline.render(data, Plan(p.options, p.outputs))
         return self._deliver(pair, Path(source_rel), rendered, "reverted")
 
-    def _source(self, pair: int, source_root: str, source_rel: str):
+    def _source(self, pair: str, source_root: str, source_rel: str):
         p = self._pair(pair)
         roots = self.roots(pair)
         if source_root not in ("inbox", "done") or source_root not in roots:
@@ -223,7 +217,7 @@ class Console:
             raise Refused("the daemon is not ready (standby or starting)")
         return p, read_under(roots[source_root], Path(source_rel)), app
 
-    def _deliver(self, pair: int, rel: Path, rendered: Rendered, event: str) -> list[Path]:
+    def _deliver(self, pair: str, rel: Path, rendered: Rendered, event: str) -> list[Path]:
         """Write ``rendered`` like a job, under the source's claim (never beside a running
         job, Approve or Redo): atomically; to the review folder and approved into the
         outbox under the same claim when the source's cutout is held, else to the outbox."""
@@ -258,7 +252,7 @@ class Console:
         self._journal(pair, rel.as_posix(), written, event, rendered.tier, "touch-up", None, ())
         return written
 
-    def _journal(self, pair: int, source_rel: str, paths: list[Path], event: str, tier: str,
+    def _journal(self, pair: str, source_rel: str, paths: list[Path], event: str, tier: str,
                  model: str, confidence: float | None, reasons) -> None:
         p = self._pair(pair)
         source_root = {"keep": "inbox", "move": "done"}.get(p.after_success)
@@ -273,7 +267,7 @@ class Console:
         except sqlite3.Error as exc:
             log.warning("web_journal_failed", source=source_rel, error=str(exc))
 
-    def redo(self, pair: int, item_id: str, model: str) -> None:
+    def redo(self, pair: str, item_id: str, model: str) -> None:
         p = self._pair(pair)
         if model not in self.models():
             raise Refused(f"{model!r} is not an installed model ({', '.join(self.models())})")
@@ -287,7 +281,7 @@ class Console:
 
     # ----------------------------------------------------------- journal
 
-    def _prefetch(self, pair: int, source_root: str | None, source_rel: str,
+    def _prefetch(self, pair: str, source_root: str | None, source_rel: str,
                   outputs: list[Path]) -> None:
         """Queue the previews of a source and its outputs (never blocks; the roots are
         the pair's own folders, so a path outside them is skipped)."""
@@ -308,12 +302,12 @@ class Console:
                 self.prefetch.want(roots[name], rel)
                 break
 
-    def record(self, pair: int, outcome: Outcome) -> None:
+    def record(self, pair: str, outcome: Outcome) -> None:
         """A job outcome: a delivered file goes into the recent-outputs journal; its
         previews (and a held cutout's) are made ahead of its first view."""
-        if outcome.kind == "review":
+        if outcome.kind == Kind.REVIEW:
             self._prefetch(pair, "inbox", outcome.source.rel.as_posix(), outcome.written)
-        if outcome.kind not in TIERS:
+        if outcome.kind.tier is None:  # not delivered by this job
             return
         source = outcome.source
         source_root = {"keep": "inbox", "move": "done"}.get(source.after_success)
@@ -323,7 +317,7 @@ class Console:
             source_rel=source.rel.as_posix(),
             outputs=tuple(Path(os.path.relpath(w, source.outbox)).as_posix()
                           for w in outcome.written),
-            tier=outcome.kind, model=outcome.model or "", ms=round(outcome.ms, 1))
+            tier=outcome.kind.tier, model=outcome.model or "", ms=round(outcome.ms, 1))
         try:
             self.journal.add(entry)
         except sqlite3.Error as exc:  # the file is delivered; only the page misses it
@@ -339,19 +333,6 @@ def _review_errors() -> Iterator[None]:
         raise FileNotFoundError(str(exc)) from None
     except review.ReviewError as exc:
         raise Refused(str(exc)) from None
-
-
-def _failed_entry(pair: int, failed_dir: Path, sidecar: Path) -> FailedFile | None:
-    """The failed file a sidecar describes (None if it is unreadable or the file is gone)."""
-    try:
-        record = json.loads(read_under(failed_dir, safe_relative(sidecar, failed_dir)))
-        rel = safe_relative(Path(record["file"]), failed_dir)
-        os.lstat(failed_dir / rel)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return FailedFile(pair, rel.as_posix(), str(record.get("reason", "")),
-                      str(record.get("error", "")),
-                      float(record.get("unix_time") or 0.0))
 
 
 class Web:
@@ -392,7 +373,7 @@ class Web:
     def url(self) -> str | None:
         return self._server.url if self._server is not None else None
 
-    def record(self, pair: int, outcome: Outcome) -> None:
+    def record(self, pair: str, outcome: Outcome) -> None:
         if self.console is not None:
             self.console.record(pair, outcome)
 

@@ -24,7 +24,7 @@ from daemon import review
 from daemon.cache.base import StoreError
 from daemon.coord.claims import claim_source
 from daemon.coord.leases import Leases
-from daemon.fate import Outcome, finish
+from daemon.fate import Kind, Outcome, finish
 from daemon.fsutil import safe_relative
 from daemon.scan import path_ignore_reason
 from daemon.service.app import App
@@ -38,7 +38,7 @@ log = structlog.get_logger("rembgd.service")
 
 @dataclass(frozen=True)
 class WorkItem:
-    pair: int  # index into the current config's watch pairs
+    pair: str  # the pair's key (``WatchPair.key``): stable across reloads
     path: Path
     attempt: int = 0
     model: str | None = None  # a reviewer's redo: this model, delivered whatever its score
@@ -61,7 +61,7 @@ class Intake:
         self._app = app
         self.counters = counters
         self.metrics = metrics
-        self.listeners: list[Callable[[int, Outcome], None]] = []  # each finished job
+        self.listeners: list[Callable[[str, Outcome], None]] = []  # (pair key, outcome)
         self._retry = retry
         self._later = later
         self.scheduler = scheduler
@@ -102,9 +102,9 @@ class Intake:
     def process(self, item: WorkItem) -> str:
         """What a worker does with one queued path; returns the outcome's name."""
         app = self._app()
-        if item.pair >= len(app.cfg.watch):
-            return "skipped"  # a reload removed the pair
         pair = app.pair(item.pair)
+        if pair is None:
+            return "skipped"  # a reload removed the pair
         if self._on_standby(item, app):
             return "standby"
         admitted = self.admit(pair.inbox, item.path, app.cfg.ignore)
@@ -122,7 +122,7 @@ class Intake:
         try:
             lease = self.claim(job.source, app)
         except OSError as exc:  # the claim file cannot be written (full or read-only outbox)
-            outcome = Outcome(job.source, "retry", error=str(exc), reason="transient", exc=exc)
+            outcome = Outcome(job.source, Kind.RETRY, error=str(exc), reason="transient", exc=exc)
             return self._transient(item, outcome, app)
         if lease is None:
             self.counters.add("claimed_elsewhere")
@@ -162,8 +162,8 @@ class Intake:
         """A file the ledger records as processed: finished now (e.g. killed after writing,
         before moving), unless its cutout waits for review: then its fate is the reviewer's."""
         if job.review is not None and review.is_waiting(job.source.review_folder, job.rel):
-            return Outcome(job.source, "under_review")
-        return finish(Outcome(job.source, "up_to_date"))
+            return Outcome(job.source, Kind.UNDER_REVIEW)
+        return finish(Outcome(job.source, Kind.UP_TO_DATE))
 
     def _claim_fallback(self, exc: StoreError, app: App) -> None:
         """The lock backend failed and the claim file stood in: one more sign of a cache
@@ -173,10 +173,10 @@ class Intake:
 
     def _account(self, item: WorkItem, outcome: Outcome, app: App) -> str:
         """Count a finished outcome and schedule what comes next (a wait, a retry)."""
-        if outcome.kind == "not_ready":
+        if outcome.kind is Kind.NOT_READY:
             return self._not_ready(item, outcome)
         self.scheduler.ready(item.path)
-        if outcome.kind == "retry":
+        if outcome.kind is Kind.RETRY:
             return self._transient(item, outcome, app)
         self.counters.add(outcome.kind)
         self._measure(item, outcome, app)
@@ -189,11 +189,11 @@ class Intake:
         if self.metrics is None:
             return
         pair = str(app.pair(item.pair).inbox)
-        if outcome.kind == "failed":
+        if outcome.kind is Kind.FAILED:
             self.metrics.failed(pair, outcome.reason or "internal_error")
         elif outcome.tier is not None:  # delivered or held for review, not up_to_date
             self.metrics.processed(pair, outcome.tier, outcome.ms / 1000)
-            if outcome.kind == "review":
+            if outcome.kind is Kind.REVIEW:
                 self.metrics.reviewed(pair)
         if outcome.inference_s is not None:
             self.metrics.inference(outcome.inference_s)
@@ -215,7 +215,7 @@ class Intake:
         pair = app.pair(item.pair)
         if not self.standby.active(item.pair) and pair.outbox.is_dir() and pair.inbox.is_dir():
             return False
-        delay = self.standby.check(item.pair, pair)
+        delay = self.standby.check(pair)
         if delay is None:
             return False
         self._wait_standby(item, delay)
@@ -230,13 +230,13 @@ class Intake:
         """A share outage puts the pair on standby (no attempt counted); a fault of this
         one file goes through the retry policy."""
         if is_outage_error(outcome.exc):
-            delay = self.standby.check(item.pair, app.pair(item.pair))
+            delay = self.standby.check(app.pair(item.pair))
             if delay is not None:
                 self._wait_standby(item, delay)
                 return "standby"
         if self._retry(item, outcome):  # given up: failed for good
             self._measure(item, outcome.given_up(item.attempt + 1), app)
-        return "retry"
+        return Kind.RETRY
 
     def _not_ready(self, item: WorkItem, outcome: Outcome) -> str:
         """Empty, truncated or still changing: wait (with backoff) up to
@@ -244,7 +244,7 @@ class Intake:
         if self.scheduler.not_ready(item.pair, item.path):
             self.counters.add("waiting")
             return "waiting"
-        self.counters.add("failed")
+        self.counters.add(Kind.FAILED)
         failed = finish(outcome.timed_out(self.scheduler.incomplete_timeout_s))
         self._measure(item, failed, self._app())
-        return "failed"
+        return Kind.FAILED

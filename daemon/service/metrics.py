@@ -21,6 +21,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from daemon.cache.base import Tier
+
 log = structlog.get_logger("rembgd.metrics")
 
 disable_created_metrics()  # no *_created series: they double the exposition for nothing here
@@ -29,7 +31,6 @@ try:
     VERSION = metadata.version("rembgd")
 except metadata.PackageNotFoundError:  # run from a checkout that is not installed
     VERSION = "unknown"
-HIT_TIERS = ("exact", "pixel", "near")
 PROCESSING_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INFERENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -147,7 +148,7 @@ class Metrics:
         self._seconds.labels(tier=tier).observe(seconds)
         with self._lock:
             self._total += 1
-            self._hits += tier in HIT_TIERS
+            self._hits += Tier(tier).is_hit
             self._last_processed = time.time()
 
     def failed(self, pair: str, reason: str) -> None:

@@ -27,7 +27,7 @@ from typing import Callable
 class _Due:
     when: float
     seq: int
-    pair: int
+    pair: str
     path: Path
     kind: str  # "settle" | "complete" | "retry" | "standby"
     attempt: int = 0
@@ -82,7 +82,7 @@ class SettleQueue:
         with self._cv:
             return len(self._live)
 
-    def _push(self, when: float, pair: int, path: Path, kind: str, attempt: int = 0,
+    def _push(self, when: float, pair: str, path: Path, kind: str, attempt: int = 0,
               model: str | None = None) -> None:
         """Schedule ``path``; any entry scheduled for it before becomes stale (caller holds _cv)."""
         seq = next(self._seq)
@@ -90,7 +90,7 @@ class SettleQueue:
         heapq.heappush(self._heap, _Due(when, seq, pair, path, kind, attempt, model))
         self._cv.notify()
 
-    def settle(self, pair: int, path: Path, *, complete: bool = False) -> None:
+    def settle(self, pair: str, path: Path, *, complete: bool = False) -> None:
         """Check ``path`` soon; ``complete`` (close-after-write, moved-in) skips the wait."""
         with self._cv:
             if complete:
@@ -100,18 +100,18 @@ class SettleQueue:
             delay = 0.0 if complete else min(self.settle_s, 0.25)
             self._push(self.clock() + delay, pair, path, "complete" if complete else "settle")
 
-    def retry(self, pair: int, path: Path, attempt: int, delay: float,
+    def retry(self, pair: str, path: Path, attempt: int, delay: float,
               model: str | None = None) -> None:
         with self._cv:
             self._push(self.clock() + delay, pair, path, "retry", attempt, model)
 
-    def standby(self, pair: int, path: Path, attempt: int, delay: float,
+    def standby(self, pair: str, path: Path, attempt: int, delay: float,
                 model: str | None = None) -> None:
         """Re-queue ``path`` after ``delay``, the wait of its pair on standby."""
         with self._cv:
             self._push(self.clock() + delay, pair, path, "standby", attempt, model)
 
-    def wake(self, pair: int) -> int:
+    def wake(self, pair: str) -> int:
         """The standby waits of ``pair`` are due now (its folders are back, so the
         backoff, up to a minute, is cut short); returns how many."""
         with self._cv:
@@ -122,7 +122,7 @@ class SettleQueue:
                 self._push(now, d.pair, d.path, "standby", d.attempt, d.model)
             return len(woken)
 
-    def not_ready(self, pair: int, path: Path, first_seen: float | None = None) -> bool:
+    def not_ready(self, pair: str, path: Path, first_seen: float | None = None) -> bool:
         """``path`` was handed out but is not complete yet: check it again later.
 
         True: it is re-scheduled (or has vanished); leave it alone. False: it has not

@@ -86,9 +86,9 @@ class Standby:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pairs: dict[int, Outage] = {}
+        self._pairs: dict[str, Outage] = {}  # by pair key
 
-    def check(self, index: int, pair: WatchPair) -> float | None:
+    def check(self, pair: WatchPair) -> float | None:
         """None when the pair works (leaving standby if it was on it); else the delay
         after which its file should be tried again.
 
@@ -98,24 +98,24 @@ class Standby:
         outage neither probe the share each nor push each other's retry out to the cap,
         and all of them resume together right after the probe that finds it working."""
         with self._lock:
-            outage = self._pairs.get(index)
+            outage = self._pairs.get(pair.key)
             now = time.monotonic()
             if outage is not None and now < outage.next_try:
                 return outage.next_try - now
         problem = folder_problem(pair)
         with self._lock:
-            outage = self._pairs.get(index)
+            outage = self._pairs.get(pair.key)
             now = time.monotonic()
             if outage is not None and now < outage.next_try:  # another thread probed meanwhile
                 return outage.next_try - now
             if problem is None:
                 if outage is not None:
-                    del self._pairs[index]
+                    del self._pairs[pair.key]
                     log.warning("pair_resumed", inbox=str(pair.inbox),
                                 after_s=round(time.time() - outage.since, 1))
                 return None
             if outage is None:
-                outage = self._pairs[index] = Outage(problem, time.time())
+                outage = self._pairs[pair.key] = Outage(problem, time.time())
                 log.error("pair_standby", inbox=str(pair.inbox), reason=problem,
                           effect="its files wait in the inbox; it resumes on its own")
             outage.reason = problem
@@ -124,20 +124,20 @@ class Standby:
             outage.next_try = now + delay
             return delay
 
-    def wake(self, index: int) -> None:
+    def wake(self, key: str) -> None:
         """Let the next ``check`` of the pair probe now (a missing folder came back)."""
         with self._lock:
-            outage = self._pairs.get(index)
+            outage = self._pairs.get(key)
             if outage is not None:
                 outage.next_try = 0.0
 
-    def active(self, index: int) -> bool:
+    def active(self, key: str) -> bool:
         with self._lock:
-            return index in self._pairs
+            return key in self._pairs
 
     def snapshot(self) -> dict[str, dict]:
         with self._lock:
-            return {str(i): {"reason": o.reason, "since": o.since} for i, o in self._pairs.items()}
+            return {key: {"reason": o.reason, "since": o.since} for key, o in self._pairs.items()}
 
 
 def is_outage_error(exc: BaseException | None) -> bool:

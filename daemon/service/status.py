@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from daemon.cache.base import Tier
+from daemon.fate import Kind
 from daemon.fsutil import atomic_write_bytes, temp_name, unlink_quietly
 
 
@@ -34,21 +36,27 @@ class Counters:
 def status_line(state: str, c: dict[str, int], queued: int) -> str:
     """``idle; since start: 3 hits / 1 misses, 1 failed; 2 queued now``: the counts are
     totals since the daemon started, the queue is what waits now (omitted when 0)."""
-    hits = c.get("exact", 0) + c.get("pixel", 0) + c.get("near", 0)
-    text = f"{state}; since start: {hits} hits / {c.get('miss', 0)} misses"
-    if c.get("review"):
-        text += f", {c['review']} held for review"
-    if c.get("failed"):
-        text += f", {c['failed']} failed"
+    hits = sum(c.get(t, 0) for t in Tier if t.is_hit)
+    text = f"{state}; since start: {hits} hits / {c.get(Tier.MISS, 0)} misses"
+    if c.get(Kind.REVIEW):
+        text += f", {c[Kind.REVIEW]} held for review"
+    if c.get(Kind.FAILED):
+        text += f", {c[Kind.FAILED]} failed"
     if queued:
         text += f"; {queued} queued now"
     return text
 
 
+def queue_depth(sup) -> int:
+    """Files of a running Supervisor queued or settling; not those waiting to become
+    complete."""
+    return sup.workers.queue.qsize() + max(0, len(sup.scheduler) - len(sup.scheduler.waiting()))
+
+
 def build_status(sup) -> dict:
     """The status of a running Supervisor, as written to the status file."""
     c = sup.counters.snapshot()
-    queued = sup.workers.queue.qsize() + max(0, len(sup.scheduler) - len(sup.scheduler.waiting()))
+    queued = queue_depth(sup)
     state = sup.state
     if state == "running":
         state = "busy" if queued or sup.workers.in_progress else "idle"
@@ -68,8 +76,8 @@ def build_status(sup) -> dict:
         "counters": c,
         "inferences": app.pipeline.inferences if app is not None else 0,
         "events_seen": sum(h.events for h in sup.handlers),
-        "ticks": sup.ticks,  # the main loop's ticks (about 1 s); idle_ticks: idle ones in a row
-        "idle_ticks": sup.idle_ticks,
+        "ticks": sup.publisher.ticks,  # the main loop's ticks (about 1 s); idle_ticks: idle
+        "idle_ticks": sup.publisher.idle_ticks,  # ones in a row
         "incomplete": len(sup.scheduler.waiting()),  # files waiting to finish copying
         "standby": sup.standby.snapshot(),
         "web": sup.web.url,  # the status page, or None
@@ -81,10 +89,10 @@ def build_status(sup) -> dict:
 
 def progress_fields(st: dict) -> dict:
     counts = st["counters"]
-    hits = sum(counts.get(t, 0) for t in ("exact", "pixel", "near"))
+    hits = sum(counts.get(t, 0) for t in Tier if t.is_hit)
     return {"queued": st["queued"], "in_progress": st["in_progress"],
-            "done": hits + counts.get("miss", 0), "hits": hits,
-            "misses": counts.get("miss", 0), "failed": counts.get("failed", 0)}
+            "done": hits + counts.get(Tier.MISS, 0), "hits": hits,
+            "misses": counts.get(Tier.MISS, 0), "failed": counts.get(Kind.FAILED, 0)}
 
 
 def write_status(path: Path, data: dict, *, durable: bool = True) -> None:

@@ -57,8 +57,9 @@ def choose_observer(mode: str, inboxes: list[Path]) -> str:
 class InboxHandler(FileSystemEventHandler):
     """Turns watchdog events for one inbox into settle requests."""
 
-    def __init__(self, pair: int, inbox: Path, recursive: bool, ignore: tuple[str, ...],
-                 scheduler: SettleQueue, on_dir: Callable[[int, Path], None]):
+    def __init__(self, pair: str, inbox: Path, recursive: bool, ignore: tuple[str, ...],
+                 scheduler: SettleQueue, on_dir: Callable[[str, Path], None]):
+        """``pair``: the pair's key (``WatchPair.key``)."""
         self.pair, self.inbox, self.recursive, self.ignore = pair, inbox, recursive, ignore
         self.scheduler, self.on_dir = scheduler, on_dir
         self.events = 0  # every event watchdog delivered (for the event-storm bound)

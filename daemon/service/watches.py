@@ -43,7 +43,7 @@ class _Inbox:
 
 
 class Watches:
-    """An observer and the watch of each inbox (pair index = position)."""
+    """An observer and the watch of each inbox (by its handler's pair key)."""
 
     def __init__(self, observer, kind: str):
         self.observer, self.kind = observer, kind
@@ -66,11 +66,11 @@ class Watches:
         self.observer.stop()
         self.observer.join(timeout=5)
 
-    def refresh(self) -> list[tuple[int, str]]:
-        """(pair index, "lost" | "returned" | "replaced") for each inbox whose folder
+    def refresh(self) -> list[tuple[str, str]]:
+        """(pair key, "lost" | "returned" | "replaced") for each inbox whose folder
         changed since it was watched; each change is reported once."""
         changes = []
-        for index, inbox in enumerate(self._inboxes):
+        for inbox in self._inboxes:
             gone, inbox.handler.root_gone = inbox.handler.root_gone, False
             now = identity(inbox.handler.inbox)
             if now == inbox.ident and not gone:
@@ -78,9 +78,9 @@ class Watches:
             before = inbox.ident
             self._unwatch(inbox)
             if now is not None and self._watch(inbox):
-                changes.append((index, "returned" if before is None else "replaced"))
+                changes.append((inbox.handler.pair, "returned" if before is None else "replaced"))
             elif before is not None:
-                changes.append((index, "lost"))
+                changes.append((inbox.handler.pair, "lost"))
         return changes
 
     def _watch(self, inbox: _Inbox) -> bool:

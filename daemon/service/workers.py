@@ -15,7 +15,7 @@ from typing import Callable
 
 import structlog
 
-from daemon.fate import Outcome, finish
+from daemon.fate import Kind, Outcome, finish
 from daemon.inference.models import ModelError
 from daemon.service.intake import WorkItem
 from daemon.service.status import Counters
@@ -42,7 +42,7 @@ class RetryPolicy:
                      delay_s=delay, error=outcome.error)
             self._schedule(replace(item, attempt=item.attempt + 1), delay)
             return False
-        self.counters.add("failed")
+        self.counters.add(Kind.FAILED)
         log.error("giving_up", path=str(item.path), attempts=item.attempt + 1, error=outcome.error)
         finish(outcome.given_up(item.attempt + 1))
         return True

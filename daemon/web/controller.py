@@ -1,8 +1,10 @@
 """What the web page reads and does, as one Protocol (the supervisor implements it in
 ``daemon.service.console``), plus the plain records it hands over.
 
-Pairs are named by their index in the running config; paths are relative to one of
-the pair's roots (see ``ROOTS``) and are always resolved there link-proof.
+Pairs are named by their key (``WatchPair.key``: the pair's ``name``, else its inbox
+path), which a reload that reorders or inserts pairs does not change; paths are
+relative to one of the pair's roots (see ``ROOTS``) and are always resolved there
+link-proof.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ class Refused(ValueError):
 
 @dataclass(frozen=True)
 class PairView:
-    index: int
+    key: str  # WatchPair.key
     inbox: str  # as configured: the pair's label everywhere (page, metrics)
     outbox: str
     state: str  # watching | busy | standby
@@ -31,7 +33,7 @@ class RecentOutput:
     """One processed source, as the recent-outputs journal keeps it."""
 
     time: float
-    pair: int
+    pair: str  # WatchPair.key
     source_root: str | None  # "inbox" or "done" (where the source is now); None: deleted
     source_rel: str
     outputs: tuple[str, ...]  # relative to the outbox
@@ -47,7 +49,7 @@ class RecentOutput:
 
 @dataclass(frozen=True)
 class FailedFile:
-    pair: int
+    pair: str  # WatchPair.key
     rel: str  # relative to failed/
     reason: str
     error: str
@@ -59,7 +61,7 @@ class WaitingFile:
     """A file in the inbox found empty or truncated: it is checked again with a backoff and
     goes to failed/ at ``gives_up`` unless it changes (a copy still running)."""
 
-    pair: int
+    pair: str  # WatchPair.key
     rel: str  # relative to the inbox
     gives_up: float  # wall-clock time
     checks: int
@@ -83,20 +85,20 @@ class Controller(Protocol):
     def review_items(self) -> list:
         """``daemon.review.ReviewItem`` of every pair, newest first."""
 
-    def roots(self, pair: int) -> dict[str, Path]:
+    def roots(self, pair: str) -> dict[str, Path]:
         """The pair's folders by ``ROOTS`` name; FileNotFoundError for an unknown pair
         (as every method that takes a pair)."""
 
-    def retry(self, pair: int, rel: str) -> Path:
+    def retry(self, pair: str, rel: str) -> Path:
         """Move failed/<rel> back into the inbox (its sidecar removed); where it landed."""
 
-    def approve(self, pair: int, item_id: str) -> list[Path]:
+    def approve(self, pair: str, item_id: str) -> list[Path]:
         """Move a review item's outputs to the outbox, all or none (FileNotFoundError: no
         such item; Refused, saying why: the source is being processed, its bytes are not
         the ones the cutout was made from, the item was replaced by a newer cutout of the
         same source since the page was rendered, or an output is missing)."""
 
-    def redo(self, pair: int, item_id: str, model: str) -> None:
+    def redo(self, pair: str, item_id: str, model: str) -> None:
         """Queue a review item's source again with ``model`` (Refused: an unknown or
         broken model, or the source is gone). The queued job goes ahead only while the
         source still waits for review (an Approve that came first wins)."""
@@ -115,21 +117,21 @@ class Controller(Protocol):
     def output(self, row: int) -> RecentOutput | None:
         """One output of the journal by its row id."""
 
-    def latest_output(self, pair: int, source_rel: str) -> RecentOutput | None:
+    def latest_output(self, pair: str, source_rel: str) -> RecentOutput | None:
         """The newest journal entry of one source."""
 
-    def dismiss(self, pair: int, rel: str) -> Path:
+    def dismiss(self, pair: str, rel: str) -> Path:
         """Move failed/<rel> and its sidecar aside into failed/.dismissed/ (never deleted);
         where the file went."""
 
-    def touchup(self, pair: int, source_root: str, source_rel: str, strokes: list) -> list[Path]:
+    def touchup(self, pair: str, source_root: str, source_rel: str, strokes: list) -> list[Path]:
         """Apply brush strokes (``daemon.imaging.touchup.Stroke``) to the source's mask,
         re-render every deliverable and deliver them (a held item goes to the outbox);
         the corrected mask is kept in the cache. The delivered paths."""
 
-    def prepare(self, pair: int, source_root: str, source_rel: str) -> None:
+    def prepare(self, pair: str, source_root: str, source_rel: str) -> None:
         """Start getting the source ready for a touch-up (decoded, its alpha made) in the
         background; returns at once."""
 
-    def revert(self, pair: int, source_root: str, source_rel: str) -> list[Path]:
+    def revert(self, pair: str, source_root: str, source_rel: str) -> list[Path]:
         """Drop the source's correction and deliver the model's mask again."""

@@ -1,9 +1,11 @@
 """Items as the page and the API show them: one record per output, review item or
 failed file, with an id that names it and is never a path.
 
-Ids: ``o<row>`` an output in the journal, ``r<pair>-<sha1>`` a review item (the
-sha1 of its source's path, ``daemon.review.item_id``), ``f<pair>-<sha1>`` a failed
-file (the sha1 of its path relative to failed/). Pure: the records in, dicts out.
+Ids: ``o<row>`` an output in the journal, ``r<pair>-<id>`` a review item (its
+``daemon.review.item_id``), ``f<pair>-<sha1>`` a failed file (the sha1 of its path
+relative to failed/). ``<pair>`` is the pair's tag: 10 hex digits of the sha1 of its
+key (``WatchPair.key``), so an id names the same pair after a reload that reorders
+or inserts pairs, and never holds a path. Pure: the records in, dicts out.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 
 from daemon.web.controller import FailedFile, RecentOutput
 
-_ID = re.compile(r"(?:o(\d{1,18})|([rf])(\d{1,4})-([0-9a-f]{40}))")
+TAG_HEX = 10
+_ID = re.compile(r"(?:o(\d{1,18})|([rf])([0-9a-f]{%d})-([0-9a-f]{40}))" % TAG_HEX)
 
 
 class BadId(ValueError):
@@ -24,18 +27,23 @@ class BadId(ValueError):
 class ItemRef:
     kind: str  # output | review | failed
     row: int | None = None  # output
-    pair: int | None = None  # review, failed
+    tag: str | None = None  # review, failed: the pair's tag (``pair_tag``)
     key: str | None = None  # review: the item's id; failed: the sha1 of its path
 
 
 def parse_id(text: str) -> ItemRef:
     m = _ID.fullmatch(text or "")
     if m is None:
-        raise BadId(f"{text!r} is not an item id (o<n>, r<pair>-<sha1> or f<pair>-<sha1>)")
+        raise BadId(f"{text!r} is not an item id (o<n>, r<pair>-<id> or f<pair>-<sha1>)")
     if m.group(1) is not None:
         return ItemRef("output", row=int(m.group(1)))
-    return ItemRef("review" if m.group(2) == "r" else "failed", pair=int(m.group(3)),
+    return ItemRef("review" if m.group(2) == "r" else "failed", tag=m.group(3),
                    key=m.group(4))
+
+
+def pair_tag(pair: str) -> str:
+    """The tag of the pair whose key is ``pair``, as item ids carry it."""
+    return hashlib.sha1(pair.encode("utf-8", "surrogateescape")).hexdigest()[:TAG_HEX]
 
 
 def failed_key(rel: str) -> str:
@@ -43,14 +51,14 @@ def failed_key(rel: str) -> str:
 
 
 def failed_id(f: FailedFile) -> str:
-    return f"f{f.pair}-{failed_key(f.rel)}"
+    return f"f{pair_tag(f.pair)}-{failed_key(f.rel)}"
 
 
-def review_id(pair: int, item) -> str:
-    return f"r{pair}-{item.id}"
+def review_id(pair: str, item) -> str:
+    return f"r{pair_tag(pair)}-{item.id}"
 
 
-def _file(pair: int, root: str | None, rel: str) -> dict:
+def _file(pair: str, root: str | None, rel: str) -> dict:
     return {"pair": pair, "root": root, "path": rel}
 
 
@@ -63,7 +71,7 @@ def output_json(o: RecentOutput) -> dict:
             "reasons": list(o.reasons), "ms": o.ms}
 
 
-def review_json(pair: int, item) -> dict:
+def review_json(pair: str, item) -> dict:
     return {"id": review_id(pair, item), "kind": "review", "pair": pair, "event": "held",
             "time": item.created, "source": _file(pair, "inbox", item.source_rel),
             "outputs": [_file(pair, "review", rel) for rel in item.outputs],

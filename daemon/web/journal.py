@@ -25,7 +25,7 @@ from daemon.web.controller import RecentOutput
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS recent (
     id INTEGER PRIMARY KEY,
-    time REAL NOT NULL, pair INTEGER NOT NULL, source_root TEXT, source_rel TEXT NOT NULL,
+    time REAL NOT NULL, pair TEXT NOT NULL, source_root TEXT, source_rel TEXT NOT NULL,
     outputs TEXT NOT NULL, tier TEXT NOT NULL, model TEXT NOT NULL, ms REAL NOT NULL)"""
 ADDED = {  # columns added after the first release, with their defaults
     "event": "TEXT NOT NULL DEFAULT 'delivered'", "confidence": "REAL",
@@ -120,15 +120,42 @@ class Journal:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._create()
+        if self._pair_type() == "INTEGER":
+            self._rekey()
+        for sql in INDEXES:
+            self._db.execute(sql)
+        self._since_trim = 0
+        self._closed = False
+
+    def _create(self) -> None:
         self._db.execute(SCHEMA)
         have = {row[1] for row in self._db.execute("PRAGMA table_info(recent)")}
         for name, decl in ADDED.items():
             if name not in have:
                 self._db.execute(f"ALTER TABLE recent ADD COLUMN {name} {decl}")
-        for sql in INDEXES:
-            self._db.execute(sql)
-        self._since_trim = 0
-        self._closed = False
+
+    def _pair_type(self) -> str:
+        return next(row[2] for row in self._db.execute("PRAGMA table_info(recent)")
+                    if row[1] == "pair").upper()
+
+    def _rekey(self) -> None:
+        """A journal of an older version named pairs by their index in the config of its
+        day, which a reload may have moved: its rows keep ``#<index>``, which is no pair's
+        key (a name has no '#', an inbox path starts with '/'), so they are listed but
+        never act on a pair. Once, in one transaction."""
+        cols = COLUMNS.replace("pair,", "'#' || pair,")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("DROP INDEX IF EXISTS recent_source")
+            self._db.execute("ALTER TABLE recent RENAME TO recent_by_index")
+            self._create()
+            self._db.execute(f"INSERT INTO recent ({COLUMNS}) SELECT {cols} FROM recent_by_index")
+            self._db.execute("DROP TABLE recent_by_index")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def add(self, entry: RecentOutput) -> int | None:
         """Append ``entry``; its row id (None once closed)."""
@@ -171,7 +198,7 @@ class Journal:
                                    (id_,)).fetchone()
         return _entry(row) if row else None
 
-    def latest_for(self, pair: int, source_rel: str) -> RecentOutput | None:
+    def latest_for(self, pair: str, source_rel: str) -> RecentOutput | None:
         """The newest entry of one source (what its item view shows)."""
         with self._lock:
             row = self._db.execute(

@@ -91,7 +91,7 @@ class Site:
         self.thumbs = thumbs
         self.previews = previews or Thumbnails(thumbs.folder.parent / "previews", PREVIEW,
                                                keep=PREVIEWS_KEPT)
-        self.touching: set[tuple[int, str]] = set()  # sources with a touch-up running
+        self.touching: set[tuple[str, str]] = set()  # sources with a touch-up running
         self.touch_lock = threading.Lock()
 
     def locate(self, params: dict[str, str]) -> tuple[Path, Path]:
@@ -99,10 +99,18 @@ class Site:
         root = params.get("root", "")
         if root not in ROOTS:
             raise BadRequest(f"root: must be one of {', '.join(ROOTS)}")
-        roots = self.controller.roots(_int(params, "pair"))  # FileNotFoundError: no such pair
+        roots = self.controller.roots(_pair(params))  # FileNotFoundError: no such pair
         if root not in roots:
             raise FileNotFoundError(errno.ENOENT, f"this pair has no {root} folder")
         return roots[root], parse_rel(params.get("path", ""))
+
+
+def _pair(params: dict) -> str:
+    """The pair a request names: its key (``WatchPair.key``), never its place in the list."""
+    pair = params.get("pair")
+    if not isinstance(pair, str) or not pair:
+        raise BadRequest("pair: required (the pair's name or inbox)")
+    return pair
 
 
 def _int(params: dict, key: str, default: int | None = None, *, lo: int = 0,
@@ -313,13 +321,12 @@ class Handler(BaseHTTPRequestHandler):
         total, outputs = c.search_outputs(q, PAGE_SIZE, offset)
         snapshot = c.snapshot()
         pairs = snapshot["pairs"]
-        review = [(next((p.index for p in pairs if p.inbox == item.pair), 0), item)
-                  for item in c.review_items()]
+        review = [(_pair_of(pairs, item), item) for item in c.review_items()]
         failed = c.failed_files()
         fragment = req.params.get("fragment") == "1"
         html = render(
             "index.html", fragment=fragment, snapshot=snapshot, pairs=pairs,
-            labels={p.index: p.inbox for p in pairs}, outputs=outputs, total=total, q=q,
+            labels={p.key: p.inbox for p in pairs}, outputs=outputs, total=total, q=q,
             offset=offset, page_size=PAGE_SIZE, review=review, models=c.models(),
             failed=failed, groups=itemsmod.failure_groups(failed), waiting=c.waiting_files(),
             form_token=site.gate.form_token(session), logout=site.gate.needs_login,
@@ -381,14 +388,15 @@ class Handler(BaseHTTPRequestHandler):
             if found is None:
                 raise FileNotFoundError(text)
             return itemsmod.output_json(found)
-        roots = c.roots(ref.pair)
+        pair = _pair_by_tag(c, ref.tag)
+        roots = c.roots(pair)
         if ref.kind == "review":
             for item in c.review_items():
                 if item.id == ref.key and item.pair == str(_inbox(roots)):
-                    return itemsmod.review_json(ref.pair, item)
+                    return itemsmod.review_json(pair, item)
             raise FileNotFoundError(text)
         for f in c.failed_files():
-            if f.pair == ref.pair and itemsmod.failed_key(f.rel) == ref.key:
+            if f.pair == pair and itemsmod.failed_key(f.rel) == ref.key:
                 return itemsmod.failed_json(f)
         raise FileNotFoundError(text)
 
@@ -448,8 +456,7 @@ class Handler(BaseHTTPRequestHandler):
             # Approve (the reviewer never saw what waits now) and redoes the source
             if ref.kind != "review":
                 raise Refused(f"only a review item can be {action}d")
-            pair = ref.pair
-            c.roots(pair)  # no such pair: 404
+            pair = _pair_by_tag(c, ref.tag)  # no such pair: 404
             if action == "approve":
                 moved = c.approve(pair, ref.key)
                 log.info("web_approve", pair=pair, item=ref.key)
@@ -502,12 +509,12 @@ class Handler(BaseHTTPRequestHandler):
     def r_form_action(self, site: Site, req: Request, form: dict) -> None:
         """The buttons of the page without its script: one action, then back to the page."""
         action = req.match.group(1)
-        pair = _int(form, "pair")
+        tag = itemsmod.pair_tag(_pair(form))
         if action in ("retry", "dismiss"):
             rel = str(parse_rel(form.get("path", "")))
-            id_ = f"f{pair}-{itemsmod.failed_key(rel)}"
+            id_ = f"f{tag}-{itemsmod.failed_key(rel)}"
         else:
-            id_ = f"r{pair}-{_item_id(form)}"
+            id_ = f"r{tag}-{_item_id(form)}"
         result = self._act(site, id_, action, form)
         self._redirect("/?" + urlencode({"msg": result["message"]}))
 
@@ -521,7 +528,7 @@ def _size(site: Site, item: dict) -> tuple[int, int]:
         if f["root"] is None:
             continue
         try:
-            root, rel = site.locate({"pair": str(f["pair"]), "root": f["root"],
+            root, rel = site.locate({"pair": f["pair"], "root": f["root"],
                                      "path": f["path"]})
             with open_under(root, rel) as fh, Image.open(fh) as img:
                 w, h = img.size
@@ -541,7 +548,8 @@ def _neighbours(site: Site, item: dict) -> tuple[str | None, str | None]:
         newer, older = c.output(row + 1), c.output(row - 1) if row > 1 else None
         return (f"o{newer.id}" if newer else None), (f"o{older.id}" if older else None)
     if item["kind"] == "review":
-        ids = [itemsmod.review_id(_pair_of(c, i), i) for i in c.review_items()]
+        pairs = c.snapshot()["pairs"]
+        ids = [itemsmod.review_id(_pair_of(pairs, i), i) for i in c.review_items()]
     else:
         ids = [itemsmod.failed_id(f) for f in c.failed_files()]
     if item["id"] not in ids:
@@ -550,8 +558,18 @@ def _neighbours(site: Site, item: dict) -> tuple[str | None, str | None]:
     return (ids[at - 1] if at > 0 else None), (ids[at + 1] if at + 1 < len(ids) else None)
 
 
-def _pair_of(c: Controller, review_item) -> int:
-    return next((p.index for p in c.snapshot()["pairs"] if p.inbox == review_item.pair), 0)
+def _pair_of(pairs: list, review_item) -> str:
+    """The key of the pair a review item was held in (its inbox, as configured)."""
+    return next((p.key for p in pairs if p.inbox == review_item.pair), review_item.pair)
+
+
+def _pair_by_tag(c: Controller, tag: str) -> str:
+    """The key of the running pair an item id's tag names (FileNotFoundError: none, e.g.
+    a reload removed it): the same pair whatever its place in the list now."""
+    for p in c.snapshot()["pairs"]:
+        if itemsmod.pair_tag(p.key) == tag:
+            return p.key
+    raise FileNotFoundError(errno.ENOENT, "no such pair in the running config")
 
 
 def _inbox(roots: dict[str, Path]) -> Path:
@@ -570,7 +588,7 @@ def _done(message: str, paths: list[Path]) -> dict:
     return {"message": message, "paths": [str(p) for p in paths]}
 
 
-def _delivered(c: Controller, pair: int, source_rel: str, result: dict) -> dict:
+def _delivered(c: Controller, pair: str, source_rel: str, result: dict) -> dict:
     """A touch-up's or revert's result with the output it now is (its id and files)."""
     latest = c.latest_output(pair, source_rel)
     if latest is not None:
