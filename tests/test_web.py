@@ -100,7 +100,8 @@ def test_previews_are_made_when_an_output_is_delivered_and_served_from_disk(loca
     item = json.loads(fetch(url, "/api/outputs?limit=1")[2])["items"][0]["id"]
     assert fetch(url, f"/item/{item}")[0] == 200
     for root, rel in (("outbox", "cat.jpg.png"), ("inbox", "cat.jpg")):
-        status, headers, data = fetch(url, f"/preview?pair=0&root={root}&path={rel}")
+        status, headers, data = fetch(url, "/preview?" + urlencode(
+            {"pair": PAIR, "root": root, "path": rel}))
         assert status == 200 and headers["content-type"] == "image/webp" and data in cached
     assert {f.name: f.stat().st_mtime_ns for f in folder.glob("*.webp")} == before
 

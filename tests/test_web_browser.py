@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.helpers import encode, photo, write_config
+from daemon.web.items import pair_tag
 from tests.harness import Daemon, wait_for
 
 pytestmark = pytest.mark.slow
@@ -237,7 +238,8 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
         folder = tmp_path / "review"
         (folder / "cat.jpg.png").write_bytes(output.read_bytes())
         review.hold(folder, held)
-        browser.get(url.rstrip("/") + f"/item/r0-{held.id}")
+        tag = pair_tag(str(tmp_path / "inbox"))
+        browser.get(url.rstrip("/") + f"/item/r{tag}-{held.id}")
         wait_for(lambda: browser.find_element(By.ID, "item").get_attribute("data-painted"))
         over = _overflowing(browser)
         assert over == [], "; ".join(over)
