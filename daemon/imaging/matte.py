@@ -57,6 +57,8 @@ class Matte:
             if with_detail:  # on a copy of the refined alpha only if that is kept too
                 base = self._alphas.get((refine_mode, False))
                 base = refine(self.rgb, self.mask, refine_mode) if base is None else base.copy()
+                if not base.flags.writeable:  # (refine may hand back a decoded, read-only mask)
+                    base = base.copy()
                 self._alphas[key] = detail.recover(self.rgb, self.mask, base, self.backdrop)
             else:
                 self._alphas[key] = refine(self.rgb, self.mask, refine_mode)
