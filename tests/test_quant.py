@@ -20,7 +20,7 @@ from daemon.config import OutputOptions
 from daemon.imaging.keys import mask_key
 from daemon.inference import install as inst
 from daemon.inference import quantize, registry
-from daemon.inference.engine import Engines
+from daemon.inference.engine import Engines, U2netSession
 from daemon.inference.models import ModelError, mask_model_path, read_record
 
 INT8 = "u2netp-int8"
@@ -84,8 +84,8 @@ def test_installed_model_is_recorded_and_left_alone(int8_dir, tmp_path):
 
 def test_quantisation_is_deterministic(int8_dir, tmp_path, few_photos):
     src = mask_model_path(int8_dir, "u2netp")
-    first = quantize.quantize(src, tmp_path / "a.onnx")
-    quantize.quantize(src, tmp_path / "b.onnx")
+    first = quantize.quantize(src, tmp_path / "a.onnx", registry.spec("u2netp"))
+    quantize.quantize(src, tmp_path / "b.onnx", registry.spec("u2netp"))
     assert first.calibration_images == FEW
     assert _sha256(tmp_path / "a.onnx") == _sha256(tmp_path / "b.onnx")
 
@@ -111,6 +111,7 @@ def _passing() -> quantize.GateResult:
 def test_mask_key_changes_with_the_model(int8_dir):
     engines = Engines(int8_dir, threads=1)
     fp32, int8 = engines.model_file("u2netp"), engines.model_file(INT8)
+    assert isinstance(engines.mask(INT8).session, U2netSession)  # its spec's runner, not rembg
     assert fp32.md5 != int8.md5
     keys = {mask_key(OutputOptions(model=m.name), m.md5) for m in (fp32, int8)}
     assert len(keys) == 2

@@ -253,7 +253,7 @@ def install_quantised(models_dir: Path, spec: ModelSpec, *, force: bool = False,
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rembgd-quant-") as tmp:
         out = Path(tmp) / target.name
-        report = quantize.quantize(base.path, out)
+        report = quantize.quantize(base.path, out, model_spec(spec.base))
         log(f"{spec.name}: quantised in {time.monotonic() - started:.0f} s; checking its masks "
             f"against {spec.base} on real photos")
         result = quantize.gate(MaskEngine(base), MaskEngine(ModelFile(spec.name, out, "")))

@@ -6,7 +6,7 @@ The recipe (measured in bench/quant.py, bench/quant.md):
   and pre-processed by ONNX Runtime (constant folding: the 1x3x320x320 input is
   fixed, so every Shape/Gather/Cast chain that sizes a Resize folds away);
 - calibration: real photos (scikit-image's samples, ``PHOTOS``), each through the
-  same preprocessing as inference (``U2netSession.normalize``), plus flipped
+  same preprocessing as inference (``engine.u2net_input``), plus flipped
   crops; MinMax ranges, computed on one ORT thread and rounded outwards to 1/64
   so that the file is the same on every machine with this ORT version;
 - only Conv is quantised: int8 per-channel weights, uint8 activations, QDQ;
@@ -224,23 +224,16 @@ def _one_thread():
     return opts
 
 
-def _normalised(images: list[np.ndarray]) -> list[np.ndarray]:
-    from daemon.inference.engine import U2netSession
+def _normalised(images: list[np.ndarray], spec) -> list[np.ndarray]:
+    from daemon.inference.engine import u2net_input
     from PIL import Image
 
-    norm = U2netSession.normalize.__get__(_Named("input.1"))
-    return [norm(Image.fromarray(a))["input.1"] for a in images]
+    return [u2net_input(Image.fromarray(a), spec) for a in images]
 
 
-class _Named:
-    """Just enough of a U2netSession for ``normalize`` (it reads ``_input``)."""
-
-    def __init__(self, name: str):
-        self._input = name
-
-
-def quantize(src: Path, dst: Path, images: list[np.ndarray] | None = None) -> QuantReport:
-    """Write the int8 model of the fp32 U^2-Net ``src`` to ``dst`` (no atomicity: a temp path).
+def quantize(src: Path, dst: Path, spec, images: list[np.ndarray] | None = None) -> QuantReport:
+    """Write the int8 model of the fp32 U^2-Net ``src`` (registry ``spec``: its input size and
+    normalisation) to ``dst`` (no atomicity: a temp path).
 
     ``images``: the calibration photos (RGB uint8); default ``calibration_images()``, the
     recipe's. Fewer give a different (worse) file: for tests of the mechanics only."""
@@ -259,7 +252,7 @@ def quantize(src: Path, dst: Path, images: list[np.ndarray] | None = None) -> Qu
         input_name = pre.graph.input[0].name
         if images is None:
             images = calibration_images()
-        feeds = [{input_name: x} for x in _normalised(images)]
+        feeds = [{input_name: x} for x in _normalised(images, spec)]
         ranges, channels = activation_stats(pre, feeds, _one_thread())
         keep = input_convs(pre) | head_nodes(pre) | constant_channel_convs(pre, channels)
         save_tensors_data(rounded_ranges(ranges), tmp / "ranges.json")
