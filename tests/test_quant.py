@@ -1,6 +1,6 @@
 """Quantised models: installed offline, deterministic, keyed by their checksum, gated on quality.
 
-The recipe's quantisation of u2netp is the one expensive step (~25 s on 2 quiet cores), so
+The recipe's quantisation of u2netp is the one expensive step (45 CPU-s with its gate), so
 it runs once per CI run: `make models` provisions u2netp-int8, or ``int8_dir`` does on a
 fresh machine (or when the installed file was made with an older recipe). The tests reuse
 it; determinism and the refusal quantise on 3 calibration photos only (~6 s each).
