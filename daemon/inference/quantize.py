@@ -41,7 +41,8 @@ RANGE_STEP = 1 / 64        # calibration ranges are rounded outwards to this gri
 CONSTANT_SPREAD = 0.01
 DOMINANCE = 1.5
 # convs kept float from the input on (graph order): 2 keeps the white-on-white edge
-# (24 MP boundary F 0.687 with none, 0.740 with 1, 0.886 with 2, fp32 0.876: bench/quant.md)
+# (white-on-white 24 MP boundary F 0.687 with none, 0.740 with 1, 0.886 with 2, fp32 0.876:
+# docs/benchmarks.md, "White on white")
 INPUT_CONVS = 2
 
 # scikit-image sample photos that load offline (grey ones are stacked to RGB)
