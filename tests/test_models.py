@@ -17,7 +17,7 @@ import yaml
 from tests.helpers import photo
 from daemon.inference import install as I
 from daemon.inference import models as M
-from daemon.inference import offline
+from daemon.inference import offline, registry
 from daemon.inference.engine import (U2NET_FAMILY, Engines, MaskEngine, U2netSession,
                                      rembg_session, session_options)
 from daemon.inference.models import ModelError, ModelFile
@@ -96,7 +96,7 @@ def _flip(path: Path, offset: int, count: int = 16) -> None:
 
 def test_provisioned_models_verify(models_dir):
     m = M.checked_mask_model(models_dir, "u2netp")
-    assert m.md5 == M.U2NETP_MD5 == "8e83ca70e441ab06c318d82300c84806"
+    assert m.md5 == registry.U2NETP_MD5 == "8e83ca70e441ab06c318d82300c84806"
     e = M.checked_embedder(models_dir)
     assert e.path.name == "efficientnet-lite0.onnx"
     assert e.md5 == M.read_record(e.path, e.name).md5 == M.md5_file(e.path)
@@ -283,9 +283,14 @@ def test_u2net_family_is_exactly_rembgs_u2net_predict():
 
     reference = steps(sessions["u2net"])
     assert "pred = (pred - mi) / (ma - mi)" in reference
+    assert U2NET_FAMILY == {"u2net", "u2netp", "u2net_human_seg", "silueta"}
     for name in U2NET_FAMILY:
         assert sessions[name].normalize is BaseSession.normalize
         assert steps(sessions[name]) == reference, name
+        # the spec our runner reads holds the constants rembg's predict passes to normalize
+        spec = registry.spec(name)
+        mean, std = spec.norm
+        assert f"img, {mean}, {std}, ({spec.input_size}, {spec.input_size})" in reference
 
 
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket"])
@@ -312,7 +317,7 @@ def test_mask_engine_runs_the_u2net_family_without_rembg(shared_engines):
 def test_models_check_cli(tmp_path, models_dir):
     proc = _cli(_config(tmp_path, models_dir), "models", "check")
     assert proc.returncode == 0, proc.stderr
-    assert f"u2netp: ok ({models_dir / 'u2netp.onnx'}, md5 {M.U2NETP_MD5})" in proc.stdout
+    assert f"u2netp: ok ({models_dir / 'u2netp.onnx'}, md5 {registry.U2NETP_MD5})" in proc.stdout
     assert "efficientnet-lite0: ok" in proc.stdout
 
 def test_models_check_one_model(tmp_path, models_dir, main):

@@ -4,10 +4,12 @@ One session per model, shared by all workers (``InferenceSession.run`` is
 thread-safe). Mask inference is serialised by a semaphore so that concurrent
 workers overlap decoding/encoding with it instead of oversubscribing the cores.
 
-The U^2-Net family (``U2NET_FAMILY``: u2net, u2netp, u2net_human_seg, silueta),
+A model's spec (registry.py) names its runner. The U^2-Net family (``runner:
+u2net``: u2net, u2netp, u2net_human_seg, silueta and the int8 files quantised here),
 which in rembg 2.0.86 all share ``U2netSession.predict``, runs here directly on
 ONNX Runtime (``U2netSession`` below reproduces rembg's pre- and post-processing
-step for step, so the masks are rembg's, byte for byte: tests/test_models.py).
+step for step, with the spec's input size and normalisation, so the masks are
+rembg's, byte for byte: tests/test_models.py).
 That spares every process with a miss importing rembg, which pulls in
 pymatting, numba and scipy (~1-2 s). Other models go through rembg's own
 session, imported only when one is created; rembg is handed our verified file
@@ -31,14 +33,12 @@ from daemon.inference.models import (
 from daemon.inference.offline import refuse_downloads
 
 __all__ = ["Embedder", "Engines", "MaskEngine", "ModelError", "ModelFile", "U2NET_FAMILY",
-           "U2netSession", "refuse_downloads", "session_options"]
+           "U2netSession", "refuse_downloads", "session_options", "u2net_input"]
 
 # rembg 2.0.86's sessions whose predict is U2netSession.predict (same normalisation,
 # 320x320 input, min-max output); u2net's extra clip(0, 1) is a no-op on min-max output.
-U2NET_FAMILY = frozenset({"u2net", "u2netp", "u2net_human_seg", "silueta"})
-_U2NET_MEAN = (0.485, 0.456, 0.406)
-_U2NET_STD = (0.229, 0.224, 0.225)
-_U2NET_SIZE = (320, 320)
+U2NET_FAMILY = frozenset(s.name for s in registry.SPECS.values()
+                         if s.runner == registry.U2NET and s.base is None)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -58,6 +58,19 @@ def _load_error(model: ModelFile, exc: Exception) -> ModelError:
         f"{str(exc)[:200]}). Run `{model_spec(model.name).fix('--force')}`")
 
 
+def u2net_input(img: Image.Image, spec: registry.ModelSpec) -> np.ndarray:
+    """rembg's ``BaseSession.normalize(img, *spec.norm, (size, size))``: LANCZOS resize, scale
+    by the image's max, per-channel (x - mean) / std in float64; 1x3xHxW float32 out."""
+    mean, std = spec.norm
+    size = (spec.input_size, spec.input_size)
+    im_ary = np.array(img.convert("RGB").resize(size, Image.Resampling.LANCZOS))
+    im_ary = im_ary / max(np.max(im_ary), 1e-6)
+    tmp = np.zeros((im_ary.shape[0], im_ary.shape[1], 3))
+    for c in range(3):
+        tmp[:, :, c] = (im_ary[:, :, c] - mean[c]) / std[c]
+    return np.expand_dims(tmp.transpose((2, 0, 1)), 0).astype(np.float32)
+
+
 class U2netSession:
     """rembg 2.0.86's ``U2netSession`` (``BaseSession.normalize`` + ``predict``) without rembg.
 
@@ -67,6 +80,7 @@ class U2netSession:
 
     def __init__(self, model: ModelFile, opts: ort.SessionOptions):
         self.model_name = model.name
+        self.spec = model_spec(model.name)
         try:
             self.inner_session = ort.InferenceSession(str(model.path), sess_options=opts,
                                                       providers=["CPUExecutionProvider"])
@@ -75,13 +89,7 @@ class U2netSession:
         self._input = self.inner_session.get_inputs()[0].name
 
     def normalize(self, img: Image.Image) -> dict[str, np.ndarray]:
-        """``BaseSession.normalize(img, mean, std, (320, 320))``: float64 maths, float32 out."""
-        im_ary = np.array(img.convert("RGB").resize(_U2NET_SIZE, Image.Resampling.LANCZOS))
-        im_ary = im_ary / max(np.max(im_ary), 1e-6)
-        tmp = np.zeros((im_ary.shape[0], im_ary.shape[1], 3))
-        for c in range(3):
-            tmp[:, :, c] = (im_ary[:, :, c] - _U2NET_MEAN[c]) / _U2NET_STD[c]
-        return {self._input: np.expand_dims(tmp.transpose((2, 0, 1)), 0).astype(np.float32)}
+        return {self._input: u2net_input(img, self.spec)}
 
     def predict(self, img: Image.Image) -> list[Image.Image]:
         """``U2netSession.predict``: min-max normalised output, uint8, LANCZOS to img.size."""
@@ -92,17 +100,13 @@ class U2netSession:
         return [mask.resize(img.size, Image.Resampling.LANCZOS)]
 
 
-def u2net_like(name: str) -> bool:
-    """A U^2-Net family model, or one quantised here from one (``u2net-int8``)."""
-    spec = registry.SPECS.get(name)
-    return name in U2NET_FAMILY or (spec is not None and spec.base in U2NET_FAMILY)
+RUNNERS = {registry.U2NET: U2netSession}
 
 
 def mask_session(model: ModelFile, opts: ort.SessionOptions):
-    """The session predicting ``model``'s masks: ours for the U^2-Net family, else rembg's."""
-    if u2net_like(model.name):
-        return U2netSession(model, opts)
-    return rembg_session(model, opts)
+    """The session predicting ``model``'s masks: its spec's runner (ours, or rembg's)."""
+    runner = RUNNERS.get(model_spec(model.name).runner, rembg_session)
+    return runner(model, opts)
 
 
 def rembg_session(model: ModelFile, opts: ort.SessionOptions):

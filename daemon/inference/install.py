@@ -29,8 +29,9 @@ from typing import BinaryIO, Callable
 
 from daemon.fsutil import TMP_MARK, fsync_dir, unlink_quietly
 from daemon.inference.models import (
-    EMBEDDER_NAME, MODEL_FILE_MODE, Digests, ModelError, Record, embedder_path, file_digests, mask_model_path, model_spec, probe, remember_digests,
-    verify, verify_embedder, write_record)
+    EMBEDDER_NAME, MODEL_FILE_MODE, Digests, ModelError, Record, embedder_path, file_digests,
+    mask_model_path, model_spec, probe, read_record, remember_digests, verify, verify_embedder,
+    write_record)
 from daemon.inference.registry import FIX_COMMAND, ModelSpec, WheelSource
 
 Log = Callable[[str], None]
@@ -221,6 +222,15 @@ def install_by_download(models_dir: Path, spec: ModelSpec, *, force: bool = Fals
 # ------------------------------------------------------------------ quantised here
 
 
+def _made_with(path: Path, name: str, recipe: str) -> bool:
+    """Whether the install record of ``path`` names ``recipe`` (False without a record)."""
+    try:
+        rec = read_record(path, name)
+    except ModelError:
+        return False
+    return rec is not None and recipe in rec.source
+
+
 def install_quantised(models_dir: Path, spec: ModelSpec, *, force: bool = False,
                       log: Log = _quiet) -> InstallResult:
     """Quantise the (installed or fetched) fp32 ``spec.base`` and keep the result only if it
@@ -230,6 +240,10 @@ def install_quantised(models_dir: Path, spec: ModelSpec, *, force: bool = False,
     from daemon.inference.models import ModelFile, checked_mask_model
 
     target = mask_model_path(models_dir, spec.name)
+    if not force and target.is_file() and not _made_with(target, spec.name, quantize.RECIPE):
+        log(f"{spec.name}: {target} was made with an older recipe; quantising again "
+            f"({quantize.RECIPE})")
+        force = True
     if not force and (done := _current(target, spec, log)) is not None:
         return done
     install_model(models_dir, spec.base, log=log)
@@ -239,7 +253,7 @@ def install_quantised(models_dir: Path, spec: ModelSpec, *, force: bool = False,
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rembgd-quant-") as tmp:
         out = Path(tmp) / target.name
-        report = quantize.quantize(base.path, out)
+        report = quantize.quantize(base.path, out, model_spec(spec.base))
         log(f"{spec.name}: quantised in {time.monotonic() - started:.0f} s; checking its masks "
             f"against {spec.base} on real photos")
         result = quantize.gate(MaskEngine(base), MaskEngine(ModelFile(spec.name, out, "")))

