@@ -296,3 +296,31 @@ def test_tiny_and_extreme_shapes(size, working):
     patch = matte.colours("edges", True)
     if patch is not None:
         assert patch.values.shape == (len(patch.flat), 3)
+
+
+def test_the_backdrop_just_under_a_rounded_base_in_its_shadow_stays_out():
+    """A round subject sitting in its floor shadow, which darkens away from it (the shadow
+    is centred under the base): beside the base the sweep is lighter than the backdrop
+    model, filled in from farther out. That lighter sweep of its own colour is not detail."""
+    w, h = SIZE
+    rng = np.random.default_rng(5)
+    body = np.zeros((h, w), np.uint8)
+    cv2.ellipse(body, (3000, 2300), (1050, 800), 0, 0, 360, 255, -1, lineType=cv2.LINE_AA)
+    a_body = body.astype(np.float32) / 255
+    shadow = np.zeros((h, w), np.uint8)
+    cv2.ellipse(shadow, (3000, 3125), (1300, 130), 0, 0, 360, 255, -1)
+    shadow = cv2.GaussianBlur(shadow, (0, 0), 156).astype(np.float32) / 255 * 0.5
+    sweep = np.linspace(0.9, 0.8, h, dtype=np.float32)[:, None] * (1 - shadow)
+    rgb = np.empty((h, w, 3), np.uint8)
+    for c, v in enumerate(BODY_RGB):
+        x = a_body * v + (1 - a_body) * sweep + rng.normal(0, 1.2 / 255, (h, w)).astype(np.float32)
+        rgb[..., c] = np.clip(np.rint(x * 255), 0, 255)
+    mask = _model_like(a_body)
+    edges = refine(rgb, mask, "edges")
+    found = detail.recover(rgb, mask, edges.copy(), backdrop.fit(rgb, mask))
+    # the sweep within 60 px under the base, where the shadow is
+    near = (cv2.dilate(body, np.ones((121, 121), np.uint8)) > 0) & (body == 0) & (shadow > 0.1)
+    assert near.sum() > 20000
+    assert (found[near] / 255).mean() <= 0.02
+    # nor anywhere else on the sweep: a few hundred noise pixels at most
+    assert ((found > edges.astype(np.int16) + 25) & (a_body == 0)).sum() < 1000
