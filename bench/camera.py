@@ -620,11 +620,12 @@ def distinct24_only(n: int) -> None:
     warm_up_rembg(d1)
     runs = [compare("distinct_24", d24, k) for k in (0, 1)]
     res = {"files": n, "load": " ".join(f"{x:.2f}" for x in os.getloadavg()), "runs": [
-        {label: {"wall_s": r["runs"][label]["wall_s"], "peak_rss_mb": r["runs"][label]["peak_rss"] / 2**20}
-         for label in r["runs"]} | {"ratio": r["ratio"]} for r in runs]}
+        {label: {"wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss"] / 2**20}
+         for label, run in r["runs"].items()} | {"ratio": r["ratio"]} for r in runs]}
     (OUT / "distinct24.json").write_text(json.dumps(res, indent=1))
     for k, r in enumerate(res["runs"]):
-        log(f"pass {k + 1}: rembg p {r['rembg p']['wall_s']:.1f} s, {r['rembg p']['peak_rss_mb']:.0f} MB;"
+        rp = r["rembg p"]
+        log(f"pass {k + 1}: rembg p {rp['wall_s']:.1f} s, {rp['peak_rss_mb']:.0f} MB;"
             f" rembgd process {r['rembgd process']['wall_s']:.1f} s, "
             f"{r['rembgd process']['peak_rss_mb']:.0f} MB; ratio {r['ratio']:.2f}x")
 

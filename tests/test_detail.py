@@ -188,7 +188,8 @@ def test_on_a_busy_backdrop_edge_pixels_carry_the_subject_colour():
     over magenta far closer to the truth than the photo's mixed pixels."""
     w, h = 1500, 1000
     rng = np.random.default_rng(7)
-    room = cv2.resize(photo("coffee"), (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255
+    room = cv2.resize(photo("coffee"), (w, h), interpolation=cv2.INTER_CUBIC)
+    room = room.astype(np.float32) / 255
     body = np.zeros((h, w), np.uint8)
     cv2.ellipse(body, (750, 520), (330, 280), 0, 0, 360, 255, -1)
     strands = np.zeros((h, w), np.uint8)
