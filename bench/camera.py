@@ -9,7 +9,10 @@ The refinement cost (``refine: edges``, daemon/imaging/refine.py) is measured tw
 inside one process, refinement against today's Pillow upscale and ``refine: none`` on the
 same decoded files and masks, alternating; and as whole `rembgd process` runs with
 ``refine: edges`` and ``none`` beside `rembg p` over the distinct 24 MP folder.
-``--refine-only`` runs just that and replaces its section of camera.md. ``REMBG_CLI``
+``--refine-only`` runs just that and replaces its section of camera.md. ``--distinct24 N``
+runs only `rembg p` against `rembgd process` (defaults: refine, detail and despill on)
+over N distinct 24 MP files, twice in alternating order, and prints the wall ratio and
+both peaks of RSS (bench/out/camera/distinct24.json). ``REMBG_CLI``
 names another `rembg` executable (one whose venv has rembg's CLI extras).
 
 Both tools run as cold commands over a folder, as users run them, with the same
@@ -611,6 +614,22 @@ def distinct_folders(p: dict) -> tuple[Path, Path]:
     return d24, d1
 
 
+def distinct24_only(n: int) -> None:
+    """`rembg p` vs `rembgd process` over ``n`` distinct 24 MP files, in both orders."""
+    d24, d1 = distinct_folders(dict(d24=n, d1=1))
+    warm_up_rembg(d1)
+    runs = [compare("distinct_24", d24, k) for k in (0, 1)]
+    res = {"files": n, "load": " ".join(f"{x:.2f}" for x in os.getloadavg()), "runs": [
+        {label: {"wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss"] / 2**20}
+         for label, run in r["runs"].items()} | {"ratio": r["ratio"]} for r in runs]}
+    (OUT / "distinct24.json").write_text(json.dumps(res, indent=1))
+    for k, r in enumerate(res["runs"]):
+        rp = r["rembg p"]
+        log(f"pass {k + 1}: rembg p {rp['wall_s']:.1f} s, {rp['peak_rss_mb']:.0f} MB;"
+            f" rembgd process {r['rembgd process']['wall_s']:.1f} s, "
+            f"{r['rembgd process']['peak_rss_mb']:.0f} MB; ratio {r['ratio']:.2f}x")
+
+
 def run_all(profile: str) -> dict:
     p = PROFILES[profile]
     t_start = now()
@@ -655,12 +674,17 @@ def main() -> int:
     ap.add_argument("--out", default=str(BENCH), help="where camera.md and camera.png go")
     ap.add_argument("--refine-only", action="store_true",
                     help="only the refinement cost: replaces its section of camera.md")
+    ap.add_argument("--distinct24", type=int, metavar="N",
+                    help="only rembg p vs rembgd process over N distinct 24 MP files, twice")
     ap.add_argument("--profile-near", choices=("1", "24"),
                     help="only print a cProfile of one near hit at 1 or 24 MP")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.profile_near:
         profile_near(args.profile_near)
+        return 0
+    if args.distinct24:
+        distinct24_only(args.distinct24)
         return 0
     if args.refine_only:
         res = refine_cost(*distinct_folders(PROFILES["quick" if args.quick else "full"]))

@@ -9,9 +9,13 @@ depart from the backdrop (``daemon.imaging.backdrop``) beyond its noise. This st
    model's ``reduced``): the pixels departing from the backdrop model by more than
    ``THRESHOLD_SIGMAS`` times the grid's noise (at least ``THRESHOLD_MIN`` levels).
    Not a departure: a broad area (it survives an opening of radius ``BROAD``) of the
-   backdrop's own colour at most ``SHADOW_DEPTH`` darker, where the model follows a
-   floor shadow imperfectly (at the subject's base); a thin chain of the sweep's hue
-   still departs. Seams and paper texture stay under the threshold;
+   backdrop's own colour at most ``SHADOW_DEPTH`` darker or ``GLOW`` lighter, where the
+   model follows a floor shadow imperfectly: at the subject's base, the model is filled
+   in from farther out, so where the shadow darkens away from the subject the sweep
+   right beside it is lighter than the model (a rounded base in its shadow: a crescent
+   that would otherwise read as a structure); a reflection on the sweep is that too. A
+   thin chain of the sweep's hue still departs. Seams and paper texture stay under the
+   threshold;
 2. of those, the structures: within ``SHARP_REACH`` px of a sharp change of the
    departure (its range over 3 x 3 at least ``SHARP`` of its max: structures have
    edges, a smooth ramp has none), connected (8-neighbours) to the subject (working
@@ -54,6 +58,7 @@ SHARP_REACH = 32  # px at 24 MP: a structure's pixels lie this near a sharp chan
 FLOOR_SIGMAS = 2.5  # full-size noise floor under the departure
 REACH = 4  # px: a structure's own colour is its strongest departure this near
 SHADOW_COS, SHADOW_DEPTH = 0.998, 0.08  # the backdrop's own colour, at most this much darker
+GLOW = 0.08  # ... or lighter: a reflection, or the model's lag on a shadow's slope
 BROAD = 2  # reduced px: a shadow-like area survives an opening of this radius (thin ones do not)
 
 
@@ -183,8 +188,8 @@ def _shadowlike(pixel: np.ndarray, B: np.ndarray) -> np.ndarray:
     ii = p0 * p0 + p1 * p1 + p2 * p2
     bb = b0 * b0 + b1 * b1 + b2 * b2
     ib = p0 * b0 + p1 * b1 + p2 * b2
-    # cos(I, B) >= SHADOW_COS and 1 - SHADOW_DEPTH <= |I| / |B| <= 1, without square roots
-    return ((ib >= 0) & (ib * ib >= SHADOW_COS ** 2 * ii * bb) & (ii <= bb)
+    # cos(I, B) >= SHADOW_COS and 1 - SHADOW_DEPTH <= |I| / |B| <= 1 + GLOW, without roots
+    return ((ib >= 0) & (ib * ib >= SHADOW_COS ** 2 * ii * bb) & (ii <= (1 + GLOW) ** 2 * bb)
             & (ii >= (1 - SHADOW_DEPTH) ** 2 * bb))
 
 
