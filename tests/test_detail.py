@@ -175,43 +175,8 @@ def test_a_busy_photo_is_left_as_refine_makes_it(name):
     mask = cv2.GaussianBlur(mask, (0, 0), 4)
     matte = Matte(rgb, rgb, mask)
     assert matte.backdrop is not None and not matte.backdrop.plain
-    alpha = matte.alpha("edges", True)
-    assert np.array_equal(alpha, matte.alpha("edges", False))
-    # despill still gives the edge its colour, estimated locally, and only there
-    patch = matte.colours("edges", True)
-    assert np.array_equal(patch.flat, np.flatnonzero((alpha >= 2) & (alpha <= 253)))
-
-
-def test_on_a_busy_backdrop_edge_pixels_carry_the_subject_colour():
-    """A subject with a feathered outline and 3 px strands in front of a room (a photo,
-    not a sweep), with its exact alpha: the colours estimated around the edge composite
-    over magenta far closer to the truth than the photo's mixed pixels."""
-    w, h = 1500, 1000
-    rng = np.random.default_rng(7)
-    room = cv2.resize(photo("coffee"), (w, h), interpolation=cv2.INTER_CUBIC)
-    room = room.astype(np.float32) / 255
-    body = np.zeros((h, w), np.uint8)
-    cv2.ellipse(body, (750, 520), (330, 280), 0, 0, 360, 255, -1)
-    strands = np.zeros((h, w), np.uint8)
-    for i in range(12):
-        cv2.line(strands, (420, 450 + 18 * i), (240 - 5 * i, 500 + 22 * i), 255, 3, cv2.LINE_AA)
-    truth = np.maximum(cv2.GaussianBlur(body, (0, 0), 4), strands).astype(np.float32) / 255
-    colour = np.empty((h, w, 3), np.float32)
-    colour[:] = (0.3, 0.55, 0.2)
-    colour[strands > 0] = (0.85, 0.8, 0.3)
-    a = truth[..., None]
-    rgb = np.clip(np.rint((a * colour + (1 - a) * room) * 255
-                          + rng.normal(0, 1.2, (h, w, 3))), 0, 255).astype(np.uint8)
-    alpha = np.rint(truth * 255).astype(np.uint8)
-    mask = cv2.resize(alpha, (w, h), interpolation=cv2.INTER_AREA)
-    matte = Matte.decided(rgb, rgb, alpha, mask)
-    assert not matte.backdrop.plain
-    patch = matte.colours("edges", True)
-    magenta = (1.0, 0.0, 1.0)
-    plain = _edge_error(rgb, alpha, truth, colour, magenta)
-    despilled = _edge_error(patch.onto(rgb.copy()), alpha, truth, colour, magenta)
-    assert plain > 6, plain  # the room's mix: a halo over a saturated page
-    assert despilled < 0.6 * plain, (despilled, plain)
+    assert np.array_equal(matte.alpha("edges", True), matte.alpha("edges", False))
+    assert matte.colours("edges", True) is None
 
 
 def test_hits_match_misses_at_any_opencv_thread_count_and_near_hits_use_new_pixels(

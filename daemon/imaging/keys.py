@@ -22,8 +22,7 @@ RENDER_VERSION = 9  # bump when rendering changes: old stored outputs become mis
 #  7: refine in one pass (<= 2048 px) takes its statistics on a grid of 3 px, not 2;
 #  8: the detail stage and despill, both on by default: daemon/imaging/detail.py, despill.py;
 #  9: the detail stage leaves the sweep lighter than its model (a reflection, a shadow's
-#     slope beside the subject) out, as it leaves a shadow out; despill on busy backdrops
-#     too, from colours estimated around the edge)
+#     slope beside the subject) out, as it leaves a shadow out)
 MASK_EDGE = 2048  # the working mask's long side (see daemon.imaging.render)
 
 
