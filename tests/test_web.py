@@ -124,9 +124,10 @@ def test_page_lists_outputs_failures_and_serves_thumbnails(local):
             assert max(thumb.size) == 256
             assert thumb.mode == ("RGBA" if root == "outbox" else "RGB")  # the cutout's alpha
     assert len(list((tmp / "cache" / "web" / "thumbs").iterdir())) == 2  # cached on disk
-    st = daemon.status()  # `rembgd status` keeps working, and names the page
+    # `rembgd status` keeps working, and names the page (its file is rewritten each tick)
+    line = "idle; since start: 0 hits / 1 misses, 1 failed"
+    st = wait_for(lambda: (s := daemon.status())["line"] == line and s)
     assert st["running"] and st["web"] == url and st["incomplete"] == 0
-    assert st["line"] == "idle; since start: 0 hits / 1 misses, 1 failed"  # `rembgd status`
 
     status, headers, body = fetch(url, "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
