@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from daemon.coord.locks import _owner_is_dead
+from daemon.nofollow import atomic_write_under
 
 log = structlog.get_logger("rembgd.claims")
 
@@ -47,9 +48,8 @@ class Presence:
         self.claims_dir.mkdir(exist_ok=True)
         record = {"host": self.host, "pid": self.pid, "inbox": str(self.inbox),
                   "cache": self.cache, "started": time.time()}
-        tmp = self.claims_dir / f".{self.path.name}.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)
+        # the one atomic writer: its temp never outlives a failed write (a full disk)
+        atomic_write_under(self.claims_dir, Path(self.path.name), json.dumps(record).encode())
 
     def tick(self, now: float | None = None) -> list[dict]:
         """Touch this daemon's file (every ``REFRESH_S``) and log any new peer on the same
