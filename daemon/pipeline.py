@@ -127,17 +127,8 @@ class Pipeline:
         mask, hit, inference_s = self._mask(wanted[0].mask_key, plan.options, fp,
                                             np.asarray(small), (decoded.width, decoded.height))
         judged = confidence.score(mask, np.asarray(small)) if plan.judge else None
-        files, errors = {}, {}
-        matte = Matte(decoded.rgb, decoded.full, mask)  # one alpha per mode, shared
-        for target in wanted:
-            try:
-                alpha = matte.alpha(*target.alpha_key)
-                patch = matte.colours(*target.alpha_key) if _despills(target) else None
-                files[target.name] = render_target(target, decoded, alpha, patch)
-            except Exception as exc:  # one deliverable's fault; the others still ship
-                log.warning("deliverable_failed", output=target.name or "png",
-                            error=f"{type(exc).__name__}: {exc}")
-                errors[target.name] = exc
+        # one alpha per mode, shared by the targets
+        files, errors = self._render_matte(wanted, decoded, Matte(decoded.rgb, decoded.full, mask))
         if hit is None:  # no cache
             return Rendered(files, Tier.MISS, errors, sha256=sha, confidence=judged,
                             inference_s=inference_s)
@@ -224,10 +215,17 @@ class Pipeline:
                       ) -> tuple[dict[str, bytes], dict[str, BaseException]]:
         """Every target from one decided alpha (a retoucher's), despilled like any other
         (``guide``: the model's mask, which places the backdrop as in the first cutout)."""
+        return Pipeline._render_matte(wanted, decoded,
+                                      Matte.decided(decoded.rgb, decoded.full, alpha, guide))
+
+    @staticmethod
+    def _render_matte(wanted: list[Target], decoded, matte: Matte
+                      ) -> tuple[dict[str, bytes], dict[str, BaseException]]:
+        """Every target from one photo's matte (its alpha and edge colours per mode)."""
         files, errors = {}, {}
-        matte = Matte.decided(decoded.rgb, decoded.full, alpha, guide)
         for target in wanted:
             try:
+                alpha = matte.alpha(*target.alpha_key)
                 patch = matte.colours(*target.alpha_key) if _despills(target) else None
                 files[target.name] = render_target(target, decoded, alpha, patch)
             except Exception as exc:  # one deliverable's fault; the others still ship
