@@ -139,3 +139,20 @@ def complete_pngs(folder: Path) -> list[Path]:
         with Image.open(p) as im:
             im.load()
     return outs
+
+
+def hold_two_cutouts(daemon: Daemon, config: Path, inbox: Path) -> list[dict]:
+    """Reload ``daemon`` so that its (first) pair holds every cutout for review, drop two
+    real photos and wait until both are held; their ``review_held`` log events."""
+    import yaml
+
+    from tests.helpers import encode, photo
+
+    data = yaml.safe_load(config.read_text())
+    data["watch"][0]["review"] = {"min_confidence": 1.0}
+    config.write_text(yaml.safe_dump(data))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log(lambda e: e.get("event") == "config_reloaded")
+    for name, shot in (("a.jpg", "coffee"), ("b.jpg", "astronaut")):
+        (inbox / name).write_bytes(encode(photo(shot)[::4, ::4]))
+    return daemon.wait_log(lambda e: e.get("event") == "review_held", count=2)[-2:]

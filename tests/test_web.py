@@ -20,7 +20,7 @@ from PIL import Image
 
 from daemon.web.items import pair_tag
 from tests.helpers import encode, photo, write_config
-from tests.harness import ROOT, Daemon, wait_for
+from tests.harness import ROOT, Daemon, hold_two_cutouts, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -443,15 +443,8 @@ def test_api_search_bearer_csrf_touchup_revert_and_batch(tmp_path, models_dir):
 
         # batch approve: the pair now holds every cutout (a reload); two are held, then
         # approved at once
-        data = yaml.safe_load(config.read_text())
-        data["watch"][0]["review"] = {"min_confidence": 1.0}
-        config.write_text(yaml.safe_dump(data))
-        daemon.signal(signal.SIGHUP)
-        daemon.wait_log(lambda e: e.get("event") == "config_reloaded")
-        for name, shot in (("a.jpg", "coffee"), ("b.jpg", "astronaut")):
-            (tmp_path / "inbox" / name).write_bytes(encode(photo(shot)[::4, ::4]))
-        held = daemon.wait_log(lambda e: e.get("event") == "review_held", count=2)
-        ids = [f"r{TAG}-{e['id']}" for e in held[-2:]]
+        held = hold_two_cutouts(daemon, config, tmp_path / "inbox")
+        ids = [f"r{TAG}-{e['id']}" for e in held]
         status, _, body = fetch(url, "/api/batch", method="POST", headers=bearer, jar=False,
                                 json_body={"action": "approve", "ids": ids + ["o99999"]})
         result = json.loads(body)

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
 
 import pytest
-import yaml
 
 from tests.helpers import encode, photo, write_config
 from daemon.web.items import pair_tag
-from tests.harness import Daemon, wait_for
+from tests.harness import Daemon, hold_two_cutouts, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -204,14 +202,7 @@ def test_browser_item_view_touchup_redrop_search_batch_and_phone(tmp_path, model
         assert (again == after).all()
 
         # batch approve two held cutouts: the pair now holds every cutout (a reload)
-        data = yaml.safe_load(config.read_text())
-        data["watch"][0]["review"] = {"min_confidence": 1.0}
-        config.write_text(yaml.safe_dump(data))
-        daemon.signal(signal.SIGHUP)
-        daemon.wait_log(lambda e: e.get("event") == "config_reloaded")
-        for name, shot in (("a.jpg", "coffee"), ("b.jpg", "astronaut")):
-            (tmp_path / "inbox" / name).write_bytes(encode(photo(shot)[::4, ::4]))
-        daemon.wait_log(lambda e: e.get("event") == "review_held", count=2)
+        hold_two_cutouts(daemon, config, tmp_path / "inbox")
         browser.get(url)
         browser.find_element(By.CSS_SELECTOR, "input[data-select-all=review]").click()
         browser.find_element(By.CSS_SELECTOR, "button[data-batch=approve]").click()
