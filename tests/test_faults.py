@@ -323,8 +323,8 @@ def test_cache_corrupt_index_heals_at_start_and_while_running(tmp_path, models_d
 # ------------------------------------------------------------------- kill -9
 
 
-def test_kill9_at_20_random_points_exactly_once(tmp_path, models_dir):
-    """20 kills (seeded): at random times while working, right after an output appears (the
+def test_kill9_at_12_random_points_exactly_once(tmp_path, models_dir):
+    """12 kills (seeded), each kind three times: at random times while working, right after an output appears (the
     window before the source is moved), and during start-up. Then one clean run."""
     rng = random.Random(8)
     cfg = write_config(tmp_path, models_dir, settle_s=0.1)
@@ -346,7 +346,7 @@ def test_kill9_at_20_random_points_exactly_once(tmp_path, models_dir):
     add_work(8)
     logs, kinds = [], Counter()
     deadline = time.monotonic() + 120
-    for k in range(20):
+    for k in range(12):
         if len(list(inbox.iterdir())) < 4:  # keep the batch going on fast machines
             add_work(2)
         d = Daemon(cfg, log=tmp_path / f"run{k:02d}.log")
@@ -391,7 +391,7 @@ def test_kill9_at_20_random_points_exactly_once(tmp_path, models_dir):
     for d in logs:
         processed.update(e["path"] for e in d.processed() if e["outcome"] != "retry")
     print(f"kill -9 rounds: {dict(kinds)}")
-    assert kinds["rounds_with_new_outputs"] >= 8, kinds  # the kills really landed mid-batch
+    assert kinds["rounds_with_new_outputs"] >= 5, kinds  # the kills really landed mid-batch
     assert all(n == 1 for n in processed.values()), processed  # never completed twice
     assert sorted(p.name for p in complete_pngs(outbox)) == sorted(n + ".png" for n in names)
     assert sorted(p.name for p in done.iterdir()) == sorted(names)  # each moved once, none lost
