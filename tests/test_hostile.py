@@ -52,6 +52,8 @@ import pytest
 from PIL import Image
 from structlog.testing import capture_logs
 
+from daemon.fate import Kind
+from daemon.service.intake import Deferred
 from tests.helpers import encode, write_config
 from harness import ROOT, Daemon, wait_for
 
@@ -448,7 +450,7 @@ def test_deleted_between_event_and_processing(service):
     item.path.write_bytes(jpeg(50))
     item.path.unlink()  # the event was seen; the file went before a worker got to it
     with capture_logs() as logs:
-        svc.intake.process(item)
+        assert svc.intake.process(item) is Deferred.SKIPPED
     assert svc.counters.get("vanished") == 1
     assert any(e["event"] == "skipped" and "vanished" in e["reason"] for e in logs)
     assert not _out(svc, "gone.jpg").exists() and not svc.cfg.watch[0].failed_dir.exists()
@@ -467,10 +469,10 @@ def test_deleted_after_the_checks_before_the_read(service, monkeypatch):
         return real(path, *a, **kw)
 
     monkeypatch.setattr(pl, "read_regular_file", vanish_then_read)
-    svc.intake.process(item)  # ENOENT is transient: a retry is scheduled, nothing fails
+    assert svc.intake.process(item) is Kind.RETRY  # ENOENT is transient: nothing fails
     assert svc.counters.get("retries") == 1 and svc.counters.get("failed") == 0
     monkeypatch.setattr(pl, "read_regular_file", real)
-    svc.intake.process(item)  # the retry finds it gone
+    assert svc.intake.process(item) is Deferred.SKIPPED  # the retry finds it gone
     assert svc.counters.get("vanished") == 1
     assert not _out(svc, "late.jpg").exists() and not svc.cfg.watch[0].failed_dir.exists()
 

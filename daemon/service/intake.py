@@ -7,10 +7,12 @@ Approve on the page takes too; the intake counts the outcome and schedules what
 comes next: a wait, a retry or standby.
 
 ``Intake.process(item)`` is the public seam the tests drive: it does exactly
-what a worker does with one queued path, and returns what happened.
+what a worker does with one queued path, and returns what happened: the job's
+``Kind``, or ``Deferred`` when no job ran to an outcome.
 """
 from __future__ import annotations
 
+import enum
 import os
 import stat
 from dataclasses import dataclass, replace
@@ -34,6 +36,17 @@ from daemon.service.status import Counters
 from daemon.source import Source
 
 log = structlog.get_logger("rembgd.service")
+
+
+class Deferred(enum.StrEnum):
+    """What became of a queued path that no job took to an outcome (counters and logs
+    show the value)."""
+
+    SKIPPED = "skipped"  # not work (any more): removed pair, failed admission, redo moot
+    STANDBY = "standby"  # its pair's share is out: held until it is back
+    CLAIMED_ELSEWHERE = "claimed_elsewhere"  # another daemon holds its claim: queued again
+    VANISHED = "vanished"  # gone once claimed
+    WAITING = "waiting"  # still being written: checked again later
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,7 @@ class Intake:
         try:
             st = path.lstat()
         except FileNotFoundError:
-            self.counters.add("vanished")
+            self.counters.add(Deferred.VANISHED)
             log.info("skipped", path=str(path), reason="vanished before processing")
             return None
         reason = None
@@ -94,22 +107,22 @@ class Intake:
         elif not stat.S_ISREG(st.st_mode):  # reading a FIFO could block; devices, sockets...
             reason = "not a regular file (FIFO, socket or device); left in place"
         if reason is not None:
-            self.counters.add("skipped")
+            self.counters.add(Deferred.SKIPPED)
             log.warning("skipped", path=str(path), reason=reason)
             return None
         return Admitted(rel, st)
 
-    def process(self, item: WorkItem) -> str:
-        """What a worker does with one queued path; returns the outcome's name."""
+    def process(self, item: WorkItem) -> Kind | Deferred:
+        """What a worker does with one queued path; returns what became of it."""
         app = self._app()
         pair = app.pair(item.pair)
         if pair is None:
-            return "skipped"  # a reload removed the pair
+            return Deferred.SKIPPED  # a reload removed the pair
         if self._on_standby(item, app):
-            return "standby"
+            return Deferred.STANDBY
         admitted = self.admit(pair.inbox, item.path, app.cfg.ignore)
         if admitted is None:
-            return "skipped"
+            return Deferred.SKIPPED
         plan = app.plan(item.pair)
         job = jobmod.Job.for_pair(pair, admitted.rel, plan, ledger=app.ledgers[item.pair],
                                   wait_incomplete=True, make_outbox=False)
@@ -125,21 +138,21 @@ class Intake:
             outcome = Outcome(job.source, Kind.RETRY, error=str(exc), reason="transient", exc=exc)
             return self._transient(item, outcome, app)
         if lease is None:
-            self.counters.add("claimed_elsewhere")
+            self.counters.add(Deferred.CLAIMED_ELSEWHERE)
             self._later(item, app.cfg.store.claim_ttl_s / 2)
-            return "claimed_elsewhere"
+            return Deferred.CLAIMED_ELSEWHERE
         try:
             try:
                 st = item.path.lstat()
             except FileNotFoundError:
-                self.counters.add("vanished")
-                return "vanished"
+                self.counters.add(Deferred.VANISHED)
+                return Deferred.VANISHED
             if item.model is not None and held_route is not None and not review.is_waiting(
                     held_route.folder(pair.outbox), admitted.rel):
                 log.info("review_redo_cancelled", path=str(item.path), model=item.model,
                          why="approved or delivered before the redo began")
-                self.counters.add("skipped")
-                return "skipped"
+                self.counters.add(Deferred.SKIPPED)
+                return Deferred.SKIPPED
             if item.model is None and self.is_done(job, st):  # e.g. killed after writing,
                 log.debug("up_to_date", path=str(item.path),  # before moving; or elsewhere
                           reason="the ledger records this very file as processed")
@@ -171,7 +184,7 @@ class Intake:
         self.counters.add("claim_fallbacks")
         app.cache.guard.failed(exc)
 
-    def _account(self, item: WorkItem, outcome: Outcome, app: App) -> str:
+    def _account(self, item: WorkItem, outcome: Outcome, app: App) -> Kind | Deferred:
         """Count a finished outcome and schedule what comes next (a wait, a retry)."""
         if outcome.kind is Kind.NOT_READY:
             return self._not_ready(item, outcome)
@@ -226,24 +239,24 @@ class Intake:
         self.counters.add("standby_waits")
         self.scheduler.standby(item.pair, item.path, item.attempt, delay, item.model)
 
-    def _transient(self, item: WorkItem, outcome: Outcome, app: App) -> str:
+    def _transient(self, item: WorkItem, outcome: Outcome, app: App) -> Kind | Deferred:
         """A share outage puts the pair on standby (no attempt counted); a fault of this
         one file goes through the retry policy."""
         if is_outage_error(outcome.exc):
             delay = self.standby.check(app.pair(item.pair))
             if delay is not None:
                 self._wait_standby(item, delay)
-                return "standby"
+                return Deferred.STANDBY
         if self._retry(item, outcome):  # given up: failed for good
             self._measure(item, outcome.given_up(item.attempt + 1), app)
         return Kind.RETRY
 
-    def _not_ready(self, item: WorkItem, outcome: Outcome) -> str:
+    def _not_ready(self, item: WorkItem, outcome: Outcome) -> Kind | Deferred:
         """Empty, truncated or still changing: wait (with backoff) up to
         ``incomplete_timeout_s``, then fail it as incomplete."""
         if self.scheduler.not_ready(item.pair, item.path):
-            self.counters.add("waiting")
-            return "waiting"
+            self.counters.add(Deferred.WAITING)
+            return Deferred.WAITING
         self.counters.add(Kind.FAILED)
         failed = finish(outcome.timed_out(self.scheduler.incomplete_timeout_s))
         self._measure(item, failed, self._app())
