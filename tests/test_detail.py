@@ -232,7 +232,7 @@ def test_on_a_busy_photo_the_bytes_do_not_depend_on_opencv_threads_and_off_keeps
     mask = np.zeros((h, w), np.uint8)
     cv2.ellipse(mask, (w // 2, h // 2), (w // 5, h // 3), 0, 0, 360, 255, -1)
     mask = cv2.GaussianBlur(mask, (0, 0), 4)
-    deep = rgb.astype(np.uint16) * 257 + 128
+    deep = rgb.astype(np.uint16) * 257
     specs = (Deliverable(name="cutout", format="png"),
              Deliverable(name="master", format="tiff", compression=0))
     threads = cv2.getNumThreads()
