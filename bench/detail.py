@@ -15,8 +15,9 @@ made as the daemon makes it. Scored per scene: ``edges`` (refine alone) against
 - alpha MAE over the whole frame and outside the structures (grown by 16 px);
 - edge colour: output and truth composited over black, white and magenta; mean
   |difference| (0-255) on pixels of partial truth where the output's alpha is within 0.1
-  of it: the photo's pixels (no despill), despill (daemon/imaging/despill.py) and
-  pymatting's ``estimate_foreground_ml`` (on the subject's box, same alpha).
+  of it: the photo's pixels (no despill), despill (daemon/imaging/despill.py),
+  pymatting's ``estimate_foreground_ml`` (on the subject's box, same alpha) and the
+  subject's true colour under the same alpha (the floor that alpha's error leaves).
 
 Then what must not get worse, at 24 MP: bench/groundtruth.py's kinds (MAE, edges vs
 detail), the hard ``outline`` (partial band per outline px, target <= 4) and a soft disc
@@ -118,11 +119,22 @@ def run_detail_scenes(engine, args, log):
                 row[f"mae_out_{name}"] = float(err[away].mean())
             raw, n = edge_colour(found, sc.rgb, sc.alpha, sc.colour)
             row["colour_raw"], row["colour_n"] = raw, n
+            # the floor this alpha leaves: the subject's true colour in its partial pixels
+            ideal = sc.rgb.copy()
+            sel = (found >= despill.LOW) & (found <= despill.HIGH)
+            ideal[sel] = np.rint(sc.colour[sel] * 255).astype(np.uint8)
+            row["colour_truth"] = edge_colour(found, ideal, sc.alpha, sc.colour)[0]
+            del ideal, sel
             if patch is not None:
                 row["colour_despill"] = edge_colour(found, patch.onto(sc.rgb.copy()), sc.alpha,
                                                     sc.colour)[0]
             else:
                 row["colour_despill"] = raw
+            # the colours around the edge (what a busy backdrop gets), on every sweep
+            local = despill.foreground(sc.rgb, found, None)
+            row["colour_local"] = (edge_colour(found, local.onto(sc.rgb.copy()), sc.alpha,
+                                               sc.colour)[0] if local is not None else raw)
+            del local
             if not args.quick:
                 import pymatting
 
@@ -322,10 +334,14 @@ def write_markdown(path: Path, scenes, guard, photos, cost, args, seconds):
     w("\n## Edge colour\n")
     w("Output and truth composited over black, white and magenta: mean |difference| (0-255) "
       "on pixels of partial truth where the output's alpha is within 0.1 of it. `photo`: the "
-      "photo's own pixels (despill off); `despill`: daemon/imaging/despill.py; "
-      "`estimate_foreground_ml`: pymatting's, on the subject's box, same alpha. Target <= 6.\n")
-    w("| sweep | pixels | photo (k/w/m) | despill (k/w/m) | estimate_foreground_ml (k/w/m) |")
-    w("|---|---:|---:|---:|---:|")
+      "photo's own pixels (despill off); `despill`: daemon/imaging/despill.py as shipped (the "
+      "sweep's model on a plain backdrop, else the colours around the edge); `around the edge`: "
+      "the busy backdrop's method forced on every sweep; "
+      "`estimate_foreground_ml`: pymatting's, on the subject's box, same alpha; `true colour`: "
+      "the subject's own colour written into the same partial pixels, the floor that the "
+      "output's alpha error (up to 0.1 on the pixels scored) leaves. Target <= 6.\n")
+    w("| sweep | pixels | photo (k/w/m) | despill (k/w/m) | around the edge (k/w/m) | estimate_foreground_ml (k/w/m) | true colour (k/w/m) |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
     for sweep in ds.SWEEPS:
         rs = [r for r in scenes if r["sweep"] == sweep]
 
@@ -335,12 +351,15 @@ def write_markdown(path: Path, scenes, guard, photos, cost, args, seconds):
             vals = {b: np.mean([r[key][b] for r in rs]) for b in BACKGROUNDS}
             return f"**{np.mean(list(vals.values())):.1f}** ({' / '.join(f'{v:.1f}' for v in vals.values())})"
         w(f"| {sweep} | {int(np.mean([r['colour_n'] for r in rs]))} | {fmt('colour_raw')} | "
-          f"{fmt('colour_despill')} | {fmt('colour_ml')} |")
+          f"{fmt('colour_despill')} | {fmt('colour_local')} | {fmt('colour_ml')} | "
+          f"{fmt('colour_truth')} |")
     w("\nOn the busy control the backdrop model is not what is behind the edge: there despill "
       "estimates the subject's and the background's colours around the edge instead "
-      "(estimate_foreground_ml on the tiles holding partial pixels, the photo reduced to "
-      "about 750 px; daemon/imaging/despill.py), which is closer to the truth than the "
-      "library's own estimate on the full-size box.\n")
+      "(alpha-weighted box means on the photo reduced to 512 px, daemon/imaging/surround.py) "
+      "and writes the pair nearest them that explains each pixel. Its alpha is the model's "
+      "(the stage is off there), far from the truth: the pixels scored are those where it "
+      "happens to be within 0.1, and even the true colour leaves the `true colour` column's "
+      "error.\n")
     w("## What must not get worse (24 MP, seed " f"{args.seed})\n")
     w("| kind | MAE edges | MAE detail | change | mean alpha change (0-255) | partial band px per outline px, edges / detail |")
     w("|---|---:|---:|---:|---:|---|")

@@ -48,8 +48,9 @@ DETAIL_DOC = ("recover thin structures attached to the subject that the model mi
               "as it is")
 DESPILL_DOC = ("write the subject's own colour, not the backdrop's mix, in partly transparent "
                "pixels (edges, strands, glass), solved against the fitted backdrop where it is "
-               "a plain sweep (a busy backdrop keeps the photo's pixels), in the source's "
-               "colour space and bit depth (bench/detail.md); off: the photo's pixels")
+               "a plain sweep, else against the subject's and the background's colours "
+               "estimated around the edge, in the source's colour space and bit depth "
+               "(bench/detail.md); off: the photo's pixels")
 FORMAT_EXT = {"png": ".png", "tiff": ".tif", "webp": ".webp", "jpeg": ".jpg"}
 COLOUR_DOC = "keep: embed the source's ICC profile; srgb: convert to sRGB (littleCMS)"
 

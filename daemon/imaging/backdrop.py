@@ -50,18 +50,7 @@ class Backdrop:
 
     def at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """The backdrop (N x 3 float32, 0-255) at full-size pixels (xs, ys), bilinear."""
-        gh, gw = self.grid.shape[:2]
-        w, h = self.covered
-        n = len(xs)
-        rows = max(-(-n // REMAP_ROW), 1)
-        at = np.zeros((2, rows * REMAP_ROW), np.float32)
-        # full-size pixel centre X sits at grid (X + 0.5) * gw / w - 0.5 (cv2.resize's convention)
-        at[0, :n] = (xs + 0.5) * (gw / w) - 0.5
-        at[1, :n] = (ys + 0.5) * (gh / h) - 0.5
-        at = at.reshape(2, rows, REMAP_ROW)
-        out = cv2.remap(self.grid, at[0], at[1], cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)
-        return out.reshape(rows * REMAP_ROW, 3)[:n]
+        return sample(self.grid, xs, ys, self.covered)
 
     @property
     def covered(self) -> tuple[int, int]:
@@ -75,6 +64,23 @@ class Backdrop:
         gh, gw = self.grid.shape[:2]
         return cv2.resize(self.grid, (dw, dh), interpolation=cv2.INTER_LINEAR) \
             if (gh, gw) != (dh, dw) else self.grid
+
+
+def sample(grid: np.ndarray, xs: np.ndarray, ys: np.ndarray, covered: tuple[int, int]
+           ) -> np.ndarray:
+    """``grid`` (gh x gw x 3 float32) spread over ``covered`` (width, height) full-size px,
+    at full-size pixels (xs, ys): N x 3 float32, bilinear (cv2.resize's convention: the
+    centre of pixel X sits at grid (X + 0.5) * gw / w - 0.5)."""
+    gh, gw = grid.shape[:2]
+    w, h = covered
+    n = len(xs)
+    rows = max(-(-n // REMAP_ROW), 1)
+    at = np.zeros((2, rows * REMAP_ROW), np.float32)
+    at[0, :n] = (xs + 0.5) * (gw / w) - 0.5
+    at[1, :n] = (ys + 0.5) * (gh / h) - 0.5
+    at = at.reshape(2, rows, REMAP_ROW)
+    out = cv2.remap(grid, at[0], at[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(rows * REMAP_ROW, 3)[:n]
 
 
 def fit(rgb: np.ndarray, mask: np.ndarray) -> Backdrop | None:

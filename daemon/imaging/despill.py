@@ -2,8 +2,9 @@
 
 Where 0 < alpha < 1 the photo's pixel is a mix, ``I = alpha F + (1 - alpha) B``, of the
 subject's colour ``F`` and the backdrop ``B`` behind it. Kept as is, a strand or an edge
-at alpha 0.4 carries 60% of the sweep, a light halo over a dark page. Solved for ``F``
-with ``B`` from the backdrop model (``daemon.imaging.backdrop``):
+at alpha 0.4 carries 60% of the sweep, a light halo over a dark page.
+
+On a plain sweep, ``B`` is the backdrop model's (``daemon.imaging.backdrop``) and
 
     F = B + (I - B) / alpha, clipped to the pixel range.
 
@@ -11,11 +12,21 @@ Composited over any colour ``K`` this gives back ``I + (1 - alpha) (K - B)``: ex
 the photo with its backdrop swapped for ``K``, whatever the error of alpha in ``F``;
 what is left is ``(alpha - alpha_true) (B - K)`` and the model's own error.
 
+On a busy backdrop (or none fitted) no model says what is behind the edge: both colours
+are estimated around it (``F0``, ``B0``: daemon/imaging/surround.py) and the pixel gets
+the pair nearest them that explains it exactly, per channel (least squares on
+``|F - F0|^2 + |B - B0|^2`` with ``alpha F + (1 - alpha) B = I``):
+
+    F = F0 + alpha r / (alpha^2 + (1 - alpha)^2),  r = I - alpha F0 - (1 - alpha) B0,
+
+which stays near ``F0`` where alpha is small (no division by it) and near ``I`` where
+alpha is near 1.
+
 It works on the source's pixels (``Decoded.full``: its colour space, 8 or 16 bits), before
 any colour conversion, and only on the partial pixels: a ``Patch`` of their indices and
 new values, which the renderer writes into the copy it makes anyway (the cutout) or into
 each PNG strip as it goes (daemon/imaging/deliver.py): the photo is never copied for it.
-Per-pixel arithmetic: the bytes do not depend on thread counts. Pure.
+Per-pixel arithmetic and integer box sums: the bytes do not depend on thread counts. Pure.
 """
 from __future__ import annotations
 
@@ -24,6 +35,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from daemon.imaging import surround
 from daemon.imaging.backdrop import Backdrop
 
 CHUNK = 1 << 18  # pixels solved at once
@@ -61,12 +73,11 @@ class Patch:
 
 def foreground(full: np.ndarray, alpha: np.ndarray, backdrop: Backdrop | None) -> Patch | None:
     """The subject's colour at every pixel of ``full`` (HxWx3 uint8/uint16) whose ``alpha``
-    (HxW uint8) is partial (``LOW``-``HIGH``); None where there is none, or where the
-    backdrop is not a plain sweep (a model of a busy scene is not what is behind an edge:
-    measured no better than the photo's own pixels, bench/detail.md)."""
-    if backdrop is None or not backdrop.plain:
-        return None
-    points = cv2.findNonZero(cv2.inRange(alpha, LOW, HIGH))
+    (HxW uint8) is partial (``LOW``-``HIGH``); None where there is none. ``backdrop``: the
+    photo's backdrop model; its ``B`` is used where it is a plain sweep, else the colours
+    around the edge."""
+    partial = cv2.inRange(alpha, LOW, HIGH)
+    points = cv2.findNonZero(partial)
     if points is None:
         return None
     w = alpha.shape[1]
@@ -74,17 +85,41 @@ def foreground(full: np.ndarray, alpha: np.ndarray, backdrop: Backdrop | None) -
     flat = points[:, 1].astype(np.intp) * w + points[:, 0]
     del points
     top = 255.0 if full.dtype == np.uint8 else 65535.0
+    solve = _over_sweep(backdrop, top) if backdrop is not None and backdrop.plain \
+        else _around_edge(surround.estimate(full, alpha, partial))
+    del partial
     values = np.empty((len(flat), 3), full.dtype)
     for i in range(0, len(flat), CHUNK):  # bounded temporaries
         at = flat[i:i + CHUNK]
         ys, xs = np.divmod(at, w)
         pixel = full.reshape(-1, 3).take(at, axis=0).astype(np.float32)
-        B = backdrop.at(xs, ys)
-        B *= np.float32(top / 255)
         a = alpha.take(at).astype(np.float32) * np.float32(1 / 255)
-        pixel -= B
-        pixel /= a[:, None]
-        pixel += B
+        pixel = solve(pixel, a[:, None], xs, ys)
         np.clip(np.rint(pixel, out=pixel), 0, top, out=pixel)
         values[i:i + CHUNK] = pixel
     return Patch(flat, values, w)
+
+
+def _over_sweep(backdrop: Backdrop, top: float):
+    """F = B + (I - B) / alpha, B the sweep's model (in place on the pixels ``I``)."""
+    def solve(pixel, a, xs, ys):
+        B = backdrop.at(xs, ys)
+        B *= np.float32(top / 255)
+        pixel -= B
+        pixel /= a
+        pixel += B
+        return pixel
+    return solve
+
+
+def _around_edge(around: surround.Surround):
+    """The pair (F, B) nearest (F0, B0) that explains the pixel exactly: its F."""
+    def solve(pixel, a, xs, ys):
+        F0, B0 = around.at(xs, ys)
+        b = 1 - a
+        pixel -= a * F0
+        pixel -= b * B0  # r: what (F0, B0) leave unexplained
+        pixel *= a / (a * a + b * b)
+        pixel += F0
+        return pixel
+    return solve

@@ -15,14 +15,15 @@ from dataclasses import asdict, dataclass
 from daemon.config import Deliverable, OutputOptions
 
 MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
-RENDER_VERSION = 9  # bump when rendering changes: old stored outputs become misses
+RENDER_VERSION = 10  # bump when rendering changes: old stored outputs become misses
 # (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
 #  5: refine, on by default, and OpenCV's bilinear upscale;
 #  6: TIFF carries the source-stamp placeholder tag, daemon.imaging.stamp;
 #  7: refine in one pass (<= 2048 px) takes its statistics on a grid of 3 px, not 2;
 #  8: the detail stage and despill, both on by default: daemon/imaging/detail.py, despill.py;
 #  9: the detail stage leaves the sweep lighter than its model (a reflection, a shadow's
-#     slope beside the subject) out, as it leaves a shadow out)
+#     slope beside the subject) out, as it leaves a shadow out;
+#  10: despill on busy backdrops too, from the colours around the edge: imaging/surround.py)
 MASK_EDGE = 2048  # the working mask's long side (see daemon.imaging.render)
 
 

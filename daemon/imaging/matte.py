@@ -7,7 +7,8 @@ The render stages run in order on the cached working-size mask and the full-size
 3. ``despill`` (daemon/imaging/despill.py): the subject's colour in partial pixels.
 
 ``detail`` and ``despill`` share one backdrop model (daemon/imaging/backdrop.py), fitted
-once per photo, on first need. Each alpha and each patch of colours is computed once per
+once per photo, on first need (on a busy backdrop despill estimates the colours around
+the edge instead: daemon/imaging/surround.py). Each alpha and each patch of colours is computed once per
 mode and shared by every target that asks for it. Pure: arrays in, arrays out.
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Matte:
         return self._alphas[key]
 
     def colours(self, refine_mode: str, with_detail: bool) -> despill.Patch | None:
-        """The subject's colours in the partial pixels of that alpha (``despill.applied``)."""
+        """The subject's colours in the partial pixels of that alpha (``despill.foreground``)."""
         key = (refine_mode, with_detail)
         if key not in self._patches:
             self._patches[key] = despill.foreground(self.full, self.alpha(*key), self.backdrop)
