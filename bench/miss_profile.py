@@ -37,7 +37,7 @@ STAGES = {  # label: (file suffix, function name) as pstats keys them
     "fingerprint": ("daemon/imaging/fingerprint.py", "fingerprint"),
     "embedder": ("daemon/inference/engine.py", "embed"),
     "model (predict_mask)": ("daemon/imaging/render.py", "predict_mask"),
-    "ORT run (mask + embedder)": ("~", "<method 'run' of 'onnxruntime.capi.onnxruntime_pybind11_state.InferenceSession' objects>"),
+    "ORT run (mask + embedder)": ("~", "<built-in method onnxruntime.capi.onnxruntime_pybind11_state.run>"),
     "mask model normalize": ("daemon/inference/engine.py", "normalize"),
     "mask back to working size (fit_mask)": ("daemon/imaging/render.py", "fit_mask"),
     "pixel hash": ("daemon/imaging/fingerprint.py", "pixel_hash"),
