@@ -1,11 +1,13 @@
 """Where a distinct 1.2 MP miss spends its time in `rembgd process` (cProfile, every worker).
 
     .venv/bin/python bench/miss_profile.py [--n 12] [--model u2netp] [--threads 2] [--top 25]
+    .venv/bin/python bench/miss_profile.py --src bench/out/quant/src/distinct24 --cpu
 
 Makes ``--n`` distinct studio composites (bench/workloads.py, 1344x896 JPEG), runs
 `rembgd process` on them in this process with a fresh cache, and profiles each
 ``Pipeline.render`` call in the worker thread that runs it (cProfile profiles one
-thread), then merges the profiles. Prints the stages' cumulative seconds per file
+thread), then merges the profiles (``--src``: the files of that folder instead, e.g. the
+distinct 24 MP set of bench/quant_ratios.py). Prints the stages' cumulative seconds per file
 (decode, fingerprints, embedder, model, refine, confidence, encode, cache writes)
 and the top functions by own time.
 """
@@ -35,13 +37,18 @@ STAGES = {  # label: (file suffix, function name) as pstats keys them
     "fingerprint": ("daemon/imaging/fingerprint.py", "fingerprint"),
     "embedder": ("daemon/inference/engine.py", "embed"),
     "model (predict_mask)": ("daemon/imaging/render.py", "predict_mask"),
-    "ORT run (mask + embedder)": ("~", "<method 'run' of 'onnxruntime.capi.onnxruntime_pybind11_state.InferenceSession' objects>"),
+    "ORT run (mask + embedder)": ("~", "<built-in method onnxruntime.capi.onnxruntime_pybind11_state.run>"),
     "mask model normalize": ("daemon/inference/engine.py", "normalize"),
+    "mask back to working size (fit_mask)": ("daemon/imaging/render.py", "fit_mask"),
+    "pixel hash": ("daemon/imaging/fingerprint.py", "pixel_hash"),
+    "full-size alpha (Matte.alpha)": ("daemon/imaging/matte.py", "alpha"),
     "refine": ("daemon/imaging/refine.py", "refine"),
+    "PNG encode (encode_png)": ("daemon/imaging/png.py", "encode_png"),
     "confidence": ("daemon/imaging/confidence.py", "score"),
     "render_target (encode)": ("daemon/imaging/render.py", "render_target"),
     "cache put_mask": ("daemon/cache/mask_cache.py", "put_mask"),
-    "stamp_files": ("daemon/pipeline.py", "stamp_files"),
+    "cache commit (output rows)": ("daemon/cache/mask_cache.py", "commit"),
+    "stamp_files": ("daemon/imaging/render.py", "stamp_files"),
 }
 
 
@@ -52,6 +59,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models-dir", type=Path, default=ROOT / "var" / "models")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--src", type=Path, help="profile this folder's files instead of --n composites")
     ap.add_argument("--cpu", action="store_true",
                     help="this thread's CPU seconds instead of wall (a loaded machine; ORT's "
                          "own pool thread is then not counted)")
@@ -77,9 +85,10 @@ def main() -> int:
     Pipeline.render = profiled
     with tempfile.TemporaryDirectory(prefix="miss-profile-") as tmp:
         tmp = Path(tmp)
-        inbox, outbox = tmp / "in", tmp / "out"
-        inbox.mkdir()
-        for i in range(args.n):
+        inbox, outbox = args.src or tmp / "in", tmp / "out"
+        if args.src is None:
+            inbox.mkdir()
+        for i in range(0 if args.src else args.n):
             rgb = wlmod.composite(5000 + i, (1344, 896))
             (inbox / f"d{i:03d}.jpg").write_bytes(wlmod.encode_jpeg(rgb))
         cfg = tmp / "config.yaml"

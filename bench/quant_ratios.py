@@ -1,6 +1,7 @@
 """`rembg p` against `rembgd process` with u2netp and u2netp-int8, side by side, in one run.
 
     .venv/bin/python bench/quant_ratios.py [--rounds 2] [--only distinct1,studio,distinct24]
+        [--baseline DIR]
 
 Issue 27's speed targets. Three workloads, each a folder made once under
 bench/out/quant/src/ (reused by later runs):
@@ -15,6 +16,15 @@ u2netp, rembgd u2netp-int8), each cold (start-up included), 2 ONNX threads, remb
 a fresh cache and the default ``refine: edges``; wall time and the process tree's peak
 RSS (psutil) per run. The ratios are rembg's wall over rembgd's, median over rounds.
 Both tools read var/models (rembg through ``U2NET_HOME``, with downloads blocked).
+
+Byte code: rembg's site-packages hold pip's ``.pyc`` files, while ``daemon/`` is an
+editable install and the shell sets PYTHONDONTWRITEBYTECODE, so every rembgd start
+would compile ``daemon/`` from source (~70 ms). As a regular ``pip install`` would,
+``compileall`` writes daemon's byte code once before the runs (and the baseline's).
+
+``--baseline DIR``: also run ``rembgd u2netp-int8`` from another checkout's ``daemon/``
+(e.g. ``git archive BASE | tar -x -C DIR``), in the same rotation: before and after,
+side by side.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,14 +72,25 @@ def folder(name: str) -> Path:
     return camera.folder(name, WORKLOADS[name]())
 
 
-def run(tool: str, src: Path, work: Path) -> dict:
+BASELINE = "rembgd u2netp-int8 baseline"
+
+
+def compile_daemon(root: Path) -> None:
+    """Byte-compile ``root``/daemon, as ``pip install`` does for a package (see above)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "daemon")], check=True)
+
+
+def run(tool: str, src: Path, work: Path, baseline: Path | None = None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     if tool == "rembg p":
         return camera.rembg_p(src, work / "out")
     cfg = camera.config(work)
     model = tool.split()[1]
-    return camera.timed([sys.executable, "-m", "daemon", "-c", str(cfg), "process", str(src),
+    # the baseline's daemon package first on the path (``-m`` would put the cwd first)
+    start = ["-c", f"import sys; sys.path.insert(0, {str(baseline)!r}); from daemon.cli "
+                   "import main; sys.exit(main())"] if tool == BASELINE else ["-m", "daemon"]
+    return camera.timed([sys.executable, *start, "-c", str(cfg), "process", str(src),
                          "-o", str(work / "out"), "-m", model], work / "out")
 
 
@@ -77,17 +99,24 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", default=",".join(WORKLOADS))
     ap.add_argument("--out", type=Path, default=BENCH / "quant_ratios.md")
+    ap.add_argument("--baseline", type=Path,
+                    help="another checkout whose daemon/ runs as a fourth tool (int8)")
     args = ap.parse_args()
     names = args.only.split(",")
     srcs = {n: folder(n) for n in names}
+    tools = TOOLS + ((BASELINE,) if args.baseline else ())
+    for root in (BENCH.parent, args.baseline):
+        if root is not None:
+            compile_daemon(root)
     camera.warm_up_rembg(srcs[names[0]])
     started, load0 = time.time(), os.getloadavg()[0]
-    runs: dict = {n: {t: [] for t in TOOLS} for n in names}
+    runs: dict = {n: {t: [] for t in tools} for n in names}
     for r in range(args.rounds):
         for k, name in enumerate(names):
-            order = TOOLS[(r + k) % 3:] + TOOLS[:(r + k) % 3]
-            for tool in order:
-                res = run(tool, srcs[name], OUT / "runs" / name / tool.replace(" ", "_"))
+            turn = (r + k) % len(tools)
+            for tool in tools[turn:] + tools[:turn]:
+                res = run(tool, srcs[name], OUT / "runs" / name / tool.replace(" ", "_"),
+                          args.baseline)
                 runs[name][tool].append({"wall_s": res["wall_s"], "peak_rss": res["peak_rss"]})
                 camera.log(f"round {r + 1} {name} {tool}: {res['wall_s']:.1f} s, "
                            f"peak RSS {res['peak_rss'] / 2**20:.0f} MB")
@@ -97,20 +126,26 @@ def main() -> int:
              f"{platform.machine()}, {os.cpu_count()} CPUs, 2 ONNX threads, load average "
              f"{load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (a shared "
              f"machine: ratios, not absolute times); run took {time.time() - started:.0f} s. "
-             "Wall: median over rounds (each round in a rotated order); RSS: max.", "",
+             "Wall: median over rounds (each round in a rotated order); RSS: max. rembgd's "
+             "byte code compiled before the runs (compileall, as `pip install` would)."
+             + (f" Baseline: int8 from `{args.baseline}`, in the same rotation."
+                if args.baseline else ""), "",
              "| workload | files | `rembg p` s | u2netp s | u2netp-int8 s | ratio u2netp | "
-             "ratio int8 (target) | peak RSS MB rembg / u2netp / int8 |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "ratio int8 (target) | peak RSS MB rembg / u2netp / int8 |"
+             + (" int8 baseline s | ratio int8 baseline |" if args.baseline else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if args.baseline else "")]
     for name in names:
-        med = {t: statistics.median(x["wall_s"] for x in runs[name][t]) for t in TOOLS}
-        rss = {t: max(x["peak_rss"] for x in runs[name][t]) / 2**20 for t in TOOLS}
+        med = {t: statistics.median(x["wall_s"] for x in runs[name][t]) for t in tools}
+        rss = {t: max(x["peak_rss"] for x in runs[name][t]) / 2**20 for t in tools}
         n = sum(1 for p in srcs[name].iterdir() if not p.name.startswith("."))
         lines.append(
             f"| {name} | {n} | {med['rembg p']:.1f} | {med['rembgd u2netp']:.1f} | "
             f"{med['rembgd u2netp-int8']:.1f} | {med['rembg p'] / med['rembgd u2netp']:.2f}x | "
             f"{med['rembg p'] / med['rembgd u2netp-int8']:.2f}x (>= {TARGETS[name]}x) | "
             f"{rss['rembg p']:.0f} / {rss['rembgd u2netp']:.0f} / "
-            f"{rss['rembgd u2netp-int8']:.0f} |")
+            f"{rss['rembgd u2netp-int8']:.0f} |"
+            + (f" {med[BASELINE]:.1f} | {med['rembg p'] / med[BASELINE]:.2f}x |"
+               if args.baseline else ""))
     text = "\n".join(lines) + "\n"
     args.out.write_text(text)
     print(text)

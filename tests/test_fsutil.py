@@ -87,6 +87,25 @@ def test_failed_fsync_leaves_no_temp(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cache_blobs_skip_fsync_and_a_torn_blob_reads_as_absent(tmp_path, monkeypatch):
+    """A cache blob is written atomically but never waits for the disk; what a crash can
+    then leave (an empty or torn file) reads as absent, and the next put repairs it."""
+    from daemon.cache.blobs import BlobDir
+
+    def no_fsync(fd):
+        raise AssertionError("a cache blob write waited for fsync")
+
+    monkeypatch.setattr(fsutil.os, "fsync", no_fsync)
+    blobs = BlobDir(tmp_path / "blobs")
+    digest = blobs.put(b"mask bytes")
+    assert blobs.get(digest) == b"mask bytes"
+    blobs.path(digest).write_bytes(b"")  # torn by a crash before the data reached the disk
+    assert blobs.get(digest) is None
+    assert blobs.put(b"mask bytes") == digest and blobs.get(digest) == b"mask bytes"
+    with pytest.raises(AssertionError):  # every other atomic write still fsyncs
+        atomic_write_bytes(tmp_path / "out.png", b"data")
+
+
 def test_interrupt_during_write_leaves_no_temp(tmp_path, monkeypatch):
     real_fdopen = os.fdopen
 

@@ -307,6 +307,24 @@ def test_direct_u2netp_mask_is_rembgs_byte_for_byte(models_dir, name):
     assert np.array_equal(mask, np.asarray(theirs.predict(img)[0]))
 
 
+def test_sessions_run_without_the_memory_pattern_and_give_the_same_masks(models_dir):
+    """The memory pattern (ORT's default) cost a second slow run and ~230 MB of peak RSS;
+    it only plans memory, so the masks are the same bytes without it."""
+    from PIL import Image
+
+    model = M.checked_mask_model(models_dir, "u2netp")
+    opts = session_options(1)
+    assert opts.enable_mem_pattern is False
+    patterned = session_options(1)
+    patterned.enable_mem_pattern = True
+    ours, default = U2netSession(model, opts), U2netSession(model, patterned)
+    for name in ("astronaut", "coffee"):
+        img = Image.fromarray(photo(name), "RGB")
+        for _ in range(2):  # the pattern takes effect from the second run
+            assert np.array_equal(np.asarray(ours.predict(img)[0]),
+                                  np.asarray(default.predict(img)[0]))
+
+
 def test_mask_engine_runs_the_u2net_family_without_rembg(shared_engines):
     assert isinstance(shared_engines.mask("u2netp").session, U2netSession)
 

@@ -110,7 +110,9 @@ def _rembg_cutout(decoded, mask: np.ndarray, options: OutputOptions) -> bytes:
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
-    return encode_png(mask, level=6)
+    """The cache's mask PNG: ISA-L level 1, ~0.5 ms at 1.2 MP against zlib 6's ~7.5 ms, for
+    ~15 % more bytes (a mask is a few tens of KB)."""
+    return encode_png(mask, level=1)
 
 
 def decode_mask(data: bytes) -> np.ndarray:

@@ -49,6 +49,11 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
+    # ORT's memory pattern plans one block for a run's tensors after the first run, and the
+    # second run then faults in that fresh block: u2netp-int8 ran 170, 160, then 95 ms. Off,
+    # only the first run is slow, steady runs are as fast (95 ms) and the session's peak RSS
+    # is 345 MB instead of 572 (docs/benchmarks.md). It plans memory only: the same masks.
+    opts.enable_mem_pattern = False
     return opts
 
 
