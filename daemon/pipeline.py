@@ -194,7 +194,7 @@ class Pipeline:
         if self.masks is None:
             return None
         hit = self.masks.lookup(wanted[0].mask_key, Probe(fp, lambda: self.engines.embedder(
-            ).embed(decoded.small)))
+            ).embed(np.asarray(decoded.small))))
         if hit is None:
             return None
         return fit_mask(decode_mask(hit.mask_png), *working_mask_size(decoded.width,

@@ -242,3 +242,24 @@ def test_a_touch_up_of_a_studio_shot_keeps_its_detail_and_edge_colours(tmp_path,
     assert after[reach][:, 3].min() < 10 < before[reach][:, 3].max()  # the stroke took
     diff = np.abs(after[~reach].astype(int) - before[~reach].astype(int))
     assert diff.max() <= 1, diff.max()
+
+
+@pytest.mark.slow
+def test_a_touched_up_re_encode_of_a_cached_photo_is_delivered_again(tmp_path, models_dir,
+                                                                     shared_engines):
+    """The re-encode's own bytes and pixels are new to the cache: its edge colours' guide
+    (the model's mask) is a near lookup, which embeds the photo."""
+    from daemon import config as configmod
+    from daemon.cache.sqlite import SqliteStore
+    from daemon.pipeline import Plan
+
+    cfg = configmod.load(write_config(tmp_path, models_dir))
+    pipe = pipeline_over(cfg, shared_engines, SqliteStore(cfg.cache.dir))
+    rgb, opts = photo("chelsea"), cfg.output_defaults
+    render_legacy(pipe, encode(rgb, "JPEG", quality=92), opts)
+    again = encode(rgb, "JPEG", quality=80)
+    stroke = Stroke("remove", 20.0, ((150.0, 150.0), (220.0, 160.0)))  # over the cat's face
+    touched = png_alpha(pipe.touch_up(again, Plan(opts), [stroke]).files[""])
+    redone = render_legacy(pipe, again, opts)
+    assert not redone.errors and redone.tier == "exact"
+    assert (png_alpha(redone.files[""]) == touched).all()
