@@ -38,7 +38,7 @@ GOOD = {  # relative path -> (photo, format, save kwargs)
 
 # rembg parity holds for the model's mask as is: edge refinement (the default, which
 # re-decides the edges from the photo) is tested in test_refine.py
-PARITY = {"refine": "none"}
+PARITY = {"refine": "none", "detail": False, "despill": False}  # rembg's own cutout
 
 
 def _config(folder: Path, models_dir: Path, **extra) -> Path:
