@@ -184,3 +184,34 @@ def test_tiny_and_extreme_shapes(size, working):
     mask = rng.integers(0, 256, (working[1], working[0]), dtype=np.uint8)
     out = refine(rgb, mask)
     assert out.shape == rgb.shape[:2] and out.dtype == np.uint8
+
+
+def test_the_sure_subject_is_opaque_and_the_sure_backdrop_clear(shared_engines):
+    """U^2-Net's subject tops out below 255 (a dark page shows through it) and its
+    backdrop keeps a faint haze; refined, both are exact, while the band stays solved."""
+    from daemon.imaging.refine import BG_SURE, FG_SURE
+
+    w, h = SIZE
+    disc = Image.new("L", SIZE, 0)
+    ImageDraw.Draw(disc).ellipse((400, 150, 1100, 850), fill=255)
+    alpha = np.asarray(disc, np.float32) / 255
+    rgb = _composite(alpha, _coffee())
+    mask = np.asarray(Image.fromarray(shared_engines.mask("u2netp").predict(rgb)).resize(
+        WORKING, Image.Resampling.BILINEAR))
+    plain, out = upscale(mask, w, h), refine(rgb, mask)
+    inside = np.asarray(disc.filter(ImageFilter.MinFilter(61))) > 0  # 30 px in from the edge
+    outside = np.asarray(disc.filter(ImageFilter.MaxFilter(61))) == 0
+    def far_into(region):  # 2 working px inside a region of the working mask, at full size
+        core = np.asarray(Image.fromarray(region.astype(np.uint8) * 255).filter(
+            ImageFilter.MinFilter(5)))
+        return upscale(core, w, h) == 255
+
+    sure, clear = far_into(mask >= FG_SURE), far_into(mask <= BG_SURE)
+    assert (inside & sure).sum() > 100_000 and (outside & clear).sum() > 100_000
+    assert (plain[inside & sure] < 255).mean() > 0.5  # the model's own levels
+    assert (out[inside & sure] == 255).all()
+    assert _mae(out, alpha) < _mae(plain, alpha) / 2
+    # a haze of a few levels over the backdrop, as on the camera files of bench/camera.py
+    hazy = mask + ((mask <= 4) * 4).astype(np.uint8)
+    assert (upscale(hazy, w, h)[outside & clear] == 4).mean() > 0.9
+    assert (refine(rgb, hazy)[outside & clear] == 0).all()

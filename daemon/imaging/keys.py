@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from daemon.config import Deliverable, OutputOptions
 
 MASK_VERSION = 4  # bump when mask prediction changes: old masks become misses
-RENDER_VERSION = 10  # bump when rendering changes: old stored outputs become misses
+RENDER_VERSION = 11  # bump when rendering changes: old stored outputs become misses
 # (4: the working-size mask is expanded to full size with BILINEAR, no longer LANCZOS;
 #  5: refine, on by default, and OpenCV's bilinear upscale;
 #  6: TIFF carries the source-stamp placeholder tag, daemon.imaging.stamp;
