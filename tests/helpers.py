@@ -96,3 +96,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cut_from(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The colours a deliverable holds by default (``hidden: clear``): the photo's own,
+    black under alpha 0."""
+    out = np.array(rgb, copy=True)
+    out[alpha == 0] = 0
+    return out

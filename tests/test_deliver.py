@@ -1,17 +1,19 @@
 """Deliverables: geometry, bit depth, formats and backgrounds, checked on real files."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import imagecodecs
 import numpy as np
 import pytest
 import tifffile
+import yaml
 from PIL import Image
 from scipy import ndimage
 
 import iccprofiles
-from tests.helpers import photo
+from tests.helpers import cut_from, photo
 from daemon.config.schema import Canvas, Deliverable
 from daemon.imaging.colour import srgb_profile
 from daemon.imaging.decode import decode
@@ -114,7 +116,8 @@ def test_render_crops_to_subject_with_margin(scene, margin, unit, size):
     pad = (size[0] - 400) // 2
     assert _alpha_box(alpha) == (pad, pad, pad + 400, pad + 300)
     x0, y0 = SUBJECT[0] - pad, SUBJECT[1] - pad
-    assert np.array_equal(np.asarray(img)[..., :3], rgb[y0:y0 + size[1], x0:x0 + size[0]])
+    assert np.array_equal(np.asarray(img)[..., :3],
+                          cut_from(rgb[y0:y0 + size[1], x0:x0 + size[0]], alpha))
 
 
 # ------------------------------------------------------------------ canvas
@@ -230,7 +233,8 @@ def test_tiff_alpha_is_unassociated(scene):
         assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
         pixels = page.asarray()
     assert np.array_equal(pixels[..., 3], mask)
-    assert np.array_equal(pixels[..., :3], rgb)  # unassociated: colour not premultiplied
+    # unassociated: colour not premultiplied (and black under alpha 0)
+    assert np.array_equal(pixels[..., :3], cut_from(rgb, mask))
     raw = render(rgb, mask, Deliverable(format="tiff", compression=0), NO_META)
     with tifffile.TiffFile(io.BytesIO(raw)) as tif:
         assert tif.pages.first.compression == tifffile.COMPRESSION.NONE
@@ -292,7 +296,7 @@ def test_16_bit_in_16_bit_out(source, fmt):
             pixels = tif.pages.first.asarray()
     assert pixels.dtype == np.uint16 and pixels.shape == deep.shape[:2] + (4,)
     assert np.array_equal(pixels[..., 3], mask.astype(np.uint16) * 257)
-    assert np.array_equal(pixels[..., :3], deep)
+    assert np.array_equal(pixels[..., :3], cut_from(deep, mask))
 
 
 def test_16_bit_to_8_bit_formats_rounds():
@@ -319,3 +323,43 @@ def test_mask_must_match(scene):
     rgb, _ = scene
     with pytest.raises(ValueError, match="does not match"):
         render(rgb, np.zeros((10, 10), np.uint8), Deliverable(), NO_META)
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff", "webp", "png16"])
+def test_hidden_pixels_are_cleared_unless_kept(scene, fmt):
+    """Under alpha 0 the photo's backdrop is not delivered (black, as rembg writes it), which
+    also makes the file smaller; ``hidden: keep`` keeps the photo's own pixels there."""
+    rgb, mask = scene
+    full = rgb.astype(np.uint16) * 257 + 3 if fmt == "png16" else rgb
+    spec = Deliverable(format=fmt.removesuffix("16"), lossless=fmt == "webp")
+    cleared = render(full, mask, spec, NO_META)
+    kept = render(full, mask, dataclasses.replace(spec, hidden="keep"), NO_META)
+    hidden, shown = mask == 0, mask > 0
+    assert hidden.mean() > 0.3 and shown.mean() > 0.1
+    for data, clear in ((cleared, True), (kept, False)):
+        if fmt == "png16":
+            pixels = imagecodecs.png_decode(data)
+        else:
+            pixels = np.asarray(_open(data)) if fmt != "tiff" else tifffile.imread(io.BytesIO(data))
+        assert np.array_equal(pixels[..., :3][shown], full[shown]), (fmt, clear)
+        if clear and fmt == "webp":  # libwebp picks its own colours there: not the photo's
+            assert np.abs(pixels[..., :3][hidden].astype(int) - full[hidden]).mean() > 20
+        else:
+            assert np.array_equal(pixels[..., :3][hidden], 0 * full[hidden] if clear
+                                  else full[hidden]), (fmt, clear)
+    assert len(cleared) < 0.8 * len(kept), (len(cleared), len(kept))
+
+
+def test_hidden_applies_to_formats_with_alpha_only(tmp_path):
+    from daemon import config as configmod
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"outputs": [{"name": "web", "format": "jpeg",
+                                                 "hidden": "keep"}]}))
+    with pytest.raises(configmod.ConfigError,
+                       match=r"outputs\[0\]\.hidden: applies to png, tiff and webp only"):
+        configmod.load(path)
+    path.write_text(yaml.safe_dump({"outputs": [{"name": "m", "format": "png",
+                                                 "hidden": "blur"}]}))
+    with pytest.raises(configmod.ConfigError, match=r"outputs\[0\]\.hidden"):
+        configmod.load(path)

@@ -344,8 +344,8 @@ def test_exif_orientation_copyright_and_strip(studio):
                 assert COPYRIGHT.encode() not in raw and KEYWORD.encode() not in raw, name
     shown = np.asarray(ImageOps.exif_transpose(_open_bytes(data)).convert("RGB")).astype(int)
     cutout = np.asarray(_open(s.out("png", "side.jpg", ".png"))).astype(int)
-    kept = (cutout[..., 3] < despill.LOW) | (cutout[..., 3] > despill.HIGH)  # not despilled
-    assert kept.mean() > 0.9
+    kept = cutout[..., 3] > despill.HIGH  # the subject's pixels: neither despilled nor cleared
+    assert kept.mean() > 0.2
     # really rotated as a viewer shows it, not re-tagged
     assert np.array_equal(cutout[..., :3][kept], shown[kept])
 
@@ -378,9 +378,11 @@ def test_16_bit_in_16_bit_out(studio, container):
         assert out.dtype == np.uint16 and out.shape == (H, W, 4), (name, out.dtype)
         assert np.array_equal(out[..., 3], mask.astype(np.uint16) * 257), name
         partial = (mask >= despill.LOW) & (mask <= despill.HIGH)  # despilled: new colours
-        assert partial.any() and (~partial).mean() > 0.9
-        assert np.array_equal(out[..., :3][~partial], src16[~partial]), name  # every bit kept
+        kept = mask > despill.HIGH
+        assert partial.any() and kept.mean() > 0.2
+        assert np.array_equal(out[..., :3][kept], src16[kept]), name  # every bit kept
         assert (out[..., :3][partial] % 257 != 0).mean() > 0.5, name  # solved in 16 bits
+        assert not out[..., :3][mask == 0].any(), name  # hidden: clear
 
 
 @pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
@@ -399,7 +401,8 @@ def test_heic_and_avif_are_processed(studio, fmt):
     assert res.kind == "miss", res.error
     master = np.asarray(_open(s.out("master", name, ".png")))
     assert master.shape == (H, W, 4)
-    assert np.abs(master[..., :3].astype(int) - coffee()).mean() < 6
+    shown = master[..., 3] > 0
+    assert np.abs(master[..., :3][shown].astype(int) - coffee()[shown]).mean() < 6
     assert (master[..., 3] == 0).mean() > 0.2
     assert _open(s.out("web", name, ".webp")).mode == "RGBA"
 

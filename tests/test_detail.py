@@ -355,7 +355,7 @@ def test_the_png_strips_and_the_cutout_carry_the_same_colours_through_srgb(bag):
     spec = Deliverable(name="cutout", format="png", colour="srgb")
     meta = SourceMeta(icc=adobe_rgb())
     straight = deliver.render(rgb, alpha, spec, meta, full)
-    whole = deliver.encode(deliver.cutout(rgb, alpha, full), spec, meta)
+    whole = deliver.encode(deliver.cutout(rgb, alpha, full, clear=True), spec, meta)
     assert straight == whole
     assert straight != deliver.render(rgb, alpha, spec, meta)
 

@@ -107,6 +107,7 @@ def test_pixel_hash_is_exact_and_copy_free():
     Deliverable(name="srgb", colour="srgb", crop="subject", margin=4),
     Deliverable(name="strip", compression=6, metadata="strip"),
     Deliverable(name="stored", compression=0, max_size=5000),
+    Deliverable(name="kept", hidden="keep"),
 ])
 def test_straight_png_is_the_same_file(spec):
     rgb = np.ascontiguousarray(sd.astronaut())
@@ -118,7 +119,8 @@ def test_straight_png_is_the_same_file(spec):
     if spec.crop == "subject":
         box = crop_box(subject_box(mask), spec.margin, spec.margin_unit, (512, 512))
         full, m = crop(rgb, box), crop(mask, box)
-    assert fast == deliver.encode(deliver.cutout(full, m), spec, meta)
+    assert (m == 0).any()
+    assert fast == deliver.encode(deliver.cutout(full, m, clear=spec.hidden == "clear"), spec, meta)
     with Image.open(io.BytesIO(fast)) as img:
         assert img.mode == "RGBA" and np.array_equal(np.asarray(img)[..., 3], m)
 

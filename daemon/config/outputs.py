@@ -31,6 +31,7 @@ APPLIES_TO = {  # key -> the formats it means something for
     "quality": ("jpeg", "webp"),
     "compression": ("png", "tiff"),
     "lossless": ("webp",),
+    "hidden": ("png", "tiff", "webp"),  # jpeg is always flattened
 }
 
 
@@ -60,7 +61,9 @@ def parse_deliverable(d: Reader) -> Deliverable:
     fmt = _format(d)
     for key, formats in APPLIES_TO.items():
         if d.data.get(key) is not None and fmt not in formats:
-            d.fail(f"applies to {' and '.join(formats)} only, not {fmt}", key)
+            named = " and ".join((", ".join(formats[:-1]), formats[-1])) if len(formats) > 1 \
+                else formats[0]
+            d.fail(f"applies to {named} only, not {fmt}", key)
     bg_raw = d.raw("background")
     if fmt == "jpeg" and bg_raw == "transparent":
         d.fail("jpeg cannot be transparent; give a colour (default white)", "background")

@@ -36,6 +36,7 @@ FORMATS = ("png", "tiff", "webp", "jpeg")
 COLOURS = ("keep", "srgb")
 METADATA = ("keep", "strip")
 CROPS = ("none", "subject")
+HIDDEN = ("clear", "keep")  # the colour under alpha 0
 REFINES = ("none", "edges", "glass")  # daemon/imaging/refine.py, see_through.py
 REFINE_DOC = ("edges: re-decide the mask's soft edge band from the full-size photo (crisp "
               "product edges, partial alpha on hair and glass; bench/quality.md); none: the "
@@ -169,6 +170,10 @@ class Deliverable:
     colour: str = setting("keep", COLOUR_DOC, choices=COLOURS)
     metadata: str = setting("keep", "keep: EXIF (orientation set to 1), XMP, and IPTC where "
                             "the format holds it (JPEG, TIFF); strip: none", choices=METADATA)
+    hidden: str = setting("clear", "the colour of fully transparent pixels: clear: black, "
+                          "as rembg writes them (the photo's backdrop is not delivered; a "
+                          "24 MP PNG about half the size); keep: the photo's own",
+                          choices=HIDDEN)
     refine: str | None = setting(None, REFINE_DOC, choices=REFINES,
                                  default_doc="the pair's `options.refine`")
     detail: bool | None = setting(None, DETAIL_DOC, default_doc="the pair's `options.detail`")

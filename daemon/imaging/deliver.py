@@ -30,7 +30,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from daemon.config.schema import Deliverable
+from daemon.config.schema import HIDDEN, Deliverable
 from daemon.imaging.colour import ColourError, srgb_profile, to_srgb
 from daemon.imaging.decode import to8
 from daemon.imaging.despill import Patch
@@ -43,9 +43,10 @@ _TIFF_TEXT_TAGS = (271, 272, 315, 33432)  # Make, Model, Artist, Copyright
 _JPEG_APP1_MAX = 0xFFFF - 2
 
 
-def cutout(full: np.ndarray, mask: np.ndarray, colours: Patch | None = None) -> np.ndarray:
+def cutout(full: np.ndarray, mask: np.ndarray, colours: Patch | None = None,
+           clear: bool = False) -> np.ndarray:
     """HxWx3 pixels + HxW uint8 mask -> HxWx4 of the same dtype, alpha = mask (x257 at 16 bits),
-    with ``colours`` written in."""
+    with ``colours`` written in; ``clear``: black under alpha 0."""
     if mask.shape != full.shape[:2]:
         raise ValueError(f"mask {mask.shape} does not match the image {full.shape[:2]}")
     if mask.dtype != np.uint8:
@@ -56,6 +57,8 @@ def cutout(full: np.ndarray, mask: np.ndarray, colours: Patch | None = None) -> 
         out[..., 3] = mask
     else:
         np.multiply(mask, 257, out=out[..., 3], dtype=np.uint16)
+    if clear:
+        np.copyto(out[..., :3], 0, where=(mask == 0)[..., None])
     if colours is not None:
         colours.onto(out)
     return out
@@ -97,9 +100,11 @@ def render(full: np.ndarray, mask: np.ndarray, spec: Deliverable, meta: SourceMe
             colours = colours.cropped(box) if colours is not None else None
     elif spec.crop != "none":
         raise ValueError(f"crop must be 'none' or 'subject', not {spec.crop!r}")
+    if spec.hidden not in HIDDEN:
+        raise ValueError(f"hidden must be 'clear' or 'keep', not {spec.hidden!r}")
     if _straight_png(full, mask, spec):
         return _png_with_alpha(full, mask, spec, meta, colours)
-    pixels = cutout(full, mask, colours)
+    pixels = cutout(full, mask, colours, clear=spec.hidden == "clear")
     if spec.canvas is not None:
         c = spec.canvas
         pixels = place_on_canvas(pixels, tuple(c.aspect), c.long_edge, c.fill)
@@ -129,7 +134,8 @@ def _png_with_alpha(rgb: np.ndarray, mask: np.ndarray, spec: Deliverable,
         raise ValueError(f"metadata must be 'keep' or 'strip', not {spec.metadata!r}")
     return encode_png(rgb, level=spec.compression, icc_profile=icc, exif=meta.exif,
                       xmp=meta.xmp, alpha=np.ascontiguousarray(mask),
-                      colours=None if colours is None else colours.rows)
+                      colours=None if colours is None else colours.rows,
+                      clear=spec.hidden == "clear")
 
 
 def encode(pixels: np.ndarray, spec: Deliverable, meta: SourceMeta) -> bytes:
@@ -208,8 +214,9 @@ def _pil_meta(icc, meta: SourceMeta, exif_prefix: bool) -> dict:
 
 def _webp(pixels, spec: Deliverable, icc, meta: SourceMeta) -> bytes:
     buf = io.BytesIO()
+    # exact: libwebp otherwise rewrites the colour under alpha 0 as it compresses best
     _pil(pixels).save(buf, "WEBP", quality=spec.quality, lossless=spec.lossless,
-                      **_pil_meta(icc, meta, exif_prefix=False))
+                      exact=spec.hidden == "keep", **_pil_meta(icc, meta, exif_prefix=False))
     return buf.getvalue()
 
 

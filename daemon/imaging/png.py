@@ -71,7 +71,7 @@ _MAX_DIM = 2**31 - 1  # PNG limit on width and height
 def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None = None,
                exif: bytes | None = None, xmp: bytes | None = None,
                text: dict[str, str] | None = None, alpha: np.ndarray | None = None,
-               colours=None) -> bytes:
+               colours=None, clear: bool = False) -> bytes:
     """Encode ``pixels`` (HxW, HxWx2, HxWx3 or HxWx4; uint8 or uint16) as PNG bytes.
 
     Channels map to grey (L, also HxWx1), grey+alpha (LA), RGB and RGBA; any
@@ -83,7 +83,8 @@ def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None 
     encoding the stacked HxWx4 array, without building it (a 24 MP cutout is 96 MB).
     ``colours`` (with ``alpha``): ``colours(r0, r1)`` gives (indices from row r0, N x 3
     values) of pixels in rows r0..r1 whose colour the strip takes instead
-    (``daemon.imaging.despill.Patch.rows``).
+    (``daemon.imaging.despill.Patch.rows``). ``clear`` (with ``alpha``): pixels of alpha 0
+    are written black, whatever ``pixels`` holds there.
     Raises ValueError for any other dtype, shape, level or option.
     """
     arr = _check_pixels(pixels)
@@ -117,7 +118,9 @@ def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None 
         _append_chunk(out, b"iTXt", _XMP_KEYWORD + b"\x00\x00\x00\x00\x00" + _as_bytes(xmp, "xmp"))
     for key, value in (text or {}).items():
         _append_chunk(out, b"tEXt", _text_keyword(key) + b"\x00" + _latin1(value, f"text[{key!r}]"))
-    stream = _zlib_stream(arr, level, alpha, colours)
+    if clear and alpha is None:
+        raise ValueError("clear needs alpha")
+    stream = _zlib_stream(arr, level, alpha, colours, clear)
     with memoryview(stream) as view:
         for start in range(0, len(stream), IDAT_SIZE):  # the stream holds >= 6 bytes: >= 1 IDAT
             _append_chunk(out, b"IDAT", view[start:start + IDAT_SIZE])
@@ -145,7 +148,7 @@ def _check_pixels(pixels: np.ndarray) -> np.ndarray:
 
 
 def _zlib_stream(arr: np.ndarray, level: int, alpha: np.ndarray | None = None,
-                 colours=None) -> bytes:
+                 colours=None, clear: bool = False) -> bytes:
     """The zlib stream of the filtered scanlines: segments deflated on ``THREADS`` threads.
 
     Each segment (``SEGMENT_BYTES`` of raw rows) is an independent raw-deflate run ending
@@ -158,7 +161,7 @@ def _zlib_stream(arr: np.ndarray, level: int, alpha: np.ndarray | None = None,
     row_bytes = width * channels * arr.dtype.itemsize
     rows = max(1, SEGMENT_BYTES // row_bytes)
     starts = range(0, height, rows)
-    jobs = [(arr, alpha, level, r0, min(height, r0 + rows), r0 + rows >= height, colours)
+    jobs = [(arr, alpha, level, r0, min(height, r0 + rows), r0 + rows >= height, colours, clear)
             for r0 in starts]
     if len(jobs) == 1 or THREADS == 1:
         parts = [_segment(*job) for job in jobs]
@@ -173,7 +176,7 @@ def _zlib_stream(arr: np.ndarray, level: int, alpha: np.ndarray | None = None,
 
 
 def _segment(arr: np.ndarray, alpha: np.ndarray | None, level: int, r0: int, r1: int,
-             last: bool, colours=None) -> tuple[bytes, int, int]:
+             last: bool, colours=None, clear: bool = False) -> tuple[bytes, int, int]:
     """Rows r0..r1 filtered and raw-deflated, strip by strip: (deflate bytes, Adler-32, length)."""
     if level == 0:
         comp, filt, code = zlib.compressobj(0, zlib.DEFLATED, -15), _filter_none, 0
@@ -192,10 +195,10 @@ def _segment(arr: np.ndarray, alpha: np.ndarray | None, level: int, r0: int, r1:
     if r0 == 0:
         prev = np.zeros(row_bytes, np.uint8)  # the row above the first row is all zeros
     else:  # the raw row above this segment
-        prev = _rows(arr, alpha, r0 - 1, r0, rgba, colours)[0].copy()
+        prev = _rows(arr, alpha, r0 - 1, r0, rgba, colours, clear)[0].copy()
     pieces, adler = [], 1
     for s0 in range(r0, r1, rows):
-        cur = _rows(arr, alpha, s0, min(r1, s0 + rows), rgba, colours)
+        cur = _rows(arr, alpha, s0, min(r1, s0 + rows), rgba, colours, clear)
         n = cur.shape[0]
         filt(cur, prev, buf[:n, 1:])
         adler = zlib.adler32(buf[:n], adler)
@@ -208,7 +211,7 @@ def _segment(arr: np.ndarray, alpha: np.ndarray | None, level: int, r0: int, r1:
 
 
 def _rows(arr: np.ndarray, alpha: np.ndarray | None, r0: int, r1: int,
-          rgba: np.ndarray | None, colours=None) -> np.ndarray:
+          rgba: np.ndarray | None, colours=None, clear: bool = False) -> np.ndarray:
     """Raw scanline bytes of rows r0..r1; with ``alpha``, interleaved into the ``rgba`` buffer
     (one strip, cache-sized, instead of a full-size RGBA copy)."""
     if alpha is None:
@@ -216,6 +219,8 @@ def _rows(arr: np.ndarray, alpha: np.ndarray | None, r0: int, r1: int,
     n = r1 - r0
     rgba[:n, :, :3] = arr[r0:r1]
     rgba[:n, :, 3] = alpha[r0:r1]
+    if clear:
+        np.copyto(rgba[:n, :, :3], 0, where=(alpha[r0:r1] == 0)[..., None])
     if colours is not None:
         at, values = colours(r0, r1)
         rgba[:n].reshape(-1, 4)[at, :3] = values
