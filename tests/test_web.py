@@ -213,7 +213,8 @@ def test_an_incomplete_file_is_listed_as_waiting_until_it_completes(tmp_path, mo
     daemon, url = start(config)
     try:
         daemon.wait_log(lambda e: e.get("event") == "not_ready")
-        page = fetch(url, "/")[2].decode()
+        # (the job logs not_ready before the intake puts the file on the waiting list)
+        page = wait_for(lambda: "copying.jpg" in (p := fetch(url, "/")[2].decode()) and p)
         section = page[page.index('id="waiting"'):page.index('id="recent"')]
         assert "Waiting: incomplete (1)" in section and "copying.jpg" in section
         assert "empty or truncated" in section
