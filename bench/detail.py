@@ -220,65 +220,58 @@ def run_photos(engine, log):
     return rows
 
 
+def _timed_stage(engine, scenes, repeats):
+    """Median seconds per file of refine and of what the stage adds (backdrop, detail,
+    despill), interleaved on ``scenes``; with the scenes' masks."""
+    base, added, parts = [], [], {"backdrop": [], "detail": [], "despill": []}
+    for sc in scenes:
+        mask = working_mask(engine, sc.rgb)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            alpha = refine(sc.rgb, mask, "edges")
+            t1 = time.perf_counter()
+            bd = backdrop.fit(sc.rgb, mask)
+            t2 = time.perf_counter()
+            detail.recover(sc.rgb, mask, alpha, bd)
+            t3 = time.perf_counter()
+            despill.foreground(sc.rgb, alpha, bd)
+            t4 = time.perf_counter()
+            base.append(t1 - t0)
+            added.append(t4 - t1)
+            parts["backdrop"].append(t2 - t1)
+            parts["detail"].append(t3 - t2)
+            parts["despill"].append(t4 - t3)
+    return {"refine": float(np.median(base)), "added": float(np.median(added)),
+            "added_max": float(np.max(added)), "n": len(added),
+            **{k: float(np.median(v)) for k, v in parts.items()}}
+
+
+def _traced_peaks(engine, sc):
+    """Peak traced allocations of refine and of the stage on one scene."""
+    mask = working_mask(engine, sc.rgb)
+    alpha = refine(sc.rgb, mask, "edges")
+    tracemalloc.start()
+    refine(sc.rgb, mask, "edges")
+    peak_refine = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    stage(sc.rgb, mask, alpha)
+    peak_stage = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"refine": peak_refine, "stage": peak_stage, "photo": sc.rgb.nbytes}
+
+
 def run_cost(engine, args, log):
     out = {}
     for label, size, repeats in (("24 MP", SIZE_24MP, args.repeats), ("1 MP", SIZE_1MP, 3 * args.repeats)):
-        base, added, parts = [], [], {"backdrop": [], "detail": [], "despill": []}
-        for sweep in ("white", "grey", "coloured"):
-            sc = ds.scene(sweep, args.seed, size)
-            mask = working_mask(engine, sc.rgb)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                alpha = refine(sc.rgb, mask, "edges")
-                t1 = time.perf_counter()
-                bd = backdrop.fit(sc.rgb, mask)
-                t2 = time.perf_counter()
-                detail.recover(sc.rgb, mask, alpha, bd)
-                t3 = time.perf_counter()
-                despill.foreground(sc.rgb, alpha, bd)
-                t4 = time.perf_counter()
-                base.append(t1 - t0)
-                added.append(t4 - t1)
-                parts["backdrop"].append(t2 - t1)
-                parts["detail"].append(t3 - t2)
-                parts["despill"].append(t4 - t3)
-            if label == "24 MP" and sweep == "white":
-                alpha = refine(sc.rgb, mask, "edges")
-                tracemalloc.start()
-                refine(sc.rgb, mask, "edges")
-                peak_refine = tracemalloc.get_traced_memory()[1]
-                tracemalloc.reset_peak()
-                stage(sc.rgb, mask, alpha)
-                peak_stage = tracemalloc.get_traced_memory()[1]
-                tracemalloc.stop()
-                out["memory"] = {"refine": peak_refine, "stage": peak_stage,
-                                 "photo": sc.rgb.nbytes}
-        out[label] = {"refine": float(np.median(base)), "added": float(np.median(added)),
-                      "added_max": float(np.max(added)), "n": len(added),
-                      **{k: float(np.median(v)) for k, v in parts.items()}}
+        sweeps = [ds.scene(sweep, args.seed, size) for sweep in ("white", "grey", "coloured")]
+        out[label] = _timed_stage(engine, sweeps, repeats)
+        if label == "24 MP":
+            out["memory"] = _traced_peaks(engine, sweeps[0])
+        del sweeps
         # the busy control: the stage finds the backdrop busy; despill estimates locally
-        base, added, parts = [], [], {"backdrop": [], "detail": [], "despill": []}
-        for seed in (args.seed, args.seed + 1):
-            sc = ds.scene("busy", seed, size)
-            mask = working_mask(engine, sc.rgb)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                alpha = refine(sc.rgb, mask, "edges")
-                t1 = time.perf_counter()
-                bd = backdrop.fit(sc.rgb, mask)
-                t2 = time.perf_counter()
-                detail.recover(sc.rgb, mask, alpha, bd)
-                t3 = time.perf_counter()
-                despill.foreground(sc.rgb, alpha, bd)
-                t4 = time.perf_counter()
-                base.append(t1 - t0)
-                added.append(t4 - t1)
-                parts["backdrop"].append(t2 - t1)
-                parts["detail"].append(t3 - t2)
-                parts["despill"].append(t4 - t3)
-        out[label + " busy"] = {"refine": float(np.median(base)), "added": float(np.median(added)),
-                                "added_max": float(np.max(added)), "n": len(added),
-                                **{k: float(np.median(v)) for k, v in parts.items()}}
+        busy = [ds.scene("busy", seed, size) for seed in (args.seed, args.seed + 1)]
+        out[label + " busy"] = _timed_stage(engine, busy, repeats)
+        del busy
         log(f"cost {label}: refine {out[label]['refine']:.3f} s, added {out[label]['added']:.3f} s (median)")
     return out
 

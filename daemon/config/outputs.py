@@ -61,7 +61,7 @@ def parse_deliverable(d: Reader) -> Deliverable:
     fmt = _format(d)
     for key, formats in APPLIES_TO.items():
         if d.data.get(key) is not None and fmt not in formats:
-            named = " and ".join((", ".join(formats[:-1]), formats[-1])) if len(formats) > 1 \
+            named = f"{', '.join(formats[:-1])} and {formats[-1]}" if len(formats) > 1 \
                 else formats[0]
             d.fail(f"applies to {named} only, not {fmt}", key)
     bg_raw = d.raw("background")
