@@ -8,8 +8,9 @@ The render stages run in order on the cached working-size mask and the full-size
 
 ``detail`` and ``despill`` share one backdrop model (daemon/imaging/backdrop.py), fitted
 once per photo, on first need (on a busy backdrop despill estimates the colours around
-the edge instead: daemon/imaging/surround.py). Each alpha and each patch of colours is computed once per
-mode and shared by every target that asks for it. Pure: arrays in, arrays out.
+the edge instead: daemon/imaging/surround.py). Each alpha and each patch of colours is
+computed once per mode and shared by every target that asks for it. Pure: arrays in,
+arrays out.
 """
 from __future__ import annotations
 

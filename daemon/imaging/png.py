@@ -88,6 +88,8 @@ def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None 
     Raises ValueError for any other dtype, shape, level or option.
     """
     arr = _check_pixels(pixels)
+    if clear and alpha is None:
+        raise ValueError("clear needs alpha")
     if alpha is not None:
         if arr.dtype != np.uint8 or arr.shape[2] != 3 or not isinstance(alpha, np.ndarray) \
                 or alpha.dtype != np.uint8 or alpha.shape != arr.shape[:2]:
@@ -118,8 +120,6 @@ def encode_png(pixels: np.ndarray, *, level: int = 1, icc_profile: bytes | None 
         _append_chunk(out, b"iTXt", _XMP_KEYWORD + b"\x00\x00\x00\x00\x00" + _as_bytes(xmp, "xmp"))
     for key, value in (text or {}).items():
         _append_chunk(out, b"tEXt", _text_keyword(key) + b"\x00" + _latin1(value, f"text[{key!r}]"))
-    if clear and alpha is None:
-        raise ValueError("clear needs alpha")
     stream = _zlib_stream(arr, level, alpha, colours, clear)
     with memoryview(stream) as view:
         for start in range(0, len(stream), IDAT_SIZE):  # the stream holds >= 6 bytes: >= 1 IDAT
