@@ -70,8 +70,8 @@ def test_installed_model_is_recorded_and_left_alone(int8_dir, tmp_path):
     assert quantize.RECIPE in rec.source and registry.SPECS["u2netp"].wheel.sha256 in rec.source
     assert rec.quality["passed"] and rec.quality["mean_iou"] >= quantize.GATE_MEAN_IOU
     assert rec.quality["calibration_images"] == len(quantize.calibration_images())
-    # the output conv and the two convs reading the photo stay float
-    assert {"Conv_1047", "Conv_0", "Conv_2"} <= set(rec.quality["float_nodes"])
+    # the output conv, the two convs reading the photo and stage 1's residual Add stay float
+    assert {"Conv_1047", "Conv_0", "Conv_2", "Add_134"} <= set(rec.quality["float_nodes"])
     # idempotent: a valid install of the current recipe is left alone, no quantisation
     fresh = _fp32_only(int8_dir, tmp_path / "models")
     for suffix in (".onnx", ".onnx.json"):
@@ -80,6 +80,33 @@ def test_installed_model_is_recorded_and_left_alone(int8_dir, tmp_path):
     (again,) = inst.install(fresh, [INT8], log=logged.append)[1:]
     assert again.action == "already" and again.sha256 == rec.sha256
     assert not any("quantising" in line for line in logged)
+
+
+def test_the_ops_between_convs_run_in_int8_except_the_float_nodes(int8_dir):
+    import onnx
+
+    path = mask_model_path(int8_dir, INT8)
+    graph = onnx.load(str(path)).graph
+    made_by = {t: n.op_type for n in graph.node for t in n.output}
+    readers: dict[str, set] = {}
+    for n in graph.node:
+        for t in n.input:
+            readers.setdefault(t, set()).add(n.op_type)
+    between = {n.name: n for n in graph.node
+               if n.op_type in ("Relu", "MaxPool", "Resize", "Concat", "Add")}
+
+    def int8(n) -> bool:  # QDQ: every activation read dequantised, the output re-quantised
+        data = n.input[:1] if n.op_type == "Resize" else n.input
+        return (all(made_by.get(t) == "DequantizeLinear" for t in data if t in made_by)
+                and readers.get(n.output[0]) == {"QuantizeLinear"})
+
+    quantised = {name for name, n in between.items() if int8(n)}
+    assert {"Concat", "Add", "MaxPool", "Resize"} <= {between[x].op_type for x in quantised}
+    assert len(quantised) > 80
+    # the photo's full-resolution features stay float up to the next convs, and so does the head
+    floats = set(read_record(path, INT8).quality["float_nodes"])
+    assert {"MaxPool_4", "Add_134", "Concat_809", "Concat_1046"} <= floats
+    assert not floats & quantised
 
 
 def test_quantisation_is_deterministic(int8_dir, tmp_path, few_photos):
@@ -133,7 +160,7 @@ def test_an_install_failing_its_gate_refuses(int8_dir, tmp_path, monkeypatch, fe
     # channels included) wrecks the masks: the install must say so and write nothing
     monkeypatch.setattr(quantize, "input_convs", lambda model: set())
     monkeypatch.setattr(quantize, "head_nodes", lambda model: set())
-    monkeypatch.setattr(quantize, "constant_channel_convs", lambda model, channels: set())
+    monkeypatch.setattr(quantize, "constant_channel_nodes", lambda model, channels: set())
     monkeypatch.setattr(quantize, "PHOTOS", quantize.SUBJECT_PHOTOS[:FEW])  # gate on 3 photos
     fresh = _fp32_only(int8_dir, tmp_path / "models")
     before = sorted(p.name for p in fresh.iterdir())

@@ -9,18 +9,25 @@ The recipe (measured in bench/quant.py, bench/quant.md):
   same preprocessing as inference (``engine.u2net_input``), plus flipped
   crops; MinMax ranges, computed on one ORT thread and rounded outwards to 1/64
   so that the file is the same on every machine with this ORT version;
-- only Conv is quantised: int8 per-channel weights, uint8 activations, QDQ;
+- quantised: Conv (int8 per-channel weights), and the ops between convs (Relu,
+  MaxPool, Resize, Concat, Add) with uint8 activations, QDQ. With only Conv quantised
+  (recipe v2), every conv's output went back to float for the Relu/Concat/Resize/Add
+  between convs, and ONNX Runtime's NHWC int8 convs were wrapped in ~80 Transposes:
+  u2netp-int8 v3 runs ~1.2x faster than v2 on 2 threads, gate unchanged or better
+  (docs/benchmarks.md, "Quantised models");
 - kept in float: the two full-resolution convs that read the photo
-  (``input_convs``: stage 1's input conv and its first conv): with uint8
+  (``input_convs``: stage 1's input conv and its first conv) and the nodes that carry
+  their outputs to the next convs (stage 1's residual Add and skip Concats): with uint8
   activations there, a light subject on a light backdrop (a few levels of
   contrast) loses its edge to rounding, and the mask's outline comes out wavy;
   the fused head (side convs, their Resizes, the Concat, the
-  output conv, every Sigmoid), and the convs around *constant channels*: U^2-Net's
+  output conv, every Sigmoid), and the nodes around *constant channels*: U^2-Net's
   folded BatchNorm leaves a few channels whose weights are ~0 and whose bias is
   large (up to 228 while their neighbours stay below 10). One uint8 range per
   tensor then rounds every other channel to nothing: that, not the sigmoid, is
-  what wrecked the naive attempt (IoU ~0.5). Those convs are found from the
-  calibration activations (``constant_channel_convs``), not by name.
+  what wrecked the naive attempt (IoU ~0.5). Those convs, and every node from them
+  to the next conv, are found from the calibration activations
+  (``constant_channel_nodes``), not by name.
 
 ``gate`` compares the quantised model's masks with the fp32 model's on real
 photos; ``install`` refuses a model that fails it.
@@ -33,7 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPE = "qdq-conv-u8s8-perchannel-minmax-v2"
+RECIPE = "qdq-u8s8-perchannel-minmax-v3"
+# quantised op types: the convs and everything between them (recipe v3)
+QUANTISED_OPS = ("Conv", "Relu", "MaxPool", "Resize", "Concat", "Add")
 OPSET = 13
 RANGE_STEP = 1 / 64        # calibration ranges are rounded outwards to this grid
 # a channel is "constant" when its spread is under this fraction of its peak, and it
@@ -128,18 +137,36 @@ def head_nodes(model) -> set[str]:
 
 def input_convs(model, count: int = INPUT_CONVS) -> set[str]:
     """The first ``count`` Convs from the input (ONNX graphs are topologically sorted):
-    U^2-Net's full-resolution convs that read the photo's pixel contrast."""
-    return set([n.name for n in model.graph.node if n.op_type == "Conv"][:count])
+    U^2-Net's full-resolution convs that read the photo's pixel contrast, and every node
+    from them to the next convs: their Relus and pools, the skip Concats and stage 1's
+    residual Add, which carry those features on at full resolution."""
+    first = [n for n in model.graph.node if n.op_type == "Conv"][:count]
+    return {n.name for n in first} | _to_next_convs(model, first)
+
+
+def _to_next_convs(model, nodes) -> set[str]:
+    """The non-Conv nodes on every path from ``nodes``' outputs to the next Convs."""
+    cons = _consumers(model)
+    found: set[str] = set()
+    todo = [t for n in nodes for t in n.output]
+    while todo:
+        for c in cons.get(todo.pop(), []):
+            if c.op_type != "Conv" and c.name not in found:
+                found.add(c.name)
+                todo.extend(c.output)
+    return found
 
 
 def activation_stats(model, inputs: list[dict], session_opts) -> tuple[dict, dict]:
-    """One pass of the float model over ``inputs``: every Conv input and output tensor's
-    (min, max), and each Conv output's per-channel (peak |x|, largest std)."""
+    """One pass of the float model over ``inputs``: the (min, max) of every float tensor
+    that a quantised op type reads or writes, and each Conv output's per-channel
+    (peak |x|, largest std)."""
     import onnx
     import onnxruntime as ort
 
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    tensors = list(dict.fromkeys(t for n in convs for t in (n.input[0], n.output[0])))
+    weights = {i.name for i in model.graph.initializer}
+    tensors = list(dict.fromkeys(t for n in model.graph.node if n.op_type in QUANTISED_OPS
+                                 for t in (*n.input, *n.output) if t and t not in weights))
     inputs_of_graph = {i.name for i in model.graph.input}
     aug = onnx.ModelProto()
     aug.CopyFrom(model)
@@ -152,11 +179,13 @@ def activation_stats(model, inputs: list[dict], session_opts) -> tuple[dict, dic
     fetch = [t for t in tensors if t not in inputs_of_graph]
     ranges: dict[str, tuple[float, float]] = {}
     channels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    conv_out = {n.output[0] for n in convs}
+    conv_out = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
     for feed in inputs:
         values = dict(zip(fetch, sess.run(fetch, feed)))
         values.update({k: v for k, v in feed.items() if k in tensors})
         for t, a in values.items():
+            if a.dtype != np.float32 or a.size == 0:  # Resize's sizes, shapes: not activations
+                continue
             lo, hi = float(a.min()), float(a.max())
             old = ranges.get(t)
             ranges[t] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
@@ -168,26 +197,25 @@ def activation_stats(model, inputs: list[dict], session_opts) -> tuple[dict, dic
     return ranges, channels
 
 
-def constant_channel_convs(model, channels: dict) -> set[str]:
+def constant_channel_nodes(model, channels: dict) -> set[str]:
     """Convs whose output range is set by near-constant channels (folded BatchNorm: ~0
-    weights, a large bias), and every Conv reading that output (through Relu, MaxPool,
-    Resize, Concat...): one uint8 range would round the other channels to nothing."""
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    weights, a large bias), every node on the way to the next Convs (Relu, MaxPool,
+    Resize, Concat...) and those Convs: one uint8 range would round the other channels
+    to nothing."""
     cons = _consumers(model)
-    flagged: set[str] = set()
-    for n in convs:
+    flagged = []
+    for n in model.graph.node:
+        if n.op_type != "Conv":
+            continue
         peak, spread = channels[n.output[0]]
         const = spread < CONSTANT_SPREAD * peak
         if const.any() and (~const).any() and peak[const].max() > DOMINANCE * peak[~const].max():
-            flagged.add(n.name)
-            todo = list(n.output)
-            while todo:
-                for c in cons.get(todo.pop(), []):
-                    if c.op_type == "Conv":
-                        flagged.add(c.name)
-                    else:
-                        todo.extend(c.output)
-    return flagged
+            flagged.append(n)
+    between = _to_next_convs(model, flagged)
+    by_name = {n.name: n for n in model.graph.node}
+    readers = {c.name for b in [*flagged, *(by_name[x] for x in between)] for t in b.output
+               for c in cons.get(t, []) if c.op_type == "Conv"}
+    return {n.name for n in flagged} | between | readers
 
 
 def rounded_ranges(ranges: dict):
@@ -255,10 +283,10 @@ def quantize(src: Path, dst: Path, spec, images: list[np.ndarray] | None = None)
             images = calibration_images()
         feeds = [{input_name: x} for x in _normalised(images, spec)]
         ranges, channels = activation_stats(pre, feeds, _one_thread())
-        keep = input_convs(pre) | head_nodes(pre) | constant_channel_convs(pre, channels)
+        keep = input_convs(pre) | head_nodes(pre) | constant_channel_nodes(pre, channels)
         save_tensors_data(rounded_ranges(ranges), tmp / "ranges.json")
         quantize_static(str(tmp / "pre.onnx"), str(dst), None, calibration_cache_path=tmp / "ranges.json",
-                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTISED_OPS),
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=sorted(keep))
     convs = sum(1 for n in pre.graph.node if n.op_type == "Conv")
