@@ -24,7 +24,8 @@ would compile ``daemon/`` from source (~70 ms). As a regular ``pip install`` wou
 
 ``--baseline DIR``: also run ``rembgd u2netp-int8`` from another checkout's ``daemon/``
 (e.g. ``git archive BASE | tar -x -C DIR``), in the same rotation: before and after,
-side by side.
+side by side. ``--baseline-models DIR``: the baseline reads its models from DIR (e.g. a
+u2netp-int8 quantised with BASE's recipe) instead of var/models.
 """
 from __future__ import annotations
 
@@ -80,12 +81,16 @@ def compile_daemon(root: Path) -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "daemon")], check=True)
 
 
-def run(tool: str, src: Path, work: Path, baseline: Path | None = None) -> dict:
+def run(tool: str, src: Path, work: Path, baseline: Path | None = None,
+        baseline_models: Path | None = None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     if tool == "rembg p":
         return camera.rembg_p(src, work / "out")
     cfg = camera.config(work)
+    if tool == BASELINE and baseline_models is not None:
+        cfg = camera.write_config(work, baseline_models, threads=camera.THREADS,
+                                  logging={"level": "warning"})
     model = tool.split()[1]
     # the baseline's daemon package first on the path (``-m`` would put the cwd first)
     start = ["-c", f"import sys; sys.path.insert(0, {str(baseline)!r}); from daemon.cli "
@@ -101,6 +106,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=BENCH / "quant_ratios.md")
     ap.add_argument("--baseline", type=Path,
                     help="another checkout whose daemon/ runs as a fourth tool (int8)")
+    ap.add_argument("--baseline-models", type=Path,
+                    help="the baseline's models dir (default: var/models)")
     args = ap.parse_args()
     names = args.only.split(",")
     srcs = {n: folder(n) for n in names}
@@ -116,7 +123,7 @@ def main() -> int:
             turn = (r + k) % len(tools)
             for tool in tools[turn:] + tools[:turn]:
                 res = run(tool, srcs[name], OUT / "runs" / name / tool.replace(" ", "_"),
-                          args.baseline)
+                          args.baseline, args.baseline_models)
                 runs[name][tool].append({"wall_s": res["wall_s"], "peak_rss": res["peak_rss"]})
                 camera.log(f"round {r + 1} {name} {tool}: {res['wall_s']:.1f} s, "
                            f"peak RSS {res['peak_rss'] / 2**20:.0f} MB")
@@ -128,8 +135,9 @@ def main() -> int:
              f"machine: ratios, not absolute times); run took {time.time() - started:.0f} s. "
              "Wall: median over rounds (each round in a rotated order); RSS: max. rembgd's "
              "byte code compiled before the runs (compileall, as `pip install` would)."
-             + (f" Baseline: int8 from `{args.baseline}`, in the same rotation."
-                if args.baseline else ""), "",
+             + (f" Baseline: int8 from `{args.baseline}`"
+                + (f" with the models in `{args.baseline_models}`" if args.baseline_models else "")
+                + ", in the same rotation." if args.baseline else ""), "",
              "| workload | files | `rembg p` s | u2netp s | u2netp-int8 s | ratio u2netp | "
              "ratio int8 (target) | peak RSS MB rembg / u2netp / int8 |"
              + (" int8 baseline s | ratio int8 baseline |" if args.baseline else ""),
