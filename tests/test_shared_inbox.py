@@ -19,7 +19,10 @@ OUTPUTS = [{"name": "master", "format": "png"}, {"name": "web", "format": "webp"
 
 def machine(tmp_path: Path, models_dir: Path, name: str) -> Path:
     """One daemon's config: the shared inbox and outbox, a cache folder of its own."""
+    # a file the other daemon holds is looked at again after claim_ttl_s / 2: 2 s, not 30,
+    # so that both daemons are idle soon after the last file is done
     path = write_config(tmp_path, models_dir, cache={"dir": str(tmp_path / name / "cache")},
+                        store={"claim_ttl_s": 4},
                         watch=[{"inbox": str(tmp_path / "inbox"),
                                 "outbox": str(tmp_path / "outbox"),
                                 "after_success": "move", "outputs": OUTPUTS}])

@@ -13,7 +13,7 @@ The recipe (measured in bench/quant.py, bench/quant.md):
   MaxPool, Resize, Concat, Add) with uint8 activations, QDQ. With only Conv quantised
   (recipe v2), every conv's output went back to float for the Relu/Concat/Resize/Add
   between convs, and ONNX Runtime's NHWC int8 convs were wrapped in ~80 Transposes:
-  u2netp-int8 v3 runs ~1.2x faster than v2 on 2 threads, gate unchanged or better
+  u2netp-int8 v3 runs 1.12x faster than v2 per inference on 2 threads, gate as good or better
   (docs/benchmarks.md, "Quantised models");
 - kept in float: the two full-resolution convs that read the photo
   (``input_convs``: stage 1's input conv and its first conv) and the nodes that carry
