@@ -158,9 +158,9 @@ def env() -> dict:
             "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
 
 
-def config(d: Path, **extra) -> Path:
+def config(d: Path, models: Path | None = None, **extra) -> Path:
     extra = {"threads": THREADS, "logging": {"level": "warning"}, **extra}
-    return write_config(d, ROOT / "var" / "models", **extra)
+    return write_config(d, models or ROOT / "var" / "models", **extra)
 
 
 def timed(cmd: list[str], outdir: Path, track: bool = False) -> dict:

@@ -87,10 +87,7 @@ def run(tool: str, src: Path, work: Path, baseline: Path | None = None,
     work.mkdir(parents=True)
     if tool == "rembg p":
         return camera.rembg_p(src, work / "out")
-    cfg = camera.config(work)
-    if tool == BASELINE and baseline_models is not None:
-        cfg = camera.write_config(work, baseline_models, threads=camera.THREADS,
-                                  logging={"level": "warning"})
+    cfg = camera.config(work, baseline_models if tool == BASELINE else None)
     model = tool.split()[1]
     # the baseline's daemon package first on the path (``-m`` would put the cwd first)
     start = ["-c", f"import sys; sys.path.insert(0, {str(baseline)!r}); from daemon.cli "

@@ -93,7 +93,7 @@ def test_the_ops_between_convs_run_in_int8_except_the_float_nodes(int8_dir):
         for t in n.input:
             readers.setdefault(t, set()).add(n.op_type)
     between = {n.name: n for n in graph.node
-               if n.op_type in ("Relu", "MaxPool", "Resize", "Concat", "Add")}
+               if n.op_type in set(quantize.QUANTISED_OPS) - {"Conv"}}
 
     def int8(n) -> bool:  # QDQ: every activation read dequantised, the output re-quantised
         data = n.input[:1] if n.op_type == "Resize" else n.input

@@ -141,20 +141,25 @@ def input_convs(model, count: int = INPUT_CONVS) -> set[str]:
     from them to the next convs: their Relus and pools, the skip Concats and stage 1's
     residual Add, which carry those features on at full resolution."""
     first = [n for n in model.graph.node if n.op_type == "Conv"][:count]
-    return {n.name for n in first} | _to_next_convs(model, first)
+    between, _ = _to_next_convs(model, first)
+    return {n.name for n in first} | between
 
 
-def _to_next_convs(model, nodes) -> set[str]:
-    """The non-Conv nodes on every path from ``nodes``' outputs to the next Convs."""
+def _to_next_convs(model, nodes) -> tuple[set[str], set[str]]:
+    """From ``nodes``' outputs to the next Convs: the non-Conv nodes on the way, and those
+    Convs."""
     cons = _consumers(model)
-    found: set[str] = set()
+    between: set[str] = set()
+    convs: set[str] = set()
     todo = [t for n in nodes for t in n.output]
     while todo:
         for c in cons.get(todo.pop(), []):
-            if c.op_type != "Conv" and c.name not in found:
-                found.add(c.name)
+            if c.op_type == "Conv":
+                convs.add(c.name)
+            elif c.name not in between:
+                between.add(c.name)
                 todo.extend(c.output)
-    return found
+    return between, convs
 
 
 def activation_stats(model, inputs: list[dict], session_opts) -> tuple[dict, dict]:
@@ -202,7 +207,6 @@ def constant_channel_nodes(model, channels: dict) -> set[str]:
     weights, a large bias), every node on the way to the next Convs (Relu, MaxPool,
     Resize, Concat...) and those Convs: one uint8 range would round the other channels
     to nothing."""
-    cons = _consumers(model)
     flagged = []
     for n in model.graph.node:
         if n.op_type != "Conv":
@@ -211,10 +215,7 @@ def constant_channel_nodes(model, channels: dict) -> set[str]:
         const = spread < CONSTANT_SPREAD * peak
         if const.any() and (~const).any() and peak[const].max() > DOMINANCE * peak[~const].max():
             flagged.append(n)
-    between = _to_next_convs(model, flagged)
-    by_name = {n.name: n for n in model.graph.node}
-    readers = {c.name for b in [*flagged, *(by_name[x] for x in between)] for t in b.output
-               for c in cons.get(t, []) if c.op_type == "Conv"}
+    between, readers = _to_next_convs(model, flagged)
     return {n.name for n in flagged} | between | readers
 
 
