@@ -27,6 +27,22 @@ def models_dir() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def matting_kernels_compiled_aside():
+    """pymatting (rembg's alpha matting) compiles its numba kernels when first imported and
+    caches them beside its source: ~38 s of one core in a fresh venv (as in CI), then
+    ~1 s. Compile them in a second process while the first tests run, so the first test
+    that mats loads them instead of waiting (the suite keeps one core busy on average)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import pymatting"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def imaging_settings():
     """What `rembgd` sets at start (daemon.runtime), for tests that decode directly."""
     from daemon import runtime
