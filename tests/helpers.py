@@ -87,6 +87,23 @@ def render_legacy(pipeline, data: bytes, options):
     return rendered
 
 
+def pixel_difference(a: bytes, b: bytes) -> str:
+    """Where two RGBA PNGs' pixels differ (for an assertion's message): the size, or the
+    count of differing pixels, the largest difference per channel and the first pixel."""
+    with Image.open(io.BytesIO(a)) as ia, Image.open(io.BytesIO(b)) as ib:
+        x, y = np.asarray(ia.convert("RGBA"), np.int16), np.asarray(ib.convert("RGBA"), np.int16)
+    if x.shape != y.shape:
+        return f"sizes {x.shape} and {y.shape}"
+    diff = np.abs(x - y)
+    where = np.argwhere(diff.any(axis=-1))
+    if not len(where):
+        return "same pixels, other bytes"
+    r, c = where[0]
+    return (f"{len(where)} pixels differ, max per channel (R, G, B, A) "
+            f"{tuple(int(v) for v in diff.max(axis=(0, 1)))}, first at row {r} col {c}: "
+            f"{tuple(int(v) for v in x[r, c])} vs {tuple(int(v) for v in y[r, c])}")
+
+
 def png_alpha(png: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(png)) as img:
         return np.asarray(img.convert("RGBA"))[..., 3]

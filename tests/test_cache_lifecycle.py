@@ -25,7 +25,8 @@ import pytest
 import structlog
 from PIL import Image
 
-from tests.helpers import encode, photo, pipeline_over, render_legacy, unstamped, write_config
+from tests.helpers import (encode, photo, pipeline_over, pixel_difference, render_legacy,
+                           unstamped, write_config)
 from daemon.cache import archive, maintenance
 from daemon import config as configmod
 from daemon.config import CacheLimits, ConfigError, PruneSchedule
@@ -464,7 +465,9 @@ def test_export_import_roundtrip_idempotent(tmp_path, seed, models_dir, shared_e
     pipe = pipeline_over(cfg_b, shared_engines, b)
     for n in ("chelsea", "coffee_q70", "rocket"):
         r = render_legacy(pipe, seed.data[n], cfg_b.output_defaults)
-        assert r.tier == "exact" and unstamped(r.files[""]) == seed.outs[n], n
+        assert r.tier == "exact", (n, r.tier)
+        out = unstamped(r.files[""])
+        assert out == seed.outs[n], (n, pixel_difference(out, seed.outs[n]))
     b.close()
 
     # a tampered blob is refused (checksum), and the entries needing it are skipped
