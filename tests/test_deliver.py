@@ -17,6 +17,7 @@ from tests.helpers import cut_from, photo
 from daemon.config.schema import Canvas, Deliverable
 from daemon.imaging.colour import srgb_profile
 from daemon.imaging.decode import decode
+from daemon.imaging import deliver, rgba
 from daemon.imaging.deliver import flatten, render
 from daemon.imaging.geometry import (canvas_size, crop_box, limit_size, place_on_canvas, resize,
                                      subject_box)
@@ -363,3 +364,34 @@ def test_hidden_applies_to_formats_with_alpha_only(tmp_path):
                                                  "hidden": "blur"}]}))
     with pytest.raises(configmod.ConfigError, match=r"outputs\[0\]\.hidden"):
         configmod.load(path)
+
+
+@pytest.mark.parametrize("depth", [8, 16])
+@pytest.mark.parametrize("view", ["contiguous", "cropped", "mirrored"])
+@pytest.mark.parametrize("clear", [False, True])
+def test_cutout_is_the_plain_rgba_stack_for_any_view_and_depth(depth, view, clear):
+    """deliver.cutout (OpenCV's interleave, whole-pixel clear) gives exactly the stack
+    numpy's definition gives: alpha x257 at 16 bits, every sample 0 under alpha 0."""
+    rgb = photo("coffee")
+    if depth == 16:
+        rgb = rgb.astype(np.uint16) * 257 + np.arange(rgb.size, dtype=np.uint16).reshape(rgb.shape) % 251
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    mask[60:340, 90:500] = np.linspace(0, 255, 410).astype(np.uint8)  # 0 on the left edge too
+    full = {"contiguous": rgb, "cropped": rgb[50:350, 80:520], "mirrored": rgb[:, ::-1]}[view]
+    m = {"contiguous": mask, "cropped": mask[50:350, 80:520], "mirrored": mask}[view]
+    alpha = m.astype(rgb.dtype) * (257 if depth == 16 else 1)
+    expected = np.dstack([full, alpha])
+    if clear:
+        expected[m == 0] = 0
+    got = deliver.cutout(full, m, clear=clear)
+    assert got.dtype == rgb.dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
+    assert clear == bool((got[m == 0] == 0).all())  # the photo is not black there
+
+
+def test_interleave_refuses_a_layout_it_cannot_fill():
+    rgb = photo("coffee")
+    with pytest.raises(ValueError, match="cannot interleave"):
+        rgba.interleave(rgb, rgb[..., 0], np.empty(rgb.shape[:2] + (4,), np.uint16))
+    with pytest.raises(ValueError, match="cannot interleave"):
+        rgba.interleave(rgb, rgb[..., 0], np.empty(rgb.shape[:2] + (4,), np.uint8)[:, ::-1])

@@ -240,6 +240,31 @@ def test_segments_on_threads_are_one_valid_stream_and_deterministic(level):
                                  np.dstack([rgb, alpha])) is None
 
 
+@pytest.mark.parametrize("view", ["contiguous", "mirrored", "channels-reversed", "every-other-column"])
+def test_alpha_strips_from_any_view_clear_the_hidden_and_take_the_colours(view):
+    """The RGBA strips are built from any view of the photo: alpha-0 pixels black (``clear``),
+    the ``colours`` patch on top, in strips of a few rows (the last one short)."""
+    base = photo("astronaut")[:203, :314]
+    pixels = {"contiguous": base, "mirrored": base[:, ::-1], "channels-reversed": base[..., ::-1],
+              "every-other-column": photo("astronaut")[:203, :628:2]}[view]
+    h, w = pixels.shape[:2]
+    alpha = smooth_alpha(h, w)
+    partial = np.flatnonzero((alpha > 0) & (alpha < 255))[::7]  # a patch on partial pixels
+    values = np.random.default_rng(3).integers(0, 256, (len(partial), 3), dtype=np.uint8)
+
+    def colours(r0: int, r1: int):
+        pick = (partial >= r0 * w) & (partial < r1 * w)
+        return partial[pick] - r0 * w, values[pick]
+
+    expected = np.dstack([pixels, alpha])
+    expected[alpha == 0] = 0
+    expected.reshape(-1, 4)[partial, :3] = values
+    assert (alpha == 0).any() and (pixels[alpha == 0] != 0).any()  # something to clear
+    with mock.patch.object(png, "STRIP_BYTES", 7 * w * 4):
+        data = encode_png(pixels, alpha=alpha, colours=colours, clear=True)
+    assert_decodes_to(data, expected)
+
+
 def test_adler32_combine_is_zlibs():
     rng = np.random.default_rng(5)
     data = rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes() + bytes(70_000) + b"\xff" * 66_000

@@ -37,6 +37,7 @@ from daemon.imaging.despill import Patch
 from daemon.imaging.geometry import crop, crop_box, limit_size, place_on_canvas, subject_box
 from daemon.imaging.meta import EXIF_PREFIX, SourceMeta, photoshop_iptc_segment
 from daemon.imaging.png import encode_png
+from daemon.imaging.rgba import interleave
 from daemon.imaging.stamp import TIFF_PLACEHOLDER, TIFF_TAG
 
 _TIFF_TEXT_TAGS = (271, 272, 315, 33432)  # Make, Model, Artist, Copyright
@@ -51,14 +52,8 @@ def cutout(full: np.ndarray, mask: np.ndarray, colours: Patch | None = None,
         raise ValueError(f"mask {mask.shape} does not match the image {full.shape[:2]}")
     if mask.dtype != np.uint8:
         raise ValueError(f"mask must be uint8, got {mask.dtype}")
-    out = np.empty(full.shape[:2] + (4,), full.dtype)  # 2-3x faster than np.dstack
-    out[..., :3] = full
-    if full.dtype == np.uint8:
-        out[..., 3] = mask
-    else:
-        np.multiply(mask, 257, out=out[..., 3], dtype=np.uint16)
-    if clear:
-        np.copyto(out[..., :3], 0, where=(mask == 0)[..., None])
+    alpha = mask if full.dtype == np.uint8 else np.multiply(mask, 257, dtype=np.uint16)
+    out = interleave(full, alpha, np.empty(full.shape[:2] + (4,), full.dtype), clear)
     if colours is not None:
         colours.onto(out)
     return out

@@ -53,6 +53,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from isal import isal_zlib
 
+from daemon.imaging.rgba import interleave
+
 __all__ = ["encode_png"]
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -217,10 +219,7 @@ def _rows(arr: np.ndarray, alpha: np.ndarray | None, r0: int, r1: int,
     if alpha is None:
         return _scanlines(arr[r0:r1])
     n = r1 - r0
-    rgba[:n, :, :3] = arr[r0:r1]
-    rgba[:n, :, 3] = alpha[r0:r1]
-    if clear:
-        np.copyto(rgba[:n, :, :3], 0, where=(alpha[r0:r1] == 0)[..., None])
+    interleave(arr[r0:r1], alpha[r0:r1], rgba[:n], clear)
     if colours is not None:
         at, values = colours(r0, r1)
         rgba[:n].reshape(-1, 4)[at, :3] = values
