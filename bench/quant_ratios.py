@@ -26,6 +26,11 @@ would compile ``daemon/`` from source (~70 ms). As a regular ``pip install`` wou
 (e.g. ``git archive BASE | tar -x -C DIR``), in the same rotation: before and after,
 side by side. ``--baseline-models DIR``: the baseline reads its models from DIR (e.g. a
 u2netp-int8 quantised with BASE's recipe) instead of var/models.
+
+``--floor``: also run ``rembgd u2netp-int8`` with ``refine: none``, ``detail: false`` and
+``despill: false`` (the plain upscaled mask, as rembg cuts): what rembgd's cache and
+pipeline cost without the stages rembg does not have, i.e. the most the int8 model can
+give against rembg on that workload.
 """
 from __future__ import annotations
 
@@ -74,6 +79,8 @@ def folder(name: str) -> Path:
 
 
 BASELINE = "rembgd u2netp-int8 baseline"
+FLOOR = "rembgd u2netp-int8 floor"
+PLAIN = {"output": {"refine": "none", "detail": False, "despill": False}}  # --floor's config
 
 
 def compile_daemon(root: Path) -> None:
@@ -87,7 +94,8 @@ def run(tool: str, src: Path, work: Path, baseline: Path | None = None,
     work.mkdir(parents=True)
     if tool == "rembg p":
         return camera.rembg_p(src, work / "out")
-    cfg = camera.config(work, baseline_models if tool == BASELINE else None)
+    cfg = camera.config(work, baseline_models if tool == BASELINE else None,
+                        **(PLAIN if tool == FLOOR else {}))
     model = tool.split()[1]
     # the baseline's daemon package first on the path (``-m`` would put the cwd first)
     start = ["-c", f"import sys; sys.path.insert(0, {str(baseline)!r}); from daemon.cli "
@@ -105,10 +113,12 @@ def main() -> int:
                     help="another checkout whose daemon/ runs as a fourth tool (int8)")
     ap.add_argument("--baseline-models", type=Path,
                     help="the baseline's models dir (default: var/models)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also int8 with refine: none, detail and despill off")
     args = ap.parse_args()
     names = args.only.split(",")
     srcs = {n: folder(n) for n in names}
-    tools = TOOLS + ((BASELINE,) if args.baseline else ())
+    tools = TOOLS + ((BASELINE,) if args.baseline else ()) + ((FLOOR,) if args.floor else ())
     for root in (BENCH.parent, args.baseline):
         if root is not None:
             compile_daemon(root)
@@ -134,11 +144,15 @@ def main() -> int:
              "byte code compiled before the runs (compileall, as `pip install` would)."
              + (f" Baseline: int8 from `{args.baseline}`"
                 + (f" with the models in `{args.baseline_models}`" if args.baseline_models else "")
-                + ", in the same rotation." if args.baseline else ""), "",
+                + ", in the same rotation." if args.baseline else "")
+             + (" Floor: int8 with `refine: none`, `detail: false`, `despill: false`, in the "
+                "same rotation." if args.floor else ""), "",
              "| workload | files | `rembg p` s | u2netp s | u2netp-int8 s | ratio u2netp | "
              "ratio int8 (target) | peak RSS MB rembg / u2netp / int8 |"
-             + (" int8 baseline s | ratio int8 baseline |" if args.baseline else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if args.baseline else "")]
+             + (" int8 baseline s | ratio int8 baseline |" if args.baseline else "")
+             + (" int8 floor s | ratio int8 floor |" if args.floor else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if args.baseline else "")
+             + ("---:|---:|" if args.floor else "")]
     for name in names:
         med = {t: statistics.median(x["wall_s"] for x in runs[name][t]) for t in tools}
         rss = {t: max(x["peak_rss"] for x in runs[name][t]) / 2**20 for t in tools}
@@ -150,7 +164,8 @@ def main() -> int:
             f"{rss['rembg p']:.0f} / {rss['rembgd u2netp']:.0f} / "
             f"{rss['rembgd u2netp-int8']:.0f} |"
             + (f" {med[BASELINE]:.1f} | {med['rembg p'] / med[BASELINE]:.2f}x |"
-               if args.baseline else ""))
+               if args.baseline else "")
+            + (f" {med[FLOOR]:.1f} | {med['rembg p'] / med[FLOOR]:.2f}x |" if args.floor else ""))
     text = "\n".join(lines) + "\n"
     args.out.write_text(text)
     print(text)
