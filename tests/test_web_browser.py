@@ -15,12 +15,26 @@ import pytest
 
 from tests.helpers import encode, photo, write_config
 from daemon.web.items import pair_tag
-from tests.harness import Daemon, hold_two_cutouts, wait_for
+from tests.harness import Daemon, hold_two_cutouts, wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def wait_for(pred, **kw):
+    """harness.wait_for, reading an element the page replaced meanwhile (a form's submit
+    loads a new page: an element found in the old one is stale) as "not yet"."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    def attempt():
+        try:
+            return pred()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return None
+
+    return _wait_for(attempt, **kw)
 
 
 @pytest.fixture(scope="module")
